@@ -1,0 +1,148 @@
+//! The command line: `serve`, `import`, `reindex`, `config check`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::ingest::import;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tsunagu",
+    version,
+    about = "DICOM image-exchange hub for a regional hospital network"
+)]
+pub struct Cli {
+    /// Configuration file (TOML); environment TSUNAGU_* overrides it.
+    #[arg(long, global = true, env = "TSUNAGU_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the DICOM and HTTP servers.
+    Serve,
+    /// Store Part-10 files (and directory trees) for an institution.
+    Import {
+        /// Institution code the objects belong to.
+        #[arg(long)]
+        institution: String,
+        /// Files or directories (searched recursively).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Rebuild the search index from the object store alone.
+    Reindex,
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Validate the configuration and print it (secrets masked).
+    Check,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::FAILURE
+}
+
+/// Run the chosen subcommand.
+pub async fn run(cli: Cli) -> ExitCode {
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    match cli.command {
+        Command::Config {
+            action: ConfigAction::Check,
+        } => {
+            println!("{}", config.to_masked_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Serve => {
+            let hub = match Hub::open(config).await {
+                Ok(h) => h,
+                Err(e) => return fail(e),
+            };
+            let mut running = match hub.start().await {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            let stop = running.shutdown.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                tracing::info!("shutting down");
+                stop.cancel();
+            });
+            while running.tasks.join_next().await.is_some() {}
+            ExitCode::SUCCESS
+        }
+        Command::Import {
+            institution,
+            paths,
+            quiet,
+        } => {
+            let hub = match Hub::open(config).await {
+                Ok(h) => h,
+                Err(e) => return fail(e),
+            };
+            let Some(inst) = hub.institutions.by_code(&institution) else {
+                return fail(format!("institution {institution} is not configured"));
+            };
+            let files = import::collect_files(&paths);
+            let started = std::time::Instant::now();
+            let report = import::import_files(hub.ingest.clone(), inst, files, !quiet).await;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "stored {} · already present {} · replaced {} · rejected {} · {:.1} MB in {:.1} s",
+                report.stored,
+                report.already_present,
+                report.replaced,
+                report.rejected.len(),
+                report.bytes as f64 / 1e6,
+                secs
+            );
+            for (file, why) in &report.rejected {
+                println!("rejected {}: {why}", file.display());
+            }
+            if report.rejected.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Command::Reindex => {
+            let hub = match Hub::open(config).await {
+                Ok(h) => h,
+                Err(e) => return fail(e),
+            };
+            match hub.reindex(true).await {
+                Ok(r) => {
+                    println!("indexed {} · failed {}", r.indexed, r.failed.len());
+                    for (key, why) in &r.failed {
+                        println!("failed {key}: {why}");
+                    }
+                    if r.failed.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => fail(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Typed configuration, layered: built-in defaults < TOML file < `TSUNAGU_*`
+//! environment (`TSUNAGU_SERVER__HTTP_PORT=9090`). Validated once at startup
+//! with errors that name the offending key.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {key}: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("configuration file {0} does not exist")]
+    Missing(PathBuf),
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[derive(Default)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub index: IndexConfig,
+    /// The hospitals whose modalities may send to us.
+    #[serde(default, rename = "institution")]
+    pub institutions: Vec<InstitutionConfig>,
+}
+
+/// `[server]`: network endpoints and limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Our AE title: the called AE title associations must use.
+    pub ae_title: String,
+    /// DICOM upper-layer port.
+    pub dicom_port: u16,
+    /// HTTP port (DICOMweb, admin API, health, metrics).
+    pub http_port: u16,
+    /// Address both listeners bind to.
+    pub bind: IpAddr,
+    /// Most associations served at once; further ones are rejected (transient).
+    pub max_associations: usize,
+    /// Largest P-DATA PDU we accept (and announce), in bytes.
+    pub max_pdu_length: u32,
+    /// Seconds an association may stay silent before it is aborted.
+    pub association_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            ae_title: "TSUNAGU".into(),
+            dicom_port: 11112,
+            http_port: 8080,
+            bind: IpAddr::from([127, 0, 0, 1]),
+            max_associations: 64,
+            max_pdu_length: 131_072,
+            association_timeout_secs: 60,
+        }
+    }
+}
+
+/// `[storage]`: where objects are kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `file://DIR` (local directory, fsync'ed) or `s3://bucket/prefix`.
+    pub url: String,
+    /// S3 endpoint for S3-compatible servers (e.g. `http://127.0.0.1:9000`).
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Allow plain HTTP to the S3 endpoint (test servers only).
+    pub allow_http: bool,
+    /// Where incoming objects are spooled before upload (S3 only; local
+    /// storage spools inside its own directory so the final rename is atomic).
+    pub spool_dir: Option<PathBuf>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            url: "file://./tsunagu-data".into(),
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            allow_http: false,
+            spool_dir: None,
+        }
+    }
+}
+
+/// `[index]`: the search index database.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IndexConfig {
+    /// `sqlite://FILE` or `postgres://user@host:port/db`.
+    pub url: String,
+    /// Most pooled connections.
+    pub max_connections: u32,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://./tsunagu-data/index.sqlite".into(),
+            max_connections: 8,
+        }
+    }
+}
+
+/// `[[institution]]`: a hospital of the network.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InstitutionConfig {
+    /// Short code, e.g. a medical institution code; used in storage keys.
+    pub code: String,
+    pub name: String,
+    /// Namespace of its patient IDs (Issuer of Patient ID, 0010,0021).
+    pub issuer_of_patient_id: String,
+    /// Calling AE titles of its modalities and PACS.
+    #[serde(default)]
+    pub ae_titles: Vec<String>,
+}
+
+/// Environment keys that are never configuration keys.
+const RESERVED_ENV: &[&str] = &["CONFIG"];
+
+impl Config {
+    /// Load defaults, then `path` (if given), then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(p) = path {
+            if !p.exists() {
+                return Err(ConfigError::Missing(p.to_path_buf()));
+            }
+            fig = fig.merge(Toml::file(p));
+        }
+        let env = Env::prefixed("TSUNAGU_")
+            .filter(|k| {
+                let k = k.as_str().to_ascii_uppercase();
+                !RESERVED_ENV.contains(&k.as_str()) && !k.starts_with("TEST_")
+            })
+            .split("__");
+        let cfg: Config = fig.merge(env).extract().map_err(Box::new)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check cross-field rules serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_ae("server.ae_title", &self.server.ae_title)?;
+        if self.server.max_associations == 0 {
+            return Err(invalid("server.max_associations", "must be at least 1"));
+        }
+        if !(4096..=16 << 20).contains(&self.server.max_pdu_length) {
+            return Err(invalid(
+                "server.max_pdu_length",
+                "must be between 4096 and 16777216 bytes",
+            ));
+        }
+        if !(self.storage.url.starts_with("file://") || self.storage.url.starts_with("s3://")) {
+            return Err(invalid("storage.url", "must start with file:// or s3://"));
+        }
+        if !(self.index.url.starts_with("sqlite:")
+            || self.index.url.starts_with("postgres://")
+            || self.index.url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "index.url",
+                "must start with sqlite:// or postgres://",
+            ));
+        }
+        let mut codes = std::collections::HashSet::new();
+        let mut aes = std::collections::HashMap::new();
+        for (i, inst) in self.institutions.iter().enumerate() {
+            let key = format!("institution[{i}]");
+            if inst.code.is_empty()
+                || inst.code.len() > 32
+                || !inst
+                    .code
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(invalid(
+                    format!("{key}.code"),
+                    "1-32 characters of A-Z, a-z, 0-9, '-' or '_' (it is part of storage keys)",
+                ));
+            }
+            if !codes.insert(inst.code.clone()) {
+                return Err(invalid(
+                    format!("{key}.code"),
+                    format!("duplicate code {}", inst.code),
+                ));
+            }
+            if inst.issuer_of_patient_id.trim().is_empty() {
+                return Err(invalid(
+                    format!("{key}.issuer_of_patient_id"),
+                    "must not be empty",
+                ));
+            }
+            for (j, ae) in inst.ae_titles.iter().enumerate() {
+                check_ae(&format!("{key}.ae_titles[{j}]"), ae)?;
+                if let Some(other) = aes.insert(ae.clone(), inst.code.clone()) {
+                    return Err(invalid(
+                        format!("{key}.ae_titles[{j}]"),
+                        format!("AE title {ae} is already used by institution {other}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML with secrets masked, for `config check`.
+    pub fn to_masked_toml(&self) -> String {
+        let mut c = self.clone();
+        if c.storage.secret_access_key.is_some() {
+            c.storage.secret_access_key = Some("********".into());
+        }
+        if let Some(pos) = c.index.url.find('@') {
+            // postgres://user:password@host → hide the password
+            if let Some(colon) = c.index.url[..pos].rfind(':')
+                && c.index.url[..colon].contains("//")
+                && colon > c.index.url.find("//").unwrap_or(0) + 2
+            {
+                c.index.url.replace_range(colon + 1..pos, "********");
+            }
+        }
+        toml_string(&c)
+    }
+}
+
+fn toml_string(c: &Config) -> String {
+    toml::to_string_pretty(c).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+}
+
+fn check_ae(key: &str, ae: &str) -> Result<(), ConfigError> {
+    let t = ae.trim();
+    if t.is_empty() || t.len() > 16 || t.chars().any(|c| c == '\\' || c.is_control()) {
+        return Err(invalid(
+            key,
+            "an AE title is 1-16 characters, no backslash or control characters",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn duplicate_ae_title_names_the_key() {
+        let mut c = Config::default();
+        for code in ["A", "B"] {
+            c.institutions.push(InstitutionConfig {
+                code: code.into(),
+                name: code.into(),
+                issuer_of_patient_id: code.into(),
+                ae_titles: vec!["SAME".into()],
+            });
+        }
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("institution[1].ae_titles[0]"), "{e}");
+    }
+
+    #[test]
+    fn masked_toml_hides_secrets() {
+        let mut c = Config::default();
+        c.storage.secret_access_key = Some("topsecret".into());
+        c.index.url = "postgres://u:pw@127.0.0.1:5432/db".into();
+        let t = c.to_masked_toml();
+        assert!(!t.contains("topsecret") && !t.contains(":pw@"), "{t}");
+        assert!(t.contains("[server]"), "{t}");
+    }
+}

@@ -1,0 +1,601 @@
+//! One streaming pass over a stored Part-10 object: the data set as DICOM JSON
+//! (PS3.18 Annex F, text decoded with every Specific Character Set value, bulk
+//! data replaced by references) and the byte ranges of every frame, so that
+//! WADO never has to parse the object again. Never holds pixel data in memory.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::Path;
+
+use base64::Engine as _;
+use dicom_core::{Tag, VR};
+use dicom_dictionary_std::tags;
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_parser::dataset::LazyDataToken;
+use dicom_parser::dataset::lazy_read::LazyDataSetReader;
+use dicom_parser::stateful::decode::StatefulDecode;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use super::charset::CharacterSet;
+use super::part10::{self, FileMeta};
+
+/// Binary values up to this size are inlined (base64); larger ones become bulk data.
+const INLINE_BINARY_MAX: u64 = 256;
+/// Text values above this size are left to bulk data rather than held in the index.
+const TEXT_VALUE_MAX: u64 = 1 << 20;
+/// A Basic Offset Table larger than this is ignored (frames are then found by markers).
+const BOT_MAX: u32 = 16 << 20;
+
+/// Prefix of the BulkDataURI values stored at ingest: `tsunagu:bulk/{offset}/{length}`
+/// with byte positions in the stored object. The web layer rewrites it to the
+/// instance's `/bulkdata/...` URL when serving metadata.
+pub const BULK_URI_PREFIX: &str = "tsunagu:bulk/";
+
+const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
+const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("cannot read the object: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid file meta information: {0}")]
+    Meta(#[from] part10::Part10Error),
+    #[error("unknown transfer syntax {0}")]
+    UnknownTransferSyntax(String),
+    #[error("malformed data set: {0}")]
+    Malformed(String),
+    #[error("data set ends before its last element ({0})")]
+    Truncated(&'static str),
+}
+
+/// Where the pixel data of an instance lies in the stored object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PixelLayout {
+    /// Encapsulated (compressed) pixel data: frames are fragments.
+    pub encapsulated: bool,
+    /// Per frame, the (offset, length) of its bytes in the stored object:
+    /// one range for native data, one per fragment for encapsulated data.
+    /// Empty when frames cannot be addressed by byte range (deflated objects,
+    /// bit-packed frames, unresolvable fragment layouts).
+    pub frames: Vec<Vec<(u64, u64)>>,
+}
+
+/// The parsed, index-ready view of one object.
+#[derive(Debug, Clone)]
+pub struct ParsedObject {
+    pub meta: FileMeta,
+    /// Byte offset of the data set (after the File Meta Information).
+    pub dataset_offset: u64,
+    /// The data set as a DICOM JSON object (keys sorted by tag).
+    pub json: Map<String, Value>,
+    pub pixels: Option<PixelLayout>,
+}
+
+/// Parse a Part-10 file from disk in one pass.
+pub fn parse_file(path: &Path) -> Result<ParsedObject, DatasetError> {
+    let mut file = File::open(path)?;
+    let (meta, dataset_offset) = part10::read_meta(&mut file)?;
+    let total = file.metadata()?.len();
+    let ts_uid = meta.transfer_syntax.as_str();
+    let ts = TransferSyntaxRegistry
+        .get(ts_uid)
+        .ok_or_else(|| DatasetError::UnknownTransferSyntax(ts_uid.to_string()))?;
+
+    if ts_uid == DEFLATED_EXPLICIT_VR_LE {
+        // The lazy reader needs a seekable source: inflate to a scratch file.
+        // Offsets then point into the inflated stream, so frames are not addressable.
+        file.seek(SeekFrom::Start(dataset_offset))?;
+        let mut inflated = tempfile::tempfile()?;
+        let mut dec = flate2::read::DeflateDecoder::new(BufReader::new(file));
+        let len = std::io::copy(&mut dec, &mut inflated)?;
+        inflated.seek(SeekFrom::Start(0))?;
+        let explicit = TransferSyntaxRegistry
+            .get(EXPLICIT_VR_LE)
+            .expect("explicit VR LE is always registered");
+        let (json, mut pixels) = walk(BufReader::new(inflated), explicit, len, false)?;
+        if let Some(p) = pixels.as_mut() {
+            p.frames.clear();
+        }
+        return Ok(ParsedObject {
+            meta,
+            dataset_offset,
+            json,
+            pixels,
+        });
+    }
+
+    file.seek(SeekFrom::Start(dataset_offset))?;
+    let big_endian = ts_uid == "1.2.840.10008.1.2.2";
+    let (json, pixels) = walk(
+        BufReader::with_capacity(64 * 1024, file),
+        ts,
+        total,
+        big_endian,
+    )?;
+    Ok(ParsedObject {
+        meta,
+        dataset_offset,
+        json,
+        pixels,
+    })
+}
+
+enum Node {
+    Item {
+        map: Map<String, Value>,
+        cs: CharacterSet,
+    },
+    Seq {
+        tag: Tag,
+        items: Vec<Value>,
+    },
+    Pixels {
+        items_seen: usize,
+        bot: Vec<u32>,
+        /// (offset of the item's value, length, first bytes)
+        fragments: Vec<(u64, u64, [u8; 4])>,
+    },
+}
+
+fn tag_key(tag: Tag) -> String {
+    format!("{:04X}{:04X}", tag.group(), tag.element())
+}
+
+fn bulk_uri(offset: u64, len: u64) -> Value {
+    Value::String(format!("{BULK_URI_PREFIX}{offset}/{len}"))
+}
+
+fn malformed(e: impl std::fmt::Display) -> DatasetError {
+    DatasetError::Malformed(e.to_string())
+}
+
+/// Walk the data set from the source's current position. Positions reported
+/// by the decoder are absolute in `source`; `len` is the source's total length.
+fn walk<R: Read + Seek>(
+    source: R,
+    ts: &dicom_encoding::TransferSyntax,
+    len: u64,
+    big_endian: bool,
+) -> Result<(Map<String, Value>, Option<PixelLayout>), DatasetError> {
+    let mut reader = LazyDataSetReader::new_with_ts(source, ts).map_err(malformed)?;
+    let mut stack = vec![Node::Item {
+        map: Map::new(),
+        cs: CharacterSet::default(),
+    }];
+    let mut native_pixels: Option<(u64, u64)> = None;
+    let mut encapsulated: Option<Vec<Vec<(u64, u64)>>> = None;
+    let mut last_header_vr = VR::UN;
+
+    while let Some(token) = reader.advance() {
+        let token = token.map_err(malformed)?;
+        match token {
+            LazyDataToken::ElementHeader(h) => last_header_vr = h.vr,
+            LazyDataToken::LazyValue { header, decoder } => {
+                let pos = decoder.position();
+                let vlen = u64::from(header.len.0);
+                if pos + vlen > len {
+                    return Err(DatasetError::Truncated("element value"));
+                }
+                let tag = header.tag;
+                let vr = if header.vr == VR::UN && last_header_vr != VR::UN {
+                    last_header_vr
+                } else {
+                    header.vr
+                };
+                let top_level = stack.len() == 1;
+                let Some(Node::Item { map, cs }) = stack.last_mut() else {
+                    return Err(malformed("element outside an item"));
+                };
+                // Group lengths and file meta elements do not belong in DICOM JSON.
+                if tag.element() == 0 || tag.group() == 0x0002 {
+                    decoder.skip_bytes(header.len.0).map_err(malformed)?;
+                    continue;
+                }
+                if top_level && tag == tags::PIXEL_DATA {
+                    native_pixels = Some((pos, vlen));
+                    decoder.skip_bytes(header.len.0).map_err(malformed)?;
+                    map.insert(
+                        tag_key(tag),
+                        json!({"vr": vr_str(vr), "BulkDataURI": bulk_uri(pos, vlen)}),
+                    );
+                    continue;
+                }
+                let entry = element_json(
+                    decoder,
+                    vr,
+                    header.len.0,
+                    pos,
+                    cs,
+                    big_endian,
+                    tag == tags::SPECIFIC_CHARACTER_SET,
+                )?;
+                if tag == tags::SPECIFIC_CHARACTER_SET
+                    && let Some(raw) = entry.1
+                {
+                    *cs = CharacterSet::from_raw(&raw);
+                }
+                map.insert(tag_key(tag), entry.0);
+            }
+            LazyDataToken::SequenceStart { tag, .. } => stack.push(Node::Seq {
+                tag,
+                items: Vec::new(),
+            }),
+            LazyDataToken::PixelSequenceStart => stack.push(Node::Pixels {
+                items_seen: 0,
+                bot: Vec::new(),
+                fragments: Vec::new(),
+            }),
+            LazyDataToken::ItemStart { .. } => match stack.last_mut() {
+                Some(Node::Pixels { items_seen, .. }) => *items_seen += 1,
+                Some(Node::Seq { .. }) => {
+                    let cs = stack
+                        .iter()
+                        .rev()
+                        .find_map(|n| match n {
+                            Node::Item { cs, .. } => Some(cs.clone()),
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    stack.push(Node::Item {
+                        map: Map::new(),
+                        cs,
+                    });
+                }
+                _ => return Err(malformed("item outside a sequence")),
+            },
+            LazyDataToken::LazyItemValue { len: ilen, decoder } => {
+                let pos = decoder.position();
+                let ilen64 = u64::from(ilen);
+                if pos + ilen64 > len {
+                    return Err(DatasetError::Truncated("pixel data fragment"));
+                }
+                let Some(Node::Pixels {
+                    items_seen,
+                    bot,
+                    fragments,
+                }) = stack.last_mut()
+                else {
+                    return Err(malformed("item value outside pixel data"));
+                };
+                if *items_seen == 1 {
+                    if ilen <= BOT_MAX {
+                        let mut raw = Vec::new();
+                        decoder.read_to_vec(ilen, &mut raw).map_err(malformed)?;
+                        *bot = raw
+                            .chunks_exact(4)
+                            .map(|c| {
+                                let b = [c[0], c[1], c[2], c[3]];
+                                if big_endian {
+                                    u32::from_be_bytes(b)
+                                } else {
+                                    u32::from_le_bytes(b)
+                                }
+                            })
+                            .collect();
+                    } else {
+                        decoder.skip_bytes(ilen).map_err(malformed)?;
+                    }
+                } else {
+                    let head = ilen.min(4);
+                    let mut first = Vec::with_capacity(4);
+                    decoder.read_to_vec(head, &mut first).map_err(malformed)?;
+                    decoder.skip_bytes(ilen - head).map_err(malformed)?;
+                    let mut f = [0u8; 4];
+                    f[..first.len()].copy_from_slice(&first);
+                    fragments.push((pos, ilen64, f));
+                }
+            }
+            LazyDataToken::ItemEnd
+                if matches!(stack.last(), Some(Node::Item { .. })) && stack.len() > 1 =>
+            {
+                let Some(Node::Item { map, .. }) = stack.pop() else {
+                    unreachable!()
+                };
+                match stack.last_mut() {
+                    Some(Node::Seq { items, .. }) => items.push(Value::Object(map)),
+                    _ => return Err(malformed("item end outside a sequence")),
+                }
+            }
+            LazyDataToken::SequenceEnd => match stack.pop() {
+                Some(Node::Seq { tag, items }) => {
+                    let Some(Node::Item { map, .. }) = stack.last_mut() else {
+                        return Err(malformed("sequence end outside an item"));
+                    };
+                    if tag.element() != 0 && tag.group() != 0x0002 {
+                        let v = if items.is_empty() {
+                            json!({"vr": "SQ"})
+                        } else {
+                            json!({"vr": "SQ", "Value": items})
+                        };
+                        map.insert(tag_key(tag), v);
+                    }
+                }
+                Some(Node::Pixels { bot, fragments, .. }) => {
+                    let Some(Node::Item { map, .. }) = stack.last_mut() else {
+                        return Err(malformed("pixel data outside an item"));
+                    };
+                    let (first, last) = match (fragments.first(), fragments.last()) {
+                        (Some(f), Some(l)) => (f.0, l.0 + l.1),
+                        _ => (0, 0),
+                    };
+                    map.insert(
+                        tag_key(tags::PIXEL_DATA),
+                        json!({"vr": "OB", "BulkDataURI": bulk_uri(first, last - first)}),
+                    );
+                    encapsulated = Some(frame_fragments(&fragments, &bot, frame_count(map)));
+                }
+                _ => return Err(malformed("unbalanced sequence end")),
+            },
+            _ => {}
+        }
+    }
+    if stack.len() != 1 {
+        return Err(DatasetError::Truncated("sequence"));
+    }
+    let Some(Node::Item { map, .. }) = stack.pop() else {
+        unreachable!()
+    };
+    let pixels = if let Some(frames) = encapsulated {
+        Some(PixelLayout {
+            encapsulated: true,
+            frames,
+        })
+    } else {
+        native_pixels.map(|(off, plen)| PixelLayout {
+            encapsulated: false,
+            frames: native_frames(&map, off, plen),
+        })
+    };
+    Ok((map, pixels))
+}
+
+/// Number of Frames (0028,0008), 1 when absent.
+fn frame_count(map: &Map<String, Value>) -> usize {
+    number(map, tags::NUMBER_OF_FRAMES)
+        .map(|n| n.max(1.0) as usize)
+        .unwrap_or(1)
+}
+
+fn number(map: &Map<String, Value>, tag: Tag) -> Option<f64> {
+    map.get(&tag_key(tag))?
+        .get("Value")?
+        .get(0)
+        .and_then(|v| v.as_f64().or_else(|| v.as_str()?.trim().parse().ok()))
+}
+
+fn native_frames(map: &Map<String, Value>, offset: u64, len: u64) -> Vec<Vec<(u64, u64)>> {
+    let dims = [
+        tags::ROWS,
+        tags::COLUMNS,
+        tags::SAMPLES_PER_PIXEL,
+        tags::BITS_ALLOCATED,
+    ]
+    .map(|t| number(map, t).unwrap_or(0.0) as u64);
+    let bits = dims.iter().product::<u64>();
+    if bits == 0 || bits % 8 != 0 {
+        return Vec::new(); // bit-packed frames are not byte-addressable
+    }
+    let frame = bits / 8;
+    (0..frame_count(map) as u64)
+        .map(|k| (offset + k * frame, frame))
+        .take_while(|&(o, f)| o + f <= offset + len)
+        .map(|r| vec![r])
+        .collect()
+}
+
+/// Assign fragments to frames (PS3.5 §A.4): by the Basic Offset Table when it
+/// has one entry per frame, else one fragment per frame, else by the codestream
+/// start markers (JPEG SOI, JPEG 2000 SOC) that begin each frame.
+fn frame_fragments(
+    fragments: &[(u64, u64, [u8; 4])],
+    bot: &[u32],
+    frames: usize,
+) -> Vec<Vec<(u64, u64)>> {
+    let ranges = |fs: &[(u64, u64, [u8; 4])]| fs.iter().map(|f| (f.0, f.1)).collect::<Vec<_>>();
+    if fragments.is_empty() {
+        return Vec::new();
+    }
+    if frames <= 1 {
+        return vec![ranges(fragments)];
+    }
+    if bot.len() == frames {
+        // BOT offsets count from the first byte of the first fragment's item tag.
+        let origin = fragments[0].0 - 8;
+        let mut out: Vec<Vec<(u64, u64)>> = vec![Vec::new(); frames];
+        let mut k = 0;
+        for f in fragments {
+            let rel = f.0 - 8 - origin;
+            while k + 1 < frames && rel >= u64::from(bot[k + 1]) {
+                k += 1;
+            }
+            out[k].push((f.0, f.1));
+        }
+        if out.iter().all(|f| !f.is_empty()) {
+            return out;
+        }
+    }
+    if fragments.len() == frames {
+        return fragments.iter().map(|f| vec![(f.0, f.1)]).collect();
+    }
+    let starts_frame = |h: &[u8; 4]| h[..2] == [0xFF, 0xD8] || h == &[0xFF, 0x4F, 0xFF, 0x51];
+    let mut out: Vec<Vec<(u64, u64)>> = Vec::new();
+    for f in fragments {
+        if starts_frame(&f.2) || out.is_empty() {
+            out.push(Vec::new());
+        }
+        out.last_mut().expect("pushed above").push((f.0, f.1));
+    }
+    if out.len() == frames { out } else { Vec::new() }
+}
+
+fn vr_str(vr: VR) -> &'static str {
+    vr.to_string()
+}
+
+/// One primitive element as DICOM JSON; also returns the raw bytes when asked
+/// (for Specific Character Set, which changes how later text is decoded).
+fn element_json<D: StatefulDecode>(
+    decoder: &mut D,
+    vr: VR,
+    len: u32,
+    offset: u64,
+    cs: &CharacterSet,
+    big_endian: bool,
+    keep_raw: bool,
+) -> Result<(Value, Option<Vec<u8>>), DatasetError> {
+    let vr_name = vr_str(vr);
+    if len == 0 {
+        return Ok((json!({ "vr": vr_name }), None));
+    }
+    let len64 = u64::from(len);
+    let binary = matches!(
+        vr,
+        VR::OB | VR::OW | VR::OD | VR::OF | VR::OL | VR::OV | VR::UN
+    );
+    let too_big = if binary {
+        len64 > INLINE_BINARY_MAX
+    } else {
+        len64 > TEXT_VALUE_MAX
+    };
+    if too_big {
+        decoder.skip_bytes(len).map_err(malformed)?;
+        return Ok((
+            json!({ "vr": vr_name, "BulkDataURI": bulk_uri(offset, len64) }),
+            None,
+        ));
+    }
+    let mut raw = Vec::with_capacity(len as usize);
+    decoder.read_to_vec(len, &mut raw).map_err(malformed)?;
+    if binary {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&raw);
+        return Ok((json!({ "vr": vr_name, "InlineBinary": b64 }), None));
+    }
+    let values = primitive_values(vr, &raw, cs, big_endian);
+    let v = if values.is_empty() {
+        json!({ "vr": vr_name })
+    } else {
+        json!({ "vr": vr_name, "Value": values })
+    };
+    Ok((v, keep_raw.then_some(raw)))
+}
+
+fn ascii(raw: &[u8]) -> String {
+    raw.iter().map(|&b| b as char).collect()
+}
+
+/// Decode the values of a non-binary VR. Empty components stay as `null`
+/// (PS3.18 F.2.5) so value positions are kept.
+fn primitive_values(vr: VR, raw: &[u8], cs: &CharacterSet, big_endian: bool) -> Vec<Value> {
+    macro_rules! nums {
+        ($t:ty, $n:expr) => {
+            raw.chunks_exact($n)
+                .map(|c| {
+                    let arr: [u8; $n] = c.try_into().expect("chunk size");
+                    let v = if big_endian {
+                        <$t>::from_be_bytes(arr)
+                    } else {
+                        <$t>::from_le_bytes(arr)
+                    };
+                    json!(v)
+                })
+                .collect()
+        };
+    }
+    match vr {
+        VR::US => nums!(u16, 2),
+        VR::SS => nums!(i16, 2),
+        VR::UL => nums!(u32, 4),
+        VR::SL => nums!(i32, 4),
+        VR::UV => nums!(u64, 8),
+        VR::SV => nums!(i64, 8),
+        VR::FL => nums!(f32, 4),
+        VR::FD => nums!(f64, 8),
+        VR::AT => raw
+            .chunks_exact(4)
+            .map(|c| {
+                let (g, e) = if big_endian {
+                    (
+                        u16::from_be_bytes([c[0], c[1]]),
+                        u16::from_be_bytes([c[2], c[3]]),
+                    )
+                } else {
+                    (
+                        u16::from_le_bytes([c[0], c[1]]),
+                        u16::from_le_bytes([c[2], c[3]]),
+                    )
+                };
+                Value::String(format!("{g:04X}{e:04X}"))
+            })
+            .collect(),
+        VR::DS | VR::IS => ascii(raw)
+            .split('\\')
+            .map(|s| {
+                let s = s.trim_matches(|c: char| c == ' ' || c == '\0');
+                if s.is_empty() {
+                    Value::Null
+                } else if vr == VR::IS {
+                    s.parse::<i64>()
+                        .map(Value::from)
+                        .unwrap_or_else(|_| json!(s))
+                } else {
+                    s.parse::<f64>()
+                        .ok()
+                        .and_then(|f| serde_json::Number::from_f64(f).map(Value::Number))
+                        .unwrap_or_else(|| json!(s))
+                }
+            })
+            .collect(),
+        VR::PN => {
+            let text = cs.decode(raw);
+            text.split('\\')
+                .map(|v| {
+                    let v = v.trim_end_matches([' ', '\0']);
+                    if v.is_empty() {
+                        return Value::Null;
+                    }
+                    let mut groups = Map::new();
+                    for (name, g) in ["Alphabetic", "Ideographic", "Phonetic"]
+                        .iter()
+                        .zip(v.split('='))
+                    {
+                        let g = g.trim_end_matches(' ');
+                        if !g.is_empty() {
+                            groups.insert((*name).to_string(), Value::String(g.to_string()));
+                        }
+                    }
+                    Value::Object(groups)
+                })
+                .collect()
+        }
+        // Single-valued text: backslash is a character, not a delimiter.
+        VR::LT | VR::ST | VR::UT | VR::UR => {
+            let text = if vr == VR::UR {
+                ascii(raw)
+            } else {
+                cs.decode(raw)
+            };
+            vec![Value::String(
+                text.trim_end_matches([' ', '\0']).to_string(),
+            )]
+        }
+        _ => {
+            let text = if matches!(vr, VR::SH | VR::LO | VR::UC) {
+                cs.decode(raw)
+            } else {
+                ascii(raw)
+            };
+            text.split('\\')
+                .map(|s| {
+                    let s = s.trim_matches(|c: char| c == ' ' || c == '\0');
+                    if s.is_empty() {
+                        Value::Null
+                    } else {
+                        Value::String(s.to_string())
+                    }
+                })
+                .collect()
+        }
+    }
+}

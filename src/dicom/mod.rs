@@ -1,0 +1,9 @@
+//! Pure DICOM vocabulary: character sets, the Part-10 envelope, one-pass
+//! parsing into DICOM JSON and frame ranges, index summaries. No I/O besides
+//! reading the file it is handed.
+
+pub mod charset;
+pub mod dataset;
+pub mod part10;
+pub mod storage_classes;
+pub mod summary;

@@ -1,0 +1,430 @@
+//! One association, start to end: negotiation (who is calling decides the
+//! institution), then C-ECHO and C-STORE until release or abort.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dicom_ul::association::Error as UlError;
+use dicom_ul::association::server::AccessControl;
+use dicom_ul::pdu::{
+    AbortRQServiceProviderReason, AbortRQSource, AssociationRJServiceUserReason, PDataValue,
+    PDataValueType, PresentationContextNegotiated, PresentationContextResultReason, UserIdentity,
+};
+use dicom_ul::{Pdu, ServerAssociationOptions};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use super::command::{Command, CommandField};
+use super::status;
+use crate::access::{Institution, Institutions};
+use crate::dicom::part10::FileMeta;
+use crate::dicom::storage_classes::STORAGE_SOP_CLASSES;
+use crate::ingest::{Ingest, Spool};
+use crate::telemetry;
+
+const VERIFICATION: &str = "1.2.840.10008.1.1";
+
+/// What every association needs.
+pub struct DimseContext {
+    pub ae_title: String,
+    pub institutions: Arc<Institutions>,
+    pub ingest: Ingest,
+    pub max_pdu_length: u32,
+    pub timeout: Duration,
+}
+
+/// Decides at A-ASSOCIATE time, and remembers which institution is calling
+/// (after establishment dicom-ul only exposes our own user variables).
+struct SenderGate {
+    institutions: Arc<Institutions>,
+    decided: Arc<OnceLock<Arc<Institution>>>,
+}
+
+impl AccessControl for SenderGate {
+    fn check_access(
+        &self,
+        this_ae_title: &str,
+        calling_ae_title: &str,
+        called_ae_title: &str,
+        _user_identity: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        let Some(inst) = self.institutions.by_calling_ae(calling_ae_title) else {
+            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+        };
+        if called_ae_title.trim() != this_ae_title.trim() {
+            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+        }
+        let _ = self.decided.set(inst);
+        Ok(())
+    }
+}
+
+/// A C-STORE whose data set is arriving.
+struct Pending {
+    command: Command,
+    context_id: u8,
+    sink: Sink,
+}
+
+/// Where the data set of a pending C-STORE goes.
+enum Sink {
+    Spool(Spool),
+    /// Already refused: read and drop the rest, then answer with this status.
+    Discard {
+        status: u16,
+        comment: &'static str,
+    },
+}
+
+/// Serve one accepted TCP connection until it ends.
+pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) {
+    let decided = Arc::new(OnceLock::new());
+    let mut options = ServerAssociationOptions::new()
+        .ae_access_control(SenderGate {
+            institutions: ctx.institutions.clone(),
+            decided: decided.clone(),
+        })
+        .ae_title(ctx.ae_title.clone())
+        .max_pdu_length(ctx.max_pdu_length)
+        .strict(true)
+        .read_timeout(ctx.timeout)
+        .write_timeout(ctx.timeout)
+        .with_abstract_syntax(VERIFICATION);
+    for (uid, _) in STORAGE_SOP_CLASSES {
+        options = options.with_abstract_syntax(*uid);
+    }
+    let association = match options.establish_async(socket).await {
+        Ok(a) => a,
+        Err(e) => {
+            // The A-ASSOCIATE-RJ or A-ABORT has already been sent.
+            let reason = match &e {
+                UlError::Rejected { .. } => "rejected",
+                _ => "negotiation_failed",
+            };
+            metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => reason).increment(1);
+            tracing::info!(%peer, error = %e, "association not established");
+            return;
+        }
+    };
+    let Some(institution) = decided.get().cloned() else {
+        tracing::error!(%peer, "association accepted without a sender decision");
+        return;
+    };
+    let calling = association.peer_ae_title_owned();
+    let span = tracing::info_span!("association", calling_ae = %calling, institution = %institution.code, %peer);
+    metrics::counter!(telemetry::ASSOCIATIONS_TOTAL).increment(1);
+    metrics::gauge!(telemetry::ASSOCIATIONS_ACTIVE).increment(1.0);
+    run(ctx, association, institution, calling)
+        .instrument(span)
+        .await;
+    metrics::gauge!(telemetry::ASSOCIATIONS_ACTIVE).decrement(1.0);
+}
+
+trait PeerAe {
+    fn peer_ae_title_owned(&self) -> String;
+}
+
+impl<S> PeerAe for dicom_ul::association::server::AsyncServerAssociation<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    fn peer_ae_title_owned(&self) -> String {
+        use dicom_ul::association::Association;
+        self.peer_ae_title().trim().to_string()
+    }
+}
+
+type Assoc = dicom_ul::association::server::AsyncServerAssociation<TcpStream>;
+
+async fn run(
+    ctx: Arc<DimseContext>,
+    mut assoc: Assoc,
+    institution: Arc<Institution>,
+    calling: String,
+) {
+    let contexts: Vec<PresentationContextNegotiated> = assoc.presentation_contexts().to_vec();
+    tracing::info!(
+        contexts = contexts
+            .iter()
+            .filter(|c| c.reason == PresentationContextResultReason::Acceptance)
+            .count(),
+        "association established"
+    );
+    let mut command_buf: Vec<u8> = Vec::new();
+    let mut pending: Option<Pending> = None;
+    loop {
+        let pdu = match assoc.receive().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "association ended by a receive error; aborting");
+                let _ = assoc
+                    .send(&Pdu::AbortRQ {
+                        source: AbortRQSource::ServiceProvider(
+                            AbortRQServiceProviderReason::ReasonNotSpecified,
+                        ),
+                    })
+                    .await;
+                return;
+            }
+        };
+        match pdu {
+            Pdu::PData { data } => {
+                for pdv in data {
+                    if let Err(why) = handle_pdv(
+                        &ctx,
+                        &mut assoc,
+                        &contexts,
+                        &institution,
+                        &calling,
+                        &mut command_buf,
+                        &mut pending,
+                        pdv,
+                    )
+                    .await
+                    {
+                        tracing::warn!(reason = why, "protocol error; aborting association");
+                        let _ = assoc
+                            .send(&Pdu::AbortRQ {
+                                source: AbortRQSource::ServiceProvider(
+                                    AbortRQServiceProviderReason::UnexpectedPdu,
+                                ),
+                            })
+                            .await;
+                        return;
+                    }
+                }
+            }
+            Pdu::ReleaseRQ => {
+                if pending.is_some() {
+                    tracing::warn!(
+                        "release requested in the middle of an object; the object is discarded"
+                    );
+                }
+                let _ = assoc.send(&Pdu::ReleaseRP).await;
+                tracing::info!("association released");
+                return;
+            }
+            Pdu::AbortRQ { source } => {
+                tracing::info!(?source, "association aborted by peer");
+                return;
+            }
+            other => {
+                tracing::warn!(pdu = ?std::mem::discriminant(&other), "unexpected PDU; aborting");
+                let _ = assoc
+                    .send(&Pdu::AbortRQ {
+                        source: AbortRQSource::ServiceProvider(
+                            AbortRQServiceProviderReason::UnexpectedPdu,
+                        ),
+                    })
+                    .await;
+                return;
+            }
+        }
+    }
+}
+
+async fn send_response(
+    assoc: &mut Assoc,
+    context_id: u8,
+    bytes: Vec<u8>,
+) -> Result<(), &'static str> {
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: context_id,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: bytes,
+            }],
+        })
+        .await
+        .map_err(|_| "cannot send response")
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn handle_pdv(
+    ctx: &DimseContext,
+    assoc: &mut Assoc,
+    contexts: &[PresentationContextNegotiated],
+    institution: &Arc<Institution>,
+    calling: &str,
+    command_buf: &mut Vec<u8>,
+    pending: &mut Option<Pending>,
+    pdv: PDataValue,
+) -> Result<(), &'static str> {
+    let pc = contexts
+        .iter()
+        .find(|c| {
+            c.id == pdv.presentation_context_id
+                && c.reason == PresentationContextResultReason::Acceptance
+        })
+        .ok_or("PDV on a presentation context that was not accepted")?;
+    match pdv.value_type {
+        PDataValueType::Command => {
+            if pending.is_some() {
+                return Err("command while a data set is still arriving");
+            }
+            command_buf.extend_from_slice(&pdv.data);
+            if command_buf.len() > 64 * 1024 {
+                return Err("command set larger than 64 KiB");
+            }
+            if !pdv.is_last {
+                return Ok(());
+            }
+            let bytes = std::mem::take(command_buf);
+            let command = Command::parse(&bytes).map_err(|_| "unreadable command set")?;
+            on_command(ctx, assoc, pc, calling, command, pending).await
+        }
+        PDataValueType::Data => {
+            let Some(p) = pending.as_mut() else {
+                return Err("data set without a command");
+            };
+            if p.context_id != pdv.presentation_context_id {
+                return Err("data set on another presentation context");
+            }
+            if let Sink::Spool(spool) = &mut p.sink
+                && let Err(e) = spool.write(&pdv.data).await
+            {
+                tracing::error!(error = %e, "spool write failed");
+                let (status, comment) = status::of_ingest_error(&e);
+                p.sink = Sink::Discard { status, comment };
+            }
+            if pdv.is_last {
+                let p = pending.take().expect("checked above");
+                let response = match p.sink {
+                    Sink::Spool(spool) => {
+                        finish_store(ctx, institution, calling, spool, &p.command).await
+                    }
+                    Sink::Discard { status, comment } => {
+                        super::command::response(&p.command, status, Some(comment))
+                    }
+                };
+                send_response(assoc, p.context_id, response).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn on_command(
+    ctx: &DimseContext,
+    assoc: &mut Assoc,
+    pc: &PresentationContextNegotiated,
+    calling: &str,
+    command: Command,
+    pending: &mut Option<Pending>,
+) -> Result<(), &'static str> {
+    match command.field {
+        CommandField::CEchoRq => {
+            metrics::counter!(telemetry::ECHOS).increment(1);
+            send_response(
+                assoc,
+                pc.id,
+                super::command::response(&command, status::SUCCESS, None),
+            )
+            .await
+        }
+        CommandField::CStoreRq => {
+            if !command.has_data_set {
+                return Err("C-STORE-RQ without a data set");
+            }
+            let class = command.affected_sop_class_uid.clone().unwrap_or_default();
+            let instance = command
+                .affected_sop_instance_uid
+                .clone()
+                .unwrap_or_default();
+            // Still read the data set so the association stays in step, but
+            // refuse it: the class must be the one negotiated for the context.
+            let refuse = if class.is_empty() || instance.is_empty() {
+                Some((
+                    status::DATA_SET_MISMATCH,
+                    "command lacks Affected SOP Class/Instance UID",
+                ))
+            } else if class != pc.abstract_syntax {
+                Some((
+                    status::SOP_CLASS_NOT_SUPPORTED,
+                    "SOP class differs from the presentation context",
+                ))
+            } else {
+                None
+            };
+            let meta = FileMeta {
+                sop_class_uid: class,
+                sop_instance_uid: instance,
+                transfer_syntax: pc.transfer_syntax.trim_end_matches('\0').to_string(),
+                source_ae_title: Some(calling.to_string()),
+            };
+            let sink = match refuse {
+                Some((status, comment)) => {
+                    metrics::counter!(telemetry::STORE_FAILURES, "reason" => "command")
+                        .increment(1);
+                    tracing::warn!(status = format!("{status:04X}"), comment, "C-STORE refused");
+                    Sink::Discard { status, comment }
+                }
+                None => match ctx.ingest.begin(meta).await {
+                    Ok(s) => Sink::Spool(s),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot open a spool");
+                        let (status, comment) = status::of_ingest_error(&e);
+                        Sink::Discard { status, comment }
+                    }
+                },
+            };
+            *pending = Some(Pending {
+                command,
+                context_id: pc.id,
+                sink,
+            });
+            Ok(())
+        }
+        CommandField::Other(field) => {
+            tracing::warn!(
+                command_field = format!("{field:04X}"),
+                "unsupported DIMSE command"
+            );
+            if command.has_data_set {
+                *pending = Some(Pending {
+                    command,
+                    context_id: pc.id,
+                    sink: Sink::Discard {
+                        status: status::UNRECOGNIZED_OPERATION,
+                        comment: "unsupported operation",
+                    },
+                });
+                return Ok(());
+            }
+            send_response(
+                assoc,
+                pc.id,
+                super::command::response(&command, status::UNRECOGNIZED_OPERATION, None),
+            )
+            .await
+        }
+    }
+}
+
+async fn finish_store(
+    ctx: &DimseContext,
+    institution: &Institution,
+    calling: &str,
+    spool: Spool,
+    command: &Command,
+) -> Vec<u8> {
+    match ctx.ingest.finish(spool, institution, Some(calling)).await {
+        Ok(accepted) => {
+            tracing::info!(
+                sop_instance_uid = %accepted.summary.sop_instance_uid,
+                study_instance_uid = %accepted.summary.study_instance_uid,
+                outcome = ?accepted.outcome,
+                "stored"
+            );
+            super::command::response(command, status::SUCCESS, None)
+        }
+        Err(e) => {
+            let (code, comment) = status::of_ingest_error(&e);
+            tracing::warn!(error = %e, status = format!("{code:04X}"), "C-STORE failed");
+            super::command::response(command, code, Some(comment))
+        }
+    }
+}

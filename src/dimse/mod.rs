@@ -1,0 +1,77 @@
+//! DICOM upper layer on tokio with dicom-ul: Verification and Storage SCP.
+//! One task per association, bounded by `server.max_associations`;
+//! TCP_NODELAY on every socket (dicom-ul never sets it, and Nagle plus
+//! delayed ACK stalls each C-STORE response by ~40 ms).
+
+pub mod association;
+pub mod command;
+pub mod status;
+
+use std::sync::Arc;
+
+use dicom_ul::pdu::{
+    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
+    AssociationRJSource,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+pub use association::DimseContext;
+
+use crate::telemetry;
+
+/// Accept associations until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<DimseContext>,
+    max_associations: usize,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(max_associations));
+    loop {
+        let (socket, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let _ = socket.set_nodelay(true);
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    association::serve(ctx, socket, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => "limit")
+                    .increment(1);
+                tracing::warn!(%peer, max_associations, "association limit reached; rejecting (transient)");
+                tokio::spawn(reject_busy(socket));
+            }
+        }
+    }
+}
+
+/// A-ASSOCIATE-RJ transient, service-provider (presentation), local limit exceeded.
+async fn reject_busy(mut socket: TcpStream) {
+    let pdu = dicom_ul::Pdu::AssociationRJ(AssociationRJ {
+        result: AssociationRJResult::Transient,
+        source: AssociationRJSource::ServiceProviderPresentation(
+            AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+        ),
+    });
+    let mut buf = Vec::new();
+    if dicom_ul::write_pdu(&mut buf, &pdu).is_ok() {
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(5), socket.write_all(&buf)).await;
+    }
+    let _ = socket.shutdown().await;
+}

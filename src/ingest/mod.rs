@@ -1,0 +1,301 @@
+//! The one write path, shared by C-STORE, STOW-RS and `import`:
+//! spool (hashing as bytes arrive) → parse once → check → durable store →
+//! index → acknowledge. A spool that is not committed removes itself.
+
+pub mod import;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncWriteExt, BufWriter};
+
+use crate::access::Institution;
+use crate::dicom::dataset::{self, DatasetError};
+use crate::dicom::part10::{self, FileMeta};
+use crate::dicom::summary::{InstanceSummary, SummaryError};
+use crate::index::{Index, IndexEntry, IndexError};
+use crate::store::keys::InstanceKey;
+use crate::store::{Store, StoreError};
+use crate::telemetry;
+
+/// Write buffer of a spool file: fewer, larger writes per object.
+const SPOOL_BUFFER: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("cannot spool the object: {0}")]
+    Spool(#[source] std::io::Error),
+    #[error("the data set cannot be parsed: {0}")]
+    Unparsable(#[from] DatasetError),
+    #[error("the data set lacks an identifying attribute: {0}")]
+    Incomplete(#[from] SummaryError),
+    #[error("{attribute} in the data set ({found}) differs from the command ({expected})")]
+    Mismatch {
+        attribute: &'static str,
+        expected: String,
+        found: String,
+    },
+    #[error("the object store failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("the index failed: {0}")]
+    Index(#[from] IndexError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl IngestError {
+    /// Short, stable reason label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Spool(_) => "spool",
+            Self::Unparsable(_) => "unparsable",
+            Self::Incomplete(_) => "incomplete",
+            Self::Mismatch { .. } => "mismatch",
+            Self::Store(_) => "store",
+            Self::Index(_) => "index",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+/// What happened to an object that was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// First copy of this instance for its institution.
+    Stored,
+    /// The same bytes were already stored: nothing written.
+    AlreadyPresent,
+    /// Different bytes replaced the previous copy (see the Conformance Statement).
+    Replaced,
+}
+
+/// The result of a successful ingest.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub outcome: Outcome,
+    pub object_key: String,
+    pub summary: InstanceSummary,
+}
+
+/// Shared handles of the write path.
+#[derive(Clone)]
+pub struct Ingest {
+    store: Arc<Store>,
+    index: Index,
+}
+
+/// An object being received: a file in the spool directory plus its digest.
+/// Removed on drop unless it was committed to the store.
+pub struct Spool {
+    path: PathBuf,
+    writer: Option<BufWriter<tokio::fs::File>>,
+    hasher: Sha256,
+    meta: FileMeta,
+    dataset_len: u64,
+    armed: bool,
+}
+
+impl Spool {
+    /// Append received data set bytes.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), IngestError> {
+        self.hasher.update(bytes);
+        self.dataset_len += bytes.len() as u64;
+        let w = self.writer.as_mut().expect("writer present until finish");
+        w.write_all(bytes).await.map_err(IngestError::Spool)
+    }
+
+    pub fn meta(&self) -> &FileMeta {
+        &self.meta
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        if self.armed {
+            // Aborted association, failed check: nothing half-written remains.
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Ingest {
+    pub fn new(store: Arc<Store>, index: Index) -> Self {
+        Self { store, index }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// Open a spool for an object whose File Meta Information is known from
+    /// the command and presentation context; its header is written first.
+    pub async fn begin(&self, meta: FileMeta) -> Result<Spool, IngestError> {
+        let header = part10::encode_header(&meta)
+            .map_err(|e| IngestError::Internal(format!("file meta: {e}")))?;
+        let path = self
+            .store
+            .spool_dir()
+            .join(format!("{}.part", uuid::Uuid::new_v4()));
+        let file = tokio::fs::File::create(&path)
+            .await
+            .map_err(IngestError::Spool)?;
+        let mut spool = Spool {
+            path,
+            writer: Some(BufWriter::with_capacity(SPOOL_BUFFER, file)),
+            hasher: Sha256::new(),
+            meta,
+            dataset_len: 0,
+            armed: true,
+        };
+        let w = spool.writer.as_mut().expect("just created");
+        w.write_all(&header).await.map_err(IngestError::Spool)?;
+        Ok(spool)
+    }
+
+    /// Parse, check, store durably and index a complete spool. `sender_ae` is
+    /// recorded; the institution is the authenticated sender's, never the object's.
+    pub async fn finish(
+        &self,
+        mut spool: Spool,
+        institution: &Institution,
+        sender_ae: Option<&str>,
+    ) -> Result<Accepted, IngestError> {
+        let started = Instant::now();
+        let result = self.finish_inner(&mut spool, institution, sender_ae).await;
+        match &result {
+            Ok(a) => {
+                metrics::histogram!(telemetry::STORE_SECONDS)
+                    .record(started.elapsed().as_secs_f64());
+                match a.outcome {
+                    Outcome::AlreadyPresent => {
+                        metrics::counter!(telemetry::INSTANCES_DUPLICATE).increment(1)
+                    }
+                    Outcome::Replaced => {
+                        metrics::counter!(telemetry::INSTANCES_REPLACED).increment(1)
+                    }
+                    Outcome::Stored => {}
+                }
+            }
+            Err(e) => {
+                metrics::counter!(telemetry::STORE_FAILURES, "reason" => e.reason()).increment(1);
+            }
+        }
+        result
+    }
+
+    async fn finish_inner(
+        &self,
+        spool: &mut Spool,
+        institution: &Institution,
+        sender_ae: Option<&str>,
+    ) -> Result<Accepted, IngestError> {
+        let mut w = spool.writer.take().expect("finish once");
+        w.flush().await.map_err(IngestError::Spool)?;
+        drop(w);
+        let sha256 = hex::encode(std::mem::take(&mut spool.hasher).finalize());
+
+        let path = spool.path.clone();
+        let parsed = tokio::task::spawn_blocking(move || dataset::parse_file(&path))
+            .await
+            .map_err(|e| IngestError::Internal(e.to_string()))??;
+        let summary = InstanceSummary::from_parsed(&parsed)?;
+        for (attribute, expected, found) in [
+            (
+                "SOP Class UID",
+                &spool.meta.sop_class_uid,
+                &summary.sop_class_uid,
+            ),
+            (
+                "SOP Instance UID",
+                &spool.meta.sop_instance_uid,
+                &summary.sop_instance_uid,
+            ),
+        ] {
+            if expected != found {
+                return Err(IngestError::Mismatch {
+                    attribute,
+                    expected: expected.clone(),
+                    found: found.clone(),
+                });
+            }
+        }
+
+        let key = InstanceKey::new(
+            &institution.code,
+            &summary.study_instance_uid,
+            &summary.series_instance_uid,
+            &summary.sop_instance_uid,
+            &sha256,
+        )
+        .ok_or_else(|| IngestError::Internal("object key from validated UIDs".into()))?
+        .as_key();
+
+        if let Some(copy) = self
+            .index
+            .stored_copy(&institution.code, &summary.sop_instance_uid)
+            .await?
+            && copy.sha256 == sha256
+        {
+            return Ok(Accepted {
+                outcome: Outcome::AlreadyPresent,
+                object_key: copy.object_key,
+                summary,
+            });
+        }
+
+        let size = tokio::fs::metadata(&spool.path)
+            .await
+            .map_err(IngestError::Spool)?
+            .len();
+        self.store.put_file(&key, &spool.path).await?;
+        spool.armed = false; // the file is now the stored object (or uploaded and removed)
+
+        let entry = IndexEntry {
+            institution: institution.code.clone(),
+            issuer: summary
+                .issuer_of_patient_id
+                .clone()
+                .unwrap_or_else(|| institution.issuer_of_patient_id.clone()),
+            summary: summary.clone(),
+            transfer_syntax: spool.meta.transfer_syntax.clone(),
+            object_key: key.clone(),
+            size,
+            sha256,
+            sender_ae: sender_ae.map(str::to_string),
+            received_at: now_rfc3339(),
+            dataset_json: serde_json::Value::Object(parsed.json).to_string(),
+            pixels: parsed.pixels,
+        };
+        // An object without an index row is an orphan that reindex adopts;
+        // the reverse never happens because the row is written second.
+        let replaced = self.index.upsert(&entry).await?;
+        metrics::counter!(telemetry::INSTANCES_STORED).increment(1);
+        metrics::counter!(telemetry::BYTES_STORED).increment(size);
+        let outcome = match replaced {
+            Some(old) => {
+                // Only now, with the new copy durable and indexed, may the old go.
+                if let Err(e) = self.store.delete(&old).await {
+                    tracing::warn!(key = %old, error = %e, "superseded object not deleted; reindex keeps the newest");
+                }
+                Outcome::Replaced
+            }
+            None => Outcome::Stored,
+        };
+        Ok(Accepted {
+            outcome,
+            object_key: key,
+            summary,
+        })
+    }
+}
+
+/// The current time as RFC 3339 UTC.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

@@ -1,0 +1,298 @@
+//! The object store: original Part-10 objects under the keys of `keys.rs`.
+//! A local directory (the embedded default) or any S3-compatible server,
+//! both behind `object_store` for reads. Writes are durable before they return.
+//!
+//! Local writes do not go through `LocalFileSystem::put`: that needs the whole
+//! object in memory (or copies it once more through a multipart upload).
+//! Instead ingest spools into `<root>/.spool/`, on the same file system, and
+//! `put_file` fsyncs, renames into place and fsyncs the directory — the same
+//! protocol `LocalFileSystem::with_fsync(true)` uses, without the extra copy.
+
+pub mod keys;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, WriteMultipart};
+use tokio::io::AsyncReadExt;
+
+use crate::config::StorageConfig;
+
+/// Objects at most this large are uploaded to S3 in one PUT.
+const SINGLE_PUT_MAX: u64 = 8 << 20;
+/// Part size of multipart uploads; memory per upload is about twice this.
+const MULTIPART_CHUNK: usize = 8 << 20;
+/// Name of the spool directory inside a local store.
+const SPOOL_DIR: &str = ".spool";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object store error: {0}")]
+    Backend(#[from] object_store::Error),
+    #[error("local store I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid storage configuration: {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// A full disk is a resource problem, not a bug: DIMSE maps it to A700.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, StoreError::Io(e) if e.raw_os_error() == Some(28))
+    }
+}
+
+enum Backend {
+    Local { root: PathBuf },
+    S3,
+}
+
+/// Handle to the configured object store.
+pub struct Store {
+    objects: Arc<dyn ObjectStore>,
+    backend: Backend,
+    spool_dir: PathBuf,
+    description: String,
+}
+
+impl Store {
+    /// Open the store named by `[storage]`, creating a local root if needed.
+    pub async fn open(cfg: &StorageConfig) -> Result<Self, StoreError> {
+        if let Some(dir) = cfg.url.strip_prefix("file://") {
+            let root = PathBuf::from(dir);
+            std::fs::create_dir_all(root.join(SPOOL_DIR))?;
+            let root = root.canonicalize()?;
+            let objects = LocalFileSystem::new_with_prefix(&root)?.with_fsync(true);
+            let store = Self {
+                objects: Arc::new(objects),
+                spool_dir: root.join(SPOOL_DIR),
+                description: format!("file://{}", root.display()),
+                backend: Backend::Local { root },
+            };
+            store.sweep_spool();
+            return Ok(store);
+        }
+        let Some(rest) = cfg.url.strip_prefix("s3://") else {
+            return Err(StoreError::Config(format!(
+                "unsupported storage url {}",
+                cfg.url
+            )));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(StoreError::Config("storage.url names no bucket".into()));
+        }
+        // The default 30 s timeout covers the whole body: far too short for a
+        // large whole-slide image; bound connect and idle reads instead.
+        let client = ClientOptions::new()
+            .with_timeout_disabled()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_read_timeout(Duration::from_secs(60))
+            .with_allow_http(cfg.allow_http);
+        let mut b = AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(cfg.region.clone().unwrap_or_else(|| "us-east-1".into()))
+            .with_client_options(client)
+            .with_virtual_hosted_style_request(false);
+        if let Some(e) = &cfg.endpoint {
+            b = b.with_endpoint(e);
+        }
+        if let Some(k) = &cfg.access_key_id {
+            b = b.with_access_key_id(k);
+        }
+        if let Some(s) = &cfg.secret_access_key {
+            b = b.with_secret_access_key(s);
+        }
+        let s3 = b.build()?;
+        let objects: Arc<dyn ObjectStore> = if prefix.trim_matches('/').is_empty() {
+            Arc::new(s3)
+        } else {
+            Arc::new(object_store::prefix::PrefixStore::new(
+                s3,
+                prefix.trim_matches('/'),
+            ))
+        };
+        let spool_dir = cfg
+            .spool_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("tsunagu-spool"));
+        std::fs::create_dir_all(&spool_dir)?;
+        let store = Self {
+            objects,
+            backend: Backend::S3,
+            spool_dir,
+            description: format!("s3://{bucket}/{prefix}"),
+        };
+        store.sweep_spool();
+        Ok(store)
+    }
+
+    /// Where ingest writes objects while they arrive.
+    pub fn spool_dir(&self) -> &Path {
+        &self.spool_dir
+    }
+
+    /// Human-readable location, for logs.
+    pub fn describe(&self) -> &str {
+        &self.description
+    }
+
+    /// Leftovers of a crash: spool files and object_store staging files
+    /// (`<key>#<n>`) were never acknowledged, so they are removed.
+    fn sweep_spool(&self) {
+        if let Ok(rd) = std::fs::read_dir(&self.spool_dir) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        if let Backend::Local { root } = &self.backend {
+            for e in walkdir::WalkDir::new(root.join(keys::INSTANCES_PREFIX))
+                .into_iter()
+                .flatten()
+            {
+                if e.file_type().is_file() && e.file_name().to_string_lossy().contains('#') {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
+    /// Move a complete spooled file to `key`, durably. The spool file is gone
+    /// afterwards (renamed or uploaded and removed).
+    pub async fn put_file(&self, key: &str, spooled: &Path) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Local { root } => {
+                let dest = root.join(key);
+                let src = spooled.to_path_buf();
+                let root = root.clone();
+                tokio::task::spawn_blocking(move || commit_local(&root, &src, &dest))
+                    .await
+                    .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+                Ok(())
+            }
+            Backend::S3 => {
+                let r = self.upload(key, spooled).await;
+                let _ = tokio::fs::remove_file(spooled).await;
+                r
+            }
+        }
+    }
+
+    async fn upload(&self, key: &str, file: &Path) -> Result<(), StoreError> {
+        let path = ObjectPath::from(key);
+        let mut f = tokio::fs::File::open(file).await?;
+        let size = f.metadata().await?.len();
+        if size <= SINGLE_PUT_MAX {
+            let mut buf = Vec::with_capacity(size as usize);
+            f.read_to_end(&mut buf).await?;
+            self.objects.put(&path, Bytes::from(buf).into()).await?;
+            return Ok(());
+        }
+        let upload = self.objects.put_multipart(&path).await?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, MULTIPART_CHUNK);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            w.wait_for_capacity(2).await?;
+            w.write(&buf[..n]);
+        }
+        w.finish().await?;
+        Ok(())
+    }
+
+    /// Remove an object (a superseded version). Missing is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self.objects.delete(&ObjectPath::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every stored original object (for `reindex`).
+    pub fn list_instances(&self) -> BoxStream<'_, Result<ObjectMeta, StoreError>> {
+        let prefix = ObjectPath::from(keys::INSTANCES_PREFIX.trim_end_matches('/'));
+        self.objects
+            .list(Some(&prefix))
+            .map(|r| r.map_err(StoreError::from))
+            .boxed()
+    }
+
+    /// A local path to read `key` from: the object itself for a local store,
+    /// else a spooled download that the caller removes.
+    pub async fn fetch_to_path(&self, key: &str) -> Result<(PathBuf, bool), StoreError> {
+        if let Backend::Local { root } = &self.backend {
+            return Ok((root.join(key), false));
+        }
+        let dest = self
+            .spool_dir
+            .join(format!("fetch-{}", uuid::Uuid::new_v4()));
+        let mut out = tokio::fs::File::create(&dest).await?;
+        let mut stream = self
+            .objects
+            .get(&ObjectPath::from(key))
+            .await?
+            .into_stream();
+        while let Some(chunk) = stream.next().await {
+            tokio::io::AsyncWriteExt::write_all(&mut out, &chunk?).await?;
+        }
+        Ok((dest, true))
+    }
+
+    /// The bytes of `key` (small objects and tests).
+    pub async fn get_bytes(&self, key: &str) -> Result<Bytes, StoreError> {
+        Ok(self
+            .objects
+            .get(&ObjectPath::from(key))
+            .await?
+            .bytes()
+            .await?)
+    }
+
+    /// Readiness: the store answers (a missing probe object is an answer).
+    pub async fn check(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Local { root } => {
+                tokio::fs::metadata(root).await?;
+                Ok(())
+            }
+            Backend::S3 => match self.objects.head(&ObjectPath::from("readyz-probe")).await {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e.into()),
+            },
+        }
+    }
+}
+
+/// fsync the file, rename it into place, fsync the directory that now names
+/// it, and the parents of every directory this call created.
+fn commit_local(root: &Path, src: &Path, dest: &Path) -> std::io::Result<()> {
+    std::fs::File::open(src)?.sync_all()?;
+    let parent = dest.parent().expect("keys have directories");
+    let mut created = Vec::new();
+    let mut probe = parent.to_path_buf();
+    while !probe.exists() && probe.starts_with(root) {
+        created.push(probe.clone());
+        if !probe.pop() {
+            break;
+        }
+    }
+    std::fs::create_dir_all(parent)?;
+    std::fs::rename(src, dest)?;
+    std::fs::File::open(parent)?.sync_all()?;
+    for dir in created {
+        if let Some(p) = dir.parent() {
+            std::fs::File::open(p)?.sync_all()?;
+        }
+    }
+    Ok(())
+}

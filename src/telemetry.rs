@@ -1,0 +1,72 @@
+//! Logs (tracing) and the metric catalogue (Prometheus text format).
+//! Metric names live here so dashboards have one place to look.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+pub const ASSOCIATIONS_TOTAL: &str = "tsunagu_dimse_associations_total";
+pub const ASSOCIATIONS_ACTIVE: &str = "tsunagu_dimse_associations_active";
+pub const ASSOCIATIONS_REJECTED: &str = "tsunagu_dimse_associations_rejected_total";
+pub const INSTANCES_STORED: &str = "tsunagu_instances_stored_total";
+pub const BYTES_STORED: &str = "tsunagu_bytes_stored_total";
+pub const INSTANCES_DUPLICATE: &str = "tsunagu_instances_duplicate_total";
+pub const INSTANCES_REPLACED: &str = "tsunagu_instances_replaced_total";
+pub const STORE_FAILURES: &str = "tsunagu_store_failures_total";
+pub const STORE_SECONDS: &str = "tsunagu_store_duration_seconds";
+pub const ECHOS: &str = "tsunagu_dimse_echo_total";
+
+/// Start structured logging; `RUST_LOG` filters, `TSUNAGU_LOG_FORMAT=json` for JSON lines.
+pub fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("TSUNAGU_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Install the process-wide metrics recorder and describe the catalogue.
+pub fn init_metrics() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE.get_or_init(install).clone()
+}
+
+fn install() -> PrometheusHandle {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(STORE_SECONDS.to_string()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ],
+        )
+        .expect("static buckets are valid")
+        .install_recorder()
+        .expect("the metrics recorder is installed once");
+    metrics::describe_counter!(ASSOCIATIONS_TOTAL, "DICOM associations accepted");
+    metrics::describe_gauge!(ASSOCIATIONS_ACTIVE, "DICOM associations open now");
+    metrics::describe_counter!(
+        ASSOCIATIONS_REJECTED,
+        "DICOM associations rejected, by reason"
+    );
+    metrics::describe_counter!(INSTANCES_STORED, "instances stored (new or replacing)");
+    metrics::describe_counter!(BYTES_STORED, "bytes of objects stored");
+    metrics::describe_counter!(
+        INSTANCES_DUPLICATE,
+        "identical resends answered without a second copy"
+    );
+    metrics::describe_counter!(
+        INSTANCES_REPLACED,
+        "instances replaced by a resend with different bytes"
+    );
+    metrics::describe_counter!(STORE_FAILURES, "failed stores, by reason");
+    metrics::describe_histogram!(
+        STORE_SECONDS,
+        "time from last data byte to durable and indexed"
+    );
+    metrics::describe_counter!(ECHOS, "C-ECHO requests answered");
+    handle
+}
