@@ -1,1 +1,6 @@
+//! The one integration test binary (see STYLE.md): real peers, real services,
+//! skipping out loud when one is missing.
+
+mod bad_input;
 mod common;
+mod dimse;

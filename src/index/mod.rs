@@ -63,10 +63,6 @@ pub struct Index {
     engine: Engine,
 }
 
-fn opt_i64(v: Option<i64>) -> Option<i64> {
-    v
-}
-
 impl Index {
     /// Connect (creating a SQLite file if needed) and run migrations.
     pub async fn connect(cfg: &IndexConfig) -> Result<Self, IndexError> {
@@ -232,7 +228,7 @@ impl Index {
         .bind(&e.institution)
         .bind(&s.series_instance_uid)
         .bind(&s.modality)
-        .bind(opt_i64(s.series_number))
+        .bind(s.series_number)
         .bind(&s.series_description)
         .bind(&s.series_date)
         .bind(&s.series_time)
@@ -334,6 +330,23 @@ impl Index {
                     .join("|")
             })
             .collect())
+    }
+
+    /// Study Descriptions of a patient's studies, for tests and tools.
+    pub async fn study_descriptions(
+        &self,
+        institution: &str,
+        patient_id: &str,
+    ) -> Result<Vec<String>, IndexError> {
+        let rows = sqlx::query(
+            "SELECT COALESCE(s.description, '') FROM study s JOIN patient p ON p.id = s.patient_ref \
+             WHERE p.institution = $1 AND p.patient_id = $2 ORDER BY s.study_uid",
+        )
+        .bind(institution)
+        .bind(patient_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// Index-level view of a patient's name groups, for tests and tools.

@@ -1,0 +1,337 @@
+//! Bad input gets a clear answer and loses nothing: each case gets its DIMSE
+//! status or an A-ABORT, nothing is stored half-way, and the server still
+//! answers an echo afterwards.
+
+use std::time::Duration;
+
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::entries::{
+    EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
+};
+use dicom_ul::pdu::{PDataValue, PDataValueType};
+use dicom_ul::{ClientAssociationOptions, Pdu};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::{self, Backend, TestHub};
+
+const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+fn store_rq(class: &str, instance: &str) -> Vec<u8> {
+    let obj = InMemDicomObject::command_from_element_iter([
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(class),
+        ),
+        DataElement::new(tags::COMMAND_FIELD, VR::US, PrimitiveValue::from(0x0001u16)),
+        DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(7u16)),
+        DataElement::new(tags::PRIORITY, VR::US, PrimitiveValue::from(0u16)),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            PrimitiveValue::from(0u16),
+        ),
+        DataElement::new(
+            tags::AFFECTED_SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(instance),
+        ),
+    ]);
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+        .unwrap();
+    out
+}
+
+fn pdata(kind: PDataValueType, last: bool, data: Vec<u8>) -> Pdu {
+    Pdu::PData {
+        data: vec![PDataValue {
+            presentation_context_id: 1,
+            value_type: kind,
+            is_last: last,
+            data,
+        }],
+    }
+}
+
+type Assoc = dicom_ul::association::client::AsyncClientAssociation<tokio::net::TcpStream>;
+
+async fn associate(port: u16) -> Assoc {
+    ClientAssociationOptions::new()
+        .calling_ae_title("HOSP1")
+        .called_ae_title("TSUNAGU")
+        .with_presentation_context(CT, vec![EXPLICIT_LE])
+        .establish_async(("127.0.0.1", port))
+        .await
+        .expect("association")
+}
+
+/// Send one C-STORE with `dataset` as the data set; return the response status.
+async fn store_raw(port: u16, class: &str, instance: &str, dataset: &[u8]) -> u16 {
+    let mut a = associate(port).await;
+    a.send(&pdata(
+        PDataValueType::Command,
+        true,
+        store_rq(class, instance),
+    ))
+    .await
+    .unwrap();
+    let chunks: Vec<&[u8]> = dataset.chunks(16 * 1024).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        a.send(&pdata(
+            PDataValueType::Data,
+            i + 1 == chunks.len(),
+            c.to_vec(),
+        ))
+        .await
+        .unwrap();
+    }
+    let status = match a.receive().await.unwrap() {
+        Pdu::PData { data } => {
+            let rsp = InMemDicomObject::read_dataset_with_ts(
+                &data[0].data[..],
+                &IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+            )
+            .unwrap();
+            rsp.get(tags::STATUS).unwrap().to_int::<u16>().unwrap()
+        }
+        other => panic!("expected a response, got {other:?}"),
+    };
+    let _ = a.release().await;
+    status
+}
+
+/// The CT corpus file's data set, optionally edited.
+fn ct_dataset(edit: impl FnOnce(&mut InMemDicomObject)) -> Option<(String, Vec<u8>)> {
+    let dir = common::testdata_dir()?;
+    let file = dicom_object::open_file(dir.join("files/ct16_explicit_le.dcm")).unwrap();
+    let sop = file.meta().media_storage_sop_instance_uid().to_string();
+    let mut obj = file.into_inner();
+    edit(&mut obj);
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, &EXPLICIT_VR_LITTLE_ENDIAN.erased())
+        .unwrap();
+    Some((sop, out))
+}
+
+async fn metrics(hub: &TestHub) -> String {
+    let mut s = tokio::net::TcpStream::connect(hub.running.http_addr)
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+fn spool_is_empty(hub: &TestHub) -> bool {
+    std::fs::read_dir(hub.dir.path().join("store/.spool"))
+        .unwrap()
+        .next()
+        .is_none()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_bytes_on_the_port_are_aborted() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let mut s = tokio::net::TcpStream::connect(hub.running.dicom_addr)
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: tsunagu\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut reply)).await;
+    assert!(
+        reply.is_empty() || reply[0] == 0x07,
+        "expected A-ABORT or close, got {reply:?}"
+    );
+    assert!(hub.echo("HOSP1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_pdu_is_aborted() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let mut a = associate(hub.port()).await;
+    // A P-DATA-TF header announcing 2 GiB, far over our maximum PDU length.
+    let s = a.inner_stream();
+    s.write_all(&[0x04, 0x00, 0x7F, 0xFF, 0xFF, 0xFF])
+        .await
+        .unwrap();
+    s.write_all(&[0u8; 64]).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut reply)).await;
+    assert!(
+        reply.is_empty() || reply[0] == 0x07,
+        "expected A-ABORT or close, got {reply:?}"
+    );
+    assert!(hub.echo("HOSP1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn association_aborted_mid_object_stores_nothing() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some((sop, ds)) = ct_dataset(|_| {}) else {
+        return;
+    };
+    let mut a = associate(hub.port()).await;
+    a.send(&pdata(PDataValueType::Command, true, store_rq(CT, &sop)))
+        .await
+        .unwrap();
+    a.send(&pdata(
+        PDataValueType::Data,
+        false,
+        ds[..ds.len() / 2].to_vec(),
+    ))
+    .await
+    .unwrap();
+    a.abort().await.unwrap();
+    // The server notices the abort on its next read.
+    for _ in 0..100 {
+        if spool_is_empty(&hub) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(spool_is_empty(&hub), "spool file left behind");
+    assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
+    assert!(!hub.dir.path().join("store/instances").exists());
+    assert!(hub.echo("HOSP1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_data_sets_get_their_status() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some((sop, ds)) = ct_dataset(|_| {}) else {
+        return;
+    };
+
+    // Truncated in the middle of Pixel Data: cannot understand.
+    assert_eq!(
+        store_raw(hub.port(), CT, &sop, &ds[..ds.len() - 100]).await,
+        0xC000
+    );
+    // An element whose length runs past the end.
+    let bad = [0x08, 0x00, 0x20, 0x00, b'D', b'A', 0xFF, 0x7F, b'2', b'0'];
+    assert_eq!(store_raw(hub.port(), CT, &sop, &bad).await, 0xC000);
+    // SOP Instance UID in the data set differs from the command.
+    assert_eq!(store_raw(hub.port(), CT, "1.2.3.4.5.6", &ds).await, 0xA900);
+    // SOP Class in the command differs from the presentation context.
+    assert_eq!(
+        store_raw(hub.port(), "1.2.840.10008.5.1.4.1.1.4", &sop, &ds).await,
+        0x0122
+    );
+    // Missing Study Instance UID.
+    let (_, no_study) = ct_dataset(|o| {
+        o.remove_element(tags::STUDY_INSTANCE_UID);
+    })
+    .unwrap();
+    assert_eq!(store_raw(hub.port(), CT, &sop, &no_study).await, 0xA900);
+
+    assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
+    assert!(spool_is_empty(&hub));
+    assert!(
+        !hub.dir.path().join("store/instances").exists(),
+        "nothing half-stored"
+    );
+    // The good object still goes through on the same server.
+    assert_eq!(store_raw(hub.port(), CT, &sop, &ds).await, 0x0000);
+    let m = metrics(&hub).await;
+    assert!(
+        m.contains("tsunagu_store_failures_total{reason=\"unparsable\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("tsunagu_store_failures_total{reason=\"mismatch\"}"),
+        "{m}"
+    );
+    assert!(hub.echo("HOSP1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unwritable_store_is_out_of_resources() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some((sop, ds)) = ct_dataset(|_| {}) else {
+        return;
+    };
+    // A file where the instances directory must go: every store fails.
+    let blocker = hub.dir.path().join("store/instances");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    assert_eq!(store_raw(hub.port(), CT, &sop, &ds).await, 0xA700);
+    assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
+    assert!(spool_is_empty(&hub));
+    assert!(hub.echo("HOSP1"));
+    // Once the store is writable again, the same object is accepted.
+    std::fs::remove_file(&blocker).unwrap();
+    assert_eq!(store_raw(hub.port(), CT, &sop, &ds).await, 0x0000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_index_is_out_of_resources_and_leaves_no_row() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some((sop, ds)) = ct_dataset(|_| {}) else {
+        return;
+    };
+    let url = format!("sqlite://{}", hub.dir.path().join("index.sqlite").display());
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query("ALTER TABLE instance_meta RENAME TO instance_meta_gone")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(store_raw(hub.port(), CT, &sop, &ds).await, 0xA700);
+    // The transaction rolled back: no index row points at anything.
+    assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
+    assert!(hub.echo("HOSP1"));
+    sqlx::query("ALTER TABLE instance_meta_gone RENAME TO instance_meta")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    // The orphaned object is adopted by the retry (same bytes, same key).
+    assert_eq!(store_raw(hub.port(), CT, &sop, &ds).await, 0x0000);
+    assert!(hub.stored("HOSP1", &sop).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unsupported_sop_class_context_is_refused() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    // Patient Root Q/R FIND is not a storage class: the context is rejected.
+    let a = ClientAssociationOptions::new()
+        .calling_ae_title("HOSP1")
+        .called_ae_title("TSUNAGU")
+        .with_presentation_context("1.2.840.10008.5.1.4.1.2.1.1", vec![EXPLICIT_LE])
+        .with_presentation_context(CT, vec![EXPLICIT_LE])
+        .establish_async(("127.0.0.1", hub.port()))
+        .await
+        .unwrap();
+    let pcs = a.presentation_contexts();
+    // dicom-ul's client lists only the accepted contexts.
+    assert!(
+        pcs.iter()
+            .all(|p| p.abstract_syntax != "1.2.840.10008.5.1.4.1.2.1.1"),
+        "{pcs:?}"
+    );
+    assert!(pcs.iter().any(|p| p.abstract_syntax == CT), "{pcs:?}");
+    let _ = a.release().await;
+    assert!(hub.echo("HOSP1"));
+}

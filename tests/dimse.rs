@@ -1,0 +1,357 @@
+//! Verification and Storage SCP against real peers: DCMTK and pynetdicom.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::common::{self, Backend, TestHub};
+
+/// Push the whole corpus: DCMTK for every transfer syntax it can propose,
+/// pynetdicom (file bytes as they are) for the rest (.57, HTJ2K, video).
+/// Returns false (after a skip message) when a peer is missing.
+/// Everything goes through a wire tap; returns the data sets as sent.
+pub async fn push_corpus(hub: &TestHub, calling: &str) -> Option<Vec<Vec<u8>>> {
+    let tap = common::wiretap::WireTap::start(hub.running.dicom_addr).await;
+    let port = tap.port;
+    let corpus = common::corpus()?;
+    let python = common::python_with("pynetdicom")?;
+    common::dcmtk("storescu")?;
+    let mut by_flag: BTreeMap<&str, Vec<PathBuf>> = BTreeMap::new();
+    let mut rest = Vec::new();
+    for (path, m) in &corpus {
+        match common::storescu_flag(&m.transfer_syntax_uid) {
+            Some(flag) => by_flag.entry(flag).or_default().push(path.clone()),
+            None => rest.push(path.clone()),
+        }
+    }
+    for (flag, files) in &by_flag {
+        let (ok, log) = {
+            let (flag, files, calling) = (flag.to_string(), files.clone(), calling.to_string());
+            tokio::task::spawn_blocking(move || common::storescu(port, &calling, &flag, &files))
+                .await
+                .unwrap()
+        };
+        assert!(ok, "storescu {flag} failed:\n{log}");
+        assert!(
+            !log.contains("unable to convert"),
+            "storescu converted with {flag}:\n{log}"
+        );
+        assert_eq!(
+            log.matches("Received Store Response (Success)").count(),
+            files.len(),
+            "storescu {flag}:\n{log}"
+        );
+    }
+    let results = {
+        let calling = calling.to_string();
+        tokio::task::spawn_blocking(move || common::pynetdicom_push(&python, port, &calling, &rest))
+            .await
+            .unwrap()
+    };
+    for r in results {
+        assert_eq!(
+            r.accepted,
+            Some(true),
+            "context not accepted for {:?}",
+            r.file
+        );
+        assert_eq!(r.status, Some(0), "pynetdicom store of {:?}", r.file);
+    }
+    Some(tap.datasets())
+}
+
+fn sha(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// Every corpus file is indexed for `institution`, in its own transfer
+/// syntax, with data set bytes identical to those sent on the wire.
+pub async fn assert_corpus_stored_exactly(hub: &TestHub, institution: &str, wire: &[Vec<u8>]) {
+    let sent: std::collections::HashSet<String> = wire.iter().map(|d| sha(d)).collect();
+    let corpus = common::corpus().expect("checked by push_corpus");
+    for (path, m) in &corpus {
+        let sop = common::sop_instance_uid(path);
+        let (key, stored) = hub
+            .stored(institution, &sop)
+            .await
+            .unwrap_or_else(|| panic!("{} not stored", m.file));
+        assert!(
+            sent.contains(&sha(common::dataset_bytes(&stored))),
+            "{}: stored data set is not one of the data sets sent on the wire",
+            m.file
+        );
+        let (meta, _) = tsunagu::dicom::part10::read_meta(&stored[..]).unwrap();
+        assert_eq!(
+            meta.transfer_syntax, m.transfer_syntax_uid,
+            "{}: sender converted",
+            m.file
+        );
+        assert_eq!(meta.sop_class_uid, m.sop_class_uid, "{}", m.file);
+        assert!(
+            key.starts_with(&format!("instances/{institution}/")),
+            "{key}"
+        );
+    }
+    assert_eq!(
+        hub.hub.index.count_instances().await.unwrap(),
+        corpus.len() as i64
+    );
+}
+
+pub async fn corpus_round_trip(backend: Backend) {
+    let Some(hub) = TestHub::start(backend).await else {
+        return;
+    };
+    let Some(wire) = push_corpus(&hub, "HOSP1").await else {
+        return;
+    };
+    assert_eq!(
+        wire.len(),
+        common::corpus().unwrap().len(),
+        "one data set per file crossed the wire"
+    );
+    assert_corpus_stored_exactly(&hub, "HOSP1", &wire).await;
+    assert_japanese_indexed(&hub).await;
+}
+
+async fn assert_japanese_indexed(hub: &TestHub) {
+    let names =
+        |id: &'static str| async move { hub.hub.index.patient_names("HOSP1", id).await.unwrap() };
+    let s = |x: &str| Some(x.to_string());
+    assert_eq!(
+        names("TSNG-JP-0001").await,
+        vec![[s("ﾔﾏﾀﾞ^ﾀﾛｳ"), s("山田^太郎"), s("やまだ^たろう")]],
+        "ISO 2022 IR 13\\ISO 2022 IR 87"
+    );
+    assert_eq!(
+        names("TSNG-JP-0003").await,
+        vec![[s("Mori^Ogai"), s("森^鷗外"), s("もり^おうがい")]],
+        "\\ISO 2022 IR 87\\ISO 2022 IR 159"
+    );
+    let utf8 = names("TSNG-JP-0002").await;
+    assert_eq!(utf8.len(), 1);
+    assert_eq!(utf8[0][1], s("山田^太郎"), "ISO_IR 192");
+    for id in ["TSNG-JP-0001", "TSNG-JP-0002", "TSNG-JP-0003"] {
+        assert_eq!(
+            hub.hub.index.study_descriptions("HOSP1", id).await.unwrap(),
+            vec!["胸部検査".to_string()],
+            "{id}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corpus_is_stored_byte_exact_local_sqlite() {
+    corpus_round_trip(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corpus_is_stored_byte_exact_s3() {
+    corpus_round_trip(Backend::S3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corpus_is_stored_byte_exact_postgres() {
+    corpus_round_trip(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn echo_with_dcmtk_and_pynetdicom() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    assert!(hub.echo("HOSP2"), "echoscu");
+    let Some(python) = common::python_with("pynetdicom") else {
+        return;
+    };
+    let script = format!(
+        "from pynetdicom import AE\nae=AE(ae_title='HOSP3')\nae.add_requested_context('1.2.840.10008.1.1')\n\
+         a=ae.associate('127.0.0.1',{},ae_title='TSUNAGU')\nassert a.is_established\ns=a.send_c_echo()\n\
+         a.release()\nprint(int(s.Status))",
+        hub.port()
+    );
+    let out = std::process::Command::new(python)
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{out:?}");
+}
+
+/// A-ASSOCIATE-RJ with the exact result, source and reason of PS3.8 §9.3.4.
+async fn rejection(port: u16, calling: &str, called: &str) -> String {
+    let r = dicom_ul::ClientAssociationOptions::new()
+        .calling_ae_title(calling)
+        .called_ae_title(called)
+        .with_abstract_syntax("1.2.840.10008.1.1")
+        .establish_async(("127.0.0.1", port))
+        .await;
+    match r {
+        Ok(_) => "accepted".into(),
+        Err(dicom_ul::association::Error::Rejected { association_rj, .. }) => {
+            format!("{:?} {:?}", association_rj.result, association_rj.source)
+        }
+        Err(e) => format!("error {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_calling_and_wrong_called_ae_are_rejected() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    assert_eq!(
+        rejection(hub.port(), "STRANGER", "TSUNAGU").await,
+        "Permanent ServiceUser(CallingAETitleNotRecognized)"
+    );
+    assert_eq!(
+        rejection(hub.port(), "HOSP1", "SOMEONE").await,
+        "Permanent ServiceUser(CalledAETitleNotRecognized)"
+    );
+    assert_eq!(
+        rejection(hub.port(), "HOSP1_B", "TSUNAGU").await,
+        "accepted"
+    );
+    // And with DCMTK, which must report the same.
+    if let Some(echoscu) = common::dcmtk("echoscu") {
+        let out = std::process::Command::new(echoscu)
+            .args([
+                "-aet",
+                "STRANGER",
+                "-aec",
+                "TSUNAGU",
+                "127.0.0.1",
+                &hub.port().to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Calling AE Title Not Recognized"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_concurrent_associations_all_succeed() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some(corpus) = common::corpus() else {
+        return;
+    };
+    let Some(storescu) = common::dcmtk("storescu") else {
+        return;
+    };
+    let uncompressed: Vec<PathBuf> = corpus
+        .iter()
+        .filter(|(_, m)| m.transfer_syntax_uid == "1.2.840.10008.1.2.1")
+        .map(|(p, _)| p.clone())
+        .collect();
+    // 64 storescu processes, each its own association, started together.
+    let children: Vec<_> = (0..64)
+        .map(|i| {
+            let file = &uncompressed[i % uncompressed.len()];
+            std::process::Command::new(&storescu)
+                .env("TCP_NODELAY", "1")
+                .args([
+                    "-R",
+                    "-xe",
+                    "-aet",
+                    "HOSP2",
+                    "-aec",
+                    "TSUNAGU",
+                    "127.0.0.1",
+                    &hub.port().to_string(),
+                ])
+                .arg(file)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let failures: Vec<String> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .filter(|o| !o.status.success() || !o.stderr.is_empty())
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of 64 failed: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert_eq!(
+        hub.hub.index.count_instances().await.unwrap(),
+        uncompressed.len() as i64
+    );
+    for p in &uncompressed {
+        let (_, stored) = hub
+            .stored("HOSP2", &common::sop_instance_uid(p))
+            .await
+            .unwrap();
+        assert_eq!(
+            sha(common::dataset_bytes(&stored)),
+            sha(common::dataset_bytes(&std::fs::read(p).unwrap()))
+        );
+    }
+    assert!(hub.echo("HOSP2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicates_follow_the_documented_policy() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some(dir) = common::testdata_dir() else {
+        return;
+    };
+    let file = dir.join("files/ct16_explicit_le.dcm");
+    let sop = common::sop_instance_uid(&file);
+
+    // Identical resend: success, one copy.
+    for _ in 0..2 {
+        let (ok, log) = common::storescu(hub.port(), "HOSP1", "-xe", std::slice::from_ref(&file));
+        assert!(ok && log.contains("Success"), "{log}");
+    }
+    let (first_key, _) = hub.stored("HOSP1", &sop).await.unwrap();
+    assert_eq!(count_objects(&hub), 1);
+
+    // Same SOP Instance UID from another institution: both kept, each its own.
+    let (ok, log) = common::storescu(hub.port(), "HOSP2", "-xe", std::slice::from_ref(&file));
+    assert!(ok && log.contains("Success"), "{log}");
+    assert!(hub.stored("HOSP2", &sop).await.is_some());
+    assert_eq!(count_objects(&hub), 2);
+
+    // Different bytes, same UIDs, same institution: the new copy replaces the
+    // old one, which is deleted only after the new one is durable and indexed.
+    let changed = hub.dir.path().join("changed.dcm");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let marker = b"CT 16-bit with transfer syntax variants";
+    let at = bytes
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("study description present");
+    bytes[at..at + 2].copy_from_slice(b"XX");
+    std::fs::write(&changed, &bytes).unwrap();
+    let (ok, log) = common::storescu(hub.port(), "HOSP1", "-xe", std::slice::from_ref(&changed));
+    assert!(ok && log.contains("Success"), "{log}");
+    let (new_key, stored) = hub.stored("HOSP1", &sop).await.unwrap();
+    assert_ne!(new_key, first_key);
+    assert_eq!(
+        sha(common::dataset_bytes(&stored)),
+        sha(common::dataset_bytes(&bytes))
+    );
+    assert!(
+        hub.hub.store.get_bytes(&first_key).await.is_err(),
+        "superseded copy removed"
+    );
+    assert_eq!(count_objects(&hub), 2);
+}
+
+fn count_objects(hub: &TestHub) -> usize {
+    walkdir::WalkDir::new(hub.dir.path().join("store/instances"))
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .count()
+}
