@@ -2,5 +2,8 @@
 //! skipping out loud when one is missing.
 
 mod bad_input;
+mod cli;
 mod common;
 mod dimse;
+mod durability;
+mod ops;

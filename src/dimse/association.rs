@@ -69,7 +69,7 @@ struct Pending {
 
 /// Where the data set of a pending C-STORE goes.
 enum Sink {
-    Spool(Spool),
+    Spool(Box<Spool>),
     /// Already refused: read and drop the rest, then answer with this status.
     Discard {
         status: u16,
@@ -294,7 +294,7 @@ async fn handle_pdv(
                 let p = pending.take().expect("checked above");
                 let response = match p.sink {
                     Sink::Spool(spool) => {
-                        finish_store(ctx, institution, calling, spool, &p.command).await
+                        finish_store(ctx, institution, calling, *spool, &p.command).await
                     }
                     Sink::Discard { status, comment } => {
                         super::command::response(&p.command, status, Some(comment))
@@ -363,7 +363,7 @@ async fn on_command(
                     Sink::Discard { status, comment }
                 }
                 None => match ctx.ingest.begin(meta).await {
-                    Ok(s) => Sink::Spool(s),
+                    Ok(s) => Sink::Spool(Box::new(s)),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot open a spool");
                         let (status, comment) = status::of_ingest_error(&e);

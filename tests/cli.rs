@@ -1,0 +1,150 @@
+//! The command line as an administrator uses it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tsunagu");
+
+fn config_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut c = tsunagu::config::Config::default();
+    c.storage.url = format!("file://{}", dir.join("store").display());
+    c.index.url = format!("sqlite://{}", dir.join("index.sqlite").display());
+    c.institutions = common::three_hospitals();
+    let p = dir.join("tsunagu.toml");
+    std::fs::write(&p, toml::to_string(&c).unwrap()).unwrap();
+    p
+}
+
+#[test]
+fn import_stores_reports_and_rejects() {
+    let Some(data) = common::testdata_dir() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config_file(tmp.path());
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(BIN)
+            .arg("import")
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let files = data.join("files");
+    let (ok, text) = run(&[
+        "--quiet".as_ref(),
+        "--institution".as_ref(),
+        "HOSP2".as_ref(),
+        files.as_os_str(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("stored 42 · already present 0 · replaced 0 · rejected 0"),
+        "{text}"
+    );
+    let (ok, text) = run(&[
+        "--quiet".as_ref(),
+        "--institution".as_ref(),
+        "HOSP2".as_ref(),
+        files.as_os_str(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("stored 0 · already present 42"), "{text}");
+
+    let junk = tmp.path().join("junk");
+    std::fs::create_dir_all(&junk).unwrap();
+    std::fs::write(junk.join("notes.txt"), b"not DICOM").unwrap();
+    std::fs::copy(files.join("ct16_rle.dcm"), junk.join("ok.dcm")).unwrap();
+    let (ok, text) = run(&[
+        "--quiet".as_ref(),
+        "--institution".as_ref(),
+        "HOSP3".as_ref(),
+        junk.as_os_str(),
+    ]);
+    assert!(!ok, "a rejected file must give a non-zero exit: {text}");
+    assert!(
+        text.contains("stored 1 ·") && text.contains("rejected 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("notes.txt") && text.contains("not a DICOM Part-10 file"),
+        "{text}"
+    );
+
+    let (ok, _) = run(&[
+        "--institution".as_ref(),
+        "NOWHERE".as_ref(),
+        junk.as_os_str(),
+    ]);
+    assert!(!ok, "unknown institution");
+}
+
+#[test]
+fn config_check_masks_secrets_and_applies_env_overrides() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config_file(tmp.path());
+    let out = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&cfg)
+        .env("TSUNAGU_SERVER__HTTP_PORT", "9191")
+        .env("TSUNAGU_STORAGE__SECRET_ACCESS_KEY", "very-secret")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("http_port = 9191"), "{text}");
+    assert!(
+        !text.contains("very-secret") && text.contains("********"),
+        "{text}"
+    );
+
+    let bad = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&cfg)
+        .env("TSUNAGU_SERVER__MAX_PDU_LENGTH", "12")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("server.max_pdu_length"));
+}
+
+#[test]
+fn serve_runs_on_the_embedded_default_and_warns_without_institutions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .current_dir(tmp.path())
+        .env("TSUNAGU_SERVER__DICOM_PORT", "0")
+        .env("TSUNAGU_SERVER__HTTP_PORT", "0")
+        .env_remove("TSUNAGU_CONFIG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut warned, mut serving) = (false, false);
+    while !(warned && serving) && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            warned |= line.contains("every association will be rejected");
+            serving |= line.contains("tsunagu serving");
+        }
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(warned && serving, "warned {warned} serving {serving}");
+    assert!(tmp.path().join("tsunagu-data/index.sqlite").exists());
+}
