@@ -75,3 +75,36 @@ async fn reject_busy(mut socket: TcpStream) {
     }
     let _ = socket.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+
+    /// The Conformance Statement lists every transfer syntax the SCP can accept.
+    #[test]
+    fn accepted_transfer_syntaxes_are_documented() {
+        let statement = include_str!("../../conformance/README.md");
+        let missing: Vec<String> = TransferSyntaxRegistry
+            .iter()
+            .filter(|ts| !ts.is_unsupported())
+            .map(|ts| ts.uid().trim_end_matches('\0').to_string())
+            .filter(|uid| !statement.contains(&format!("| {uid} |")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "not in conformance/README.md: {missing:?}"
+        );
+    }
+
+    /// And every Storage SOP class is in its Appendix A.
+    #[test]
+    fn storage_sop_classes_are_documented() {
+        let appendix = include_str!("../../conformance/storage-sop-classes.md");
+        for (uid, _) in crate::dicom::storage_classes::STORAGE_SOP_CLASSES {
+            assert!(
+                appendix.contains(&format!("| {uid} |")),
+                "{uid} missing from Appendix A"
+            );
+        }
+    }
+}
