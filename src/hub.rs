@@ -199,18 +199,11 @@ impl Hub {
             .await
             .map_err(|e| e.to_string())?;
         let p = path.clone();
-        let parsed = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let parsed = dataset::parse_file(&p).map_err(|e| e.to_string())?;
-            // The digest is of the data set bytes, as at ingest.
-            let mut f = std::fs::File::open(&p).map_err(|e| e.to_string())?;
-            std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(parsed.dataset_offset))
-                .map_err(|e| e.to_string())?;
-            let mut h = <sha2::Sha256 as sha2::Digest>::new();
-            std::io::copy(&mut f, &mut HashWriter(&mut h)).map_err(|e| e.to_string())?;
-            Ok((parsed, hex::encode(sha2::Digest::finalize(h))))
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+        let parsed = tokio::task::spawn_blocking(move || dataset::parse_file_hashed(&p))
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|(parsed, digest)| (parsed, hex::encode(digest)))
+            .map_err(|e| e.to_string());
         if temporary {
             let _ = tokio::fs::remove_file(&path).await;
         }
@@ -239,18 +232,6 @@ impl Hub {
             summary,
         };
         self.index.upsert(&entry).await.map_err(|e| e.to_string())?;
-        Ok(())
-    }
-}
-
-struct HashWriter<'a>(&'a mut sha2::Sha256);
-
-impl std::io::Write for HashWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        sha2::Digest::update(self.0, buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }

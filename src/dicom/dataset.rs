@@ -17,6 +17,7 @@ use dicom_parser::stateful::decode::StatefulDecode;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
 
 use super::charset::CharacterSet;
 use super::part10::{self, FileMeta};
@@ -71,13 +72,103 @@ pub struct ParsedObject {
     /// The data set as a DICOM JSON object (keys sorted by tag).
     pub json: Map<String, Value>,
     pub pixels: Option<PixelLayout>,
+    /// The furthest byte offset any element claimed to reach.
+    pub max_end: u64,
+}
+
+impl ParsedObject {
+    /// Check a streamed parse against the final object length.
+    pub fn check_complete(&self, total: u64) -> Result<(), DatasetError> {
+        if self.max_end > total {
+            Err(DatasetError::Truncated("element value"))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// Parse a Part-10 file from disk in one pass.
 pub fn parse_file(path: &Path) -> Result<ParsedObject, DatasetError> {
+    parse_file_hashed(path).map(|(p, _)| p)
+}
+
+/// Parse a Part-10 file and compute the SHA-256 of its data set bytes (the
+/// bytes after the meta group) in the same read.
+pub fn parse_file_hashed(path: &Path) -> Result<(ParsedObject, [u8; 32]), DatasetError> {
     let mut file = File::open(path)?;
-    let (meta, dataset_offset) = part10::read_meta(&mut file)?;
+    let (meta, dataset_offset) = part10::read_meta(BufReader::new(&mut file))?;
     let total = file.metadata()?.len();
+    file.seek(SeekFrom::Start(dataset_offset))?;
+    let mut hashed = HashingReader::new(file);
+    let parsed = parse_stream(&mut hashed, meta, dataset_offset, Some(total))?;
+    // Read whatever the parser left (trailing padding) so the digest is whole.
+    std::io::copy(&mut hashed, &mut std::io::sink())?;
+    let digest = match hashed.finish(total - dataset_offset) {
+        Some(d) => d,
+        None => {
+            // The parser did not read the data set linearly: hash it apart.
+            let mut f = File::open(path)?;
+            f.seek(SeekFrom::Start(dataset_offset))?;
+            let mut h = HashingReader::new(f);
+            std::io::copy(&mut h, &mut std::io::sink())?;
+            h.finish(total - dataset_offset).expect("read linearly")
+        }
+    };
+    Ok((parsed, digest))
+}
+
+/// Hashes what is read through it, as long as reading is linear.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    read: u64,
+    linear: bool,
+}
+
+impl<R> HashingReader<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            read: 0,
+            linear: true,
+        }
+    }
+
+    /// The digest, if exactly `expected` bytes were read without seeking.
+    fn finish(self, expected: u64) -> Option<[u8; 32]> {
+        (self.linear && self.read == expected).then(|| self.hasher.finalize().into())
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Seek> Seek for HashingReader<R> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        if pos != SeekFrom::Current(0) {
+            self.linear = false;
+        }
+        self.inner.seek(pos)
+    }
+}
+
+/// Parse the data set that `source` is positioned at: offset `dataset_offset`
+/// of an object of `total` bytes, or of a stream whose end is not known yet
+/// (then the caller checks `ParsedObject::max_end` against the final length).
+/// `source` only needs `Seek` to report its position (`SeekFrom::Current(0)`).
+pub fn parse_stream<R: Read + Seek>(
+    source: R,
+    meta: FileMeta,
+    dataset_offset: u64,
+    total: Option<u64>,
+) -> Result<ParsedObject, DatasetError> {
     let ts_uid = meta.transfer_syntax.as_str();
     let ts = TransferSyntaxRegistry
         .get(ts_uid)
@@ -86,30 +177,33 @@ pub fn parse_file(path: &Path) -> Result<ParsedObject, DatasetError> {
     if ts_uid == DEFLATED_EXPLICIT_VR_LE {
         // The lazy reader needs a seekable source: inflate to a scratch file.
         // Offsets then point into the inflated stream, so frames are not addressable.
-        file.seek(SeekFrom::Start(dataset_offset))?;
         let mut inflated = tempfile::tempfile()?;
-        let mut dec = flate2::read::DeflateDecoder::new(BufReader::new(file));
+        let mut raw = BufReader::new(source);
+        let mut dec = flate2::read::DeflateDecoder::new(&mut raw);
         let len = std::io::copy(&mut dec, &mut inflated)?;
+        drop(dec);
+        // Read any padding after the deflate stream so the digest covers it.
+        std::io::copy(&mut raw, &mut std::io::sink())?;
         inflated.seek(SeekFrom::Start(0))?;
         let explicit = TransferSyntaxRegistry
             .get(EXPLICIT_VR_LE)
             .expect("explicit VR LE is always registered");
-        let (json, mut pixels) = walk(BufReader::new(inflated), explicit, len, false)?;
-        if let Some(p) = pixels.as_mut() {
+        let mut w = walk(BufReader::new(inflated), explicit, Some(len), false)?;
+        if let Some(p) = w.pixels.as_mut() {
             p.frames.clear();
         }
         return Ok(ParsedObject {
             meta,
             dataset_offset,
-            json,
-            pixels,
+            json: w.json,
+            pixels: w.pixels,
+            max_end: 0,
         });
     }
 
-    file.seek(SeekFrom::Start(dataset_offset))?;
     let big_endian = ts_uid == "1.2.840.10008.1.2.2";
-    let (json, pixels) = walk(
-        BufReader::with_capacity(64 * 1024, file),
+    let w = walk(
+        BufReader::with_capacity(64 * 1024, source),
         ts,
         total,
         big_endian,
@@ -117,8 +211,9 @@ pub fn parse_file(path: &Path) -> Result<ParsedObject, DatasetError> {
     Ok(ParsedObject {
         meta,
         dataset_offset,
-        json,
-        pixels,
+        json: w.json,
+        pixels: w.pixels,
+        max_end: w.max_end,
     })
 }
 
@@ -151,14 +246,26 @@ fn malformed(e: impl std::fmt::Display) -> DatasetError {
     DatasetError::Malformed(e.to_string())
 }
 
+/// What one walk over a data set found.
+struct Walked {
+    json: Map<String, Value>,
+    pixels: Option<PixelLayout>,
+    /// The furthest byte any element claimed to reach: beyond the end of the
+    /// source means the data set was truncated.
+    max_end: u64,
+}
+
 /// Walk the data set from the source's current position. Positions reported
-/// by the decoder are absolute in `source`; `len` is the source's total length.
+/// by the decoder are absolute in `source`; `len`, when known up front, is the
+/// source's total length (a streamed source is checked with `max_end` after).
 fn walk<R: Read + Seek>(
     source: R,
     ts: &dicom_encoding::TransferSyntax,
-    len: u64,
+    len: Option<u64>,
     big_endian: bool,
-) -> Result<(Map<String, Value>, Option<PixelLayout>), DatasetError> {
+) -> Result<Walked, DatasetError> {
+    let len = len.unwrap_or(u64::MAX);
+    let mut max_end = 0u64;
     let mut reader = LazyDataSetReader::new_with_ts(source, ts).map_err(malformed)?;
     let mut stack = vec![Node::Item {
         map: Map::new(),
@@ -175,6 +282,7 @@ fn walk<R: Read + Seek>(
             LazyDataToken::LazyValue { header, decoder } => {
                 let pos = decoder.position();
                 let vlen = u64::from(header.len.0);
+                max_end = max_end.max(pos + vlen);
                 if pos + vlen > len {
                     return Err(DatasetError::Truncated("element value"));
                 }
@@ -248,6 +356,7 @@ fn walk<R: Read + Seek>(
             LazyDataToken::LazyItemValue { len: ilen, decoder } => {
                 let pos = decoder.position();
                 let ilen64 = u64::from(ilen);
+                max_end = max_end.max(pos + ilen64);
                 if pos + ilen64 > len {
                     return Err(DatasetError::Truncated("pixel data fragment"));
                 }
@@ -348,7 +457,11 @@ fn walk<R: Read + Seek>(
             frames: native_frames(&map, off, plen),
         })
     };
-    Ok((map, pixels))
+    Ok(Walked {
+        json: map,
+        pixels,
+        max_end,
+    })
 }
 
 /// Number of Frames (0028,0008), 1 when absent.

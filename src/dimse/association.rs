@@ -62,6 +62,7 @@ impl AccessControl for SenderGate {
 
 /// A C-STORE whose data set is arriving.
 struct Pending {
+    started: std::time::Instant,
     command: Command,
     context_id: u8,
     sink: Sink,
@@ -284,7 +285,7 @@ async fn handle_pdv(
                 return Err("data set on another presentation context");
             }
             if let Sink::Spool(spool) = &mut p.sink
-                && let Err(e) = spool.write(&pdv.data).await
+                && let Err(e) = spool.write(pdv.data).await
             {
                 tracing::error!(error = %e, "spool write failed");
                 let (status, comment) = status::of_ingest_error(&e);
@@ -292,6 +293,7 @@ async fn handle_pdv(
             }
             if pdv.is_last {
                 let p = pending.take().expect("checked above");
+                let received = p.started.elapsed();
                 let response = match p.sink {
                     Sink::Spool(spool) => {
                         finish_store(ctx, institution, calling, *spool, &p.command).await
@@ -301,6 +303,11 @@ async fn handle_pdv(
                     }
                 };
                 send_response(assoc, p.context_id, response).await?;
+                tracing::debug!(
+                    received_us = received.as_micros() as u64,
+                    answered_us = p.started.elapsed().as_micros() as u64,
+                    "c-store timings"
+                );
             }
             Ok(())
         }
@@ -372,6 +379,7 @@ async fn on_command(
                 },
             };
             *pending = Some(Pending {
+                started: std::time::Instant::now(),
                 command,
                 context_id: pc.id,
                 sink,
@@ -385,6 +393,7 @@ async fn on_command(
             );
             if command.has_data_set {
                 *pending = Some(Pending {
+                    started: std::time::Instant::now(),
                     command,
                     context_id: pc.id,
                     sink: Sink::Discard {

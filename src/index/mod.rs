@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor, Row};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::IndexConfig;
 use crate::dicom::dataset::PixelLayout;
@@ -23,6 +24,8 @@ pub enum IndexError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("cannot create the index directory: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the index writer has stopped")]
+    WriterGone,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,10 +60,20 @@ pub struct StoredCopy {
     pub sha256: String,
 }
 
+/// Most index writes committed in one transaction (group commit).
+const MAX_BATCH: usize = 64;
+
+/// One queued write and where its result goes.
+struct WriteJob {
+    entry: IndexEntry,
+    done: oneshot::Sender<Result<Option<String>, IndexError>>,
+}
+
 #[derive(Clone)]
 pub struct Index {
     pool: AnyPool,
     engine: Engine,
+    writer: mpsc::Sender<WriteJob>,
 }
 
 impl Index {
@@ -112,7 +125,13 @@ impl Index {
             Engine::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
             Engine::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
         }
-        Ok(Self { pool, engine })
+        let (writer, jobs) = mpsc::channel(MAX_BATCH * 4);
+        tokio::spawn(write_loop(pool.clone(), engine, jobs));
+        Ok(Self {
+            pool,
+            engine,
+            writer,
+        })
     }
 
     pub fn engine(&self) -> Engine {
@@ -152,16 +171,84 @@ impl Index {
             .get(0))
     }
 
-    /// Insert or replace one instance and update its patient, study and series,
-    /// in one transaction. Returns the key of the copy it replaced, if any.
+    /// Insert or replace one instance and update its patient, study and series.
+    /// Returns once the change is committed (durably: SQLite runs with
+    /// `synchronous=FULL`), with the key of the copy it replaced, if any.
+    /// Concurrent calls share one transaction and one commit (group commit).
     pub async fn upsert(&self, e: &IndexEntry) -> Result<Option<String>, IndexError> {
+        let (done, result) = oneshot::channel();
+        self.writer
+            .send(WriteJob {
+                entry: e.clone(),
+                done,
+            })
+            .await
+            .map_err(|_| IndexError::WriterGone)?;
+        result.await.map_err(|_| IndexError::WriterGone)?
+    }
+}
+
+/// The single index writer: takes whatever writes are queued (up to
+/// `MAX_BATCH`), commits them in one transaction, and answers each. If a batch
+/// fails, its writes are retried one by one so one bad entry fails alone.
+async fn write_loop(pool: AnyPool, engine: Engine, mut jobs: mpsc::Receiver<WriteJob>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let entries: Vec<&IndexEntry> = batch.iter().map(|j| &j.entry).collect();
+        match commit_batch(&pool, engine, &entries).await {
+            Ok(results) => {
+                for (job, r) in batch.into_iter().zip(results) {
+                    let _ = job.done.send(Ok(r));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                let job = batch.pop().expect("one job");
+                let _ = job.done.send(Err(e));
+            }
+            Err(_) => {
+                for job in batch {
+                    let r = commit_batch(&pool, engine, &[&job.entry])
+                        .await
+                        .map(|mut v| v.pop().flatten());
+                    let _ = job.done.send(r);
+                }
+            }
+        }
+    }
+}
+
+async fn commit_batch(
+    pool: &AnyPool,
+    engine: Engine,
+    entries: &[&IndexEntry],
+) -> Result<Vec<Option<String>>, IndexError> {
+    let mut tx = match engine {
+        // IMMEDIATE takes the write lock up front, so other writers (another
+        // node's reindex, tools) queue on busy_timeout instead of failing a
+        // lock upgrade.
+        Engine::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await?,
+        Engine::Postgres => pool.begin().await?,
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        out.push(upsert_in(&mut tx, e).await?);
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+async fn upsert_in(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    e: &IndexEntry,
+) -> Result<Option<String>, IndexError> {
+    {
         let s = &e.summary;
-        let mut tx = match self.engine {
-            // IMMEDIATE takes the write lock up front, so concurrent ingests
-            // queue on busy_timeout instead of failing a lock upgrade.
-            Engine::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Engine::Postgres => self.pool.begin().await?,
-        };
         let other_ids = if s.other_patient_ids.is_empty() {
             None
         } else {
@@ -184,7 +271,7 @@ impl Index {
         .bind(&s.patient_birth_date)
         .bind(&s.patient_sex)
         .bind(other_ids)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut **tx)
         .await?
         .get(0);
         let study: i64 = sqlx::query(
@@ -209,7 +296,7 @@ impl Index {
         .bind(&s.referring_physician_name.alphabetic)
         .bind(&s.referring_physician_name.ideographic)
         .bind(&s.referring_physician_name.phonetic)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut **tx)
         .await?
         .get(0);
         let request = s.request_attributes.as_ref().map(|v| v.to_string());
@@ -236,14 +323,14 @@ impl Index {
         .bind(&s.pps_start_time)
         .bind(&s.body_part_examined)
         .bind(request)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut **tx)
         .await?
         .get(0);
         let previous: Option<String> =
             sqlx::query("SELECT object_key FROM instance WHERE institution = $1 AND sop_uid = $2")
                 .bind(&e.institution)
                 .bind(&s.sop_instance_uid)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut **tx)
                 .await?
                 .map(|r| r.get(0));
         let instance: i64 = sqlx::query(
@@ -272,7 +359,7 @@ impl Index {
         .bind(s.bits_allocated)
         .bind(&e.sender_ae)
         .bind(&e.received_at)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut **tx)
         .await?
         .get(0);
         let pixels = e
@@ -287,12 +374,13 @@ impl Index {
         .bind(instance)
         .bind(&e.dataset_json)
         .bind(pixels)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        tx.commit().await?;
         Ok(previous.filter(|k| k != &e.object_key))
     }
+}
 
+impl Index {
     /// Drop every index row (not the records of links, disclosures or audit,
     /// which live in their own tables): the first step of `reindex`.
     pub async fn clear(&self) -> Result<(), IndexError> {

@@ -12,6 +12,9 @@ use super::{Ingest, IngestError, Outcome};
 use crate::access::Institution;
 use crate::dicom::part10;
 
+/// Bytes handed to the spool worker at a time.
+const IMPORT_CHUNK: usize = 256 * 1024;
+
 /// Files ingested at once: enough to overlap fsyncs, few enough for 2 cores.
 const PARALLEL_FILES: usize = 4;
 
@@ -76,13 +79,17 @@ async fn import_one(
     tokio::io::AsyncSeekExt::seek(&mut f, std::io::SeekFrom::Start(offset))
         .await
         .map_err(IngestError::Spool)?;
-    let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = f.read(&mut buf).await.map_err(IngestError::Spool)?;
+        let mut buf = Vec::with_capacity(IMPORT_CHUNK);
+        let n = (&mut f)
+            .take(IMPORT_CHUNK as u64)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(IngestError::Spool)?;
         if n == 0 {
             break;
         }
-        spool.write(&buf[..n]).await?;
+        spool.write(buf).await?;
     }
     let accepted = ingest.finish(spool, inst, None).await?;
     Ok((accepted.outcome, size))

@@ -3,25 +3,21 @@
 //! index → acknowledge. A spool that is not committed removes itself.
 
 pub mod import;
+mod spool;
 
-use std::path::PathBuf;
+pub use spool::Spool;
+
 use std::sync::Arc;
 use std::time::Instant;
 
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncWriteExt, BufWriter};
-
 use crate::access::Institution;
-use crate::dicom::dataset::{self, DatasetError};
+use crate::dicom::dataset::DatasetError;
 use crate::dicom::part10::{self, FileMeta};
 use crate::dicom::summary::{InstanceSummary, SummaryError};
 use crate::index::{Index, IndexEntry, IndexError};
 use crate::store::keys::InstanceKey;
 use crate::store::{Store, StoreError};
 use crate::telemetry;
-
-/// Write buffer of a spool file: fewer, larger writes per object.
-const SPOOL_BUFFER: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -86,40 +82,6 @@ pub struct Ingest {
     index: Index,
 }
 
-/// An object being received: a file in the spool directory plus its digest.
-/// Removed on drop unless it was committed to the store.
-pub struct Spool {
-    path: PathBuf,
-    writer: Option<BufWriter<tokio::fs::File>>,
-    hasher: Sha256,
-    meta: FileMeta,
-    dataset_len: u64,
-    armed: bool,
-}
-
-impl Spool {
-    /// Append received data set bytes.
-    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), IngestError> {
-        self.hasher.update(bytes);
-        self.dataset_len += bytes.len() as u64;
-        let w = self.writer.as_mut().expect("writer present until finish");
-        w.write_all(bytes).await.map_err(IngestError::Spool)
-    }
-
-    pub fn meta(&self) -> &FileMeta {
-        &self.meta
-    }
-}
-
-impl Drop for Spool {
-    fn drop(&mut self) {
-        if self.armed {
-            // Aborted association, failed check: nothing half-written remains.
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
 impl Ingest {
     pub fn new(store: Arc<Store>, index: Index) -> Self {
         Self { store, index }
@@ -142,20 +104,7 @@ impl Ingest {
             .store
             .spool_dir()
             .join(format!("{}.part", uuid::Uuid::new_v4()));
-        let file = tokio::fs::File::create(&path)
-            .await
-            .map_err(IngestError::Spool)?;
-        let mut spool = Spool {
-            path,
-            writer: Some(BufWriter::with_capacity(SPOOL_BUFFER, file)),
-            hasher: Sha256::new(),
-            meta,
-            dataset_len: 0,
-            armed: true,
-        };
-        let w = spool.writer.as_mut().expect("just created");
-        w.write_all(&header).await.map_err(IngestError::Spool)?;
-        Ok(spool)
+        Ok(Spool::start(path, header, meta, self.store.sealer()))
     }
 
     /// Parse, check, store durably and index a complete spool. `sender_ae` is
@@ -195,25 +144,27 @@ impl Ingest {
         institution: &Institution,
         sender_ae: Option<&str>,
     ) -> Result<Accepted, IngestError> {
-        let mut w = spool.writer.take().expect("finish once");
-        w.flush().await.map_err(IngestError::Spool)?;
-        drop(w);
-        let sha256 = hex::encode(std::mem::take(&mut spool.hasher).finalize());
-
-        let path = spool.path.clone();
-        let parsed = tokio::task::spawn_blocking(move || dataset::parse_file(&path))
-            .await
-            .map_err(|e| IngestError::Internal(e.to_string()))??;
+        // The lookup needs only (institution, SOP Instance UID), known from
+        // the command: run it while the worker finishes parsing and fsyncing.
+        let sop_uid = spool.meta().sop_instance_uid.clone();
+        let (received, existing) = tokio::join!(
+            spool.complete(),
+            self.index.stored_copy(&institution.code, &sop_uid),
+        );
+        let received = received?;
+        let parsed = received.parsed?;
+        let digest = received.digest;
+        let sha256 = hex::encode(digest);
         let summary = InstanceSummary::from_parsed(&parsed)?;
         for (attribute, expected, found) in [
             (
                 "SOP Class UID",
-                &spool.meta.sop_class_uid,
+                &spool.meta().sop_class_uid,
                 &summary.sop_class_uid,
             ),
             (
                 "SOP Instance UID",
-                &spool.meta.sop_instance_uid,
+                &spool.meta().sop_instance_uid,
                 &summary.sop_instance_uid,
             ),
         ] {
@@ -225,7 +176,13 @@ impl Ingest {
                 });
             }
         }
-
+        if let Some(copy) = existing?.filter(|c| c.sha256 == sha256) {
+            return Ok(Accepted {
+                outcome: Outcome::AlreadyPresent,
+                object_key: copy.object_key,
+                summary,
+            });
+        }
         let key = InstanceKey::new(
             &institution.code,
             &summary.study_instance_uid,
@@ -236,25 +193,9 @@ impl Ingest {
         .ok_or_else(|| IngestError::Internal("object key from validated UIDs".into()))?
         .as_key();
 
-        if let Some(copy) = self
-            .index
-            .stored_copy(&institution.code, &summary.sop_instance_uid)
-            .await?
-            && copy.sha256 == sha256
-        {
-            return Ok(Accepted {
-                outcome: Outcome::AlreadyPresent,
-                object_key: copy.object_key,
-                summary,
-            });
-        }
-
-        let size = tokio::fs::metadata(&spool.path)
-            .await
-            .map_err(IngestError::Spool)?
-            .len();
-        self.store.put_file(&key, &spool.path).await?;
-        spool.armed = false; // the file is now the stored object (or uploaded and removed)
+        let size = received.size;
+        self.store.put_file(&key, received.sealed).await?;
+        spool.disarm(); // the file is now the stored object (or uploaded and removed)
 
         let entry = IndexEntry {
             institution: institution.code.clone(),
@@ -263,7 +204,7 @@ impl Ingest {
                 .clone()
                 .unwrap_or_else(|| institution.issuer_of_patient_id.clone()),
             summary: summary.clone(),
-            transfer_syntax: spool.meta.transfer_syntax.clone(),
+            transfer_syntax: spool.meta().transfer_syntax.clone(),
             object_key: key.clone(),
             size,
             sha256,

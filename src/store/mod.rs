@@ -164,9 +164,19 @@ impl Store {
         }
     }
 
-    /// Move a complete spooled file to `key`, durably. The spool file is gone
+    /// How spool files are made durable before `put_file`: an fsync for a
+    /// local store (the file becomes the object by a rename), nothing for S3
+    /// (the upload is what makes it durable).
+    pub fn sealer(&self) -> Sealer {
+        Sealer {
+            fsync: matches!(self.backend, Backend::Local { .. }),
+        }
+    }
+
+    /// Move a sealed spool file to `key`, durably. The spool file is gone
     /// afterwards (renamed or uploaded and removed).
-    pub async fn put_file(&self, key: &str, spooled: &Path) -> Result<(), StoreError> {
+    pub async fn put_file(&self, key: &str, sealed: Sealed) -> Result<(), StoreError> {
+        let spooled = sealed.0.as_path();
         match &self.backend {
             Backend::Local { root } => {
                 let dest = root.join(key);
@@ -273,10 +283,29 @@ impl Store {
     }
 }
 
-/// fsync the file, rename it into place, fsync the directory that now names
-/// it, and the parents of every directory this call created.
+/// Makes a complete spool file ready for `put_file` (see `Store::sealer`).
+/// Used from the blocking spool worker, right after the last write.
+#[derive(Debug, Clone, Copy)]
+pub struct Sealer {
+    fsync: bool,
+}
+
+impl Sealer {
+    pub fn seal(self, file: std::fs::File, path: &Path) -> std::io::Result<Sealed> {
+        if self.fsync {
+            file.sync_all()?;
+        }
+        Ok(Sealed(path.to_path_buf()))
+    }
+}
+
+/// A spool file ready to become an object (see `Sealer`).
+#[derive(Debug)]
+pub struct Sealed(PathBuf);
+
+/// Rename a sealed file into place, fsync the directory that now names it,
+/// and the parents of every directory this call created.
 fn commit_local(root: &Path, src: &Path, dest: &Path) -> std::io::Result<()> {
-    std::fs::File::open(src)?.sync_all()?;
     let parent = dest.parent().expect("keys have directories");
     let mut created = Vec::new();
     let mut probe = parent.to_path_buf();
