@@ -1,10 +1,11 @@
-//! The command line: `serve`, `import`, `reindex`, `config check`.
+//! The command line: `serve`, `import`, `reindex`, `token`, `config check`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::auth::{self, Role};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::ingest::import;
@@ -41,6 +42,20 @@ pub enum Command {
     },
     /// Rebuild the search index from the object store alone.
     Reindex,
+    /// Mint a bearer token (JWT, HS256 with auth.hs256_secret) for local setups.
+    Token {
+        /// Institution code of the user.
+        #[arg(long)]
+        institution: String,
+        /// User name (the `sub` claim).
+        #[arg(long)]
+        user: String,
+        #[arg(long, value_enum)]
+        role: Role,
+        /// Lifetime, e.g. 8h, 30m, 3600s.
+        #[arg(long, default_value = "8h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -71,6 +86,30 @@ pub async fn run(cli: Cli) -> ExitCode {
         } => {
             println!("{}", config.to_masked_toml());
             ExitCode::SUCCESS
+        }
+        Command::Token {
+            institution,
+            user,
+            role,
+            ttl,
+        } => {
+            if !config.institutions.iter().any(|i| i.code == institution) {
+                return fail(format!("institution {institution} is not configured"));
+            }
+            match auth::mint(
+                &config.auth,
+                &institution,
+                &user,
+                role,
+                ttl,
+                std::time::SystemTime::now(),
+            ) {
+                Ok(t) => {
+                    println!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
         }
         Command::Serve => {
             let hub = match Hub::open(config).await {

@@ -37,6 +37,8 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub index: IndexConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// The hospitals whose modalities may send to us.
     #[serde(default, rename = "institution")]
     pub institutions: Vec<InstitutionConfig>,
@@ -127,6 +129,28 @@ impl Default for IndexConfig {
     }
 }
 
+/// `[auth]`: bearer tokens (JWT) for the HTTP APIs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Expected (and, for `tsunagu token`, issued) `iss` claim.
+    pub issuer: String,
+    /// Expected (and issued) `aud` claim.
+    pub audience: String,
+    /// HS256 shared secret for local setups; `tsunagu token` signs with it.
+    pub hs256_secret: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "tsunagu".into(),
+            audience: "tsunagu".into(),
+            hs256_secret: None,
+        }
+    }
+}
+
 /// `[[institution]]`: a hospital of the network.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -189,6 +213,14 @@ impl Config {
                 "must start with sqlite:// or postgres://",
             ));
         }
+        if let Some(s) = &self.auth.hs256_secret
+            && s.len() < 16
+        {
+            return Err(invalid(
+                "auth.hs256_secret",
+                "must be at least 16 characters",
+            ));
+        }
         let mut codes = std::collections::HashSet::new();
         let mut aes = std::collections::HashMap::new();
         for (i, inst) in self.institutions.iter().enumerate() {
@@ -235,6 +267,9 @@ impl Config {
         let mut c = self.clone();
         if c.storage.secret_access_key.is_some() {
             c.storage.secret_access_key = Some("********".into());
+        }
+        if c.auth.hs256_secret.is_some() {
+            c.auth.hs256_secret = Some("********".into());
         }
         if let Some(pos) = c.index.url.find('@') {
             // postgres://user:password@host → hide the password

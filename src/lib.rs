@@ -13,6 +13,7 @@
 //! errors become wire answers only in `dimse::status` (and `web` for HTTP).
 
 pub mod access;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod dicom;

@@ -148,3 +148,66 @@ fn serve_runs_on_the_embedded_default_and_warns_without_institutions() {
     assert!(warned && serving, "warned {warned} serving {serving}");
     assert!(tmp.path().join("tsunagu-data/index.sqlite").exists());
 }
+
+#[test]
+fn token_is_minted_for_a_configured_institution() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config_file(tmp.path());
+    let token = |inst: &str, role: &str, secret: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.args([
+            "token",
+            "--institution",
+            inst,
+            "--user",
+            "dr.sato",
+            "--role",
+            role,
+            "--ttl",
+            "30m",
+            "--config",
+        ])
+        .arg(&cfg);
+        if let Some(s) = secret {
+            c.env("TSUNAGU_AUTH__HS256_SECRET", s);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, jwt, err) = token(
+        "HOSP3",
+        "clinician",
+        Some("a-test-secret-of-32-characters!!"),
+    );
+    assert!(ok, "{err}");
+    let payload = jwt.trim().split('.').nth(1).expect("three JWT parts");
+    use base64::Engine as _;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["inst"], "HOSP3");
+    assert_eq!(claims["role"], "clinician");
+    assert_eq!(claims["sub"], "dr.sato");
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+        1800
+    );
+
+    let (ok, _, err) = token("HOSP3", "clinician", None);
+    assert!(!ok && err.contains("auth.hs256_secret"), "{err}");
+    let (ok, _, err) = token("NOWHERE", "admin", Some("a-test-secret-of-32-characters!!"));
+    assert!(!ok && err.contains("NOWHERE"), "{err}");
+    let (ok, _, _) = token(
+        "HOSP3",
+        "superuser",
+        Some("a-test-secret-of-32-characters!!"),
+    );
+    assert!(!ok, "unknown role");
+}

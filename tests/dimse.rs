@@ -355,3 +355,67 @@ fn count_objects(hub: &TestHub) -> usize {
         .filter(|e| e.file_type().is_file())
         .count()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn association_limit_rejects_transiently() {
+    let Some(hub) = TestHub::start_with(Backend::Local, |c| c.server.max_associations = 1).await
+    else {
+        return;
+    };
+    let first = dicom_ul::ClientAssociationOptions::new()
+        .calling_ae_title("HOSP1")
+        .called_ae_title("TSUNAGU")
+        .with_abstract_syntax("1.2.840.10008.1.1")
+        .establish_async(("127.0.0.1", hub.port()))
+        .await
+        .expect("first association");
+    assert_eq!(
+        rejection(hub.port(), "HOSP1", "TSUNAGU").await,
+        "Transient ServiceProviderPresentation(LocalLimitExceeded)"
+    );
+    first.release().await.unwrap();
+    // The slot is free again once the first association is released.
+    let mut accepted = false;
+    for _ in 0..50 {
+        if rejection(hub.port(), "HOSP1", "TSUNAGU").await == "accepted" {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(accepted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreachable_s3_is_out_of_resources() {
+    // An S3 endpoint where nothing listens: every upload fails, quickly.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let Some(hub) = TestHub::start_with(Backend::Local, |c| {
+        c.storage.url = "s3://nowhere/prefix".into();
+        c.storage.endpoint = Some(format!("http://127.0.0.1:{port}"));
+        c.storage.allow_http = true;
+        c.storage.access_key_id = Some("k".into());
+        c.storage.secret_access_key = Some("s".into());
+    })
+    .await
+    else {
+        return;
+    };
+    let Some(dir) = common::testdata_dir() else {
+        return;
+    };
+    let file = dir.join("files/ct16_explicit_le.dcm");
+    let started = std::time::Instant::now();
+    let (_, log) = common::storescu(hub.port(), "HOSP1", "-xe", std::slice::from_ref(&file));
+    assert!(log.contains("Refused: OutOfResources"), "{log}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "bounded retries"
+    );
+    assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
+    assert!(hub.echo("HOSP1"));
+}

@@ -13,7 +13,7 @@ use dicom_ul::pdu::{
     AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
     AssociationRJSource,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -60,8 +60,19 @@ pub async fn serve(
     }
 }
 
-/// A-ASSOCIATE-RJ transient, service-provider (presentation), local limit exceeded.
+/// A-ASSOCIATE-RJ transient, service-provider (presentation), local limit
+/// exceeded — after reading the A-ASSOCIATE-RQ, so the requestor is not cut
+/// off while it is still sending and sees the reason.
 async fn reject_busy(mut socket: TcpStream) {
+    let read_rq = async {
+        let mut header = [0u8; 6];
+        socket.read_exact(&mut header).await?;
+        let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
+        // An A-ASSOCIATE-RQ is small; do not read more than a bounded amount.
+        let mut rest = (&mut socket).take(u64::from(len.min(64 * 1024)));
+        tokio::io::copy(&mut rest, &mut tokio::io::sink()).await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read_rq).await;
     let pdu = dicom_ul::Pdu::AssociationRJ(AssociationRJ {
         result: AssociationRJResult::Transient,
         source: AssociationRJSource::ServiceProviderPresentation(

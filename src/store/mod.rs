@@ -20,7 +20,9 @@ use futures::stream::BoxStream;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, WriteMultipart};
+use object_store::{
+    ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, RetryConfig, WriteMultipart,
+};
 use tokio::io::AsyncReadExt;
 
 use crate::config::StorageConfig;
@@ -96,10 +98,19 @@ impl Store {
             .with_connect_timeout(Duration::from_secs(5))
             .with_read_timeout(Duration::from_secs(60))
             .with_allow_http(cfg.allow_http);
+        // A sender waits for our answer: give up after a few quick retries
+        // (A700, the sender retries later) rather than object_store's default
+        // of ten retries over three minutes.
+        let retry = RetryConfig {
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(15),
+            ..RetryConfig::default()
+        };
         let mut b = AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_region(cfg.region.clone().unwrap_or_else(|| "us-east-1".into()))
             .with_client_options(client)
+            .with_retry(retry)
             .with_virtual_hosted_style_request(false);
         if let Some(e) = &cfg.endpoint {
             b = b.with_endpoint(e);
