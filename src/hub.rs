@@ -229,6 +229,7 @@ impl Hub {
             received_at: chrono_like::rfc3339(modified),
             dataset_json: serde_json::Value::Object(parsed.json).to_string(),
             pixels: parsed.pixels,
+            replaces: None,
             summary,
         };
         self.index.upsert(&entry).await.map_err(|e| e.to_string())?;

@@ -293,15 +293,18 @@ async fn failing_index_is_out_of_resources_and_leaves_no_row() {
     let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
         .await
         .unwrap();
-    sqlx::query("ALTER TABLE instance_meta RENAME TO instance_meta_gone")
+    // Lookups work, but every index write fails after the object is stored.
+    sqlx::query("CREATE TRIGGER fail_writes BEFORE INSERT ON instance BEGIN SELECT RAISE(ABORT, 'index failure'); END")
         .execute(&mut conn)
         .await
         .unwrap();
     assert_eq!(store_raw(hub.port(), CT, &sop, &ds).await, 0xA700);
-    // The transaction rolled back: no index row points at anything.
-    assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
     assert!(hub.echo("HOSP1"));
-    sqlx::query("ALTER TABLE instance_meta_gone RENAME TO instance_meta")
+    // The transaction rolled back: no row points at anything (the object is
+    // an orphan, which reindex or a resend adopts).
+    assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
+    assert_eq!(hub.hub.index.fingerprint().await.unwrap().len(), 0);
+    sqlx::query("DROP TRIGGER fail_writes")
         .execute(&mut conn)
         .await
         .unwrap();

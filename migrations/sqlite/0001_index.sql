@@ -69,15 +69,11 @@ CREATE TABLE instance (
     bits_allocated INTEGER,
     sender_ae TEXT,
     received_at TEXT NOT NULL,
+    -- What WADO needs without reopening the object: the DICOM JSON (bulk
+    -- data as references) and the byte ranges of every frame.
+    dataset_json TEXT NOT NULL,
+    pixel_layout TEXT,
     UNIQUE (institution, sop_uid)
 );
 CREATE INDEX instance_series ON instance (series_ref);
 CREATE INDEX instance_uid ON instance (sop_uid);
-
--- What WADO needs without reopening the object: the DICOM JSON (bulk data as
--- references) and the byte ranges of every frame.
-CREATE TABLE instance_meta (
-    instance_ref INTEGER PRIMARY KEY REFERENCES instance (id) ON DELETE CASCADE,
-    dataset_json TEXT NOT NULL,
-    pixel_layout TEXT
-);

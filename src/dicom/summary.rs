@@ -17,7 +17,7 @@ pub enum SummaryError {
 }
 
 /// A Person Name split into its three component groups (PS3.5 §6.2.1.1).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PersonName {
     pub alphabetic: Option<String>,
     pub ideographic: Option<String>,

@@ -176,10 +176,11 @@ impl Ingest {
                 });
             }
         }
-        if let Some(copy) = existing?.filter(|c| c.sha256 == sha256) {
+        let existing = existing?;
+        if let Some(copy) = existing.as_ref().filter(|c| c.sha256 == sha256) {
             return Ok(Accepted {
                 outcome: Outcome::AlreadyPresent,
-                object_key: copy.object_key,
+                object_key: copy.object_key.clone(),
                 summary,
             });
         }
@@ -212,6 +213,7 @@ impl Ingest {
             received_at: now_rfc3339(),
             dataset_json: serde_json::Value::Object(parsed.json).to_string(),
             pixels: parsed.pixels,
+            replaces: existing.map(|c| c.object_key),
         };
         // An object without an index row is an orphan that reindex adopts;
         // the reverse never happens because the row is written second.
