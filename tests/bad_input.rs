@@ -129,6 +129,16 @@ async fn metrics(hub: &TestHub) -> String {
     body
 }
 
+/// The server answers with an A-ABORT PDU (type 07H) or just closes.
+async fn assert_aborted_or_closed(s: &mut tokio::net::TcpStream) {
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut reply)).await;
+    assert!(
+        reply.is_empty() || reply[0] == 0x07,
+        "expected A-ABORT or close, got {reply:?}"
+    );
+}
+
 fn spool_is_empty(hub: &TestHub) -> bool {
     std::fs::read_dir(hub.dir.path().join("store/.spool"))
         .unwrap()
@@ -147,12 +157,7 @@ async fn garbage_bytes_on_the_port_are_aborted() {
     s.write_all(b"GET / HTTP/1.1\r\nHost: tsunagu\r\n\r\n")
         .await
         .unwrap();
-    let mut reply = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut reply)).await;
-    assert!(
-        reply.is_empty() || reply[0] == 0x07,
-        "expected A-ABORT or close, got {reply:?}"
-    );
+    assert_aborted_or_closed(&mut s).await;
     assert!(hub.echo("HOSP1"));
 }
 
@@ -168,12 +173,7 @@ async fn oversized_pdu_is_aborted() {
         .await
         .unwrap();
     s.write_all(&[0u8; 64]).await.unwrap();
-    let mut reply = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut reply)).await;
-    assert!(
-        reply.is_empty() || reply[0] == 0x07,
-        "expected A-ABORT or close, got {reply:?}"
-    );
+    assert_aborted_or_closed(s).await;
     assert!(hub.echo("HOSP1"));
 }
 

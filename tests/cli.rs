@@ -25,37 +25,21 @@ fn import_stores_reports_and_rejects() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config_file(tmp.path());
-    let run = |args: &[&std::ffi::OsStr]| {
+    // `import --quiet --institution INST PATH`: (exit success, stdout).
+    let run = |inst: &str, path: &std::path::Path| {
         let out = Command::new(BIN)
-            .arg("import")
-            .args(args)
-            .arg("--config")
+            .args(["import", "--quiet", "--institution", inst, "--config"])
             .arg(&cfg)
+            .arg(path)
             .output()
             .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
     };
     let files = data.join("files");
-    let (ok, text) = run(&[
-        "--quiet".as_ref(),
-        "--institution".as_ref(),
-        "HOSP2".as_ref(),
-        files.as_os_str(),
-    ]);
+    let (ok, text) = run("HOSP2", &files);
     assert!(ok, "{text}");
-    assert!(
-        text.contains("stored 42 · already present 0 · replaced 0 · rejected 0"),
-        "{text}"
-    );
-    let (ok, text) = run(&[
-        "--quiet".as_ref(),
-        "--institution".as_ref(),
-        "HOSP2".as_ref(),
-        files.as_os_str(),
-    ]);
+    assert!(text.contains("stored 42 · already present 0 · replaced 0 · rejected 0"), "{text}");
+    let (ok, text) = run("HOSP2", &files);
     assert!(ok, "{text}");
     assert!(text.contains("stored 0 · already present 42"), "{text}");
 
@@ -63,27 +47,12 @@ fn import_stores_reports_and_rejects() {
     std::fs::create_dir_all(&junk).unwrap();
     std::fs::write(junk.join("notes.txt"), b"not DICOM").unwrap();
     std::fs::copy(files.join("ct16_rle.dcm"), junk.join("ok.dcm")).unwrap();
-    let (ok, text) = run(&[
-        "--quiet".as_ref(),
-        "--institution".as_ref(),
-        "HOSP3".as_ref(),
-        junk.as_os_str(),
-    ]);
+    let (ok, text) = run("HOSP3", &junk);
     assert!(!ok, "a rejected file must give a non-zero exit: {text}");
-    assert!(
-        text.contains("stored 1 ·") && text.contains("rejected 1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("notes.txt") && text.contains("not a DICOM Part-10 file"),
-        "{text}"
-    );
+    assert!(text.contains("stored 1 ·") && text.contains("rejected 1"), "{text}");
+    assert!(text.contains("notes.txt") && text.contains("not a DICOM Part-10 file"), "{text}");
 
-    let (ok, _) = run(&[
-        "--institution".as_ref(),
-        "NOWHERE".as_ref(),
-        junk.as_os_str(),
-    ]);
+    let (ok, _) = run("NOWHERE", &junk);
     assert!(!ok, "unknown institution");
 }
 

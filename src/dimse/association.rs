@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dicom_ul::association::Error as UlError;
+use dicom_ul::association::Association as _;
 use dicom_ul::association::server::AccessControl;
 use dicom_ul::pdu::{
     AbortRQServiceProviderReason, AbortRQSource, AssociationRJServiceUserReason, PDataValue,
@@ -112,7 +113,7 @@ pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) 
         tracing::error!(%peer, "association accepted without a sender decision");
         return;
     };
-    let calling = association.peer_ae_title_owned();
+    let calling = association.peer_ae_title().trim().to_string();
     let span = tracing::info_span!("association", calling_ae = %calling, institution = %institution.code, %peer);
     metrics::counter!(telemetry::ASSOCIATIONS_TOTAL).increment(1);
     metrics::gauge!(telemetry::ASSOCIATIONS_ACTIVE).increment(1.0);
@@ -120,20 +121,6 @@ pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) 
         .instrument(span)
         .await;
     metrics::gauge!(telemetry::ASSOCIATIONS_ACTIVE).decrement(1.0);
-}
-
-trait PeerAe {
-    fn peer_ae_title_owned(&self) -> String;
-}
-
-impl<S> PeerAe for dicom_ul::association::server::AsyncServerAssociation<S>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
-{
-    fn peer_ae_title_owned(&self) -> String {
-        use dicom_ul::association::Association;
-        self.peer_ae_title().trim().to_string()
-    }
 }
 
 type Assoc = dicom_ul::association::server::AsyncServerAssociation<TcpStream>;
