@@ -33,12 +33,18 @@ fn import_stores_reports_and_rejects() {
             .arg(path)
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     };
     let files = data.join("files");
     let (ok, text) = run("HOSP2", &files);
     assert!(ok, "{text}");
-    assert!(text.contains("stored 42 · already present 0 · replaced 0 · rejected 0"), "{text}");
+    assert!(
+        text.contains("stored 42 · already present 0 · replaced 0 · rejected 0"),
+        "{text}"
+    );
     let (ok, text) = run("HOSP2", &files);
     assert!(ok, "{text}");
     assert!(text.contains("stored 0 · already present 42"), "{text}");
@@ -49,8 +55,14 @@ fn import_stores_reports_and_rejects() {
     std::fs::copy(files.join("ct16_rle.dcm"), junk.join("ok.dcm")).unwrap();
     let (ok, text) = run("HOSP3", &junk);
     assert!(!ok, "a rejected file must give a non-zero exit: {text}");
-    assert!(text.contains("stored 1 ·") && text.contains("rejected 1"), "{text}");
-    assert!(text.contains("notes.txt") && text.contains("not a DICOM Part-10 file"), "{text}");
+    assert!(
+        text.contains("stored 1 ·") && text.contains("rejected 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("notes.txt") && text.contains("not a DICOM Part-10 file"),
+        "{text}"
+    );
 
     let (ok, _) = run("NOWHERE", &junk);
     assert!(!ok, "unknown institution");

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use dicom_ul::association::Error as UlError;
 use dicom_ul::association::Association as _;
+use dicom_ul::association::Error as UlError;
 use dicom_ul::association::server::AccessControl;
 use dicom_ul::pdu::{
     AbortRQServiceProviderReason, AbortRQSource, AssociationRJServiceUserReason, PDataValue,
