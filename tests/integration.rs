@@ -6,4 +6,5 @@ mod cli;
 mod common;
 mod dimse;
 mod durability;
+mod ingest_facts;
 mod ops;

@@ -273,12 +273,12 @@ fn walk<R: Read + Seek>(
     }];
     let mut native_pixels: Option<(u64, u64)> = None;
     let mut encapsulated: Option<Vec<Vec<(u64, u64)>>> = None;
-    let mut last_header_vr = VR::UN;
+    // Implicit VR leaves "US or SS" to be settled by Pixel Representation.
+    let implicit = ts.uid().trim_end_matches('\0') == "1.2.840.10008.1.2";
 
     while let Some(token) = reader.advance() {
         let token = token.map_err(malformed)?;
         match token {
-            LazyDataToken::ElementHeader(h) => last_header_vr = h.vr,
             LazyDataToken::LazyValue { header, decoder } => {
                 let pos = decoder.position();
                 let vlen = u64::from(header.len.0);
@@ -287,14 +287,14 @@ fn walk<R: Read + Seek>(
                     return Err(DatasetError::Truncated("element value"));
                 }
                 let tag = header.tag;
-                let vr = if header.vr == VR::UN && last_header_vr != VR::UN {
-                    last_header_vr
-                } else {
-                    header.vr
-                };
                 let top_level = stack.len() == 1;
                 let Some(Node::Item { map, cs }) = stack.last_mut() else {
                     return Err(malformed("element outside an item"));
+                };
+                let vr = if implicit {
+                    resolve_implicit_vr(tag, header.vr, map)
+                } else {
+                    header.vr
                 };
                 // Group lengths and file meta elements do not belong in DICOM JSON.
                 if tag.element() == 0 || tag.group() == 0x0002 {
@@ -462,6 +462,30 @@ fn walk<R: Read + Seek>(
         pixels,
         max_end,
     })
+}
+
+/// The dictionary gives "US or SS" for pixel-value attributes; under implicit
+/// VR the data set's Pixel Representation (0028,0103) decides (PS3.5 §A.1,
+/// PS3.3 C.7.6.3.1): 1 means signed.
+fn resolve_implicit_vr(tag: Tag, dictionary_vr: VR, item: &Map<String, Value>) -> VR {
+    const PIXEL_VALUE_TAGS: [Tag; 8] = [
+        tags::SMALLEST_IMAGE_PIXEL_VALUE,
+        tags::LARGEST_IMAGE_PIXEL_VALUE,
+        tags::SMALLEST_PIXEL_VALUE_IN_SERIES,
+        tags::LARGEST_PIXEL_VALUE_IN_SERIES,
+        tags::SMALLEST_IMAGE_PIXEL_VALUE_IN_PLANE,
+        tags::LARGEST_IMAGE_PIXEL_VALUE_IN_PLANE,
+        tags::PIXEL_PADDING_VALUE,
+        tags::PIXEL_PADDING_RANGE_LIMIT,
+    ];
+    if !matches!(dictionary_vr, VR::US | VR::SS) || !PIXEL_VALUE_TAGS.contains(&tag) {
+        return dictionary_vr;
+    }
+    if number(item, tags::PIXEL_REPRESENTATION) == Some(1.0) {
+        VR::SS
+    } else {
+        VR::US
+    }
 }
 
 /// Number of Frames (0028,0008), 1 when absent.

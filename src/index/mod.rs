@@ -157,6 +157,23 @@ impl Index {
         }))
     }
 
+    /// The precomputed DICOM JSON and frame ranges of an instance.
+    pub async fn instance_meta(
+        &self,
+        institution: &str,
+        sop_uid: &str,
+    ) -> Result<Option<(String, Option<PixelLayout>)>, IndexError> {
+        let row = sqlx::query("SELECT dataset_json, pixel_layout FROM instance WHERE institution = $1 AND sop_uid = $2")
+            .bind(institution)
+            .bind(sop_uid)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| {
+            let layout: Option<String> = r.get(1);
+            (r.get(0), layout.and_then(|l| serde_json::from_str(&l).ok()))
+        }))
+    }
+
     /// Number of indexed instances.
     pub async fn count_instances(&self) -> Result<i64, IndexError> {
         Ok(sqlx::query("SELECT COUNT(*) FROM instance")
