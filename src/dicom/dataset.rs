@@ -473,8 +473,9 @@ fn resolve_implicit_vr(tag: Tag, dictionary_vr: VR, item: &Map<String, Value>) -
         tags::LARGEST_IMAGE_PIXEL_VALUE,
         tags::SMALLEST_PIXEL_VALUE_IN_SERIES,
         tags::LARGEST_PIXEL_VALUE_IN_SERIES,
-        tags::SMALLEST_IMAGE_PIXEL_VALUE_IN_PLANE,
-        tags::LARGEST_IMAGE_PIXEL_VALUE_IN_PLANE,
+        // Smallest/Largest Image Pixel Value in Plane (retired, still sent).
+        Tag(0x0028, 0x0110),
+        Tag(0x0028, 0x0111),
         tags::PIXEL_PADDING_VALUE,
         tags::PIXEL_PADDING_RANGE_LIMIT,
     ];
