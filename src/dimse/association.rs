@@ -262,7 +262,7 @@ async fn handle_pdv(
             }
             let bytes = std::mem::take(command_buf);
             let command = Command::parse(&bytes).map_err(|_| "unreadable command set")?;
-            on_command(ctx, assoc, pc, calling, command, pending).await
+            on_command(ctx, assoc, pc, institution, calling, command, pending).await
         }
         PDataValueType::Data => {
             let Some(p) = pending.as_mut() else {
@@ -305,6 +305,7 @@ async fn on_command(
     ctx: &DimseContext,
     assoc: &mut Assoc,
     pc: &PresentationContextNegotiated,
+    institution: &Institution,
     calling: &str,
     command: Command,
     pending: &mut Option<Pending>,
@@ -356,7 +357,7 @@ async fn on_command(
                     tracing::warn!(status = format!("{status:04X}"), comment, "C-STORE refused");
                     Sink::Discard { status, comment }
                 }
-                None => match ctx.ingest.begin(meta).await {
+                None => match ctx.ingest.begin(meta, institution).await {
                     Ok(s) => Sink::Spool(Box::new(s)),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot open a spool");

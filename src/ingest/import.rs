@@ -68,10 +68,13 @@ async fn import_one(
         .map_err(|e| IngestError::Internal(e.to_string()))??
     };
     let mut spool = ingest
-        .begin(part10::FileMeta {
-            source_ae_title: None,
-            ..meta
-        })
+        .begin(
+            part10::FileMeta {
+                source_ae_title: None,
+                ..meta
+            },
+            inst,
+        )
         .await?;
     let mut f = tokio::fs::File::open(file)
         .await

@@ -5,13 +5,14 @@
 pub mod import;
 mod spool;
 
+use spool::Received;
 pub use spool::Spool;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::access::Institution;
-use crate::dicom::dataset::DatasetError;
+use crate::dicom::dataset::{self, DatasetError};
 use crate::dicom::part10::{self, FileMeta};
 use crate::dicom::summary::{InstanceSummary, SummaryError};
 use crate::index::{Index, IndexEntry, IndexError};
@@ -97,14 +98,24 @@ impl Ingest {
 
     /// Open a spool for an object whose File Meta Information is known from
     /// the command and presentation context; its header is written first.
-    pub async fn begin(&self, meta: FileMeta) -> Result<Spool, IngestError> {
+    pub async fn begin(
+        &self,
+        meta: FileMeta,
+        institution: &Institution,
+    ) -> Result<Spool, IngestError> {
         let header = part10::encode_header(&meta)
             .map_err(|e| IngestError::Internal(format!("file meta: {e}")))?;
         let path = self
             .store
             .spool_dir()
             .join(format!("{}.part", uuid::Uuid::new_v4()));
-        Ok(Spool::start(path, header, meta, self.store.sealer()))
+        Ok(Spool::start(
+            path,
+            header,
+            meta,
+            institution.code.clone(),
+            self.store.placer(),
+        ))
     }
 
     /// Parse, check, store durably and index a complete spool. `sender_ae` is
@@ -152,50 +163,25 @@ impl Ingest {
             self.index.stored_copy(&institution.code, &sop_uid),
         );
         let received = received?;
-        let parsed = received.parsed?;
-        let digest = received.digest;
-        let sha256 = hex::encode(digest);
-        let summary = InstanceSummary::from_parsed(&parsed)?;
-        for (attribute, expected, found) in [
-            (
-                "SOP Class UID",
-                &spool.meta().sop_class_uid,
-                &summary.sop_class_uid,
-            ),
-            (
-                "SOP Instance UID",
-                &spool.meta().sop_instance_uid,
-                &summary.sop_instance_uid,
-            ),
-        ] {
-            if expected != found {
-                return Err(IngestError::Mismatch {
-                    attribute,
-                    expected: expected.clone(),
-                    found: found.clone(),
-                });
-            }
-        }
         let existing = existing?;
-        if let Some(copy) = existing.as_ref().filter(|c| c.sha256 == sha256) {
+        if let Some(copy) = existing.as_ref().filter(|c| c.sha256 == received.sha256) {
+            // Identical bytes: a local store has just renamed the same content
+            // onto the same key; an S3 spool is dropped without an upload.
             return Ok(Accepted {
                 outcome: Outcome::AlreadyPresent,
                 object_key: copy.object_key.clone(),
-                summary,
+                summary: received.summary,
             });
         }
-        let key = InstanceKey::new(
-            &institution.code,
-            &summary.study_instance_uid,
-            &summary.series_instance_uid,
-            &summary.sop_instance_uid,
-            &sha256,
-        )
-        .ok_or_else(|| IngestError::Internal("object key from validated UIDs".into()))?
-        .as_key();
-
-        let size = received.size;
-        self.store.put_file(&key, received.sealed).await?;
+        let Received {
+            parsed,
+            summary,
+            key,
+            sha256,
+            size,
+            placed,
+        } = received;
+        self.store.complete(&key, placed).await?;
         spool.disarm(); // the file is now the stored object (or uploaded and removed)
 
         let entry = IndexEntry {
@@ -236,6 +222,43 @@ impl Ingest {
             summary,
         })
     }
+}
+
+/// Check a parsed object against its command (or file meta) and name its
+/// key: the part of ingest that needs no I/O, run by the spool worker.
+pub(crate) fn identify(
+    parsed: &dataset::ParsedObject,
+    meta: &FileMeta,
+    institution: &str,
+    sha256: &str,
+) -> Result<(InstanceSummary, String), IngestError> {
+    let summary = InstanceSummary::from_parsed(parsed)?;
+    for (attribute, expected, found) in [
+        ("SOP Class UID", &meta.sop_class_uid, &summary.sop_class_uid),
+        (
+            "SOP Instance UID",
+            &meta.sop_instance_uid,
+            &summary.sop_instance_uid,
+        ),
+    ] {
+        if expected != found {
+            return Err(IngestError::Mismatch {
+                attribute,
+                expected: expected.clone(),
+                found: found.clone(),
+            });
+        }
+    }
+    let key = InstanceKey::new(
+        institution,
+        &summary.study_instance_uid,
+        &summary.series_instance_uid,
+        &summary.sop_instance_uid,
+        sha256,
+    )
+    .ok_or_else(|| IngestError::Internal("object key from validated UIDs".into()))?
+    .as_key();
+    Ok((summary, key))
 }
 
 /// The current time as RFC 3339 UTC.

@@ -13,21 +13,25 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::IngestError;
-use crate::dicom::dataset::{self, DatasetError, ParsedObject};
+use crate::dicom::dataset::{self, ParsedObject};
 use crate::dicom::part10::FileMeta;
-use crate::store::{Sealed, Sealer};
+use crate::dicom::summary::InstanceSummary;
+use crate::store::{Placed, Placer};
 
 /// PDVs buffered between the network and the spool worker.
 const SPOOL_CHUNKS: usize = 8;
 
-/// What the worker learned about a complete object.
+/// A complete, checked object and where it now is.
 pub struct Received {
-    pub parsed: Result<ParsedObject, DatasetError>,
-    /// SHA-256 of the data set bytes.
-    pub digest: [u8; 32],
+    pub parsed: ParsedObject,
+    pub summary: InstanceSummary,
+    /// Its object key.
+    pub key: String,
+    /// SHA-256 of the data set bytes, hex.
+    pub sha256: String,
     /// Size of the whole Part-10 file.
     pub size: u64,
-    pub sealed: Sealed,
+    pub placed: Placed,
 }
 
 /// The async handle of an object being received. Dropping it before
@@ -36,15 +40,23 @@ pub struct Spool {
     path: PathBuf,
     meta: FileMeta,
     chunks: Option<mpsc::Sender<Vec<u8>>>,
-    worker: Option<JoinHandle<std::io::Result<Received>>>,
+    worker: Option<JoinHandle<Result<Received, IngestError>>>,
     armed: bool,
 }
 
 impl Spool {
-    pub(super) fn start(path: PathBuf, header: Vec<u8>, meta: FileMeta, sealer: Sealer) -> Self {
+    pub(super) fn start(
+        path: PathBuf,
+        header: Vec<u8>,
+        meta: FileMeta,
+        institution: String,
+        placer: Placer,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(SPOOL_CHUNKS);
         let (p, m) = (path.clone(), meta.clone());
-        let worker = tokio::task::spawn_blocking(move || run_worker(&p, header, m, rx, sealer));
+        let worker = tokio::task::spawn_blocking(move || {
+            run_worker(&p, header, m, &institution, rx, &placer)
+        });
         Self {
             path,
             meta,
@@ -81,7 +93,6 @@ impl Spool {
         worker
             .await
             .map_err(|e| IngestError::Internal(e.to_string()))?
-            .map_err(IngestError::Spool)
     }
 
     /// The file now belongs to the store (renamed or uploaded and removed).
@@ -97,31 +108,34 @@ impl Drop for Spool {
         }
         self.chunks.take();
         let path = std::mem::take(&mut self.path);
-        match self.worker.take() {
+        match (self.worker.take(), tokio::runtime::Handle::try_current()) {
             // Let the worker see the end of the channel and close the file
             // before it is removed.
-            Some(worker) => {
-                tokio::spawn(async move {
+            (Some(worker), Ok(rt)) => {
+                rt.spawn(async move {
                     let _ = worker.await;
                     let _ = tokio::fs::remove_file(&path).await;
                 });
             }
-            None => {
+            _ => {
                 let _ = std::fs::remove_file(&path);
             }
         }
     }
 }
 
+/// Write, hash and parse as the bytes come; then check the object, name its
+/// key and place it (local store: durable at its key before this returns).
 fn run_worker(
     path: &Path,
     header: Vec<u8>,
     meta: FileMeta,
+    institution: &str,
     rx: mpsc::Receiver<Vec<u8>>,
-    sealer: Sealer,
-) -> std::io::Result<Received> {
-    let mut file = File::create(path)?;
-    file.write_all(&header)?;
+    placer: &Placer,
+) -> Result<Received, IngestError> {
+    let mut file = File::create(path).map_err(IngestError::Spool)?;
+    file.write_all(&header).map_err(IngestError::Spool)?;
     let offset = header.len() as u64;
     let mut tee = Tee {
         rx,
@@ -132,26 +146,29 @@ fn run_worker(
         position: offset,
         write_error: None,
     };
-    let mut parsed = dataset::parse_stream(&mut tee, meta, offset, None);
+    let parsed = dataset::parse_stream(&mut tee, meta.clone(), offset, None);
     // Take in the rest (the parser may stop early on bad input) so the sender
     // never blocks and the digest and size cover everything received.
-    std::io::copy(&mut tee, &mut std::io::sink())?;
+    let drained = std::io::copy(&mut tee, &mut std::io::sink());
     if let Some(e) = tee.write_error.take() {
-        return Err(e);
+        return Err(IngestError::Spool(e));
     }
+    drained.map_err(IngestError::Spool)?;
     let size = tee.position;
-    if let Ok(p) = &parsed
-        && let Err(e) = p.check_complete(size)
-    {
-        parsed = Err(e);
-    }
-    let digest = tee.hasher.finalize().into();
-    let sealed = sealer.seal(tee.file, path)?;
+    let parsed = parsed?;
+    parsed.check_complete(size)?;
+    let sha256 = hex::encode(tee.hasher.finalize());
+    let (summary, key) = super::identify(&parsed, &meta, institution, &sha256)?;
+    let placed = placer
+        .place(tee.file, path, &key)
+        .map_err(|e| IngestError::Store(e.into()))?;
     Ok(Received {
         parsed,
-        digest,
+        summary,
+        key,
+        sha256,
         size,
-        sealed,
+        placed,
     })
 }
 

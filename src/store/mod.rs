@@ -5,7 +5,7 @@
 //! Local writes do not go through `LocalFileSystem::put`: that needs the whole
 //! object in memory (or copies it once more through a multipart upload).
 //! Instead ingest spools into `<root>/.spool/`, on the same file system, and
-//! `put_file` fsyncs, renames into place and fsyncs the directory — the same
+//! `Placer::place` fsyncs, renames into place and fsyncs the directory — the same
 //! protocol `LocalFileSystem::with_fsync(true)` uses, without the extra copy.
 
 pub mod keys;
@@ -175,32 +175,25 @@ impl Store {
         }
     }
 
-    /// How spool files are made durable before `put_file`: an fsync for a
-    /// local store (the file becomes the object by a rename), nothing for S3
-    /// (the upload is what makes it durable).
-    pub fn sealer(&self) -> Sealer {
-        Sealer {
-            fsync: matches!(self.backend, Backend::Local { .. }),
+    /// What the spool worker uses to turn a complete spool file into an
+    /// object from its blocking thread (see `Placer`).
+    pub fn placer(&self) -> Placer {
+        Placer {
+            local_root: match &self.backend {
+                Backend::Local { root } => Some(root.clone()),
+                Backend::S3 => None,
+            },
         }
     }
 
-    /// Move a sealed spool file to `key`, durably. The spool file is gone
-    /// afterwards (renamed or uploaded and removed).
-    pub async fn put_file(&self, key: &str, sealed: Sealed) -> Result<(), StoreError> {
-        let spooled = sealed.0.as_path();
-        match &self.backend {
-            Backend::Local { root } => {
-                let dest = root.join(key);
-                let src = spooled.to_path_buf();
-                let root = root.clone();
-                tokio::task::spawn_blocking(move || commit_local(&root, &src, &dest))
-                    .await
-                    .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
-                Ok(())
-            }
-            Backend::S3 => {
-                let r = self.upload(key, spooled).await;
-                let _ = tokio::fs::remove_file(spooled).await;
+    /// Finish what `Placer::place` began: upload to S3 (the spool file is
+    /// removed afterwards); nothing left to do for a local store.
+    pub async fn complete(&self, key: &str, placed: Placed) -> Result<(), StoreError> {
+        match placed {
+            Placed::Stored => Ok(()),
+            Placed::ToUpload(spooled) => {
+                let r = self.upload(key, &spooled.0).await;
+                let _ = tokio::fs::remove_file(&spooled.0).await;
                 r
             }
         }
@@ -294,28 +287,43 @@ impl Store {
     }
 }
 
-/// Makes a complete spool file ready for `put_file` (see `Store::sealer`).
-/// Used from the blocking spool worker, right after the last write.
-#[derive(Debug, Clone, Copy)]
-pub struct Sealer {
-    fsync: bool,
+/// Turns a complete spool file into an object from the blocking spool
+/// worker, so the fsyncs and the rename run on the thread that wrote the file.
+#[derive(Debug, Clone)]
+pub struct Placer {
+    local_root: Option<PathBuf>,
 }
 
-impl Sealer {
-    pub fn seal(self, file: std::fs::File, path: &Path) -> std::io::Result<Sealed> {
-        if self.fsync {
-            file.sync_all()?;
+impl Placer {
+    /// Local store: fsync the file, rename it to `key`, fsync the directory
+    /// (the object is durable on return). S3: nothing yet; the upload follows.
+    pub fn place(&self, file: std::fs::File, path: &Path, key: &str) -> std::io::Result<Placed> {
+        match &self.local_root {
+            Some(root) => {
+                file.sync_all()?;
+                commit_local(root, path, &root.join(key))?;
+                Ok(Placed::Stored)
+            }
+            None => Ok(Placed::ToUpload(Spooled(path.to_path_buf()))),
         }
-        Ok(Sealed(path.to_path_buf()))
     }
 }
 
-/// A spool file ready to become an object (see `Sealer`).
+/// How far `Placer::place` got.
 #[derive(Debug)]
-pub struct Sealed(PathBuf);
+pub enum Placed {
+    /// Durable at its key.
+    Stored,
+    /// Still a spool file; `Store::complete` uploads it.
+    ToUpload(Spooled),
+}
 
-/// Rename a sealed file into place, fsync the directory that now names it,
-/// and the parents of every directory this call created.
+/// A complete spool file waiting for its upload.
+#[derive(Debug)]
+pub struct Spooled(PathBuf);
+
+/// Rename an fsync'ed file into place, fsync the directory that now names
+/// it, and the parents of every directory this call created.
 fn commit_local(root: &Path, src: &Path, dest: &Path) -> std::io::Result<()> {
     let parent = dest.parent().expect("keys have directories");
     let mut created = Vec::new();
