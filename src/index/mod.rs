@@ -27,6 +27,8 @@ pub enum IndexError {
     Io(#[from] std::io::Error),
     #[error("the index writer has stopped")]
     WriterGone,
+    #[error("index database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +83,7 @@ impl Index {
             Engine::Postgres
         };
         let mut url = cfg.url.clone();
+        let mut sqlite_path = None;
         if engine == Engine::Sqlite {
             let path = url
                 .trim_start_matches("sqlite://")
@@ -97,6 +100,7 @@ impl Index {
             if !url.contains('?') {
                 url.push_str("?mode=rwc");
             }
+            sqlite_path = Some(std::path::PathBuf::from(path));
         }
         let opts = AnyConnectOptions::from_str(&url)?;
         let pool = AnyPoolOptions::new()
@@ -120,7 +124,7 @@ impl Index {
             Engine::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
             Engine::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
         }
-        let writer = write::Writer::start(pool.clone(), engine);
+        let writer = write::Writer::start(pool.clone(), engine, sqlite_path)?;
         Ok(Self {
             pool,
             engine,

@@ -1,5 +1,9 @@
 //! The single index writer. Writes queue up while a transaction commits and
 //! go into the next one together (group commit: one fsync for many stores).
+//! On SQLite the writer is a thread that owns its own connection, so a batch
+//! runs without a channel round trip per statement (sqlx's SQLite driver
+//! sends every statement to a worker thread); on PostgreSQL it is a task on
+//! the pool.
 //! Parent rows (patient, study, series) that a batch would rewrite with the
 //! very values they already hold are skipped, so a typical store costs one
 //! statement; the memory of those rows is dropped whenever a transaction
@@ -35,11 +39,25 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) fn start(pool: AnyPool, engine: Engine) -> Self {
+    /// Start the writer thread. `sqlite_path` is the database file when the
+    /// engine is SQLite (the writer opens its own connection to it).
+    pub(super) fn start(
+        pool: AnyPool,
+        engine: Engine,
+        sqlite_path: Option<std::path::PathBuf>,
+    ) -> Result<Self, IndexError> {
         let (jobs, rx) = mpsc::channel(MAX_BATCH * 4);
         let generation = Arc::new(AtomicU64::new(0));
-        tokio::spawn(run(pool, engine, rx, generation.clone()));
-        Self { jobs, generation }
+        let g = generation.clone();
+        let target = match (engine, sqlite_path) {
+            (Engine::Sqlite, Some(path)) => Target::Sqlite(open_sqlite(&path)?),
+            _ => Target::Pool(pool, tokio::runtime::Handle::current()),
+        };
+        std::thread::Builder::new()
+            .name("index-writer".into())
+            .spawn(move || run(target, rx, g))
+            .map_err(IndexError::Io)?;
+        Ok(Self { jobs, generation })
     }
 
     pub(super) async fn upsert(&self, entry: IndexEntry) -> Result<Option<String>, IndexError> {
@@ -57,19 +75,30 @@ impl Writer {
     }
 }
 
+/// Where the writer thread writes.
+enum Target {
+    Sqlite(rusqlite::Connection),
+    /// PostgreSQL through the sqlx pool, driven from the writer thread.
+    Pool(AnyPool, tokio::runtime::Handle),
+}
+
+fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, IndexError> {
+    let conn = rusqlite::Connection::open(path)?;
+    // FULL: a commit is on disk before a store is acknowledged.
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=30000;",
+    )?;
+    Ok(conn)
+}
+
 /// What the writer remembers of a series row: its id and a fingerprint of
 /// every patient, study and series value last written for it.
 type Parents = HashMap<(String, String), (i64, u64)>;
 
-async fn run(
-    pool: AnyPool,
-    engine: Engine,
-    mut rx: mpsc::Receiver<Job>,
-    generation: Arc<AtomicU64>,
-) {
+fn run(mut target: Target, mut rx: mpsc::Receiver<Job>, generation: Arc<AtomicU64>) {
     let mut parents = Parents::new();
     let mut seen_generation = 0;
-    while let Some(first) = rx.recv().await {
+    while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -83,7 +112,7 @@ async fn run(
             seen_generation = g;
         }
         let entries: Vec<&IndexEntry> = batch.iter().map(|j| &j.entry).collect();
-        match commit(&pool, engine, &entries, &mut parents).await {
+        match commit(&mut target, &entries, &mut parents) {
             Ok(results) => {
                 for (job, r) in batch.into_iter().zip(results) {
                     let _ = job.done.send(Ok(r));
@@ -98,7 +127,7 @@ async fn run(
                 }
                 // Retry one by one so one bad entry fails alone.
                 for job in batch {
-                    let r = commit(&pool, engine, &[&job.entry], &mut parents).await;
+                    let r = commit(&mut target, &[&job.entry], &mut parents);
                     if r.is_err() {
                         parents.clear();
                     }
@@ -110,19 +139,43 @@ async fn run(
 }
 
 /// One transaction for `entries`; `parents` is only updated if it commits.
-async fn commit(
-    pool: &AnyPool,
-    engine: Engine,
+fn commit(
+    target: &mut Target,
     entries: &[&IndexEntry],
     parents: &mut Parents,
 ) -> Result<Vec<Option<String>>, IndexError> {
-    let mut tx = match engine {
-        // IMMEDIATE takes the write lock up front, so other writers (tools,
-        // another process) queue on busy_timeout instead of failing a lock upgrade.
-        Engine::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await?,
-        Engine::Postgres => pool.begin().await?,
+    let (out, learned) = match target {
+        Target::Sqlite(conn) => {
+            // IMMEDIATE takes the write lock up front, so other writers (tools,
+            // another process) queue on busy_timeout instead of failing a lock upgrade.
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            // The statements never wait, so the batch future completes at once.
+            let r = futures::executor::block_on(write_batch(&mut SqliteTx(&tx), entries, parents))?;
+            tx.commit()?;
+            r
+        }
+        Target::Pool(pool, rt) => rt.block_on(async {
+            let mut tx = pool.begin().await?;
+            let r = write_batch(&mut PoolTx(&mut tx), entries, parents).await?;
+            tx.commit().await?;
+            Ok::<_, IndexError>(r)
+        })?,
     };
-    let mut learned = Vec::new();
+    for (key, id, fp) in learned {
+        parents.insert(key, (id, fp));
+    }
+    Ok(out)
+}
+
+type Learned = Vec<((String, String), i64, u64)>;
+
+/// Write `entries` in the open transaction; the parent rows learned on the way.
+async fn write_batch<C: WriteConn>(
+    c: &mut C,
+    entries: &[&IndexEntry],
+    parents: &Parents,
+) -> Result<(Vec<Option<String>>, Learned), IndexError> {
+    let mut learned: Learned = Vec::new();
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
         let key = (e.institution.clone(), e.summary.series_instance_uid.clone());
@@ -141,19 +194,78 @@ async fn commit(
         let series = match known {
             Some(id) => id,
             None => {
-                let id = upsert_parents(&mut tx, e).await?;
+                let id = upsert_parents(c, e).await?;
                 learned.push((key, id, fp));
                 id
             }
         };
-        upsert_instance(&mut tx, e, series).await?;
+        upsert_instance(c, e, series).await?;
         out.push(e.replaces.clone().filter(|k| k != &e.object_key));
     }
-    tx.commit().await?;
-    for (key, id, fp) in learned {
-        parents.insert(key, (id, fp));
+    Ok((out, learned))
+}
+
+struct SqliteTx<'a>(&'a rusqlite::Transaction<'a>);
+
+impl rusqlite::ToSql for Param {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Param::Text(v) => v.to_sql(),
+            Param::Int(v) => v.to_sql(),
+        }
     }
-    Ok(out)
+}
+
+impl WriteConn for SqliteTx<'_> {
+    async fn returning_id(
+        &mut self,
+        sql: &'static str,
+        params: Vec<Param>,
+    ) -> Result<i64, IndexError> {
+        let mut stmt = self.0.prepare_cached(sql)?;
+        Ok(stmt.query_row(rusqlite::params_from_iter(params.iter()), |r| r.get(0))?)
+    }
+
+    async fn execute(&mut self, sql: &'static str, params: Vec<Param>) -> Result<(), IndexError> {
+        let mut stmt = self.0.prepare_cached(sql)?;
+        stmt.execute(rusqlite::params_from_iter(params.iter()))?;
+        Ok(())
+    }
+}
+
+struct PoolTx<'a>(&'a mut sqlx::Transaction<'static, sqlx::Any>);
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    params: Vec<Param>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    for p in params {
+        q = match p {
+            Param::Text(v) => q.bind(v),
+            Param::Int(v) => q.bind(v),
+        };
+    }
+    q
+}
+
+impl WriteConn for PoolTx<'_> {
+    async fn returning_id(
+        &mut self,
+        sql: &'static str,
+        params: Vec<Param>,
+    ) -> Result<i64, IndexError> {
+        Ok(bind_all(sqlx::query(sql), params)
+            .fetch_one(&mut **self.0)
+            .await?
+            .get(0))
+    }
+
+    async fn execute(&mut self, sql: &'static str, params: Vec<Param>) -> Result<(), IndexError> {
+        bind_all(sqlx::query(sql), params)
+            .execute(&mut **self.0)
+            .await?;
+        Ok(())
+    }
 }
 
 /// A hash of every value the patient, study and series rows take from `e`.
@@ -203,125 +315,161 @@ fn fingerprint(e: &IndexEntry) -> u64 {
     h.finish()
 }
 
-/// Insert or update the patient, study and series of `e`; the series id.
-async fn upsert_parents(
-    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-    e: &IndexEntry,
-) -> Result<i64, IndexError> {
+/// A value bound to a statement: the index binds only optional text and integers.
+enum Param {
+    Text(Option<String>),
+    Int(Option<i64>),
+}
+
+fn text(v: &Option<String>) -> Param {
+    Param::Text(v.clone())
+}
+
+const PATIENT_SQL: &str = "INSERT INTO patient (institution, issuer, patient_id, name_alphabetic, \
+     name_ideographic, name_phonetic, birth_date, sex, other_patient_ids) \
+     VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) \
+     ON CONFLICT (institution, issuer, patient_id) DO UPDATE SET \
+     name_alphabetic = excluded.name_alphabetic, name_ideographic = excluded.name_ideographic, \
+     name_phonetic = excluded.name_phonetic, birth_date = excluded.birth_date, sex = excluded.sex, \
+     other_patient_ids = excluded.other_patient_ids RETURNING id";
+
+fn patient_params(e: &IndexEntry) -> Vec<Param> {
     let s = &e.summary;
     let other_ids = (!s.other_patient_ids.is_empty())
         .then(|| serde_json::to_string(&s.other_patient_ids).expect("serializable"));
-    let patient: i64 = sqlx::query(
-        "INSERT INTO patient (institution, issuer, patient_id, name_alphabetic, name_ideographic, \
-         name_phonetic, birth_date, sex, other_patient_ids) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) \
-         ON CONFLICT (institution, issuer, patient_id) DO UPDATE SET \
-         name_alphabetic = excluded.name_alphabetic, name_ideographic = excluded.name_ideographic, \
-         name_phonetic = excluded.name_phonetic, birth_date = excluded.birth_date, sex = excluded.sex, \
-         other_patient_ids = excluded.other_patient_ids RETURNING id",
-    )
-    .bind(&e.institution)
-    .bind(&e.issuer)
-    .bind(&s.patient_id)
-    .bind(&s.patient_name.alphabetic)
-    .bind(&s.patient_name.ideographic)
-    .bind(&s.patient_name.phonetic)
-    .bind(&s.patient_birth_date)
-    .bind(&s.patient_sex)
-    .bind(other_ids)
-    .fetch_one(&mut **tx)
-    .await?
-    .get(0);
-    let study: i64 = sqlx::query(
-        "INSERT INTO study (patient_ref, institution, study_uid, study_date, study_time, accession_number, \
-         study_id, description, referring_alphabetic, referring_ideographic, referring_phonetic) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) \
-         ON CONFLICT (institution, study_uid) DO UPDATE SET patient_ref = excluded.patient_ref, \
-         study_date = excluded.study_date, study_time = excluded.study_time, \
-         accession_number = excluded.accession_number, study_id = excluded.study_id, \
-         description = excluded.description, referring_alphabetic = excluded.referring_alphabetic, \
-         referring_ideographic = excluded.referring_ideographic, \
-         referring_phonetic = excluded.referring_phonetic RETURNING id",
-    )
-    .bind(patient)
-    .bind(&e.institution)
-    .bind(&s.study_instance_uid)
-    .bind(&s.study_date)
-    .bind(&s.study_time)
-    .bind(&s.accession_number)
-    .bind(&s.study_id)
-    .bind(&s.study_description)
-    .bind(&s.referring_physician_name.alphabetic)
-    .bind(&s.referring_physician_name.ideographic)
-    .bind(&s.referring_physician_name.phonetic)
-    .fetch_one(&mut **tx)
-    .await?
-    .get(0);
-    let series: i64 = sqlx::query(
-        "INSERT INTO series (study_ref, institution, series_uid, modality, series_number, description, \
-         series_date, series_time, pps_start_date, pps_start_time, body_part, request_attributes) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) \
-         ON CONFLICT (institution, series_uid) DO UPDATE SET study_ref = excluded.study_ref, \
-         modality = excluded.modality, series_number = excluded.series_number, \
-         description = excluded.description, series_date = excluded.series_date, \
-         series_time = excluded.series_time, pps_start_date = excluded.pps_start_date, \
-         pps_start_time = excluded.pps_start_time, body_part = excluded.body_part, \
-         request_attributes = excluded.request_attributes RETURNING id",
-    )
-    .bind(study)
-    .bind(&e.institution)
-    .bind(&s.series_instance_uid)
-    .bind(&s.modality)
-    .bind(s.series_number)
-    .bind(&s.series_description)
-    .bind(&s.series_date)
-    .bind(&s.series_time)
-    .bind(&s.pps_start_date)
-    .bind(&s.pps_start_time)
-    .bind(&s.body_part_examined)
-    .bind(s.request_attributes.as_ref().map(|v| v.to_string()))
-    .fetch_one(&mut **tx)
-    .await?
-    .get(0);
-    Ok(series)
+    vec![
+        Param::Text(Some(e.institution.clone())),
+        Param::Text(Some(e.issuer.clone())),
+        Param::Text(Some(s.patient_id.clone())),
+        text(&s.patient_name.alphabetic),
+        text(&s.patient_name.ideographic),
+        text(&s.patient_name.phonetic),
+        text(&s.patient_birth_date),
+        text(&s.patient_sex),
+        Param::Text(other_ids),
+    ]
 }
 
-async fn upsert_instance(
-    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+const STUDY_SQL: &str = "INSERT INTO study (patient_ref, institution, study_uid, study_date, \
+     study_time, accession_number, study_id, description, referring_alphabetic, \
+     referring_ideographic, referring_phonetic) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) \
+     ON CONFLICT (institution, study_uid) DO UPDATE SET patient_ref = excluded.patient_ref, \
+     study_date = excluded.study_date, study_time = excluded.study_time, \
+     accession_number = excluded.accession_number, study_id = excluded.study_id, \
+     description = excluded.description, referring_alphabetic = excluded.referring_alphabetic, \
+     referring_ideographic = excluded.referring_ideographic, \
+     referring_phonetic = excluded.referring_phonetic RETURNING id";
+
+fn study_params(e: &IndexEntry, patient: i64) -> Vec<Param> {
+    let s = &e.summary;
+    vec![
+        Param::Int(Some(patient)),
+        Param::Text(Some(e.institution.clone())),
+        Param::Text(Some(s.study_instance_uid.clone())),
+        text(&s.study_date),
+        text(&s.study_time),
+        text(&s.accession_number),
+        text(&s.study_id),
+        text(&s.study_description),
+        text(&s.referring_physician_name.alphabetic),
+        text(&s.referring_physician_name.ideographic),
+        text(&s.referring_physician_name.phonetic),
+    ]
+}
+
+const SERIES_SQL: &str = "INSERT INTO series (study_ref, institution, series_uid, modality, \
+     series_number, description, series_date, series_time, pps_start_date, pps_start_time, \
+     body_part, request_attributes) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) \
+     ON CONFLICT (institution, series_uid) DO UPDATE SET study_ref = excluded.study_ref, \
+     modality = excluded.modality, series_number = excluded.series_number, \
+     description = excluded.description, series_date = excluded.series_date, \
+     series_time = excluded.series_time, pps_start_date = excluded.pps_start_date, \
+     pps_start_time = excluded.pps_start_time, body_part = excluded.body_part, \
+     request_attributes = excluded.request_attributes RETURNING id";
+
+fn series_params(e: &IndexEntry, study: i64) -> Vec<Param> {
+    let s = &e.summary;
+    vec![
+        Param::Int(Some(study)),
+        Param::Text(Some(e.institution.clone())),
+        Param::Text(Some(s.series_instance_uid.clone())),
+        text(&s.modality),
+        Param::Int(s.series_number),
+        text(&s.series_description),
+        text(&s.series_date),
+        text(&s.series_time),
+        text(&s.pps_start_date),
+        text(&s.pps_start_time),
+        text(&s.body_part_examined),
+        Param::Text(s.request_attributes.as_ref().map(|v| v.to_string())),
+    ]
+}
+
+const INSTANCE_SQL: &str = "INSERT INTO instance (series_ref, institution, sop_uid, \
+     sop_class_uid, instance_number, transfer_syntax, object_key, size, sha256, number_of_frames, \
+     rows, columns, bits_allocated, sender_ae, received_at, dataset_json, pixel_layout) \
+     VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17) \
+     ON CONFLICT (institution, sop_uid) DO UPDATE SET series_ref = excluded.series_ref, \
+     sop_class_uid = excluded.sop_class_uid, instance_number = excluded.instance_number, \
+     transfer_syntax = excluded.transfer_syntax, object_key = excluded.object_key, \
+     size = excluded.size, sha256 = excluded.sha256, number_of_frames = excluded.number_of_frames, \
+     rows = excluded.rows, columns = excluded.columns, bits_allocated = excluded.bits_allocated, \
+     sender_ae = excluded.sender_ae, received_at = excluded.received_at, \
+     dataset_json = excluded.dataset_json, pixel_layout = excluded.pixel_layout";
+
+fn instance_params(e: &IndexEntry, series: i64) -> Vec<Param> {
+    let s = &e.summary;
+    vec![
+        Param::Int(Some(series)),
+        Param::Text(Some(e.institution.clone())),
+        Param::Text(Some(s.sop_instance_uid.clone())),
+        Param::Text(Some(s.sop_class_uid.clone())),
+        Param::Int(s.instance_number),
+        Param::Text(Some(e.transfer_syntax.clone())),
+        Param::Text(Some(e.object_key.clone())),
+        Param::Int(Some(e.size as i64)),
+        Param::Text(Some(e.sha256.clone())),
+        Param::Int(s.number_of_frames),
+        Param::Int(s.rows),
+        Param::Int(s.columns),
+        Param::Int(s.bits_allocated),
+        text(&e.sender_ae),
+        Param::Text(Some(e.received_at.clone())),
+        Param::Text(Some(e.dataset_json.clone())),
+        Param::Text(
+            e.pixels
+                .as_ref()
+                .map(|p| serde_json::to_string(p).expect("serializable")),
+        ),
+    ]
+}
+
+/// The writer's view of a database, so one batch routine serves both engines.
+trait WriteConn {
+    /// Run a statement that returns the id of the row it wrote.
+    fn returning_id(
+        &mut self,
+        sql: &'static str,
+        params: Vec<Param>,
+    ) -> impl Future<Output = Result<i64, IndexError>>;
+    fn execute(
+        &mut self,
+        sql: &'static str,
+        params: Vec<Param>,
+    ) -> impl Future<Output = Result<(), IndexError>>;
+}
+
+/// Insert or update the patient, study and series of `e`; the series id.
+async fn upsert_parents<C: WriteConn>(c: &mut C, e: &IndexEntry) -> Result<i64, IndexError> {
+    let patient = c.returning_id(PATIENT_SQL, patient_params(e)).await?;
+    let study = c.returning_id(STUDY_SQL, study_params(e, patient)).await?;
+    c.returning_id(SERIES_SQL, series_params(e, study)).await
+}
+
+async fn upsert_instance<C: WriteConn>(
+    c: &mut C,
     e: &IndexEntry,
     series: i64,
 ) -> Result<(), IndexError> {
-    let s = &e.summary;
-    sqlx::query(
-        "INSERT INTO instance (series_ref, institution, sop_uid, sop_class_uid, instance_number, \
-         transfer_syntax, object_key, size, sha256, number_of_frames, rows, columns, bits_allocated, \
-         sender_ae, received_at, dataset_json, pixel_layout) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17) \
-         ON CONFLICT (institution, sop_uid) DO UPDATE SET series_ref = excluded.series_ref, \
-         sop_class_uid = excluded.sop_class_uid, instance_number = excluded.instance_number, \
-         transfer_syntax = excluded.transfer_syntax, object_key = excluded.object_key, \
-         size = excluded.size, sha256 = excluded.sha256, number_of_frames = excluded.number_of_frames, \
-         rows = excluded.rows, columns = excluded.columns, bits_allocated = excluded.bits_allocated, \
-         sender_ae = excluded.sender_ae, received_at = excluded.received_at, \
-         dataset_json = excluded.dataset_json, pixel_layout = excluded.pixel_layout",
-    )
-    .bind(series)
-    .bind(&e.institution)
-    .bind(&s.sop_instance_uid)
-    .bind(&s.sop_class_uid)
-    .bind(s.instance_number)
-    .bind(&e.transfer_syntax)
-    .bind(&e.object_key)
-    .bind(e.size as i64)
-    .bind(&e.sha256)
-    .bind(s.number_of_frames)
-    .bind(s.rows)
-    .bind(s.columns)
-    .bind(s.bits_allocated)
-    .bind(&e.sender_ae)
-    .bind(&e.received_at)
-    .bind(&e.dataset_json)
-    .bind(e.pixels.as_ref().map(|p| serde_json::to_string(p).expect("serializable")))
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    c.execute(INSTANCE_SQL, instance_params(e, series)).await
 }
