@@ -1,9 +1,9 @@
 //! The single index writer. Writes queue up while a transaction commits and
 //! go into the next one together (group commit: one fsync for many stores).
-//! On SQLite the writer is a thread that owns its own connection, so a batch
-//! runs without a channel round trip per statement (sqlx's SQLite driver
-//! sends every statement to a worker thread); on PostgreSQL it is a task on
-//! the pool.
+//! The writer is a thread of its own. On SQLite it owns its connection, so a
+//! batch runs without a channel round trip per statement (sqlx's SQLite
+//! driver sends every statement to a worker thread); on PostgreSQL it drives
+//! the sqlx pool through the runtime handle.
 //! Parent rows (patient, study, series) that a batch would rewrite with the
 //! very values they already hold are skipped, so a typical store costs one
 //! statement; the memory of those rows is dropped whenever a transaction
@@ -30,7 +30,7 @@ struct Job {
     done: oneshot::Sender<Result<Option<String>, IndexError>>,
 }
 
-/// Handle to the writer task.
+/// Handle to the writer thread.
 #[derive(Clone)]
 pub(super) struct Writer {
     jobs: mpsc::Sender<Job>,
