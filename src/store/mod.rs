@@ -155,22 +155,13 @@ impl Store {
         &self.description
     }
 
-    /// Leftovers of a crash: spool files and object_store staging files
-    /// (`<key>#<n>`) were never acknowledged, so they are removed.
+    /// Leftovers of a crash: spool files were never acknowledged, so they
+    /// are removed. (Objects are only ever written by renaming a complete
+    /// spool file, so there are no partial files elsewhere to look for.)
     fn sweep_spool(&self) {
         if let Ok(rd) = std::fs::read_dir(&self.spool_dir) {
             for e in rd.flatten() {
                 let _ = std::fs::remove_file(e.path());
-            }
-        }
-        if let Backend::Local { root } = &self.backend {
-            for e in walkdir::WalkDir::new(root.join(keys::INSTANCES_PREFIX))
-                .into_iter()
-                .flatten()
-            {
-                if e.file_type().is_file() && e.file_name().to_string_lossy().contains('#') {
-                    let _ = std::fs::remove_file(e.path());
-                }
             }
         }
     }
