@@ -174,7 +174,8 @@ impl Ingest {
             });
         }
         let Received {
-            parsed,
+            dataset_json,
+            pixels,
             summary,
             key,
             sha256,
@@ -197,8 +198,8 @@ impl Ingest {
             sha256,
             sender_ae: sender_ae.map(str::to_string),
             received_at: now_rfc3339(),
-            dataset_json: serde_json::Value::Object(parsed.json).to_string(),
-            pixels: parsed.pixels,
+            dataset_json,
+            pixels,
             replaces: existing.map(|c| c.object_key),
         };
         // An object without an index row is an orphan that reindex adopts;

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::IngestError;
-use crate::dicom::dataset::{self, ParsedObject};
+use crate::dicom::dataset::{self, PixelLayout};
 use crate::dicom::part10::FileMeta;
 use crate::dicom::summary::InstanceSummary;
 use crate::store::{Placed, Placer};
@@ -23,7 +23,9 @@ const SPOOL_CHUNKS: usize = 8;
 
 /// A complete, checked object and where it now is.
 pub struct Received {
-    pub parsed: ParsedObject,
+    /// The data set as DICOM JSON text (serialized here, off the async threads).
+    pub dataset_json: String,
+    pub pixels: Option<PixelLayout>,
     pub summary: InstanceSummary,
     /// Its object key.
     pub key: String,
@@ -163,7 +165,8 @@ fn run_worker(
         .place(tee.file, path, &key)
         .map_err(|e| IngestError::Store(e.into()))?;
     Ok(Received {
-        parsed,
+        dataset_json: serde_json::Value::Object(parsed.json).to_string(),
+        pixels: parsed.pixels,
         summary,
         key,
         sha256,
