@@ -338,3 +338,21 @@ async fn unsupported_sop_class_context_is_refused() {
     let _ = a.release().await;
     assert!(hub.echo("HOSP1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_pdu_is_aborted() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let mut a = associate(hub.port()).await;
+    // A P-DATA-TF of 20 bytes whose PDV item claims 1000 bytes.
+    let s = a.inner_stream();
+    let mut pdu = vec![0x04, 0x00, 0x00, 0x00, 0x00, 0x14];
+    pdu.extend_from_slice(&1000u32.to_be_bytes());
+    pdu.extend_from_slice(&[1, 0x03]);
+    pdu.extend_from_slice(&[0u8; 14]);
+    s.write_all(&pdu).await.unwrap();
+    assert_aborted_or_closed(s).await;
+    assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
+    assert!(hub.echo("HOSP1"));
+}

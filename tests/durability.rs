@@ -254,3 +254,20 @@ async fn reindex_after_deleting_the_index_gives_the_same_content() {
     assert_eq!(before, after);
     drop(hub);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reindex_from_s3_gives_the_same_content() {
+    let Some(hub) = TestHub::start(Backend::S3).await else {
+        return;
+    };
+    let Some(_) = crate::dimse::push_corpus(&hub, "HOSP2").await else {
+        return;
+    };
+    let before = hub.hub.index.fingerprint().await.unwrap();
+    assert_eq!(before.len(), common::corpus().unwrap().len());
+    hub.hub.index.clear().await.unwrap();
+    assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
+    let report = hub.hub.reindex(false).await.unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(hub.hub.index.fingerprint().await.unwrap(), before);
+}

@@ -250,6 +250,9 @@ impl Store {
         while let Some(chunk) = stream.next().await {
             tokio::io::AsyncWriteExt::write_all(&mut out, &chunk?).await?;
         }
+        // A tokio file completes its last write in the background: wait for it
+        // before anyone reads the file.
+        tokio::io::AsyncWriteExt::flush(&mut out).await?;
         Ok((dest, true))
     }
 
