@@ -271,14 +271,12 @@ impl Config {
         if c.auth.hs256_secret.is_some() {
             c.auth.hs256_secret = Some("********".into());
         }
-        if let Some(pos) = c.index.url.find('@') {
-            // postgres://user:password@host → hide the password
-            if let Some(colon) = c.index.url[..pos].rfind(':')
-                && c.index.url[..colon].contains("//")
-                && colon > c.index.url.find("//").unwrap_or(0) + 2
-            {
-                c.index.url.replace_range(colon + 1..pos, "********");
-            }
+        // postgres://user:password@host/db: hide the password.
+        if let Ok(mut u) = url::Url::parse(&c.index.url)
+            && u.password().is_some()
+            && u.set_password(Some("********")).is_ok()
+        {
+            c.index.url = u.to_string();
         }
         toml_string(&c)
     }

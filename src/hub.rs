@@ -5,19 +5,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::Institutions;
 use crate::config::Config;
-use crate::dicom::dataset;
-use crate::dicom::summary::InstanceSummary;
 use crate::dimse::{self, DimseContext};
-use crate::index::{Index, IndexEntry, IndexError};
-use crate::ingest::Ingest;
-use crate::store::keys::InstanceKey;
+use crate::index::{Index, IndexError};
+use crate::ingest::reindex::ReindexReport;
+use crate::ingest::{Ingest, IngestError};
 use crate::store::{Store, StoreError};
 use crate::{telemetry, web};
 
@@ -141,113 +138,8 @@ impl Hub {
         })
     }
 
-    /// Rebuild the index from the object store alone. When several copies of
-    /// one (institution, SOP Instance UID) exist — a crash between storing a
-    /// replacement and deleting its predecessor — the newest one wins.
-    pub async fn reindex(&self, progress: bool) -> Result<ReindexReport, HubError> {
-        let mut objects = Vec::new();
-        let mut listing = self.store.list_instances();
-        while let Some(meta) = listing.next().await {
-            let meta = meta?;
-            let key = meta.location.to_string();
-            match InstanceKey::parse(&key) {
-                Some(k) => objects.push((k, key, meta.last_modified, meta.size)),
-                None => tracing::warn!(%key, "not an instance key; skipped"),
-            }
-        }
-        drop(listing);
-        // newest first within each (institution, sop)
-        objects.sort_by(|a, b| {
-            (&a.0.institution, &a.0.sop_uid, std::cmp::Reverse(a.2)).cmp(&(
-                &b.0.institution,
-                &b.0.sop_uid,
-                std::cmp::Reverse(b.2),
-            ))
-        });
-        objects.dedup_by(|b, a| a.0.institution == b.0.institution && a.0.sop_uid == b.0.sop_uid);
-        self.index.clear().await?;
-        let bar = if progress {
-            indicatif::ProgressBar::new(objects.len() as u64)
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
-        let mut report = ReindexReport::default();
-        for (k, key, modified, size) in objects {
-            bar.inc(1);
-            match self.reindex_one(&k, &key, modified, size).await {
-                Ok(()) => report.indexed += 1,
-                Err(e) => {
-                    tracing::warn!(%key, error = %e, "object not indexed");
-                    report.failed.push((key, e));
-                }
-            }
-        }
-        bar.finish_and_clear();
-        Ok(report)
+    /// Rebuild the index from the object store alone (see `ingest::reindex`).
+    pub async fn reindex(&self, progress: bool) -> Result<ReindexReport, IngestError> {
+        self.ingest.reindex(&self.institutions, progress).await
     }
-
-    async fn reindex_one(
-        &self,
-        k: &InstanceKey,
-        key: &str,
-        modified: chrono_like::Modified,
-        size: u64,
-    ) -> Result<(), String> {
-        let (path, temporary) = self
-            .store
-            .fetch_to_path(key)
-            .await
-            .map_err(|e| e.to_string())?;
-        let p = path.clone();
-        let parsed = tokio::task::spawn_blocking(move || dataset::parse_file_hashed(&p))
-            .await
-            .map_err(|e| e.to_string())?
-            .map(|(parsed, digest)| (parsed, hex::encode(digest)))
-            .map_err(|e| e.to_string());
-        if temporary {
-            let _ = tokio::fs::remove_file(&path).await;
-        }
-        let (parsed, sha256) = parsed?;
-        if !sha256.starts_with(&k.digest) {
-            return Err("object content does not match the digest in its key".into());
-        }
-        let summary = InstanceSummary::from_parsed(&parsed).map_err(|e| e.to_string())?;
-        let Some(inst) = self.institutions.by_code(&k.institution) else {
-            return Err(format!("institution {} is not configured", k.institution));
-        };
-        let entry = IndexEntry {
-            institution: k.institution.clone(),
-            issuer: summary
-                .issuer_of_patient_id
-                .clone()
-                .unwrap_or_else(|| inst.issuer_of_patient_id.clone()),
-            transfer_syntax: parsed.meta.transfer_syntax.clone(),
-            object_key: key.to_string(),
-            size,
-            sha256,
-            sender_ae: parsed.meta.source_ae_title.clone(),
-            received_at: chrono_like::rfc3339(modified),
-            dataset_json: serde_json::Value::Object(parsed.json).to_string(),
-            pixels: parsed.pixels,
-            replaces: None,
-            summary,
-        };
-        self.index.upsert(&entry).await.map_err(|e| e.to_string())?;
-        Ok(())
-    }
-}
-
-/// object_store reports times as chrono values; keep that type out of the rest.
-mod chrono_like {
-    pub type Modified = chrono::DateTime<chrono::Utc>;
-    pub fn rfc3339(t: Modified) -> String {
-        t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-    }
-}
-
-/// What a reindex did.
-#[derive(Debug, Default)]
-pub struct ReindexReport {
-    pub indexed: u64,
-    pub failed: Vec<(String, String)>,
 }

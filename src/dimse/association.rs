@@ -125,12 +125,22 @@ pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) 
 
 type Assoc = dicom_ul::association::server::AsyncServerAssociation<TcpStream>;
 
-async fn run(
+/// The state of one established association.
+struct Session {
     ctx: Arc<DimseContext>,
-    mut assoc: Assoc,
+    assoc: Assoc,
+    contexts: Vec<PresentationContextNegotiated>,
     institution: Arc<Institution>,
     calling: String,
-) {
+    /// Command PDV fragments until the last one.
+    command_buf: Vec<u8>,
+    pending: Option<Pending>,
+}
+
+/// Why an association is aborted (A-ABORT, source service-provider).
+type ProtocolError = &'static str;
+
+async fn run(ctx: Arc<DimseContext>, assoc: Assoc, institution: Arc<Institution>, calling: String) {
     let contexts: Vec<PresentationContextNegotiated> = assoc.presentation_contexts().to_vec();
     tracing::info!(
         contexts = contexts
@@ -139,289 +149,258 @@ async fn run(
             .count(),
         "association established"
     );
-    let mut command_buf: Vec<u8> = Vec::new();
-    let mut pending: Option<Pending> = None;
-    loop {
-        let pdu = match assoc.receive().await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "association ended by a receive error; aborting");
-                let _ = assoc
-                    .send(&Pdu::AbortRQ {
-                        source: AbortRQSource::ServiceProvider(
-                            AbortRQServiceProviderReason::ReasonNotSpecified,
-                        ),
-                    })
-                    .await;
-                return;
+    let mut session = Session {
+        ctx,
+        assoc,
+        contexts,
+        institution,
+        calling,
+        command_buf: Vec::new(),
+        pending: None,
+    };
+    session.serve().await;
+}
+
+impl Session {
+    async fn serve(&mut self) {
+        loop {
+            let pdu = match self.assoc.receive().await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "association ended by a receive error; aborting");
+                    self.abort(AbortRQServiceProviderReason::ReasonNotSpecified)
+                        .await;
+                    return;
+                }
+            };
+            match pdu {
+                Pdu::PData { data } => {
+                    for pdv in data {
+                        if let Err(why) = self.on_pdv(pdv).await {
+                            tracing::warn!(reason = why, "protocol error; aborting association");
+                            self.abort(AbortRQServiceProviderReason::UnexpectedPdu)
+                                .await;
+                            return;
+                        }
+                    }
+                }
+                Pdu::ReleaseRQ => {
+                    if self.pending.is_some() {
+                        tracing::warn!(
+                            "release requested in the middle of an object; the object is discarded"
+                        );
+                    }
+                    let _ = self.assoc.send(&Pdu::ReleaseRP).await;
+                    tracing::info!("association released");
+                    return;
+                }
+                Pdu::AbortRQ { source } => {
+                    tracing::info!(?source, "association aborted by peer");
+                    return;
+                }
+                other => {
+                    tracing::warn!(pdu = ?std::mem::discriminant(&other), "unexpected PDU; aborting");
+                    self.abort(AbortRQServiceProviderReason::UnexpectedPdu)
+                        .await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn abort(&mut self, reason: AbortRQServiceProviderReason) {
+        let _ = self
+            .assoc
+            .send(&Pdu::AbortRQ {
+                source: AbortRQSource::ServiceProvider(reason),
+            })
+            .await;
+    }
+
+    async fn send_response(&mut self, context_id: u8, bytes: Vec<u8>) -> Result<(), ProtocolError> {
+        self.assoc
+            .send(&Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: context_id,
+                    value_type: PDataValueType::Command,
+                    is_last: true,
+                    data: bytes,
+                }],
+            })
+            .await
+            .map_err(|_| "cannot send response")
+    }
+
+    async fn on_pdv(&mut self, pdv: PDataValue) -> Result<(), ProtocolError> {
+        let pc = self
+            .contexts
+            .iter()
+            .find(|c| {
+                c.id == pdv.presentation_context_id
+                    && c.reason == PresentationContextResultReason::Acceptance
+            })
+            .cloned()
+            .ok_or("PDV on a presentation context that was not accepted")?;
+        match pdv.value_type {
+            PDataValueType::Command => {
+                if self.pending.is_some() {
+                    return Err("command while a data set is still arriving");
+                }
+                self.command_buf.extend_from_slice(&pdv.data);
+                if self.command_buf.len() > 64 * 1024 {
+                    return Err("command set larger than 64 KiB");
+                }
+                if !pdv.is_last {
+                    return Ok(());
+                }
+                let bytes = std::mem::take(&mut self.command_buf);
+                let command = Command::parse(&bytes).map_err(|_| "unreadable command set")?;
+                self.on_command(&pc, command).await
+            }
+            PDataValueType::Data => self.on_data(pdv).await,
+        }
+    }
+
+    async fn on_data(&mut self, pdv: PDataValue) -> Result<(), ProtocolError> {
+        let Some(p) = self.pending.as_mut() else {
+            return Err("data set without a command");
+        };
+        if p.context_id != pdv.presentation_context_id {
+            return Err("data set on another presentation context");
+        }
+        if let Sink::Spool(spool) = &mut p.sink
+            && let Err(e) = spool.write(pdv.data).await
+        {
+            tracing::error!(error = %e, "spool write failed");
+            let (status, comment) = status::of_ingest_error(&e);
+            p.sink = Sink::Discard { status, comment };
+        }
+        if !pdv.is_last {
+            return Ok(());
+        }
+        let p = self.pending.take().expect("checked above");
+        let received = p.started.elapsed();
+        let response = match p.sink {
+            Sink::Spool(spool) => self.finish_store(*spool, &p.command).await,
+            Sink::Discard { status, comment } => {
+                super::command::response(&p.command, status, Some(comment))
             }
         };
-        match pdu {
-            Pdu::PData { data } => {
-                for pdv in data {
-                    if let Err(why) = handle_pdv(
-                        &ctx,
-                        &mut assoc,
-                        &contexts,
-                        &institution,
-                        &calling,
-                        &mut command_buf,
-                        &mut pending,
-                        pdv,
-                    )
-                    .await
-                    {
-                        tracing::warn!(reason = why, "protocol error; aborting association");
-                        let _ = assoc
-                            .send(&Pdu::AbortRQ {
-                                source: AbortRQSource::ServiceProvider(
-                                    AbortRQServiceProviderReason::UnexpectedPdu,
-                                ),
-                            })
-                            .await;
-                        return;
-                    }
-                }
-            }
-            Pdu::ReleaseRQ => {
-                if pending.is_some() {
-                    tracing::warn!(
-                        "release requested in the middle of an object; the object is discarded"
-                    );
-                }
-                let _ = assoc.send(&Pdu::ReleaseRP).await;
-                tracing::info!("association released");
-                return;
-            }
-            Pdu::AbortRQ { source } => {
-                tracing::info!(?source, "association aborted by peer");
-                return;
-            }
-            other => {
-                tracing::warn!(pdu = ?std::mem::discriminant(&other), "unexpected PDU; aborting");
-                let _ = assoc
-                    .send(&Pdu::AbortRQ {
-                        source: AbortRQSource::ServiceProvider(
-                            AbortRQServiceProviderReason::UnexpectedPdu,
-                        ),
-                    })
-                    .await;
-                return;
-            }
-        }
+        self.send_response(p.context_id, response).await?;
+        tracing::debug!(
+            received_us = received.as_micros() as u64,
+            answered_us = p.started.elapsed().as_micros() as u64,
+            "c-store timings"
+        );
+        Ok(())
     }
-}
 
-async fn send_response(
-    assoc: &mut Assoc,
-    context_id: u8,
-    bytes: Vec<u8>,
-) -> Result<(), &'static str> {
-    assoc
-        .send(&Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: context_id,
-                value_type: PDataValueType::Command,
-                is_last: true,
-                data: bytes,
-            }],
-        })
-        .await
-        .map_err(|_| "cannot send response")
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn handle_pdv(
-    ctx: &DimseContext,
-    assoc: &mut Assoc,
-    contexts: &[PresentationContextNegotiated],
-    institution: &Arc<Institution>,
-    calling: &str,
-    command_buf: &mut Vec<u8>,
-    pending: &mut Option<Pending>,
-    pdv: PDataValue,
-) -> Result<(), &'static str> {
-    let pc = contexts
-        .iter()
-        .find(|c| {
-            c.id == pdv.presentation_context_id
-                && c.reason == PresentationContextResultReason::Acceptance
-        })
-        .ok_or("PDV on a presentation context that was not accepted")?;
-    match pdv.value_type {
-        PDataValueType::Command => {
-            if pending.is_some() {
-                return Err("command while a data set is still arriving");
+    async fn on_command(
+        &mut self,
+        pc: &PresentationContextNegotiated,
+        command: Command,
+    ) -> Result<(), ProtocolError> {
+        let sink = match command.field {
+            CommandField::CEchoRq => {
+                metrics::counter!(telemetry::ECHOS).increment(1);
+                let rsp = super::command::response(&command, status::SUCCESS, None);
+                return self.send_response(pc.id, rsp).await;
             }
-            command_buf.extend_from_slice(&pdv.data);
-            if command_buf.len() > 64 * 1024 {
-                return Err("command set larger than 64 KiB");
+            CommandField::CStoreRq => {
+                if !command.has_data_set {
+                    return Err("C-STORE-RQ without a data set");
+                }
+                self.store_sink(pc, &command).await
             }
-            if !pdv.is_last {
-                return Ok(());
-            }
-            let bytes = std::mem::take(command_buf);
-            let command = Command::parse(&bytes).map_err(|_| "unreadable command set")?;
-            on_command(ctx, assoc, pc, institution, calling, command, pending).await
-        }
-        PDataValueType::Data => {
-            let Some(p) = pending.as_mut() else {
-                return Err("data set without a command");
-            };
-            if p.context_id != pdv.presentation_context_id {
-                return Err("data set on another presentation context");
-            }
-            if let Sink::Spool(spool) = &mut p.sink
-                && let Err(e) = spool.write(pdv.data).await
-            {
-                tracing::error!(error = %e, "spool write failed");
-                let (status, comment) = status::of_ingest_error(&e);
-                p.sink = Sink::Discard { status, comment };
-            }
-            if pdv.is_last {
-                let p = pending.take().expect("checked above");
-                let received = p.started.elapsed();
-                let response = match p.sink {
-                    Sink::Spool(spool) => {
-                        finish_store(ctx, institution, calling, *spool, &p.command).await
-                    }
-                    Sink::Discard { status, comment } => {
-                        super::command::response(&p.command, status, Some(comment))
-                    }
-                };
-                send_response(assoc, p.context_id, response).await?;
-                tracing::debug!(
-                    received_us = received.as_micros() as u64,
-                    answered_us = p.started.elapsed().as_micros() as u64,
-                    "c-store timings"
+            CommandField::Other(field) => {
+                tracing::warn!(
+                    command_field = format!("{field:04X}"),
+                    "unsupported DIMSE command"
                 );
-            }
-            Ok(())
-        }
-    }
-}
-
-async fn on_command(
-    ctx: &DimseContext,
-    assoc: &mut Assoc,
-    pc: &PresentationContextNegotiated,
-    institution: &Institution,
-    calling: &str,
-    command: Command,
-    pending: &mut Option<Pending>,
-) -> Result<(), &'static str> {
-    match command.field {
-        CommandField::CEchoRq => {
-            metrics::counter!(telemetry::ECHOS).increment(1);
-            send_response(
-                assoc,
-                pc.id,
-                super::command::response(&command, status::SUCCESS, None),
-            )
-            .await
-        }
-        CommandField::CStoreRq => {
-            if !command.has_data_set {
-                return Err("C-STORE-RQ without a data set");
-            }
-            let class = command.affected_sop_class_uid.clone().unwrap_or_default();
-            let instance = command
-                .affected_sop_instance_uid
-                .clone()
-                .unwrap_or_default();
-            // Still read the data set so the association stays in step, but
-            // refuse it: the class must be the one negotiated for the context.
-            let refuse = if class.is_empty() || instance.is_empty() {
-                Some((
-                    status::DATA_SET_MISMATCH,
-                    "command lacks Affected SOP Class/Instance UID",
-                ))
-            } else if class != pc.abstract_syntax {
-                Some((
-                    status::SOP_CLASS_NOT_SUPPORTED,
-                    "SOP class differs from the presentation context",
-                ))
-            } else {
-                None
-            };
-            let meta = FileMeta {
-                sop_class_uid: class,
-                sop_instance_uid: instance,
-                transfer_syntax: pc.transfer_syntax.trim_end_matches('\0').to_string(),
-                source_ae_title: Some(calling.to_string()),
-            };
-            let sink = match refuse {
-                Some((status, comment)) => {
-                    metrics::counter!(telemetry::STORE_FAILURES, "reason" => "command")
-                        .increment(1);
-                    tracing::warn!(status = format!("{status:04X}"), comment, "C-STORE refused");
-                    Sink::Discard { status, comment }
+                if !command.has_data_set {
+                    let rsp =
+                        super::command::response(&command, status::UNRECOGNIZED_OPERATION, None);
+                    return self.send_response(pc.id, rsp).await;
                 }
-                None => match ctx.ingest.begin(meta, institution).await {
-                    Ok(s) => Sink::Spool(Box::new(s)),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot open a spool");
-                        let (status, comment) = status::of_ingest_error(&e);
-                        Sink::Discard { status, comment }
-                    }
-                },
-            };
-            *pending = Some(Pending {
-                started: std::time::Instant::now(),
-                command,
-                context_id: pc.id,
-                sink,
-            });
-            Ok(())
-        }
-        CommandField::Other(field) => {
-            tracing::warn!(
-                command_field = format!("{field:04X}"),
-                "unsupported DIMSE command"
-            );
-            if command.has_data_set {
-                *pending = Some(Pending {
-                    started: std::time::Instant::now(),
-                    command,
-                    context_id: pc.id,
-                    sink: Sink::Discard {
-                        status: status::UNRECOGNIZED_OPERATION,
-                        comment: "unsupported operation",
-                    },
-                });
-                return Ok(());
+                Sink::Discard {
+                    status: status::UNRECOGNIZED_OPERATION,
+                    comment: "unsupported operation",
+                }
             }
-            send_response(
-                assoc,
-                pc.id,
-                super::command::response(&command, status::UNRECOGNIZED_OPERATION, None),
-            )
-            .await
+        };
+        self.pending = Some(Pending {
+            started: std::time::Instant::now(),
+            command,
+            context_id: pc.id,
+            sink,
+        });
+        Ok(())
+    }
+
+    /// Where a C-STORE's data set goes: a spool, or (refused) nowhere. A
+    /// refused data set is still read, so the association stays in step.
+    async fn store_sink(&self, pc: &PresentationContextNegotiated, command: &Command) -> Sink {
+        let class = command.affected_sop_class_uid.clone().unwrap_or_default();
+        let instance = command
+            .affected_sop_instance_uid
+            .clone()
+            .unwrap_or_default();
+        let refuse = if class.is_empty() || instance.is_empty() {
+            Some((
+                status::DATA_SET_MISMATCH,
+                "command lacks Affected SOP Class/Instance UID",
+            ))
+        } else if class != pc.abstract_syntax {
+            // The class must be the one negotiated for the context.
+            Some((
+                status::SOP_CLASS_NOT_SUPPORTED,
+                "SOP class differs from the presentation context",
+            ))
+        } else {
+            None
+        };
+        if let Some((status, comment)) = refuse {
+            metrics::counter!(telemetry::STORE_FAILURES, "reason" => "command").increment(1);
+            tracing::warn!(status = format!("{status:04X}"), comment, "C-STORE refused");
+            return Sink::Discard { status, comment };
+        }
+        let meta = FileMeta {
+            sop_class_uid: class,
+            sop_instance_uid: instance,
+            transfer_syntax: pc.transfer_syntax.trim_end_matches('\0').to_string(),
+            source_ae_title: Some(self.calling.clone()),
+        };
+        match self.ctx.ingest.begin(meta, &self.institution).await {
+            Ok(s) => Sink::Spool(Box::new(s)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open a spool");
+                let (status, comment) = status::of_ingest_error(&e);
+                Sink::Discard { status, comment }
+            }
         }
     }
-}
 
-async fn finish_store(
-    ctx: &DimseContext,
-    institution: &Institution,
-    calling: &str,
-    spool: Spool,
-    command: &Command,
-) -> Vec<u8> {
-    match ctx.ingest.finish(spool, institution, Some(calling)).await {
-        Ok(accepted) => {
-            tracing::info!(
-                sop_instance_uid = %accepted.summary.sop_instance_uid,
-                study_instance_uid = %accepted.summary.study_instance_uid,
-                outcome = ?accepted.outcome,
-                "stored"
-            );
-            super::command::response(command, status::SUCCESS, None)
-        }
-        Err(e) => {
-            let (code, comment) = status::of_ingest_error(&e);
-            tracing::warn!(error = %e, status = format!("{code:04X}"), "C-STORE failed");
-            super::command::response(command, code, Some(comment))
+    async fn finish_store(&self, spool: Spool, command: &Command) -> Vec<u8> {
+        match self
+            .ctx
+            .ingest
+            .finish(spool, &self.institution, Some(&self.calling))
+            .await
+        {
+            Ok(accepted) => {
+                tracing::info!(
+                    sop_instance_uid = %accepted.summary.sop_instance_uid,
+                    study_instance_uid = %accepted.summary.study_instance_uid,
+                    outcome = ?accepted.outcome,
+                    "stored"
+                );
+                super::command::response(command, status::SUCCESS, None)
+            }
+            Err(e) => {
+                let (code, comment) = status::of_ingest_error(&e);
+                tracing::warn!(error = %e, status = format!("{code:04X}"), "C-STORE failed");
+                super::command::response(command, code, Some(comment))
+            }
         }
     }
 }

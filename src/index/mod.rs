@@ -69,7 +69,6 @@ pub struct StoredCopy {
 #[derive(Clone)]
 pub struct Index {
     pool: AnyPool,
-    engine: Engine,
     writer: write::Writer,
 }
 
@@ -125,15 +124,7 @@ impl Index {
             Engine::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
         }
         let writer = write::Writer::start(pool.clone(), engine, sqlite_path)?;
-        Ok(Self {
-            pool,
-            engine,
-            writer,
-        })
-    }
-
-    pub fn engine(&self) -> Engine {
-        self.engine
+        Ok(Self { pool, writer })
     }
 
     /// Readiness: the database answers.

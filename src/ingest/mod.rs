@@ -3,6 +3,7 @@
 //! index → acknowledge. A spool that is not committed removes itself.
 
 pub mod import;
+pub mod reindex;
 mod spool;
 
 use spool::Received;
@@ -86,14 +87,6 @@ pub struct Ingest {
 impl Ingest {
     pub fn new(store: Arc<Store>, index: Index) -> Self {
         Self { store, index }
-    }
-
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
-    }
-
-    pub fn index(&self) -> &Index {
-        &self.index
     }
 
     /// Open a spool for an object whose File Meta Information is known from
@@ -187,17 +180,14 @@ impl Ingest {
 
         let entry = IndexEntry {
             institution: institution.code.clone(),
-            issuer: summary
-                .issuer_of_patient_id
-                .clone()
-                .unwrap_or_else(|| institution.issuer_of_patient_id.clone()),
+            issuer: patient_issuer(&summary, institution),
             summary: summary.clone(),
             transfer_syntax: spool.meta().transfer_syntax.clone(),
             object_key: key.clone(),
             size,
             sha256,
             sender_ae: sender_ae.map(str::to_string),
-            received_at: now_rfc3339(),
+            received_at: rfc3339(chrono::Utc::now()),
             dataset_json,
             pixels,
             replaces: existing.map(|c| c.object_key),
@@ -262,7 +252,16 @@ pub(crate) fn identify(
     Ok((summary, key))
 }
 
-/// The current time as RFC 3339 UTC.
-pub fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+/// The namespace a patient ID lives in (DESIGN §2): the Issuer of Patient ID
+/// the object carries, else the sending institution's own issuer.
+fn patient_issuer(summary: &InstanceSummary, institution: &Institution) -> String {
+    summary
+        .issuer_of_patient_id
+        .clone()
+        .unwrap_or_else(|| institution.issuer_of_patient_id.clone())
+}
+
+/// A time as RFC 3339 UTC, as the index keeps it.
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }

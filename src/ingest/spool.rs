@@ -84,10 +84,6 @@ impl Spool {
         &self.meta
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// End of data: wait for the worker's result.
     pub(super) async fn complete(&mut self) -> Result<Received, IngestError> {
         self.chunks.take();

@@ -44,13 +44,6 @@ pub enum StoreError {
     Config(String),
 }
 
-impl StoreError {
-    /// A full disk is a resource problem, not a bug: DIMSE maps it to A700.
-    pub fn is_out_of_space(&self) -> bool {
-        matches!(self, StoreError::Io(e) if e.raw_os_error() == Some(28))
-    }
-}
-
 enum Backend {
     Local { root: PathBuf },
     S3,

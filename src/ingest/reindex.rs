@@ -1,0 +1,131 @@
+//! `reindex`: rebuild the index from the object store alone. The store is the
+//! source of truth; every object is parsed again and its digest checked
+//! against its key before it is indexed.
+
+use futures::StreamExt;
+
+use super::{Ingest, IngestError};
+use crate::access::Institutions;
+use crate::dicom::dataset;
+use crate::dicom::summary::InstanceSummary;
+use crate::index::IndexEntry;
+use crate::store::keys::InstanceKey;
+
+/// What a reindex did.
+#[derive(Debug, Default)]
+pub struct ReindexReport {
+    pub indexed: u64,
+    /// (object key, reason) of every object left out.
+    pub failed: Vec<(String, String)>,
+}
+
+impl Ingest {
+    /// Clear the index and index every stored object again. When several
+    /// copies of one (institution, SOP Instance UID) exist — a crash between
+    /// storing a replacement and deleting its predecessor — the newest wins.
+    pub async fn reindex(
+        &self,
+        institutions: &Institutions,
+        progress: bool,
+    ) -> Result<ReindexReport, IngestError> {
+        let mut objects = Vec::new();
+        let mut listing = self.store.list_instances();
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            let key = meta.location.to_string();
+            match InstanceKey::parse(&key) {
+                Some(k) => objects.push((k, key, meta.last_modified, meta.size)),
+                None => tracing::warn!(%key, "not an instance key; skipped"),
+            }
+        }
+        drop(listing);
+        // Newest first within each (institution, SOP Instance UID), then keep the first.
+        objects.sort_by(|a, b| {
+            (&a.0.institution, &a.0.sop_uid, std::cmp::Reverse(a.2)).cmp(&(
+                &b.0.institution,
+                &b.0.sop_uid,
+                std::cmp::Reverse(b.2),
+            ))
+        });
+        objects.dedup_by(|b, a| a.0.institution == b.0.institution && a.0.sop_uid == b.0.sop_uid);
+        self.index.clear().await?;
+        let bar = if progress {
+            indicatif::ProgressBar::new(objects.len() as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let mut report = ReindexReport::default();
+        for (k, key, modified, size) in objects {
+            bar.inc(1);
+            match self
+                .reindex_one(institutions, &k, &key, modified, size)
+                .await
+            {
+                Ok(()) => report.indexed += 1,
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "object not indexed");
+                    report.failed.push((key, e));
+                }
+            }
+        }
+        bar.finish_and_clear();
+        Ok(report)
+    }
+
+    async fn reindex_one(
+        &self,
+        institutions: &Institutions,
+        k: &InstanceKey,
+        key: &str,
+        modified: chrono::DateTime<chrono::Utc>,
+        size: u64,
+    ) -> Result<(), String> {
+        let Some(inst) = institutions.by_code(&k.institution) else {
+            return Err(format!("institution {} is not configured", k.institution));
+        };
+        let (path, temporary) = self
+            .store
+            .fetch_to_path(key)
+            .await
+            .map_err(|e| e.to_string())?;
+        let p = path.clone();
+        // Parsing, hashing and serializing are CPU work: off the async threads.
+        let parsed = tokio::task::spawn_blocking(move || {
+            let (parsed, digest) = dataset::parse_file_hashed(&p).map_err(|e| e.to_string())?;
+            let summary = InstanceSummary::from_parsed(&parsed).map_err(|e| e.to_string())?;
+            let json = serde_json::Value::Object(parsed.json).to_string();
+            Ok::<_, String>((
+                parsed.meta,
+                parsed.pixels,
+                summary,
+                json,
+                hex::encode(digest),
+            ))
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        if temporary {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        let (meta, pixels, summary, dataset_json, sha256) = parsed?;
+        if !sha256.starts_with(&k.digest) {
+            return Err("object content does not match the digest in its key".into());
+        }
+        let entry = IndexEntry {
+            institution: k.institution.clone(),
+            issuer: super::patient_issuer(&summary, &inst),
+            transfer_syntax: meta.transfer_syntax,
+            object_key: key.to_string(),
+            size,
+            sha256,
+            sender_ae: meta.source_ae_title,
+            received_at: super::rfc3339(modified),
+            dataset_json,
+            pixels,
+            replaces: None,
+            summary,
+        };
+        self.index.upsert(&entry).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
