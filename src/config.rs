@@ -39,6 +39,8 @@ pub struct Config {
     pub index: IndexConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub dicomweb: DicomWebConfig,
     /// The hospitals whose modalities may send to us.
     #[serde(default, rename = "institution")]
     pub institutions: Vec<InstitutionConfig>,
@@ -139,6 +141,13 @@ pub struct AuthConfig {
     pub audience: String,
     /// HS256 shared secret for local setups; `tsunagu token` signs with it.
     pub hs256_secret: Option<String>,
+    /// PEM files of an identity provider's public keys (RSA for RS256, EC
+    /// P-256 for ES256), for tokens that carry no `kid` or a `kid` no JWKS names.
+    pub public_key_files: Vec<PathBuf>,
+    /// A JWKS file (RFC 7517) of the identity provider's signing keys.
+    pub jwks_file: Option<PathBuf>,
+    /// Clock skew tolerated on `exp`, in seconds.
+    pub leeway_secs: u64,
 }
 
 impl Default for AuthConfig {
@@ -147,6 +156,50 @@ impl Default for AuthConfig {
             issuer: "tsunagu".into(),
             audience: "tsunagu".into(),
             hs256_secret: None,
+            public_key_files: Vec::new(),
+            jwks_file: None,
+            leeway_secs: 30,
+        }
+    }
+}
+
+/// What QIDO-RS answers when nothing matches.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EmptySearch {
+    /// 204 No Content (PS3.18 as published).
+    NoContent,
+    /// 200 with `[]` (as CP-2473 proposes).
+    EmptyArray,
+}
+
+/// `[dicomweb]`: the DICOMweb services under `/dicom-web`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DicomWebConfig {
+    /// Origins (e.g. `https://viewer.example`) whose browsers may call us
+    /// (CORS); empty: no cross-origin access.
+    pub cors_origins: Vec<String>,
+    /// Largest STOW-RS request body, in bytes.
+    pub stow_max_bytes: u64,
+    /// Most results one QIDO-RS answer returns (`limit` is capped to it).
+    pub qido_max_results: u32,
+    /// QIDO-RS answer when nothing matches.
+    pub qido_empty: EmptySearch,
+    /// Public base URL of the service root (e.g.
+    /// `https://pacs.example/dicom-web`) for RetrieveURL; by default taken from
+    /// the request's Host header.
+    pub base_url: Option<String>,
+}
+
+impl Default for DicomWebConfig {
+    fn default() -> Self {
+        Self {
+            cors_origins: Vec::new(),
+            stow_max_bytes: 4 << 30,
+            qido_max_results: 1000,
+            qido_empty: EmptySearch::NoContent,
+            base_url: None,
         }
     }
 }
@@ -220,6 +273,17 @@ impl Config {
                 "auth.hs256_secret",
                 "must be at least 16 characters",
             ));
+        }
+        if self.dicomweb.qido_max_results == 0 {
+            return Err(invalid("dicomweb.qido_max_results", "must be at least 1"));
+        }
+        for (i, o) in self.dicomweb.cors_origins.iter().enumerate() {
+            if o.parse::<axum::http::HeaderValue>().is_err() || !o.contains("://") {
+                return Err(invalid(
+                    format!("dicomweb.cors_origins[{i}]"),
+                    "an origin is scheme://host[:port]",
+                ));
+            }
         }
         let mut codes = std::collections::HashSet::new();
         let mut aes = std::collections::HashMap::new();

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::Institutions;
+use crate::auth::{AuthError, Verifier};
 use crate::config::Config;
 use crate::dimse::{self, DimseContext};
 use crate::index::{Index, IndexError};
@@ -29,6 +30,8 @@ pub enum HubError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("{0}")]
     Other(String),
 }
@@ -41,6 +44,7 @@ pub struct Hub {
     pub institutions: Arc<Institutions>,
     pub ingest: Ingest,
     pub metrics: PrometheusHandle,
+    pub verifier: Verifier,
 }
 
 /// A running server: its bound addresses and the switch that stops it.
@@ -59,7 +63,9 @@ impl Hub {
         let index = Index::connect(&config.index).await?;
         let institutions = Arc::new(Institutions::from_config(&config.institutions));
         let ingest = Ingest::new(store.clone(), index.clone());
+        let verifier = Verifier::from_config(&config.auth)?;
         Ok(Arc::new(Self {
+            verifier,
             config,
             store,
             index,

@@ -14,6 +14,8 @@ pub const INSTANCES_REPLACED: &str = "tsunagu_instances_replaced_total";
 pub const STORE_FAILURES: &str = "tsunagu_store_failures_total";
 pub const STORE_SECONDS: &str = "tsunagu_store_duration_seconds";
 pub const ECHOS: &str = "tsunagu_dimse_echo_total";
+pub const AUTH_FAILURES: &str = "tsunagu_http_auth_failures_total";
+pub const HTTP_REQUESTS: &str = "tsunagu_http_requests_total";
 
 /// Start structured logging; `RUST_LOG` filters, `TSUNAGU_LOG_FORMAT=json` for JSON lines.
 pub fn init_logging() {
@@ -68,5 +70,13 @@ fn install() -> PrometheusHandle {
         "time from last data byte to durable and indexed"
     );
     metrics::describe_counter!(ECHOS, "C-ECHO requests answered");
+    metrics::describe_counter!(
+        AUTH_FAILURES,
+        "HTTP requests refused for their token, by reason"
+    );
+    metrics::describe_counter!(
+        HTTP_REQUESTS,
+        "DICOMweb requests answered, by service and status"
+    );
     handle
 }

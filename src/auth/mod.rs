@@ -1,11 +1,15 @@
 //! Bearer tokens (JWT, RFC 7519) for the HTTP APIs: the claims we issue and
-//! accept, and `tsunagu token`, which mints one from the configured HS256
-//! secret for local setups. (Verification joins with the DICOMweb routes.)
+//! accept, their verification against the configured keys (an HS256 secret
+//! for local setups; an identity provider's RS256/ES256 keys as PEM files or
+//! a JWKS, in the spirit of IHE IUA), and `tsunagu token`.
 
 use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+
+use std::str::FromStr;
 
 use crate::config::AuthConfig;
 
@@ -15,6 +19,168 @@ pub enum AuthError {
     NoSecret,
     #[error("cannot sign the token: {0}")]
     Sign(#[from] jsonwebtoken::errors::Error),
+    #[error("cannot read the key file {path}: {reason}")]
+    KeyFile {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+}
+
+/// Why a presented token is refused. The detail goes to the audit trail and
+/// the log; the client only learns that it was refused and which kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("no bearer token")]
+    Missing,
+    #[error("the token is not a well-formed JWT")]
+    Malformed,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token's signature or algorithm is not accepted")]
+    BadSignature,
+    #[error("the token's issuer or audience is not ours")]
+    WrongParty,
+    #[error("the token's claims are incomplete: {0}")]
+    Claims(String),
+}
+
+/// One key a token may be signed with.
+struct VerifyKey {
+    kid: Option<String>,
+    algorithms: Vec<Algorithm>,
+    key: DecodingKey,
+}
+
+/// Verifies bearer tokens against every configured key.
+pub struct Verifier {
+    keys: Vec<VerifyKey>,
+    issuer: String,
+    audience: String,
+    leeway: u64,
+}
+
+impl Verifier {
+    /// Load the keys named in `[auth]`. No key at all is allowed (every
+    /// request is then refused), so a hub with no HTTP users still starts.
+    pub fn from_config(cfg: &AuthConfig) -> Result<Self, AuthError> {
+        let mut keys = Vec::new();
+        if let Some(secret) = &cfg.hs256_secret {
+            keys.push(VerifyKey {
+                kid: None,
+                algorithms: vec![Algorithm::HS256],
+                key: DecodingKey::from_secret(secret.as_bytes()),
+            });
+        }
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| AuthError::KeyFile {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
+        };
+        for path in &cfg.public_key_files {
+            let pem = read(path)?;
+            let (key, algorithms) = if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+                (
+                    k,
+                    vec![Algorithm::RS256, Algorithm::RS384, Algorithm::RS512],
+                )
+            } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
+                (k, vec![Algorithm::ES256, Algorithm::ES384])
+            } else {
+                return Err(AuthError::KeyFile {
+                    path: path.clone(),
+                    reason: "neither an RSA nor an EC public key in PEM".into(),
+                });
+            };
+            keys.push(VerifyKey {
+                kid: None,
+                algorithms,
+                key,
+            });
+        }
+        if let Some(path) = &cfg.jwks_file {
+            let set: JwkSet =
+                serde_json::from_slice(&read(path)?).map_err(|e| AuthError::KeyFile {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            for jwk in &set.keys {
+                let key = DecodingKey::from_jwk(jwk).map_err(|e| AuthError::KeyFile {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                let algorithms = match jwk.common.key_algorithm {
+                    Some(a) => match Algorithm::from_str(&a.to_string()) {
+                        Ok(a) => vec![a],
+                        Err(_) => continue,
+                    },
+                    None => match &jwk.algorithm {
+                        jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => {
+                            vec![Algorithm::RS256, Algorithm::RS384, Algorithm::RS512]
+                        }
+                        jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => {
+                            vec![Algorithm::ES256, Algorithm::ES384]
+                        }
+                        _ => continue,
+                    },
+                };
+                keys.push(VerifyKey {
+                    kid: jwk.common.key_id.clone(),
+                    algorithms,
+                    key,
+                });
+            }
+        }
+        Ok(Self {
+            keys,
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            leeway: cfg.leeway_secs,
+        })
+    }
+
+    /// Check signature, algorithm, `exp`, `iss` and `aud`; return the claims.
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        use jsonwebtoken::errors::ErrorKind;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        // A token naming a key id is checked against that key only.
+        let candidates = self.keys.iter().filter(|k| {
+            k.algorithms.contains(&header.alg)
+                && match (&header.kid, &k.kid) {
+                    (Some(want), Some(have)) => want == have,
+                    (Some(_), None) | (None, _) => true,
+                }
+        });
+        let mut last = TokenError::BadSignature;
+        for k in candidates {
+            let mut v = Validation::new(header.alg);
+            v.set_issuer(&[&self.issuer]);
+            v.set_audience(&[&self.audience]);
+            v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+            v.leeway = self.leeway;
+            match jsonwebtoken::decode::<Claims>(token, &k.key, &v) {
+                Ok(data) => return Ok(data.claims),
+                Err(e) => {
+                    last = match e.kind() {
+                        ErrorKind::InvalidSignature => continue,
+                        ErrorKind::ExpiredSignature => TokenError::Expired,
+                        ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => {
+                            TokenError::WrongParty
+                        }
+                        ErrorKind::MissingRequiredClaim(c) => TokenError::Claims(c.clone()),
+                        ErrorKind::Json(e) => TokenError::Claims(e.to_string()),
+                        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+                            TokenError::Malformed
+                        }
+                        _ => TokenError::BadSignature,
+                    };
+                    // Only a bad signature makes another key worth trying.
+                    return Err(last);
+                }
+            }
+        }
+        Err(last)
+    }
 }
 
 /// What a token holder may do.
@@ -42,6 +208,7 @@ pub struct Claims {
     /// Expiry, seconds since the epoch.
     pub exp: u64,
     /// Issued at, seconds since the epoch.
+    #[serde(default)]
     pub iat: u64,
 }
 

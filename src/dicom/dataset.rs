@@ -467,18 +467,20 @@ fn walk<R: Read + Seek>(
 /// The dictionary gives "US or SS" for pixel-value attributes; under implicit
 /// VR the data set's Pixel Representation (0028,0103) decides (PS3.5 §A.1,
 /// PS3.3 C.7.6.3.1): 1 means signed.
+/// Attributes whose VR is "US or SS", settled by Pixel Representation.
+pub(crate) const PIXEL_VALUE_TAGS: [Tag; 8] = [
+    tags::SMALLEST_IMAGE_PIXEL_VALUE,
+    tags::LARGEST_IMAGE_PIXEL_VALUE,
+    tags::SMALLEST_PIXEL_VALUE_IN_SERIES,
+    tags::LARGEST_PIXEL_VALUE_IN_SERIES,
+    // Smallest/Largest Image Pixel Value in Plane (retired, still sent).
+    Tag(0x0028, 0x0110),
+    Tag(0x0028, 0x0111),
+    tags::PIXEL_PADDING_VALUE,
+    tags::PIXEL_PADDING_RANGE_LIMIT,
+];
+
 fn resolve_implicit_vr(tag: Tag, dictionary_vr: VR, item: &Map<String, Value>) -> VR {
-    const PIXEL_VALUE_TAGS: [Tag; 8] = [
-        tags::SMALLEST_IMAGE_PIXEL_VALUE,
-        tags::LARGEST_IMAGE_PIXEL_VALUE,
-        tags::SMALLEST_PIXEL_VALUE_IN_SERIES,
-        tags::LARGEST_PIXEL_VALUE_IN_SERIES,
-        // Smallest/Largest Image Pixel Value in Plane (retired, still sent).
-        Tag(0x0028, 0x0110),
-        Tag(0x0028, 0x0111),
-        tags::PIXEL_PADDING_VALUE,
-        tags::PIXEL_PADDING_RANGE_LIMIT,
-    ];
     if !matches!(dictionary_vr, VR::US | VR::SS) || !PIXEL_VALUE_TAGS.contains(&tag) {
         return dictionary_vr;
     }

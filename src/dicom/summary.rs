@@ -24,6 +24,23 @@ pub struct PersonName {
     pub phonetic: Option<String>,
 }
 
+impl PersonName {
+    /// The search keys of the three groups: what QIDO matches against.
+    pub fn keys(&self) -> [Option<String>; 3] {
+        [&self.alphabetic, &self.ideographic, &self.phonetic].map(|g| g.as_deref().map(pn_key))
+    }
+}
+
+/// The search key of one Person Name component group: upper case (PN
+/// matching is case-insensitive) with trailing empty components and padding
+/// dropped, so `Yamada^Taro^^` and `YAMADA^TARO` are one key.
+pub fn pn_key(group: &str) -> String {
+    group
+        .trim_end_matches([' ', '^'])
+        .trim_start_matches(' ')
+        .to_uppercase()
+}
+
 /// A patient identifier with its issuer, as in Other Patient IDs Sequence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OtherPatientId {
@@ -111,13 +128,17 @@ fn items(map: &Map<String, Value>, tag: Tag) -> Vec<&Map<String, Value>> {
         .unwrap_or_default()
 }
 
-fn uid(map: &Map<String, Value>, tag: Tag, name: &'static str) -> Result<String, SummaryError> {
-    let v = text(map, tag).ok_or(SummaryError::Missing(name))?;
-    let ok = v.len() <= 64
+/// A UID as PS3.5 §9.1 allows: at most 64 characters, dot-separated digits.
+pub fn is_uid(v: &str) -> bool {
+    v.len() <= 64
         && !v.is_empty()
         && v.split('.')
-            .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()));
-    if ok {
+            .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn uid(map: &Map<String, Value>, tag: Tag, name: &'static str) -> Result<String, SummaryError> {
+    let v = text(map, tag).ok_or(SummaryError::Missing(name))?;
+    if is_uid(&v) {
         Ok(v)
     } else {
         Err(SummaryError::InvalidUid(name))

@@ -12,6 +12,7 @@ use crate::config::IndexConfig;
 use crate::dicom::dataset::PixelLayout;
 use crate::dicom::summary::InstanceSummary;
 
+pub mod search;
 mod write;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -113,6 +114,9 @@ impl Index {
                         conn.execute("PRAGMA synchronous=FULL").await?;
                         conn.execute("PRAGMA foreign_keys=ON").await?;
                         conn.execute("PRAGMA busy_timeout=30000").await?;
+                        // LIKE as on PostgreSQL: case-sensitive (and index-usable);
+                        // case-insensitive matching goes through the upper-cased keys.
+                        conn.execute("PRAGMA case_sensitive_like=ON").await?;
                     }
                     Ok(())
                 })
@@ -167,6 +171,35 @@ impl Index {
             let layout: Option<String> = r.get(1);
             (r.get(0), layout.and_then(|l| serde_json::from_str(&l).ok()))
         }))
+    }
+
+    /// Run a QIDO-RS search under `scope`.
+    pub async fn search(
+        &self,
+        s: &search::Search,
+        scope: &search::Scope,
+    ) -> Result<search::Page, IndexError> {
+        search::search(&self.pool, s, scope).await
+    }
+
+    /// The visible instances of a study, series or instance, in order.
+    pub async fn instances(
+        &self,
+        scope: &search::Scope,
+        study_uid: &str,
+        series_uid: Option<&str>,
+        sop_uid: Option<&str>,
+    ) -> Result<Vec<search::StoredInstance>, IndexError> {
+        search::instances(&self.pool, scope, study_uid, series_uid, sop_uid).await
+    }
+
+    /// Stored DICOM JSON of one instance per study / series / instance id.
+    pub async fn dataset_json(
+        &self,
+        level: search::Level,
+        ids: &[i64],
+    ) -> Result<std::collections::HashMap<i64, String>, IndexError> {
+        search::representative_json(&self.pool, level, ids).await
     }
 
     /// Number of indexed instances.

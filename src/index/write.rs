@@ -326,12 +326,16 @@ fn text(v: &Option<String>) -> Param {
 }
 
 const PATIENT_SQL: &str = "INSERT INTO patient (institution, issuer, patient_id, name_alphabetic, \
-     name_ideographic, name_phonetic, birth_date, sex, other_patient_ids) \
-     VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) \
+     name_ideographic, name_phonetic, birth_date, sex, other_patient_ids, name_alphabetic_key, \
+     name_ideographic_key, name_phonetic_key) \
+     VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) \
      ON CONFLICT (institution, issuer, patient_id) DO UPDATE SET \
      name_alphabetic = excluded.name_alphabetic, name_ideographic = excluded.name_ideographic, \
      name_phonetic = excluded.name_phonetic, birth_date = excluded.birth_date, sex = excluded.sex, \
-     other_patient_ids = excluded.other_patient_ids RETURNING id";
+     other_patient_ids = excluded.other_patient_ids, \
+     name_alphabetic_key = excluded.name_alphabetic_key, \
+     name_ideographic_key = excluded.name_ideographic_key, \
+     name_phonetic_key = excluded.name_phonetic_key RETURNING id";
 
 fn patient_params(e: &IndexEntry) -> Vec<Param> {
     let s = &e.summary;
@@ -348,17 +352,25 @@ fn patient_params(e: &IndexEntry) -> Vec<Param> {
         text(&s.patient_sex),
         Param::Text(other_ids),
     ]
+    .into_iter()
+    .chain(s.patient_name.keys().map(Param::Text))
+    .collect()
 }
 
 const STUDY_SQL: &str = "INSERT INTO study (patient_ref, institution, study_uid, study_date, \
      study_time, accession_number, study_id, description, referring_alphabetic, \
-     referring_ideographic, referring_phonetic) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) \
+     referring_ideographic, referring_phonetic, referring_alphabetic_key, \
+     referring_ideographic_key, referring_phonetic_key) \
+     VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14) \
      ON CONFLICT (institution, study_uid) DO UPDATE SET patient_ref = excluded.patient_ref, \
      study_date = excluded.study_date, study_time = excluded.study_time, \
      accession_number = excluded.accession_number, study_id = excluded.study_id, \
      description = excluded.description, referring_alphabetic = excluded.referring_alphabetic, \
      referring_ideographic = excluded.referring_ideographic, \
-     referring_phonetic = excluded.referring_phonetic RETURNING id";
+     referring_phonetic = excluded.referring_phonetic, \
+     referring_alphabetic_key = excluded.referring_alphabetic_key, \
+     referring_ideographic_key = excluded.referring_ideographic_key, \
+     referring_phonetic_key = excluded.referring_phonetic_key RETURNING id";
 
 fn study_params(e: &IndexEntry, patient: i64) -> Vec<Param> {
     let s = &e.summary;
@@ -375,6 +387,9 @@ fn study_params(e: &IndexEntry, patient: i64) -> Vec<Param> {
         text(&s.referring_physician_name.ideographic),
         text(&s.referring_physician_name.phonetic),
     ]
+    .into_iter()
+    .chain(s.referring_physician_name.keys().map(Param::Text))
+    .collect()
 }
 
 const SERIES_SQL: &str = "INSERT INTO series (study_ref, institution, series_uid, modality, \

@@ -96,6 +96,17 @@ impl Ingest {
         meta: FileMeta,
         institution: &Institution,
     ) -> Result<Spool, IngestError> {
+        self.begin_in_study(meta, institution, None).await
+    }
+
+    /// `begin` for an object that must belong to `study` (STOW-RS to
+    /// `/studies/{study}`): one that does not is refused before it is stored.
+    pub async fn begin_in_study(
+        &self,
+        meta: FileMeta,
+        institution: &Institution,
+        study: Option<String>,
+    ) -> Result<Spool, IngestError> {
         let header = part10::encode_header(&meta)
             .map_err(|e| IngestError::Internal(format!("file meta: {e}")))?;
         let path = self
@@ -107,6 +118,7 @@ impl Ingest {
             header,
             meta,
             institution.code.clone(),
+            study,
             self.store.placer(),
         ))
     }
@@ -221,9 +233,19 @@ pub(crate) fn identify(
     parsed: &dataset::ParsedObject,
     meta: &FileMeta,
     institution: &str,
+    study: Option<&str>,
     sha256: &str,
 ) -> Result<(InstanceSummary, String), IngestError> {
     let summary = InstanceSummary::from_parsed(parsed)?;
+    if let Some(expected) = study
+        && summary.study_instance_uid != expected
+    {
+        return Err(IngestError::Mismatch {
+            attribute: "Study Instance UID",
+            expected: expected.to_string(),
+            found: summary.study_instance_uid.clone(),
+        });
+    }
     for (attribute, expected, found) in [
         ("SOP Class UID", &meta.sop_class_uid, &summary.sop_class_uid),
         (

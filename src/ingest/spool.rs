@@ -52,12 +52,13 @@ impl Spool {
         header: Vec<u8>,
         meta: FileMeta,
         institution: String,
+        study: Option<String>,
         placer: Placer,
     ) -> Self {
         let (tx, rx) = mpsc::channel(SPOOL_CHUNKS);
         let (p, m) = (path.clone(), meta.clone());
         let worker = tokio::task::spawn_blocking(move || {
-            run_worker(&p, header, m, &institution, rx, &placer)
+            run_worker(&p, header, m, &institution, study.as_deref(), rx, &placer)
         });
         Self {
             path,
@@ -129,6 +130,7 @@ fn run_worker(
     header: Vec<u8>,
     meta: FileMeta,
     institution: &str,
+    study: Option<&str>,
     rx: mpsc::Receiver<Vec<u8>>,
     placer: &Placer,
 ) -> Result<Received, IngestError> {
@@ -156,7 +158,7 @@ fn run_worker(
     let parsed = parsed?;
     parsed.check_complete(size)?;
     let sha256 = hex::encode(tee.hasher.finalize());
-    let (summary, key) = super::identify(&parsed, &meta, institution, &sha256)?;
+    let (summary, key) = super::identify(&parsed, &meta, institution, study, &sha256)?;
     let placed = placer
         .place(tee.file, path, &key)
         .map_err(|e| IngestError::Store(e.into()))?;

@@ -31,6 +31,8 @@ use crate::config::StorageConfig;
 const SINGLE_PUT_MAX: u64 = 8 << 20;
 /// Part size of multipart uploads; memory per upload is about twice this.
 const MULTIPART_CHUNK: usize = 8 << 20;
+/// Chunk size of streamed reads (WADO-RS bodies).
+const READ_CHUNK: usize = 256 << 10;
 /// Name of the spool directory inside a local store.
 const SPOOL_DIR: &str = ".spool";
 
@@ -247,6 +249,62 @@ impl Store {
         // before anyone reads the file.
         tokio::io::AsyncWriteExt::flush(&mut out).await?;
         Ok((dest, true))
+    }
+
+    /// Stream `key`, or the byte `range` of it, in large chunks. Errors that
+    /// can be known before the first byte (a missing object) come here, not
+    /// in the stream, so an HTTP answer can still turn into an error status.
+    pub async fn read(
+        &self,
+        key: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
+        if let Backend::Local { root } = &self.backend {
+            use tokio::io::AsyncSeekExt;
+            let mut f = tokio::fs::File::open(root.join(key)).await?;
+            let len = match &range {
+                Some(r) => {
+                    f.seek(std::io::SeekFrom::Start(r.start)).await?;
+                    r.end - r.start
+                }
+                None => f.metadata().await?.len(),
+            };
+            let reader = tokio_util::io::ReaderStream::with_capacity(f.take(len), READ_CHUNK);
+            return Ok(reader.map(|r| r.map_err(StoreError::from)).boxed());
+        }
+        let opts = object_store::GetOptions {
+            range: range.map(object_store::GetRange::from),
+            ..Default::default()
+        };
+        let got = self.objects.get_opts(&ObjectPath::from(key), opts).await?;
+        Ok(got
+            .into_stream()
+            .map(|r| r.map_err(StoreError::from))
+            .boxed())
+    }
+
+    /// The bytes of `range` of `key` (a frame, a bulk data value).
+    pub async fn read_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        if let Backend::Local { root } = &self.backend {
+            let path = root.join(key);
+            return tokio::task::spawn_blocking(move || -> Result<Bytes, StoreError> {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::File::open(path)?;
+                let mut buf = vec![0u8; (range.end - range.start) as usize];
+                f.read_exact_at(&mut buf, range.start)?;
+                Ok(Bytes::from(buf))
+            })
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+        }
+        Ok(self
+            .objects
+            .get_range(&ObjectPath::from(key), range)
+            .await?)
     }
 
     /// The bytes of `key` (small objects and tests).

@@ -1,14 +1,229 @@
-//! HTTP: operations endpoints now; DICOMweb and the admin API mount here.
+//! HTTP: DICOMweb under `/dicom-web` (QIDO-RS, WADO-RS, STOW-RS), WADO-URI
+//! at `/wado`, and the operations endpoints. Every route but health and
+//! metrics sits behind `auth::authenticate`.
 
+pub mod auth;
+pub mod media;
+pub mod multipart;
 pub mod ops;
+pub mod problem;
+pub mod qido;
+pub mod stow;
+pub mod wado;
 
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::middleware;
+use axum::routing::get;
+use serde_json::Value;
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
+use crate::dicom::dataset::BULK_URI_PREFIX;
 use crate::hub::Hub;
+use crate::index::search::Scope;
+use auth::Caller;
+use problem::WebError;
+
+/// The media type of DICOM JSON answers.
+pub const DICOM_JSON: &str = "application/dicom+json";
+
+/// What `caller` may see: the access scope every index read takes.
+pub fn scope_of(caller: &Caller) -> Scope {
+    Scope::institution(&caller.institution.code)
+}
 
 /// The whole HTTP application.
 pub fn router(hub: Arc<Hub>) -> Router {
-    ops::router().with_state(hub)
+    let dicomweb = Router::new()
+        .route("/studies", get(qido::studies).post(stow::store))
+        .route("/series", get(qido::all_series))
+        .route("/instances", get(qido::all_instances))
+        .route(
+            "/studies/{study}",
+            get(wado::retrieve_study).post(stow::store_in_study),
+        )
+        .route("/studies/{study}/metadata", get(wado::study_metadata))
+        .route("/studies/{study}/series", get(qido::study_series))
+        .route("/studies/{study}/instances", get(qido::study_instances))
+        .route(
+            "/studies/{study}/series/{series}",
+            get(wado::retrieve_series),
+        )
+        .route(
+            "/studies/{study}/series/{series}/metadata",
+            get(wado::series_metadata),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances",
+            get(qido::series_instances),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}",
+            get(wado::retrieve_instance),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/metadata",
+            get(wado::instance_metadata),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+            get(wado::frames),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/bulk/{offset}/{length}",
+            get(wado::bulk),
+        )
+        .fallback(|| async { WebError::NotFound });
+    let authenticated = Router::new()
+        .nest("/dicom-web", dicomweb)
+        .route("/wado", get(wado::wado_uri))
+        .layer(middleware::from_fn_with_state(
+            hub.clone(),
+            auth::authenticate,
+        ));
+    let cors = cors_layer(&hub.config.dicomweb.cors_origins);
+    // JSON only: DICOM and pixel bodies are compressed already or must not be.
+    let compression = CompressionLayer::new().compress_when(
+        |_status, _version, headers: &axum::http::HeaderMap, _ext: &axum::http::Extensions| {
+            headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| {
+                    ct.starts_with(DICOM_JSON)
+                        || ct.starts_with("application/json")
+                        || ct.starts_with("application/problem+json")
+                })
+        },
+    );
+    ops::router()
+        .merge(authenticated)
+        .layer(compression)
+        .layer(cors)
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+        ]))
+        .with_state(hub)
+}
+
+fn cors_layer(origins: &[String]) -> CorsLayer {
+    let list: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(list))
+        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::ACCEPT,
+            header::CONTENT_TYPE,
+            header::IF_NONE_MATCH,
+            header::RANGE,
+        ])
+        .expose_headers([
+            header::WARNING,
+            header::ETAG,
+            header::CONTENT_LOCATION,
+            header::CONTENT_RANGE,
+            HeaderName::from_static("content-disposition"),
+        ])
+        .max_age(std::time::Duration::from_secs(600))
+}
+
+/// The public URLs of resources (RetrieveURL, BulkDataURI, Content-Location).
+#[derive(Debug, Clone)]
+pub struct Urls {
+    /// The service root, e.g. `http://host:8080/dicom-web`.
+    pub root: String,
+}
+
+impl Urls {
+    pub fn study(&self, study: &str) -> String {
+        format!("{}/studies/{study}", self.root)
+    }
+
+    pub fn series(&self, study: &str, series: &str) -> String {
+        format!("{}/studies/{study}/series/{series}", self.root)
+    }
+
+    pub fn instance(&self, study: &str, series: &str, instance: &str) -> String {
+        format!(
+            "{}/studies/{study}/series/{series}/instances/{instance}",
+            self.root
+        )
+    }
+
+    /// The stored bulk data references of an instance's JSON text turned
+    /// into URLs of this server.
+    pub fn rewrite_bulk_text(&self, json: &str, study: &str, series: &str, sop: &str) -> String {
+        let target = format!("\"BulkDataURI\":\"{BULK_URI_PREFIX}");
+        if !json.contains(&target) {
+            return json.to_string();
+        }
+        // The URL goes inside a JSON string: escape it as one.
+        let url = serde_json::to_string(&format!("{}/bulk/", self.instance(study, series, sop)))
+            .unwrap_or_default();
+        let url = &url[1..url.len() - 1];
+        json.replace(&target, &format!("\"BulkDataURI\":\"{url}"))
+    }
+
+    /// `rewrite_bulk_text` on a parsed element (and its items).
+    pub fn rewrite_bulk(&self, el: &mut Value, study: &str, series: &str, sop: &str) {
+        match el {
+            Value::Object(m) => {
+                if let Some(Value::String(u)) = m.get_mut("BulkDataURI")
+                    && let Some(rest) = u.strip_prefix(BULK_URI_PREFIX)
+                {
+                    *u = format!("{}/bulk/{rest}", self.instance(study, series, sop));
+                }
+                for v in m.values_mut() {
+                    self.rewrite_bulk(v, study, series, sop);
+                }
+            }
+            Value::Array(a) => {
+                for v in a {
+                    self.rewrite_bulk(v, study, series, sop);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl FromRequestParts<Arc<Hub>> for Urls {
+    type Rejection = WebError;
+
+    async fn from_request_parts(parts: &mut Parts, hub: &Arc<Hub>) -> Result<Self, WebError> {
+        if let Some(base) = &hub.config.dicomweb.base_url {
+            return Ok(Self {
+                root: base.trim_end_matches('/').to_string(),
+            });
+        }
+        let h = &parts.headers;
+        let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+        let host = text("x-forwarded-host")
+            .or_else(|| text(header::HOST.as_str()))
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("localhost");
+        let proto = text("x-forwarded-proto").unwrap_or("http");
+        // Only characters a host and port may have: the value ends up in URLs.
+        let host: String = host
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(*c))
+            .collect();
+        let proto = if proto.eq_ignore_ascii_case("https") {
+            "https"
+        } else {
+            "http"
+        };
+        Ok(Self {
+            root: format!("{proto}://{host}/dicom-web"),
+        })
+    }
 }

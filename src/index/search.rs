@@ -1,0 +1,1057 @@
+//! QIDO-RS searches on the index: matching (PS3.4 §C.2.2.2) turned into one
+//! parameterized SQL query per level, always under an access `Scope`, then
+//! one more query per page for the computed attributes (never one per row).
+
+use std::collections::HashMap;
+
+use sqlx::any::AnyRow;
+use sqlx::{AnyPool, Row};
+
+use super::IndexError;
+use crate::dicom::summary::{OtherPatientId, is_uid, pn_key};
+
+/// Whose objects a query may see. Every read of the index takes one, so no
+/// query can run unfiltered; the consent rules extend it here, in one place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    institution: String,
+}
+
+impl Scope {
+    /// The objects of one institution only.
+    pub fn institution(code: &str) -> Self {
+        Self {
+            institution: code.to_string(),
+        }
+    }
+
+    /// The SQL condition on study alias `st`.
+    fn condition(&self, q: &mut Sql) -> String {
+        format!("st.institution = {}", q.bind_text(&self.institution))
+    }
+}
+
+/// The level a search returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Study,
+    Series,
+    Instance,
+}
+
+/// How values of an attribute are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Text,
+    PersonName,
+    Date,
+    Time,
+    Uid,
+    Int,
+}
+
+/// An attribute the index can match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Attr {
+    PatientName,
+    PatientId,
+    IssuerOfPatientId,
+    PatientBirthDate,
+    PatientSex,
+    /// Patient ID (0010,0020) inside Other Patient IDs Sequence (0010,1002).
+    OtherPatientId,
+    StudyInstanceUid,
+    StudyDate,
+    StudyTime,
+    AccessionNumber,
+    StudyId,
+    StudyDescription,
+    ReferringPhysicianName,
+    ModalitiesInStudy,
+    SeriesInstanceUid,
+    Modality,
+    SeriesNumber,
+    SeriesDescription,
+    PerformedProcedureStepStartDate,
+    PerformedProcedureStepStartTime,
+    BodyPartExamined,
+    SopInstanceUid,
+    SopClassUid,
+    InstanceNumber,
+}
+
+impl Attr {
+    /// The attribute of a query key: a keyword or an 8-digit hex tag, or
+    /// `OtherPatientIDsSequence.00100020`.
+    pub fn from_key(key: &str) -> Option<Self> {
+        use Attr::*;
+        let k = key.to_ascii_uppercase();
+        Some(match k.as_str() {
+            "PATIENTNAME" | "00100010" => PatientName,
+            "PATIENTID" | "00100020" => PatientId,
+            "ISSUEROFPATIENTID" | "00100021" => IssuerOfPatientId,
+            "PATIENTBIRTHDATE" | "00100030" => PatientBirthDate,
+            "PATIENTSEX" | "00100040" => PatientSex,
+            "OTHERPATIENTIDSSEQUENCE.PATIENTID"
+            | "OTHERPATIENTIDSSEQUENCE.00100020"
+            | "00101002.00100020"
+            | "00101002.PATIENTID" => OtherPatientId,
+            "STUDYINSTANCEUID" | "0020000D" => StudyInstanceUid,
+            "STUDYDATE" | "00080020" => StudyDate,
+            "STUDYTIME" | "00080030" => StudyTime,
+            "ACCESSIONNUMBER" | "00080050" => AccessionNumber,
+            "STUDYID" | "00200010" => StudyId,
+            "STUDYDESCRIPTION" | "00081030" => StudyDescription,
+            "REFERRINGPHYSICIANNAME" | "00080090" => ReferringPhysicianName,
+            "MODALITIESINSTUDY" | "00080061" => ModalitiesInStudy,
+            "SERIESINSTANCEUID" | "0020000E" => SeriesInstanceUid,
+            "MODALITY" | "00080060" => Modality,
+            "SERIESNUMBER" | "00200011" => SeriesNumber,
+            "SERIESDESCRIPTION" | "0008103E" => SeriesDescription,
+            "PERFORMEDPROCEDURESTEPSTARTDATE" | "00400244" => PerformedProcedureStepStartDate,
+            "PERFORMEDPROCEDURESTEPSTARTTIME" | "00400245" => PerformedProcedureStepStartTime,
+            "BODYPARTEXAMINED" | "00180015" => BodyPartExamined,
+            "SOPINSTANCEUID" | "00080018" => SopInstanceUid,
+            "SOPCLASSUID" | "00080016" => SopClassUid,
+            "INSTANCENUMBER" | "00200013" => InstanceNumber,
+            _ => return None,
+        })
+    }
+
+    pub fn kind(self) -> Kind {
+        use Attr::*;
+        match self {
+            PatientName | ReferringPhysicianName => Kind::PersonName,
+            PatientBirthDate | StudyDate | PerformedProcedureStepStartDate => Kind::Date,
+            StudyTime | PerformedProcedureStepStartTime => Kind::Time,
+            StudyInstanceUid | SeriesInstanceUid | SopInstanceUid | SopClassUid => Kind::Uid,
+            SeriesNumber | InstanceNumber => Kind::Int,
+            _ => Kind::Text,
+        }
+    }
+
+    /// The level whose table holds the attribute.
+    pub fn level(self) -> Level {
+        use Attr::*;
+        match self {
+            SeriesInstanceUid
+            | Modality
+            | SeriesNumber
+            | SeriesDescription
+            | PerformedProcedureStepStartDate
+            | PerformedProcedureStepStartTime
+            | BodyPartExamined => Level::Series,
+            SopInstanceUid | SopClassUid | InstanceNumber => Level::Instance,
+            _ => Level::Study,
+        }
+    }
+
+    /// The column (or, for person names, the three key columns).
+    fn columns(self) -> &'static [&'static str] {
+        use Attr::*;
+        match self {
+            PatientName => &[
+                "p.name_alphabetic_key",
+                "p.name_ideographic_key",
+                "p.name_phonetic_key",
+            ],
+            ReferringPhysicianName => &[
+                "st.referring_alphabetic_key",
+                "st.referring_ideographic_key",
+                "st.referring_phonetic_key",
+            ],
+            PatientId => &["p.patient_id"],
+            IssuerOfPatientId => &["p.issuer"],
+            PatientBirthDate => &["p.birth_date"],
+            PatientSex => &["p.sex"],
+            OtherPatientId => &["p.other_patient_ids"],
+            StudyInstanceUid => &["st.study_uid"],
+            StudyDate => &["st.study_date"],
+            StudyTime => &["st.study_time"],
+            AccessionNumber => &["st.accession_number"],
+            StudyId => &["st.study_id"],
+            StudyDescription => &["st.description"],
+            ModalitiesInStudy => &["ms.modality"],
+            SeriesInstanceUid => &["se.series_uid"],
+            Modality => &["se.modality"],
+            SeriesNumber => &["se.series_number"],
+            SeriesDescription => &["se.description"],
+            PerformedProcedureStepStartDate => &["se.pps_start_date"],
+            PerformedProcedureStepStartTime => &["se.pps_start_time"],
+            BodyPartExamined => &["se.body_part"],
+            SopInstanceUid => &["i.sop_uid"],
+            SopClassUid => &["i.sop_class_uid"],
+            InstanceNumber => &["i.instance_number"],
+        }
+    }
+}
+
+/// A matching key's value, validated (PS3.4 §C.2.2.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Matcher {
+    /// Exact (single value) match; for person names, case-insensitive.
+    Single(String),
+    /// `*` and `?` wildcards.
+    Wildcard(String),
+    /// Inclusive range; either end may be open.
+    Range(Option<String>, Option<String>),
+    /// Any of these UIDs.
+    UidList(Vec<String>),
+    /// Person name with several component groups: each given group must match.
+    NameGroups([Option<Box<Matcher>>; 3]),
+    /// Person name: any name component starting with each given word.
+    Fuzzy(Vec<String>),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MatchError {
+    #[error("{attribute}: {value:?} is not a valid {what}")]
+    Invalid {
+        attribute: String,
+        value: String,
+        what: &'static str,
+    },
+}
+
+fn is_date(s: &str) -> bool {
+    s.len() == 8 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn is_time(s: &str) -> bool {
+    let (hms, frac) = s.split_once('.').unwrap_or((s, ""));
+    matches!(hms.len(), 2 | 4 | 6)
+        && hms.bytes().all(|b| b.is_ascii_digit())
+        && frac.len() <= 6
+        && frac.bytes().all(|b| b.is_ascii_digit())
+}
+
+impl Matcher {
+    /// Parse the value of a matching key for `attr`; `None` for an empty
+    /// value (universal matching: no condition, the attribute is returned).
+    pub fn parse(
+        attr: Attr,
+        key: &str,
+        value: &str,
+        fuzzy: bool,
+    ) -> Result<Option<Self>, MatchError> {
+        let invalid = |what| MatchError::Invalid {
+            attribute: key.to_string(),
+            value: value.to_string(),
+            what,
+        };
+        if value.is_empty() || value == "*" {
+            return Ok(None);
+        }
+        let wildcard = value.contains(['*', '?']);
+        Ok(Some(match attr.kind() {
+            Kind::Uid => {
+                let uids: Vec<String> = value
+                    .split([',', '\\'])
+                    .map(|u| u.trim().to_string())
+                    .collect();
+                if !uids.iter().all(|u| is_uid(u)) {
+                    return Err(invalid("UID or list of UIDs"));
+                }
+                if uids.len() == 1 {
+                    Matcher::Single(uids.into_iter().next().unwrap_or_default())
+                } else {
+                    Matcher::UidList(uids)
+                }
+            }
+            kind @ (Kind::Date | Kind::Time) => {
+                let ok = if kind == Kind::Date { is_date } else { is_time };
+                let what = if kind == Kind::Date {
+                    "date or date range (YYYYMMDD, YYYYMMDD-YYYYMMDD)"
+                } else {
+                    "time or time range (HHMMSS.FFFFFF)"
+                };
+                // DICOM allows "2023-01-01"-style dates nowhere: `-` is a range.
+                match value.split_once('-') {
+                    Some((lo, hi)) => {
+                        if (lo.is_empty() && hi.is_empty())
+                            || !(lo.is_empty() || ok(lo))
+                            || !(hi.is_empty() || ok(hi))
+                        {
+                            return Err(invalid(what));
+                        }
+                        let hi = (!hi.is_empty()).then(|| {
+                            if kind == Kind::Time {
+                                time_upper_bound(hi)
+                            } else {
+                                hi.to_string()
+                            }
+                        });
+                        Matcher::Range((!lo.is_empty()).then(|| lo.to_string()), hi)
+                    }
+                    None if ok(value) => {
+                        if kind == Kind::Time {
+                            // A time matches every more precise time within it.
+                            Matcher::Range(Some(value.to_string()), Some(time_upper_bound(value)))
+                        } else {
+                            Matcher::Single(value.to_string())
+                        }
+                    }
+                    None => return Err(invalid(what)),
+                }
+            }
+            Kind::Int => {
+                if value.trim().parse::<i64>().is_err() {
+                    return Err(invalid("integer"));
+                }
+                Matcher::Single(value.trim().to_string())
+            }
+            Kind::PersonName => {
+                if fuzzy {
+                    let words: Vec<String> = value
+                        .split(['^', ' ', '=', '*', '?'])
+                        .filter(|w| !w.is_empty())
+                        .map(pn_key)
+                        .collect();
+                    if words.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some(Matcher::Fuzzy(words)));
+                }
+                if value.contains('=') {
+                    let mut groups: [Option<Box<Matcher>>; 3] = [None, None, None];
+                    for (slot, g) in groups.iter_mut().zip(value.split('=')) {
+                        if !g.is_empty() && g != "*" {
+                            *slot = Some(Box::new(name_matcher(g)));
+                        }
+                    }
+                    Matcher::NameGroups(groups)
+                } else {
+                    name_matcher(value)
+                }
+            }
+            Kind::Text if wildcard => Matcher::Wildcard(value.to_string()),
+            Kind::Text => Matcher::Single(value.to_string()),
+        }))
+    }
+}
+
+/// Wildcard matching of names ignores case; single value matching is
+/// literal (PS3.4 §C.2.2.2.1 permits either for PN), so a full name from a
+/// referral letter finds that spelling only.
+fn name_matcher(group: &str) -> Matcher {
+    if group.contains(['*', '?']) {
+        Matcher::Wildcard(group.to_uppercase())
+    } else {
+        Matcher::Single(group.trim_end_matches([' ', '^']).to_string())
+    }
+}
+
+/// The stored (literal) name column beside each search key column.
+fn literal_column(key_column: &str) -> &str {
+    key_column.strip_suffix("_key").unwrap_or(key_column)
+}
+
+/// One name group's condition: literal for single values, on the
+/// upper-cased key for wildcards.
+fn name_condition(q: &mut Sql, attr: Attr, key_column: &str, m: &Matcher) -> String {
+    match m {
+        Matcher::Single(_) => condition(q, attr, literal_column(key_column), m),
+        _ => condition(q, attr, key_column, m),
+    }
+}
+
+/// The latest time a partial time stands for: `1030` → `1030` + `59.999999`.
+fn time_upper_bound(t: &str) -> String {
+    let (hms, frac) = t.split_once('.').unwrap_or((t, ""));
+    let mut out = hms.to_string();
+    while out.len() < 6 {
+        out.push_str("59");
+    }
+    out.push('.');
+    out.push_str(frac);
+    while out.len() < 13 {
+        out.push('9');
+    }
+    out
+}
+
+/// `*`/`?` to a LIKE pattern with `\` as escape.
+fn like_pattern(wild: &str) -> String {
+    let mut out = String::with_capacity(wild.len() + 4);
+    for c in wild.chars() {
+        match c {
+            '*' => out.push('%'),
+            '?' => out.push('_'),
+            '%' | '_' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A statement being built: SQL text with `$n` placeholders and its binds.
+#[derive(Default)]
+struct Sql {
+    binds: Vec<Bind>,
+}
+
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+impl Sql {
+    fn bind_text(&mut self, v: &str) -> String {
+        self.binds.push(Bind::Text(v.to_string()));
+        format!("${}", self.binds.len())
+    }
+
+    fn bind_int(&mut self, v: i64) -> String {
+        self.binds.push(Bind::Int(v));
+        format!("${}", self.binds.len())
+    }
+
+    async fn fetch(&self, pool: &AnyPool, sql: String) -> Result<Vec<AnyRow>, IndexError> {
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for b in &self.binds {
+            q = match b {
+                Bind::Text(t) => q.bind(t.clone()),
+                Bind::Int(i) => q.bind(*i),
+            };
+        }
+        Ok(q.fetch_all(pool).await?)
+    }
+}
+
+/// The SQL condition for `m` on `column`.
+fn condition(q: &mut Sql, attr: Attr, column: &str, m: &Matcher) -> String {
+    match m {
+        Matcher::Single(v) if attr.kind() == Kind::Int => {
+            let n = v.parse::<i64>().unwrap_or_default();
+            format!("{column} = {}", q.bind_int(n))
+        }
+        Matcher::Single(v) => format!("{column} = {}", q.bind_text(v)),
+        Matcher::Wildcard(w) => {
+            format!(
+                "{column} LIKE {} ESCAPE '\\'",
+                q.bind_text(&like_pattern(w))
+            )
+        }
+        Matcher::Range(lo, hi) => {
+            let mut parts = Vec::new();
+            if let Some(lo) = lo {
+                parts.push(format!("{column} >= {}", q.bind_text(lo)));
+            }
+            if let Some(hi) = hi {
+                parts.push(format!("{column} <= {}", q.bind_text(hi)));
+            }
+            parts.join(" AND ")
+        }
+        Matcher::UidList(uids) => {
+            let list: Vec<String> = uids.iter().map(|u| q.bind_text(u)).collect();
+            format!("{column} IN ({})", list.join(", "))
+        }
+        Matcher::NameGroups(_) | Matcher::Fuzzy(_) => unreachable!("person names are split first"),
+    }
+}
+
+/// The SQL condition for one matching key.
+fn key_condition(q: &mut Sql, attr: Attr, m: &Matcher) -> String {
+    let cols = attr.columns();
+    match (attr.kind(), m) {
+        (Kind::PersonName, Matcher::NameGroups(groups)) => {
+            let parts: Vec<String> = groups
+                .iter()
+                .zip(cols)
+                .filter_map(|(g, col)| g.as_ref().map(|g| name_condition(q, attr, col, g)))
+                .collect();
+            if parts.is_empty() {
+                "1 = 1".into()
+            } else {
+                parts.join(" AND ")
+            }
+        }
+        (Kind::PersonName, Matcher::Fuzzy(words)) => {
+            // Every word must start some component of some group.
+            let per_word: Vec<String> = words
+                .iter()
+                .map(|w| {
+                    let w = like_pattern(w);
+                    let mut alts = Vec::new();
+                    for col in cols {
+                        for prefix in ["", "%^", "% "] {
+                            let p = q.bind_text(&format!("{prefix}{w}%"));
+                            alts.push(format!("{col} LIKE {p} ESCAPE '\\'"));
+                        }
+                    }
+                    format!("({})", alts.join(" OR "))
+                })
+                .collect();
+            per_word.join(" AND ")
+        }
+        (Kind::PersonName, single) => {
+            let alts: Vec<String> = cols
+                .iter()
+                .map(|c| name_condition(q, attr, c, single))
+                .collect();
+            format!("({})", alts.join(" OR "))
+        }
+        (_, _) if attr == Attr::OtherPatientId => {
+            // Kept as a JSON array of {"patient_id","issuer"}: match the
+            // member text, which JSON-escapes the value exactly one way.
+            let (exact, value) = match m {
+                Matcher::Single(v) => (true, v.clone()),
+                Matcher::Wildcard(w) => (false, w.clone()),
+                _ => (true, String::new()),
+            };
+            let encoded = serde_json::to_string(&value).unwrap_or_default();
+            let inner = &encoded[1..encoded.len() - 1];
+            let body = if exact {
+                like_pattern(inner)
+            } else {
+                // JSON escaping leaves `*`/`?` alone; a wildcard must not cross a quote.
+                like_pattern(inner)
+            };
+            let p = q.bind_text(&format!("%\"patient_id\":\"{body}\"%"));
+            format!("{} LIKE {p} ESCAPE '\\'", cols[0])
+        }
+        (_, m) => condition(q, attr, cols[0], m),
+    }
+}
+
+/// A QIDO-RS search.
+#[derive(Debug, Clone)]
+pub struct Search {
+    pub level: Level,
+    /// Study and series the resource path names.
+    pub study_uid: Option<String>,
+    pub series_uid: Option<String>,
+    pub keys: Vec<(Attr, Matcher)>,
+    pub limit: u32,
+    pub offset: u64,
+}
+
+/// One search answer row. Study columns are always filled; series and
+/// instance columns at their levels.
+#[derive(Debug, Clone, Default)]
+pub struct Hit {
+    pub study_ref: i64,
+    pub series_ref: Option<i64>,
+    pub instance_ref: Option<i64>,
+    pub patient: PatientRow,
+    pub study: StudyRow,
+    pub series: Option<SeriesRow>,
+    pub instance: Option<InstanceRow>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PatientRow {
+    pub institution: String,
+    pub issuer: String,
+    pub patient_id: String,
+    pub name: [Option<String>; 3],
+    pub birth_date: Option<String>,
+    pub sex: Option<String>,
+    pub other_patient_ids: Vec<OtherPatientId>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StudyRow {
+    pub study_uid: String,
+    pub date: Option<String>,
+    pub time: Option<String>,
+    pub accession_number: Option<String>,
+    pub study_id: Option<String>,
+    pub description: Option<String>,
+    pub referring: [Option<String>; 3],
+    /// Computed: series, instances, modalities.
+    pub series_count: i64,
+    pub instance_count: i64,
+    pub modalities: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SeriesRow {
+    pub series_uid: String,
+    pub modality: Option<String>,
+    pub number: Option<i64>,
+    pub description: Option<String>,
+    pub date: Option<String>,
+    pub time: Option<String>,
+    pub pps_start_date: Option<String>,
+    pub pps_start_time: Option<String>,
+    pub body_part: Option<String>,
+    pub request_attributes: Option<String>,
+    pub instance_count: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct InstanceRow {
+    pub sop_uid: String,
+    pub sop_class_uid: String,
+    pub number: Option<i64>,
+    pub transfer_syntax: String,
+    pub frames: Option<i64>,
+    pub rows: Option<i64>,
+    pub columns: Option<i64>,
+    pub bits_allocated: Option<i64>,
+}
+
+/// A page of results.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub hits: Vec<Hit>,
+    /// Matches after this page (0 when the page is the last).
+    pub remaining: u64,
+}
+
+const PATIENT_COLS: &str = "p.institution, p.issuer, p.patient_id, p.name_alphabetic, \
+     p.name_ideographic, p.name_phonetic, p.birth_date, p.sex, p.other_patient_ids";
+const STUDY_COLS: &str = "st.id, st.study_uid, st.study_date, st.study_time, st.accession_number, \
+     st.study_id, st.description, st.referring_alphabetic, st.referring_ideographic, \
+     st.referring_phonetic";
+const SERIES_COLS: &str = "se.id, se.series_uid, se.modality, se.series_number, se.description, \
+     se.series_date, se.series_time, se.pps_start_date, se.pps_start_time, se.body_part, \
+     se.request_attributes";
+const INSTANCE_COLS: &str = "i.id, i.sop_uid, i.sop_class_uid, i.instance_number, \
+     i.transfer_syntax, i.number_of_frames, i.rows, i.columns, i.bits_allocated";
+
+/// FROM clause of each level.
+fn from(level: Level) -> &'static str {
+    match level {
+        Level::Study => "study st JOIN patient p ON p.id = st.patient_ref",
+        Level::Series => {
+            "series se JOIN study st ON st.id = se.study_ref JOIN patient p ON p.id = st.patient_ref"
+        }
+        Level::Instance => {
+            "instance i JOIN series se ON se.id = i.series_ref \
+             JOIN study st ON st.id = se.study_ref JOIN patient p ON p.id = st.patient_ref"
+        }
+    }
+}
+
+/// WHERE clause: scope, path, matching keys. Keys below the level become
+/// EXISTS conditions (a study matches if one of its series does).
+fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
+    let mut conds = vec![scope.condition(q)];
+    if let Some(u) = &s.study_uid {
+        conds.push(format!("st.study_uid = {}", q.bind_text(u)));
+    }
+    if let Some(u) = &s.series_uid {
+        conds.push(format!("se.series_uid = {}", q.bind_text(u)));
+    }
+    let mut series_conds = Vec::new();
+    let mut instance_conds = Vec::new();
+    for (attr, m) in &s.keys {
+        if *attr == Attr::ModalitiesInStudy {
+            let c = key_condition(q, *attr, m);
+            conds.push(format!(
+                "EXISTS (SELECT 1 FROM series ms WHERE ms.study_ref = st.id AND {c})"
+            ));
+            continue;
+        }
+        let c = key_condition(q, *attr, m);
+        match attr.level() {
+            l if l <= s.level => conds.push(c),
+            Level::Series => series_conds.push(c),
+            _ => instance_conds.push(c),
+        }
+    }
+    if !instance_conds.is_empty() {
+        let ic = instance_conds.join(" AND ");
+        if s.level == Level::Series {
+            conds.push(format!(
+                "EXISTS (SELECT 1 FROM instance i WHERE i.series_ref = se.id AND {ic})"
+            ));
+        } else {
+            series_conds.push(format!(
+                "EXISTS (SELECT 1 FROM instance i WHERE i.series_ref = se.id AND {ic})"
+            ));
+        }
+    }
+    if !series_conds.is_empty() {
+        conds.push(format!(
+            "EXISTS (SELECT 1 FROM series se WHERE se.study_ref = st.id AND {})",
+            series_conds.join(" AND ")
+        ));
+    }
+    conds.join(" AND ")
+}
+
+fn opt_text(r: &AnyRow, i: usize) -> Option<String> {
+    r.try_get::<Option<String>, _>(i)
+        .ok()
+        .flatten()
+        .filter(|s| !s.is_empty())
+}
+
+fn opt_int(r: &AnyRow, i: usize) -> Option<i64> {
+    r.try_get::<Option<i64>, _>(i).ok().flatten()
+}
+
+fn patient_row(r: &AnyRow, at: usize) -> PatientRow {
+    PatientRow {
+        institution: r.get(at),
+        issuer: r.get(at + 1),
+        patient_id: r.get(at + 2),
+        name: [
+            opt_text(r, at + 3),
+            opt_text(r, at + 4),
+            opt_text(r, at + 5),
+        ],
+        birth_date: opt_text(r, at + 6),
+        sex: opt_text(r, at + 7),
+        other_patient_ids: opt_text(r, at + 8)
+            .and_then(|j| serde_json::from_str(&j).ok())
+            .unwrap_or_default(),
+    }
+}
+
+fn study_row(r: &AnyRow, at: usize) -> (i64, StudyRow) {
+    (
+        r.get(at),
+        StudyRow {
+            study_uid: r.get(at + 1),
+            date: opt_text(r, at + 2),
+            time: opt_text(r, at + 3),
+            accession_number: opt_text(r, at + 4),
+            study_id: opt_text(r, at + 5),
+            description: opt_text(r, at + 6),
+            referring: [
+                opt_text(r, at + 7),
+                opt_text(r, at + 8),
+                opt_text(r, at + 9),
+            ],
+            ..StudyRow::default()
+        },
+    )
+}
+
+fn series_row(r: &AnyRow, at: usize) -> (i64, SeriesRow) {
+    (
+        r.get(at),
+        SeriesRow {
+            series_uid: r.get(at + 1),
+            modality: opt_text(r, at + 2),
+            number: opt_int(r, at + 3),
+            description: opt_text(r, at + 4),
+            date: opt_text(r, at + 5),
+            time: opt_text(r, at + 6),
+            pps_start_date: opt_text(r, at + 7),
+            pps_start_time: opt_text(r, at + 8),
+            body_part: opt_text(r, at + 9),
+            request_attributes: opt_text(r, at + 10),
+            instance_count: 0,
+        },
+    )
+}
+
+fn instance_row(r: &AnyRow, at: usize) -> (i64, InstanceRow) {
+    (
+        r.get(at),
+        InstanceRow {
+            sop_uid: r.get(at + 1),
+            sop_class_uid: r.get(at + 2),
+            number: opt_int(r, at + 3),
+            transfer_syntax: r.get(at + 4),
+            frames: opt_int(r, at + 5),
+            rows: opt_int(r, at + 6),
+            columns: opt_int(r, at + 7),
+            bits_allocated: opt_int(r, at + 8),
+        },
+    )
+}
+
+/// Run `s` under `scope`.
+pub async fn search(pool: &AnyPool, s: &Search, scope: &Scope) -> Result<Page, IndexError> {
+    let mut q = Sql::default();
+    let wh = where_clause(&mut q, s, scope);
+    let (cols, order) = match s.level {
+        Level::Study => (format!("{PATIENT_COLS}, {STUDY_COLS}"), "st.id"),
+        Level::Series => (
+            format!("{PATIENT_COLS}, {STUDY_COLS}, {SERIES_COLS}"),
+            "se.id",
+        ),
+        Level::Instance => (
+            format!("{PATIENT_COLS}, {STUDY_COLS}, {SERIES_COLS}, {INSTANCE_COLS}"),
+            "i.id",
+        ),
+    };
+    // One row more than asked tells whether anything follows.
+    let lim = q.bind_int(i64::from(s.limit) + 1);
+    let off = q.bind_int(s.offset.min(i64::MAX as u64) as i64);
+    let sql = format!(
+        "SELECT {cols} FROM {} WHERE {wh} ORDER BY {order} LIMIT {lim} OFFSET {off}",
+        from(s.level)
+    );
+    let rows = q.fetch(pool, sql).await?;
+    let more = rows.len() > s.limit as usize;
+    let mut hits: Vec<Hit> = rows
+        .iter()
+        .take(s.limit as usize)
+        .map(|r| {
+            let patient = patient_row(r, 0);
+            let (study_ref, study) = study_row(r, 9);
+            let (series_ref, series) = if s.level >= Level::Series {
+                let (id, row) = series_row(r, 19);
+                (Some(id), Some(row))
+            } else {
+                (None, None)
+            };
+            let (instance_ref, instance) = if s.level == Level::Instance {
+                let (id, row) = instance_row(r, 30);
+                (Some(id), Some(row))
+            } else {
+                (None, None)
+            };
+            Hit {
+                study_ref,
+                series_ref,
+                instance_ref,
+                patient,
+                study,
+                series,
+                instance,
+            }
+        })
+        .collect();
+    let remaining = if more {
+        count(pool, s, scope)
+            .await?
+            .saturating_sub(s.offset + hits.len() as u64)
+    } else {
+        0
+    };
+    computed_attributes(pool, &mut hits).await?;
+    Ok(Page { hits, remaining })
+}
+
+/// Number of matches of `s` (ignoring limit and offset).
+async fn count(pool: &AnyPool, s: &Search, scope: &Scope) -> Result<u64, IndexError> {
+    let mut q = Sql::default();
+    let wh = where_clause(&mut q, s, scope);
+    let sql = format!("SELECT COUNT(*) FROM {} WHERE {wh}", from(s.level));
+    let rows = q.fetch(pool, sql).await?;
+    Ok(rows.first().map(|r| r.get::<i64, _>(0)).unwrap_or(0).max(0) as u64)
+}
+
+/// Number of related series and instances and the modalities, for the
+/// studies and series of a page: one query over the page's studies.
+async fn computed_attributes(pool: &AnyPool, hits: &mut [Hit]) -> Result<(), IndexError> {
+    if hits.is_empty() {
+        return Ok(());
+    }
+    let mut studies: Vec<i64> = hits.iter().map(|h| h.study_ref).collect();
+    studies.sort_unstable();
+    studies.dedup();
+    let mut q = Sql::default();
+    let list: Vec<String> = studies.iter().map(|id| q.bind_int(*id)).collect();
+    let sql = format!(
+        "SELECT se.study_ref, se.id, se.modality, \
+         (SELECT COUNT(*) FROM instance i WHERE i.series_ref = se.id) \
+         FROM series se WHERE se.study_ref IN ({})",
+        list.join(", ")
+    );
+    let rows = q.fetch(pool, sql).await?;
+    let mut per_study: HashMap<i64, (i64, i64, Vec<String>)> = HashMap::new();
+    let mut per_series: HashMap<i64, i64> = HashMap::new();
+    for r in &rows {
+        let study: i64 = r.get(0);
+        let series: i64 = r.get(1);
+        let modality = opt_text(r, 2);
+        let n: i64 = r.get(3);
+        let e = per_study.entry(study).or_default();
+        e.0 += 1;
+        e.1 += n;
+        if let Some(m) = modality
+            && !e.2.contains(&m)
+        {
+            e.2.push(m);
+        }
+        per_series.insert(series, n);
+    }
+    for h in hits.iter_mut() {
+        if let Some((series, instances, modalities)) = per_study.get(&h.study_ref) {
+            h.study.series_count = *series;
+            h.study.instance_count = *instances;
+            h.study.modalities = modalities.clone();
+            h.study.modalities.sort();
+        }
+        if let (Some(id), Some(row)) = (h.series_ref, h.series.as_mut()) {
+            row.instance_count = per_series.get(&id).copied().unwrap_or(0);
+        }
+    }
+    Ok(())
+}
+
+/// The stored DICOM JSON of one instance of each given study or series
+/// (level `Study` or `Series`), or of the given instances: the source of
+/// attributes the index does not keep (`includefield`).
+pub async fn representative_json(
+    pool: &AnyPool,
+    level: Level,
+    ids: &[i64],
+) -> Result<HashMap<i64, String>, IndexError> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut q = Sql::default();
+    let list: Vec<String> = ids.iter().map(|id| q.bind_int(*id)).collect();
+    let list = list.join(", ");
+    let sql = match level {
+        Level::Instance => {
+            format!("SELECT i.id, i.dataset_json FROM instance i WHERE i.id IN ({list})")
+        }
+        Level::Series => format!(
+            "SELECT i.series_ref, i.dataset_json FROM instance i WHERE i.id IN \
+             (SELECT MIN(i2.id) FROM instance i2 WHERE i2.series_ref IN ({list}) GROUP BY i2.series_ref)"
+        ),
+        Level::Study => format!(
+            "SELECT se.study_ref, i.dataset_json FROM instance i JOIN series se ON se.id = i.series_ref \
+             WHERE i.id IN (SELECT MIN(i2.id) FROM instance i2 JOIN series se2 ON se2.id = i2.series_ref \
+             WHERE se2.study_ref IN ({list}) GROUP BY se2.study_ref)"
+        ),
+    };
+    let rows = q.fetch(pool, sql).await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Where one instance is and what WADO needs of it.
+#[derive(Debug, Clone)]
+pub struct StoredInstance {
+    /// Row id, for fetching its DICOM JSON.
+    pub id: i64,
+    pub study_uid: String,
+    pub series_uid: String,
+    pub sop_uid: String,
+    pub sop_class_uid: String,
+    pub transfer_syntax: String,
+    pub object_key: String,
+    pub size: u64,
+    pub sha256: String,
+    pub pixel_layout: Option<String>,
+    pub number_of_frames: Option<i64>,
+}
+
+/// The instances of a study, series or instance (WADO-RS), in series and
+/// instance order, under `scope`. Empty: nothing there, or nothing visible.
+pub async fn instances(
+    pool: &AnyPool,
+    scope: &Scope,
+    study_uid: &str,
+    series_uid: Option<&str>,
+    sop_uid: Option<&str>,
+) -> Result<Vec<StoredInstance>, IndexError> {
+    let mut q = Sql::default();
+    let mut conds = vec![
+        scope.condition(&mut q),
+        format!("st.study_uid = {}", q.bind_text(study_uid)),
+    ];
+    if let Some(u) = series_uid {
+        conds.push(format!("se.series_uid = {}", q.bind_text(u)));
+    }
+    if let Some(u) = sop_uid {
+        conds.push(format!("i.sop_uid = {}", q.bind_text(u)));
+    }
+    let sql = format!(
+        "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax, \
+         i.object_key, i.size, i.sha256, i.pixel_layout, i.number_of_frames, i.id FROM {} WHERE {} \
+         ORDER BY se.series_number, se.id, i.instance_number, i.id",
+        from(Level::Instance),
+        conds.join(" AND ")
+    );
+    let rows = q.fetch(pool, sql).await?;
+    Ok(rows
+        .iter()
+        .map(|r| StoredInstance {
+            study_uid: r.get(0),
+            series_uid: r.get(1),
+            sop_uid: r.get(2),
+            sop_class_uid: r.get(3),
+            transfer_syntax: r.get(4),
+            object_key: r.get(5),
+            size: r.get::<i64, _>(6).max(0) as u64,
+            sha256: r.get(7),
+            pixel_layout: opt_text(r, 8),
+            number_of_frames: opt_int(r, 9),
+            id: r.get(10),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn date_ranges_and_invalid_dates() {
+        let p = |v| Matcher::parse(Attr::StudyDate, "StudyDate", v, false);
+        assert_eq!(
+            p("20230101-20231231").unwrap(),
+            Some(Matcher::Range(
+                Some("20230101".into()),
+                Some("20231231".into())
+            ))
+        );
+        assert_eq!(
+            p("-20191231").unwrap(),
+            Some(Matcher::Range(None, Some("20191231".into())))
+        );
+        assert_eq!(
+            p("20250101-").unwrap(),
+            Some(Matcher::Range(Some("20250101".into()), None))
+        );
+        assert!(p("notadate").is_err());
+        assert!(p("2023-01-01").is_err());
+        assert!(p("-").is_err());
+        assert_eq!(p("").unwrap(), None);
+    }
+
+    #[test]
+    fn time_matches_its_whole_precision() {
+        let m = Matcher::parse(Attr::StudyTime, "StudyTime", "1030", false).unwrap();
+        assert_eq!(
+            m,
+            Some(Matcher::Range(
+                Some("1030".into()),
+                Some("103059.999999".into())
+            ))
+        );
+    }
+
+    #[test]
+    fn uid_lists_take_commas_and_backslashes() {
+        let m = Matcher::parse(Attr::StudyInstanceUid, "k", "1.2.3,1.2.4\\1.2.5", false).unwrap();
+        assert_eq!(
+            m,
+            Some(Matcher::UidList(vec![
+                "1.2.3".into(),
+                "1.2.4".into(),
+                "1.2.5".into()
+            ]))
+        );
+        assert!(Matcher::parse(Attr::StudyInstanceUid, "k", "1.2.x", false).is_err());
+    }
+
+    #[test]
+    fn person_names_match_case_insensitively_per_group() {
+        assert_eq!(
+            Matcher::parse(Attr::PatientName, "k", "yama*", false).unwrap(),
+            Some(Matcher::Wildcard("YAMA*".into()))
+        );
+        let Some(Matcher::NameGroups(g)) =
+            Matcher::parse(Attr::PatientName, "k", "Yoshida^Shota=吉田^翔太=", false).unwrap()
+        else {
+            panic!("groups expected")
+        };
+        assert_eq!(
+            g[0].as_deref(),
+            Some(&Matcher::Single("Yoshida^Shota".into()))
+        );
+        assert_eq!(g[1].as_deref(), Some(&Matcher::Single("吉田^翔太".into())));
+        assert!(g[2].is_none());
+    }
+
+    #[test]
+    fn like_patterns_escape_sql_wildcards() {
+        assert_eq!(like_pattern("A_B%C*?\\"), "A\\_B\\%C%_\\\\");
+    }
+}

@@ -1,0 +1,106 @@
+//! Authentication of every request under `/dicom-web` and `/api`: a bearer
+//! token verified by `auth::Verifier`, turned into the `Caller` the handlers
+//! take. The middleware wraps whole route trees, so a route cannot be added
+//! without it (default deny); CORS preflights are answered by the CORS layer
+//! outside it and never reach it.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::problem::WebError;
+use crate::access::Institution;
+use crate::auth::{Role, TokenError};
+use crate::hub::Hub;
+
+/// The authenticated user of a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: String,
+    pub institution: Arc<Institution>,
+    pub role: Role,
+}
+
+impl Caller {
+    /// Refuse (403) unless the caller has one of `roles`.
+    pub fn require(&self, roles: &[Role], action: &str) -> Result<(), WebError> {
+        if roles.contains(&self.role) {
+            Ok(())
+        } else {
+            Err(WebError::Forbidden(format!(
+                "the role {:?} may not {action}",
+                self.role
+            )))
+        }
+    }
+}
+
+/// Verify the bearer token and attach the `Caller`, or answer 401/403.
+pub async fn authenticate(State(hub): State<Arc<Hub>>, mut req: Request, next: Next) -> Response {
+    match caller_of(&hub, req.headers()) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => {
+            if let WebError::Unauthorized(reason) = &e {
+                metrics::counter!(crate::telemetry::AUTH_FAILURES, "reason" => reason_label(reason))
+                    .increment(1);
+            }
+            tracing::info!(path = %req.uri().path(), error = %e, "request refused");
+            e.into_response()
+        }
+    }
+}
+
+fn reason_label(e: &TokenError) -> &'static str {
+    match e {
+        TokenError::Missing => "missing",
+        TokenError::Malformed => "malformed",
+        TokenError::Expired => "expired",
+        TokenError::BadSignature => "signature",
+        TokenError::WrongParty => "issuer_audience",
+        TokenError::Claims(_) => "claims",
+    }
+}
+
+fn caller_of(hub: &Hub, headers: &axum::http::HeaderMap) -> Result<Caller, WebError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or(TokenError::Missing)?
+        .to_str()
+        .map_err(|_| TokenError::Malformed)?;
+    let (scheme, token) = value.split_once(' ').ok_or(TokenError::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(TokenError::Missing.into());
+    }
+    let claims = hub.verifier.verify(token.trim())?;
+    let institution = hub.institutions.by_code(&claims.inst).ok_or_else(|| {
+        WebError::Forbidden(format!(
+            "institution {} is not part of this network",
+            claims.inst
+        ))
+    })?;
+    Ok(Caller {
+        user: claims.sub,
+        institution,
+        role: claims.role,
+    })
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = WebError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // Only present behind `authenticate`; a route outside it is refused.
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or(WebError::Unauthorized(TokenError::Missing))
+    }
+}

@@ -1,0 +1,115 @@
+//! Every HTTP error, mapped once to a status and an RFC 9457 problem body
+//! (`application/problem+json`). Details never name what the caller may not
+//! see: a hidden object is `NotFound`, exactly like a missing one.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::auth::TokenError;
+use crate::index::IndexError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    #[error("{0}")]
+    Unauthorized(#[from] TokenError),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("no such resource")]
+    NotFound,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotAcceptable(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("the request body exceeds the limit of {0} bytes")]
+    PayloadTooLarge(u64),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl WebError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::BadRequest(detail.into())
+    }
+}
+
+impl From<IndexError> for WebError {
+    fn from(e: IndexError) -> Self {
+        Self::Unavailable(format!("the index is unavailable: {e}"))
+    }
+}
+
+impl From<StoreError> for WebError {
+    fn from(e: StoreError) -> Self {
+        Self::Unavailable(format!("the object store failed: {e}"))
+    }
+}
+
+/// A problem body (RFC 9457) with `status`.
+pub fn problem(status: StatusCode, detail: &str) -> Response {
+    let body = json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        )],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+impl IntoResponse for WebError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let detail = match &self {
+            // Internal details go to the log, not to the client.
+            Self::Internal(d) | Self::Unavailable(d) => {
+                tracing::error!(error = %d, status = status.as_u16(), "request failed");
+                if matches!(self, Self::Internal(_)) {
+                    "internal error".to_string()
+                } else {
+                    "a backing service is unavailable; retry later".to_string()
+                }
+            }
+            other => other.to_string(),
+        };
+        let mut resp = problem(status, &detail);
+        if let Self::Unauthorized(e) = &self {
+            let challenge = match e {
+                TokenError::Missing => r#"Bearer realm="tsunagu""#.to_string(),
+                _ => format!(
+                    r#"Bearer realm="tsunagu", error="invalid_token", error_description="{e}""#
+                ),
+            };
+            if let Ok(v) = HeaderValue::from_str(&challenge) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+        }
+        resp
+    }
+}

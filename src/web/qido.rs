@@ -1,0 +1,575 @@
+//! QIDO-RS (PS3.18 §10.6): searches at study, series and instance level,
+//! answered in DICOM JSON from the index, with the computed attributes.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use dicom_core::dictionary::DataDictionary;
+use dicom_dictionary_std::StandardDataDictionary;
+use serde_json::{Map, Value, json};
+
+use super::auth::Caller;
+use super::media::parse_accept;
+use super::problem::WebError;
+use super::{DICOM_JSON, Urls};
+use crate::auth::Role;
+use crate::config::EmptySearch;
+use crate::hub::Hub;
+use crate::index::search::{Attr, Hit, Level, Matcher, Search};
+
+/// Attributes (8-hex tags) at patient or study level, what `includefield=all`
+/// adds to a study result from the stored instance JSON.
+const STUDY_LEVEL: &[&str] = &[
+    "00080020", "00080030", "00080050", "00080051", "00080090", "00080096", "00081030", "00081032",
+    "00081060", "0020000D", "00200010", "00080201",
+];
+/// Series-level attributes `includefield=all` adds to a series result.
+const SERIES_LEVEL: &[&str] = &[
+    "00080021", "00080031", "00080060", "00080070", "00080080", "00081010", "0008103E", "00081090",
+    "00180015", "00185100", "0020000E", "00200011", "00200052", "00200060", "00400244", "00400245",
+    "00400275",
+];
+
+/// The parsed query string of a search.
+struct Query {
+    keys: Vec<(Attr, Matcher)>,
+    /// Attributes to return beyond the defaults (8-hex tags).
+    include: HashSet<String>,
+    include_all: bool,
+    limit: Option<u32>,
+    offset: u64,
+    unsupported: Vec<String>,
+}
+
+/// The 8-hex tag of a keyword or tag.
+fn tag_of(key: &str) -> Option<String> {
+    if key.len() == 8 && key.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Some(key.to_ascii_uppercase());
+    }
+    let e = StandardDataDictionary.by_name(key)?;
+    let t = e.tag.inner();
+    Some(format!("{:04X}{:04X}", t.group(), t.element()))
+}
+
+fn parse_query(raw: Option<&str>) -> Result<Query, WebError> {
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(raw.unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let fuzzy = pairs
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("fuzzymatching") && v.eq_ignore_ascii_case("true"));
+    let mut q = Query {
+        keys: Vec::new(),
+        include: HashSet::new(),
+        include_all: false,
+        limit: None,
+        offset: 0,
+        unsupported: Vec::new(),
+    };
+    let mut seen = HashSet::new();
+    for (k, v) in &pairs {
+        match k.to_ascii_lowercase().as_str() {
+            "limit" => {
+                q.limit = Some(v.trim().parse().map_err(|_| {
+                    WebError::bad_request(format!("limit: {v:?} is not a non-negative integer"))
+                })?)
+            }
+            "offset" => {
+                q.offset = v.trim().parse().map_err(|_| {
+                    WebError::bad_request(format!("offset: {v:?} is not a non-negative integer"))
+                })?
+            }
+            "includefield" => {
+                for f in v.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+                    if f.eq_ignore_ascii_case("all") {
+                        q.include_all = true;
+                    } else if let Some(t) = tag_of(f) {
+                        q.include.insert(t);
+                    } else {
+                        return Err(WebError::bad_request(format!(
+                            "includefield: {f:?} is neither an attribute keyword nor a tag"
+                        )));
+                    }
+                }
+            }
+            "fuzzymatching" | "orderby" | "accept" | "charset" => {}
+            _ => {
+                if let Some(attr) = Attr::from_key(k) {
+                    if !seen.insert(attr) {
+                        continue; // the first value of a repeated key counts
+                    }
+                    if let Some(tag) = tag_of(k) {
+                        q.include.insert(tag);
+                    }
+                    let m = Matcher::parse(attr, k, v, fuzzy)
+                        .map_err(|e| WebError::bad_request(e.to_string()))?;
+                    if let Some(m) = m {
+                        q.keys.push((attr, m));
+                    }
+                } else if let Some(tag) = tag_of(k.split('.').next().unwrap_or(k)) {
+                    // A real attribute we cannot match on: return it, say so.
+                    q.include.insert(tag);
+                    if !v.is_empty() {
+                        q.unsupported.push(k.clone());
+                    }
+                }
+                // Anything else is not a query key: PS3.18 says ignore it.
+            }
+        }
+    }
+    Ok(q)
+}
+
+/// `GET /studies`
+pub async fn studies(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    urls: Urls,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, WebError> {
+    run(
+        &hub,
+        &caller,
+        &urls,
+        &headers,
+        raw,
+        Level::Study,
+        None,
+        None,
+    )
+    .await
+}
+
+/// `GET /series`
+pub async fn all_series(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    urls: Urls,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, WebError> {
+    run(
+        &hub,
+        &caller,
+        &urls,
+        &headers,
+        raw,
+        Level::Series,
+        None,
+        None,
+    )
+    .await
+}
+
+/// `GET /instances`
+pub async fn all_instances(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    urls: Urls,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, WebError> {
+    run(
+        &hub,
+        &caller,
+        &urls,
+        &headers,
+        raw,
+        Level::Instance,
+        None,
+        None,
+    )
+    .await
+}
+
+/// `GET /studies/{study}/series`
+pub async fn study_series(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    urls: Urls,
+    headers: HeaderMap,
+    Path(study): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, WebError> {
+    run(
+        &hub,
+        &caller,
+        &urls,
+        &headers,
+        raw,
+        Level::Series,
+        Some(study),
+        None,
+    )
+    .await
+}
+
+/// `GET /studies/{study}/instances`
+pub async fn study_instances(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    urls: Urls,
+    headers: HeaderMap,
+    Path(study): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, WebError> {
+    run(
+        &hub,
+        &caller,
+        &urls,
+        &headers,
+        raw,
+        Level::Instance,
+        Some(study),
+        None,
+    )
+    .await
+}
+
+/// `GET /studies/{study}/series/{series}/instances`
+pub async fn series_instances(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    urls: Urls,
+    headers: HeaderMap,
+    Path((study, series)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, WebError> {
+    run(
+        &hub,
+        &caller,
+        &urls,
+        &headers,
+        raw,
+        Level::Instance,
+        Some(study),
+        Some(series),
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    hub: &Hub,
+    caller: &Caller,
+    urls: &Urls,
+    headers: &HeaderMap,
+    raw: Option<String>,
+    level: Level,
+    study_uid: Option<String>,
+    series_uid: Option<String>,
+) -> Result<Response, WebError> {
+    caller.require(&[Role::Clinician], "search images")?;
+    let accept = parse_accept(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
+    if !accept
+        .iter()
+        .any(|m| m.covers("application/dicom+json") || m.is("application/json"))
+    {
+        return Err(WebError::NotAcceptable(
+            "search results are available as application/dicom+json (or application/json)".into(),
+        ));
+    }
+    let q = parse_query(raw.as_deref())?;
+    let cfg = &hub.config.dicomweb;
+    let limit = q
+        .limit
+        .unwrap_or(cfg.qido_max_results)
+        .min(cfg.qido_max_results);
+    let search = Search {
+        level,
+        study_uid,
+        series_uid,
+        keys: q.keys.clone(),
+        limit,
+        offset: q.offset,
+    };
+    let scope = super::scope_of(caller);
+    let page = hub.index.search(&search, &scope).await?;
+
+    let mut warnings = Vec::new();
+    if page.remaining > 0 {
+        warnings.push(format!(
+            "299 tsunagu: There are {} additional results that can be requested",
+            page.remaining
+        ));
+    }
+    if !q.unsupported.is_empty() {
+        warnings.push(format!(
+            "299 tsunagu: The following query keys are not supported for matching and were ignored: {}",
+            q.unsupported.join(", ")
+        ));
+    }
+
+    if page.hits.is_empty() {
+        let mut resp = match cfg.qido_empty {
+            EmptySearch::NoContent => StatusCode::NO_CONTENT.into_response(),
+            EmptySearch::EmptyArray => ([(header::CONTENT_TYPE, DICOM_JSON)], "[]").into_response(),
+        };
+        add_warnings(&mut resp, &warnings);
+        return Ok(resp);
+    }
+
+    // Attributes the index does not keep come from one stored instance of
+    // each result (one query for the page).
+    let extra = extra_attributes(hub, level, &q, &page.hits).await?;
+    let items: Vec<Value> = page
+        .hits
+        .iter()
+        .map(|h| {
+            let mut m = render(h, level, urls);
+            if let Some(src) = extra.get(&hit_id(h, level)) {
+                merge_from(&mut m, src, level, &q, urls, h);
+            }
+            Value::Object(m.into_iter().collect())
+        })
+        .collect();
+    let mut resp = (
+        [(header::CONTENT_TYPE, DICOM_JSON)],
+        Value::Array(items).to_string(),
+    )
+        .into_response();
+    add_warnings(&mut resp, &warnings);
+    Ok(resp)
+}
+
+fn add_warnings(resp: &mut Response, warnings: &[String]) {
+    for w in warnings {
+        if let Ok(v) = HeaderValue::from_str(w) {
+            resp.headers_mut().append(header::WARNING, v);
+        }
+    }
+}
+
+fn hit_id(h: &Hit, level: Level) -> i64 {
+    match level {
+        Level::Study => h.study_ref,
+        Level::Series => h.series_ref.unwrap_or_default(),
+        Level::Instance => h.instance_ref.unwrap_or_default(),
+    }
+}
+
+/// Parsed stored JSON of one instance per result, when the query asks for
+/// attributes beyond the rendered ones.
+async fn extra_attributes(
+    hub: &Hub,
+    level: Level,
+    q: &Query,
+    hits: &[Hit],
+) -> Result<HashMap<i64, Map<String, Value>>, WebError> {
+    let rendered = rendered_tags(level);
+    let wanted = q.include_all || q.include.iter().any(|t| !rendered.contains(&t.as_str()));
+    if !wanted {
+        return Ok(HashMap::new());
+    }
+    let ids: Vec<i64> = hits.iter().map(|h| hit_id(h, level)).collect();
+    let json = hub.index.dataset_json(level, &ids).await?;
+    Ok(json
+        .into_iter()
+        .filter_map(|(id, text)| match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(m)) => Some((id, m)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Copy the requested attributes from stored JSON into a result.
+fn merge_from(
+    out: &mut BTreeMap<String, Value>,
+    src: &Map<String, Value>,
+    level: Level,
+    q: &Query,
+    urls: &Urls,
+    h: &Hit,
+) {
+    for (tag, el) in src {
+        if out.contains_key(tag) {
+            continue;
+        }
+        let level_ok = match level {
+            Level::Instance => true,
+            Level::Series => {
+                tag.starts_with("0010")
+                    || STUDY_LEVEL.contains(&tag.as_str())
+                    || SERIES_LEVEL.contains(&tag.as_str())
+            }
+            Level::Study => tag.starts_with("0010") || STUDY_LEVEL.contains(&tag.as_str()),
+        };
+        if (q.include_all && level_ok) || q.include.contains(tag) {
+            let mut el = el.clone();
+            if let (Some(inst), Some(series)) = (&h.instance, &h.series) {
+                urls.rewrite_bulk(
+                    &mut el,
+                    &h.study.study_uid,
+                    &series.series_uid,
+                    &inst.sop_uid,
+                );
+            } else if el.get("BulkDataURI").is_some() {
+                continue; // bulk data of some instance makes no sense at this level
+            }
+            out.insert(tag.clone(), el);
+        }
+    }
+    for tag in &q.include {
+        out.entry(tag.clone()).or_insert_with(|| {
+            let vr = tag_vr(tag);
+            json!({ "vr": vr })
+        });
+    }
+}
+
+fn tag_vr(tag: &str) -> String {
+    let Ok(n) = u32::from_str_radix(tag, 16) else {
+        return "UN".into();
+    };
+    let t = dicom_core::Tag((n >> 16) as u16, (n & 0xFFFF) as u16);
+    StandardDataDictionary
+        .by_tag(t)
+        .map(|e| e.vr.relaxed().to_string().to_string())
+        .unwrap_or_else(|| "UN".into())
+}
+
+fn rendered_tags(level: Level) -> Vec<&'static str> {
+    let mut v = vec![
+        "00080005", "00080020", "00080030", "00080050", "00080056", "00080061", "00080090",
+        "00081030", "00081190", "00100010", "00100020", "00100021", "00100030", "00100040",
+        "00101002", "0020000D", "00200010", "00201206", "00201208",
+    ];
+    if level >= Level::Series {
+        v.extend([
+            "00080021", "00080031", "00080060", "0008103E", "00180015", "0020000E", "00200011",
+            "00201209", "00400244", "00400245", "00400275",
+        ]);
+    }
+    if level == Level::Instance {
+        v.extend([
+            "00080016", "00080018", "00083002", "00200013", "00280008", "00280010", "00280011",
+            "00280100",
+        ]);
+    }
+    v
+}
+
+fn text_el(vr: &str, v: Option<&str>) -> Value {
+    match v {
+        Some(s) => json!({"vr": vr, "Value": [s]}),
+        None => json!({"vr": vr}),
+    }
+}
+
+fn int_el(vr: &str, v: Option<i64>) -> Value {
+    match v {
+        Some(n) => json!({"vr": vr, "Value": [n]}),
+        None => json!({"vr": vr}),
+    }
+}
+
+/// A PN element with only its non-empty groups.
+pub fn pn_el(groups: &[Option<String>; 3]) -> Value {
+    let mut g = Map::new();
+    for (name, v) in ["Alphabetic", "Ideographic", "Phonetic"].iter().zip(groups) {
+        if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
+            g.insert((*name).into(), Value::String(v.into()));
+        }
+    }
+    if g.is_empty() {
+        json!({"vr": "PN"})
+    } else {
+        json!({"vr": "PN", "Value": [g]})
+    }
+}
+
+/// The default attributes of a result (PS3.18 Tables 6.7.1-2, -2a, -2b).
+fn render(h: &Hit, level: Level, urls: &Urls) -> BTreeMap<String, Value> {
+    let mut m = BTreeMap::new();
+    let mut put = |tag: &str, v: Value| {
+        m.insert(tag.to_string(), v);
+    };
+    let p = &h.patient;
+    let st = &h.study;
+    // Everything is decoded to Unicode at ingest: answers are UTF-8.
+    put("00080005", text_el("CS", Some("ISO_IR 192")));
+    put("00080020", text_el("DA", st.date.as_deref()));
+    put("00080030", text_el("TM", st.time.as_deref()));
+    put("00080050", text_el("SH", st.accession_number.as_deref()));
+    put("00080056", text_el("CS", Some("ONLINE")));
+    put(
+        "00080061",
+        if st.modalities.is_empty() {
+            json!({"vr": "CS"})
+        } else {
+            json!({"vr": "CS", "Value": st.modalities})
+        },
+    );
+    put("00080090", pn_el(&st.referring));
+    put("00081030", text_el("LO", st.description.as_deref()));
+    put("00100010", pn_el(&p.name));
+    put("00100020", text_el("LO", Some(&p.patient_id)));
+    put("00100021", text_el("LO", Some(&p.issuer)));
+    put("00100030", text_el("DA", p.birth_date.as_deref()));
+    put("00100040", text_el("CS", p.sex.as_deref()));
+    if !p.other_patient_ids.is_empty() {
+        let items: Vec<Value> = p
+            .other_patient_ids
+            .iter()
+            .map(|o| {
+                json!({
+                    "00100020": text_el("LO", Some(&o.patient_id)),
+                    "00100021": text_el("LO", o.issuer.as_deref()),
+                })
+            })
+            .collect();
+        put("00101002", json!({"vr": "SQ", "Value": items}));
+    }
+    put("0020000D", text_el("UI", Some(&st.study_uid)));
+    put("00200010", text_el("SH", st.study_id.as_deref()));
+    put("00201206", int_el("IS", Some(st.series_count)));
+    put("00201208", int_el("IS", Some(st.instance_count)));
+    let mut url = urls.study(&st.study_uid);
+    if let Some(se) = &h.series {
+        put("00080021", text_el("DA", se.date.as_deref()));
+        put("00080031", text_el("TM", se.time.as_deref()));
+        put("00080060", text_el("CS", se.modality.as_deref()));
+        put("0008103E", text_el("LO", se.description.as_deref()));
+        put("00180015", text_el("CS", se.body_part.as_deref()));
+        put("0020000E", text_el("UI", Some(&se.series_uid)));
+        put("00200011", int_el("IS", se.number));
+        put("00201209", int_el("IS", Some(se.instance_count)));
+        put("00400244", text_el("DA", se.pps_start_date.as_deref()));
+        put("00400245", text_el("TM", se.pps_start_time.as_deref()));
+        if let Some(items) = se
+            .request_attributes
+            .as_deref()
+            .and_then(|j| serde_json::from_str::<Value>(j).ok())
+        {
+            put("00400275", json!({"vr": "SQ", "Value": items}));
+        }
+        url = urls.series(&st.study_uid, &se.series_uid);
+        if let Some(i) = &h.instance {
+            put("00080016", text_el("UI", Some(&i.sop_class_uid)));
+            put("00080018", text_el("UI", Some(&i.sop_uid)));
+            put("00083002", text_el("UI", Some(&i.transfer_syntax)));
+            put("00200013", int_el("IS", i.number));
+            if i.frames.is_some() {
+                put("00280008", int_el("IS", i.frames));
+            }
+            if i.rows.is_some() {
+                put("00280010", int_el("US", i.rows));
+                put("00280011", int_el("US", i.columns));
+                put("00280100", int_el("US", i.bits_allocated));
+            }
+            url = urls.instance(&st.study_uid, &se.series_uid, &i.sop_uid);
+        }
+    }
+    let _ = level;
+    put("00081190", text_el("UR", Some(&url)));
+    m
+}

@@ -1,0 +1,817 @@
+//! WADO-RS (PS3.18 §10.4): instances, metadata, frames and bulk data of
+//! what the caller may see, streamed from the store. Everything that can
+//! fail (404, 406, 400) is decided before the first byte is sent.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::stream::{self, StreamExt};
+use sha2::{Digest, Sha256};
+
+use super::auth::Caller;
+use super::media::{self, MediaRange, parse_accept};
+use super::multipart::{self, ByteStream, Part};
+use super::problem::WebError;
+use super::{DICOM_JSON, Urls};
+use crate::auth::Role;
+use crate::dicom::dataset::{BULK_URI_PREFIX, PixelLayout};
+use crate::dicom::transcode;
+use crate::hub::Hub;
+use crate::index::search::{Level, StoredInstance};
+use crate::store::Store;
+
+/// Instances whose metadata is fetched from the index in one query.
+const METADATA_BATCH: usize = 64;
+
+fn accept_of(headers: &HeaderMap) -> Vec<MediaRange> {
+    parse_accept(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
+}
+
+/// How a retrieved instance is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Encoding {
+    /// The stored bytes.
+    AsStored,
+    /// Re-encoded to Explicit VR Little Endian.
+    ExplicitLe,
+}
+
+/// The `transfer-syntax` a client asked instances in: `None` for the
+/// default (Explicit VR Little Endian), `Some("*")` for as stored.
+fn negotiate_instances(accept: &[MediaRange]) -> Result<Option<String>, WebError> {
+    for m in accept {
+        let dicom_parts = match m.essence.as_str() {
+            "multipart/related" => m
+                .part_type
+                .as_deref()
+                .is_none_or(|t| t == "application/dicom"),
+            "application/dicom" | "*/*" | "multipart/*" => true,
+            _ => false,
+        };
+        if dicom_parts {
+            return Ok(m.transfer_syntax.clone());
+        }
+    }
+    Err(WebError::NotAcceptable(
+        "instances are available as multipart/related; type=\"application/dicom\"".into(),
+    ))
+}
+
+/// The encoding of one instance for a requested transfer syntax; `None`
+/// when it cannot be produced.
+fn encoding_for(stored_ts: &str, requested: Option<&str>) -> Option<Encoding> {
+    let web_forbidden = matches!(stored_ts, media::IMPLICIT_VR_LE | media::EXPLICIT_VR_BE);
+    match requested {
+        // As stored, but never Implicit VR or Big Endian on the web.
+        Some("*") => Some(if web_forbidden {
+            Encoding::ExplicitLe
+        } else {
+            Encoding::AsStored
+        }),
+        None => Some(if stored_ts == media::EXPLICIT_VR_LE {
+            Encoding::AsStored
+        } else if transcode::can_reencode(stored_ts) {
+            Encoding::ExplicitLe
+        } else {
+            // Needs pixel decoding (not built yet): sent as stored, with the
+            // transfer syntax named in the part (Conformance Statement).
+            Encoding::AsStored
+        }),
+        Some(ts) if ts == stored_ts && !web_forbidden => Some(Encoding::AsStored),
+        Some(media::EXPLICIT_VR_LE) if transcode::can_reencode(stored_ts) => {
+            Some(Encoding::ExplicitLe)
+        }
+        Some(_) => None,
+    }
+}
+
+/// `GET /studies/{study}`
+pub async fn retrieve_study(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    urls: Urls,
+    headers: HeaderMap,
+    Path(study): Path<String>,
+) -> Result<Response, WebError> {
+    retrieve(&hub, &caller, &urls, &headers, &study, None, None).await
+}
+
+/// `GET /studies/{study}/series/{series}`
+pub async fn retrieve_series(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    urls: Urls,
+    headers: HeaderMap,
+    Path((study, series)): Path<(String, String)>,
+) -> Result<Response, WebError> {
+    retrieve(&hub, &caller, &urls, &headers, &study, Some(&series), None).await
+}
+
+/// `GET /studies/{study}/series/{series}/instances/{instance}`
+pub async fn retrieve_instance(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    urls: Urls,
+    headers: HeaderMap,
+    Path((study, series, instance)): Path<(String, String, String)>,
+) -> Result<Response, WebError> {
+    retrieve(
+        &hub,
+        &caller,
+        &urls,
+        &headers,
+        &study,
+        Some(&series),
+        Some(&instance),
+    )
+    .await
+}
+
+async fn visible_instances(
+    hub: &Hub,
+    caller: &Caller,
+    study: &str,
+    series: Option<&str>,
+    instance: Option<&str>,
+) -> Result<Vec<StoredInstance>, WebError> {
+    caller.require(&[Role::Clinician], "retrieve images")?;
+    let found = hub
+        .index
+        .instances(&super::scope_of(caller), study, series, instance)
+        .await?;
+    if found.is_empty() {
+        return Err(WebError::NotFound);
+    }
+    Ok(found)
+}
+
+pub(super) async fn retrieve(
+    hub: &Hub,
+    caller: &Caller,
+    urls: &Urls,
+    headers: &HeaderMap,
+    study: &str,
+    series: Option<&str>,
+    instance: Option<&str>,
+) -> Result<Response, WebError> {
+    let requested = negotiate_instances(&accept_of(headers))?;
+    let found = visible_instances(hub, caller, study, series, instance).await?;
+    let mut plan = Vec::with_capacity(found.len());
+    for inst in found {
+        let enc = encoding_for(&inst.transfer_syntax, requested.as_deref()).ok_or_else(|| {
+            WebError::NotAcceptable(format!(
+                "instance {} is stored as {} and cannot be sent as {}",
+                inst.sop_uid,
+                inst.transfer_syntax,
+                requested.as_deref().unwrap_or_default()
+            ))
+        })?;
+        plan.push((inst, enc));
+    }
+    let boundary = multipart::boundary();
+    let content_type = multipart::content_type(&boundary, "application/dicom", None);
+    let store = hub.store.clone();
+    let urls = urls.clone();
+    let parts = stream::iter(plan)
+        .map(move |(inst, enc)| {
+            let ts = match enc {
+                Encoding::AsStored => inst.transfer_syntax.clone(),
+                Encoding::ExplicitLe => media::EXPLICIT_VR_LE.to_string(),
+            };
+            let location = urls.instance(&inst.study_uid, &inst.series_uid, &inst.sop_uid);
+            let store = store.clone();
+            Part {
+                content_type: format!("application/dicom; transfer-syntax={ts}"),
+                location: Some(location),
+                body: multipart::lazy(open_instance(store, inst, enc)),
+            }
+        })
+        .boxed();
+    let body = multipart::body(boundary, parts);
+    Ok(stream_response(StatusCode::OK, &content_type, body))
+}
+
+fn stream_response(status: StatusCode, content_type: &str, body: ByteStream) -> Response {
+    let mut resp = Response::new(Body::from_stream(body));
+    *resp.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+/// The bytes of one instance in `enc`, as a stream.
+async fn open_instance(
+    store: Arc<Store>,
+    inst: StoredInstance,
+    enc: Encoding,
+) -> Result<ByteStream, std::io::Error> {
+    match enc {
+        Encoding::AsStored => {
+            let s = store
+                .read(&inst.object_key, None)
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok(s.map(|r| r.map_err(std::io::Error::other)).boxed())
+        }
+        Encoding::ExplicitLe => {
+            let (path, temporary) = store
+                .fetch_to_path(&inst.object_key)
+                .await
+                .map_err(std::io::Error::other)?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+            tokio::task::spawn_blocking(move || {
+                let result = std::fs::File::open(&path).and_then(|f| {
+                    let mut w = ChannelWriter::new(tx.clone());
+                    transcode::to_explicit_le(std::io::BufReader::new(f), &mut w)
+                        .map_err(std::io::Error::other)?;
+                    std::io::Write::flush(&mut w)
+                });
+                if temporary {
+                    let _ = std::fs::remove_file(&path);
+                }
+                if let Err(e) = result {
+                    tracing::error!(key = %inst.object_key, error = %e, "re-encoding failed mid-answer");
+                    let _ = tx.blocking_send(Err(e));
+                }
+            });
+            Ok(tokio_stream_from(rx))
+        }
+    }
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> ByteStream {
+    stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+/// A `Write` that hands 256 KiB chunks to an async receiver.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    const CHUNK: usize = 256 << 10;
+
+    fn new(tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>) -> Self {
+        Self {
+            tx,
+            buf: Vec::with_capacity(Self::CHUNK),
+        }
+    }
+
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(Self::CHUNK));
+        self.tx
+            .blocking_send(Ok(Bytes::from(chunk)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))
+    }
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= Self::CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+// ---------------------------------------------------------------- metadata
+
+/// `GET /studies/{study}/metadata`
+pub async fn study_metadata(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    urls: Urls,
+    headers: HeaderMap,
+    Path(study): Path<String>,
+) -> Result<Response, WebError> {
+    metadata(&hub, &caller, &urls, &headers, &study, None, None).await
+}
+
+/// `GET /studies/{study}/series/{series}/metadata`
+pub async fn series_metadata(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    urls: Urls,
+    headers: HeaderMap,
+    Path((study, series)): Path<(String, String)>,
+) -> Result<Response, WebError> {
+    metadata(&hub, &caller, &urls, &headers, &study, Some(&series), None).await
+}
+
+/// `GET /studies/{study}/series/{series}/instances/{instance}/metadata`
+pub async fn instance_metadata(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    urls: Urls,
+    headers: HeaderMap,
+    Path((study, series, instance)): Path<(String, String, String)>,
+) -> Result<Response, WebError> {
+    metadata(
+        &hub,
+        &caller,
+        &urls,
+        &headers,
+        &study,
+        Some(&series),
+        Some(&instance),
+    )
+    .await
+}
+
+async fn metadata(
+    hub: &Arc<Hub>,
+    caller: &Caller,
+    urls: &Urls,
+    headers: &HeaderMap,
+    study: &str,
+    series: Option<&str>,
+    instance: Option<&str>,
+) -> Result<Response, WebError> {
+    let accept = accept_of(headers);
+    if !accept
+        .iter()
+        .any(|m| m.covers("application/dicom+json") || m.is("application/json"))
+    {
+        return Err(WebError::NotAcceptable(
+            "metadata is available as application/dicom+json".into(),
+        ));
+    }
+    let found = visible_instances(hub, caller, study, series, instance).await?;
+    // The answer is a function of the instances' content and of where bulk
+    // data is served from: so is its validator.
+    let mut h = Sha256::new();
+    h.update(urls.root.as_bytes());
+    for i in &found {
+        h.update(i.sop_uid.as_bytes());
+        h.update(i.sha256.as_bytes());
+    }
+    let etag = format!("\"{}\"", &hex::encode(h.finalize())[..32]);
+    let not_modified = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            let t = t.trim();
+            t == "*" || t.trim_start_matches("W/") == etag
+        });
+    if not_modified {
+        let mut resp = StatusCode::NOT_MODIFIED.into_response();
+        resp.headers_mut().insert(
+            header::ETAG,
+            HeaderValue::from_str(&etag).expect("hex etag"),
+        );
+        return Ok(resp);
+    }
+
+    let hub = hub.clone();
+    let urls = urls.clone();
+    let batches: Vec<Vec<StoredInstance>> = found
+        .chunks(METADATA_BATCH)
+        .map(<[StoredInstance]>::to_vec)
+        .collect();
+    let mut first = true;
+    let body = stream::iter(batches)
+        .then(move |batch| {
+            let hub = hub.clone();
+            let urls = urls.clone();
+            async move {
+                let ids: Vec<i64> = batch.iter().map(|i| i.id).collect();
+                let mut json = hub
+                    .index
+                    .dataset_json(Level::Instance, &ids)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                let mut out = Vec::new();
+                for inst in &batch {
+                    if let Some(text) = json.remove(&inst.id) {
+                        out.push(urls.rewrite_bulk_text(
+                            &text,
+                            &inst.study_uid,
+                            &inst.series_uid,
+                            &inst.sop_uid,
+                        ));
+                    }
+                }
+                Ok::<_, std::io::Error>(out)
+            }
+        })
+        .map(move |r| {
+            r.map(|items| {
+                let mut chunk = String::new();
+                for item in items {
+                    chunk.push(if first { '[' } else { ',' });
+                    first = false;
+                    chunk.push_str(&item);
+                }
+                Bytes::from(chunk)
+            })
+        })
+        .chain(stream::once(async { Ok(Bytes::from_static(b"]")) }))
+        .boxed();
+    let mut resp = stream_response(StatusCode::OK, DICOM_JSON, body);
+    resp.headers_mut().insert(
+        header::ETAG,
+        HeaderValue::from_str(&etag).expect("hex etag"),
+    );
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-cache"),
+    );
+    Ok(resp)
+}
+
+// ------------------------------------------------------------------ frames
+
+/// `GET /studies/{s}/series/{r}/instances/{i}/frames/{list}`
+pub async fn frames(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    urls: Urls,
+    headers: HeaderMap,
+    Path((study, series, instance, list)): Path<(String, String, String, String)>,
+) -> Result<Response, WebError> {
+    let numbers = parse_frame_list(&list)?;
+    let accept = accept_of(&headers);
+    let inst = visible_instances(&hub, &caller, &study, Some(&series), Some(&instance))
+        .await?
+        .remove(0);
+    let layout: PixelLayout = inst
+        .pixel_layout
+        .as_deref()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| WebError::bad_request("the instance has no pixel data"))?;
+    let count = layout.frames.len();
+    if count == 0 {
+        return Err(WebError::NotAcceptable(format!(
+            "frames of objects stored as {} cannot be retrieved yet",
+            inst.transfer_syntax
+        )));
+    }
+    if let Some(bad) = numbers.iter().find(|n| **n as usize > count) {
+        return Err(WebError::bad_request(format!(
+            "frame {bad} is out of range: the instance has {count} frame(s)"
+        )));
+    }
+    let part_type = negotiate_frames(&accept, &inst.transfer_syntax, layout.encapsulated)?;
+    let boundary = multipart::boundary();
+    let content_type = multipart::content_type(&boundary, part_type.essence(), None);
+    let store = hub.store.clone();
+    let key = inst.object_key.clone();
+    let base = urls.instance(&inst.study_uid, &inst.series_uid, &inst.sop_uid);
+    let parts = stream::iter(numbers)
+        .map(move |n| {
+            let ranges = layout.frames[n as usize - 1].clone();
+            let store = store.clone();
+            let key = key.clone();
+            Part {
+                content_type: part_type.header(),
+                location: Some(format!("{base}/frames/{n}")),
+                body: multipart::lazy(async move {
+                    let mut chunks = Vec::with_capacity(ranges.len());
+                    for (off, len) in ranges {
+                        chunks.push(
+                            store
+                                .read_range(&key, off..off + len)
+                                .await
+                                .map_err(std::io::Error::other)?,
+                        );
+                    }
+                    Ok(stream::iter(chunks.into_iter().map(Ok)).boxed())
+                }),
+            }
+        })
+        .boxed();
+    Ok(stream_response(
+        StatusCode::OK,
+        &content_type,
+        multipart::body(boundary, parts),
+    ))
+}
+
+/// 1-based frame numbers of a `frames/{list}` path.
+fn parse_frame_list(list: &str) -> Result<Vec<u32>, WebError> {
+    list.split(',')
+        .map(|f| match f.trim().parse::<u32>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(WebError::bad_request(format!(
+                "{f:?} is not a frame number (1, 2, ...)"
+            ))),
+        })
+        .collect()
+}
+
+/// The media type frames are sent in.
+#[derive(Debug, Clone)]
+struct FramePart {
+    media: &'static str,
+    transfer_syntax: Option<String>,
+}
+
+impl FramePart {
+    fn essence(&self) -> &'static str {
+        self.media
+    }
+
+    fn header(&self) -> String {
+        match &self.transfer_syntax {
+            Some(ts) => format!("{}; transfer-syntax={ts}", self.media),
+            None => self.media.to_string(),
+        }
+    }
+}
+
+fn negotiate_frames(
+    accept: &[MediaRange],
+    stored_ts: &str,
+    encapsulated: bool,
+) -> Result<FramePart, WebError> {
+    let native_ts = media::EXPLICIT_VR_LE;
+    let stored_media = media::frame_media_type(stored_ts);
+    for m in accept {
+        let wanted = match m.essence.as_str() {
+            "multipart/related" => m
+                .part_type
+                .clone()
+                .unwrap_or("application/octet-stream".into()),
+            "*/*" | "multipart/*" => "*/*".into(),
+            other => other.to_string(),
+        };
+        let ts = m.transfer_syntax.as_deref();
+        if !encapsulated {
+            if matches!(wanted.as_str(), "application/octet-stream" | "*/*")
+                && matches!(ts, None | Some("*") | Some(media::EXPLICIT_VR_LE))
+            {
+                return Ok(FramePart {
+                    media: "application/octet-stream",
+                    transfer_syntax: Some(native_ts.into()),
+                });
+            }
+            continue;
+        }
+        let ts_ok = matches!(ts, None | Some("*")) || ts == Some(stored_ts);
+        if !ts_ok {
+            continue;
+        }
+        if wanted == stored_media
+            || wanted == "*/*"
+            || (wanted == "application/octet-stream" && ts.is_some())
+            || (wanted == "application/octet-stream" && ts.is_none())
+        {
+            // Without decoding, compressed frames go out as stored, in their
+            // own media type when none was forced (Conformance Statement).
+            let media = if wanted == "application/octet-stream" {
+                "application/octet-stream"
+            } else {
+                stored_media
+            };
+            return Ok(FramePart {
+                media,
+                transfer_syntax: Some(stored_ts.into()),
+            });
+        }
+    }
+    Err(WebError::NotAcceptable(format!(
+        "frames of this instance are available as {} (transfer syntax {})",
+        if encapsulated {
+            stored_media
+        } else {
+            "application/octet-stream"
+        },
+        if encapsulated { stored_ts } else { native_ts }
+    )))
+}
+
+// --------------------------------------------------------------- bulk data
+
+/// `GET /studies/{s}/series/{r}/instances/{i}/bulk/{offset}/{length}`: a
+/// BulkDataURI of this instance's metadata.
+pub async fn bulk(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path((study, series, instance, offset, length)): Path<(String, String, String, u64, u64)>,
+) -> Result<Response, WebError> {
+    let inst = visible_instances(&hub, &caller, &study, Some(&series), Some(&instance))
+        .await?
+        .remove(0);
+    // Only ranges that are bulk data of this instance are served.
+    let json = hub
+        .index
+        .dataset_json(Level::Instance, &[inst.id])
+        .await?
+        .remove(&inst.id)
+        .unwrap_or_default();
+    if !json.contains(&format!("\"{BULK_URI_PREFIX}{offset}/{length}\"")) {
+        return Err(WebError::NotFound);
+    }
+    let accept = accept_of(&headers);
+    let single = accept.iter().find_map(|m| match m.essence.as_str() {
+        "application/octet-stream" => Some(true),
+        "multipart/related"
+            if m.part_type
+                .as_deref()
+                .is_none_or(|t| t == "application/octet-stream") =>
+        {
+            Some(false)
+        }
+        "*/*" | "multipart/*" => Some(false),
+        _ => None,
+    });
+    let Some(single) = single else {
+        return Err(WebError::NotAcceptable(
+            "bulk data is available as multipart/related; type=\"application/octet-stream\" or application/octet-stream".into(),
+        ));
+    };
+    let (mut start, mut end) = (offset, offset + length);
+    let mut status = StatusCode::OK;
+    let mut content_range = None;
+    if single && let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        let (s, e) = parse_range(range, length).ok_or_else(|| {
+            WebError::bad_request(format!("unsatisfiable or unsupported Range {range:?}"))
+        })?;
+        content_range = Some(format!("bytes {s}-{}/{length}", e - 1));
+        start = offset + s;
+        end = offset + e;
+        status = StatusCode::PARTIAL_CONTENT;
+    }
+    let data = hub
+        .store
+        .read(&inst.object_key, Some(start..end))
+        .await?
+        .map(|r| r.map_err(std::io::Error::other))
+        .boxed();
+    if single {
+        let mut resp = stream_response(status, "application/octet-stream", data);
+        resp.headers_mut()
+            .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+        if let Some(cr) = content_range.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            resp.headers_mut().insert(header::CONTENT_RANGE, cr);
+        }
+        return Ok(resp);
+    }
+    let boundary = multipart::boundary();
+    let content_type = multipart::content_type(&boundary, "application/octet-stream", None);
+    let part = Part {
+        content_type: "application/octet-stream".into(),
+        location: None,
+        body: data,
+    };
+    Ok(stream_response(
+        StatusCode::OK,
+        &content_type,
+        multipart::body(boundary, stream::iter([part]).boxed()),
+    ))
+}
+
+/// One `bytes=` range of a value of `len` bytes, as a half-open range.
+fn parse_range(v: &str, len: u64) -> Option<(u64, u64)> {
+    let spec = v.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (s, e) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().ok()?;
+            (len.saturating_sub(n), len)
+        }
+        (s, "") => (s.parse().ok()?, len),
+        (s, e) => (
+            s.parse().ok()?,
+            e.parse::<u64>().ok()?.saturating_add(1).min(len),
+        ),
+    };
+    (s < e && s < len).then_some((s, e))
+}
+
+// --------------------------------------------------------------- WADO-URI
+
+/// `GET /wado?requestType=WADO&studyUID=…&seriesUID=…&objectUID=…` (PS3.18
+/// §9): one instance as `application/dicom`. Rendered media types (the
+/// default for images in PS3.18) need the imaging work: until then an
+/// absent `contentType` means `application/dicom` and `image/*` is 406.
+pub async fn wado_uri(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> Result<Response, WebError> {
+    let params: Vec<(String, String)> =
+        url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    if get("requestType") != Some("WADO") {
+        return Err(WebError::bad_request("requestType must be WADO"));
+    }
+    let (Some(study), Some(series), Some(object)) =
+        (get("studyUID"), get("seriesUID"), get("objectUID"))
+    else {
+        return Err(WebError::bad_request(
+            "studyUID, seriesUID and objectUID are required",
+        ));
+    };
+    let content_types: Vec<String> = get("contentType")
+        .unwrap_or("application/dicom")
+        .split(',')
+        .map(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .collect();
+    if !content_types
+        .iter()
+        .any(|t| t == "application/dicom" || t == "*/*")
+    {
+        return Err(WebError::NotAcceptable(format!(
+            "contentType {} is not available yet; application/dicom is",
+            content_types.join(",")
+        )));
+    }
+    let requested = get("transferSyntax").map(str::to_string);
+    let inst = visible_instances(&hub, &caller, study, Some(series), Some(object))
+        .await?
+        .remove(0);
+    let enc = encoding_for(&inst.transfer_syntax, requested.as_deref()).ok_or_else(|| {
+        WebError::NotAcceptable(format!(
+            "the object is stored as {} and cannot be sent as {}",
+            inst.transfer_syntax,
+            requested.as_deref().unwrap_or_default()
+        ))
+    })?;
+    let file_name = format!("{}.dcm", inst.sop_uid);
+    let body = open_instance(hub.store.clone(), inst, enc)
+        .await
+        .map_err(|e| WebError::Unavailable(e.to_string()))?;
+    let mut resp = stream_response(StatusCode::OK, "application/dicom", body);
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{file_name}\"")) {
+        resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn web_services_never_send_implicit_or_big_endian() {
+        for ts in [media::IMPLICIT_VR_LE, media::EXPLICIT_VR_BE] {
+            assert_eq!(encoding_for(ts, Some("*")), Some(Encoding::ExplicitLe));
+            assert_eq!(encoding_for(ts, None), Some(Encoding::ExplicitLe));
+            assert_eq!(encoding_for(ts, Some(ts)), None);
+        }
+        let jpeg = "1.2.840.10008.1.2.4.50";
+        assert_eq!(encoding_for(jpeg, Some("*")), Some(Encoding::AsStored));
+        assert_eq!(encoding_for(jpeg, Some(media::EXPLICIT_VR_LE)), None);
+        assert_eq!(encoding_for(jpeg, Some("1.2.840.10008.1.2.4.90")), None);
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-99", 1000), Some((0, 100)));
+        assert_eq!(parse_range("bytes=-10", 1000), Some((990, 1000)));
+        assert_eq!(parse_range("bytes=990-", 1000), Some((990, 1000)));
+        assert_eq!(parse_range("bytes=1000-", 1000), None);
+        assert_eq!(parse_range("bytes=0-1,5-6", 1000), None);
+    }
+
+    #[test]
+    fn frame_lists() {
+        assert_eq!(parse_frame_list("2,5").unwrap(), vec![2, 5]);
+        assert!(parse_frame_list("0").is_err());
+        assert!(parse_frame_list("a").is_err());
+    }
+}
