@@ -45,6 +45,8 @@ pub struct Hub {
     pub ingest: Ingest,
     pub metrics: PrometheusHandle,
     pub verifier: Verifier,
+    /// The HTTP port actually bound (known once `start` ran).
+    pub http_port: std::sync::OnceLock<u16>,
 }
 
 /// A running server: its bound addresses and the switch that stops it.
@@ -66,6 +68,7 @@ impl Hub {
         let verifier = Verifier::from_config(&config.auth)?;
         Ok(Arc::new(Self {
             verifier,
+            http_port: std::sync::OnceLock::new(),
             config,
             store,
             index,
@@ -101,6 +104,7 @@ impl Hub {
         let running_http = http
             .local_addr()
             .map_err(|e| HubError::Other(e.to_string()))?;
+        let _ = self.http_port.set(running_http.port());
         let shutdown = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
 

@@ -4,6 +4,8 @@
 mod bad_input;
 mod cli;
 mod common;
+mod dicomweb;
+mod dicomweb_peers;
 mod dimse;
 mod durability;
 mod ingest_facts;

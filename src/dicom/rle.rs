@@ -68,6 +68,21 @@ pub fn decode_frame(
     Ok(out)
 }
 
+/// `decode_frame` with Samples per Pixel taken from the segment count.
+pub fn decode_frame_of(
+    fragment: &[u8],
+    rows: usize,
+    columns: usize,
+    bits_allocated: usize,
+) -> Result<Vec<u8>, RleError> {
+    let segments = fragment
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or(RleError::ShortHeader)?;
+    let samples = (segments / bits_allocated.div_ceil(8).max(1)).max(1);
+    decode_frame(fragment, rows, columns, samples, bits_allocated)
+}
+
 /// PackBits: a control byte n in 0..=127 copies n+1 literal bytes; -127..=-1
 /// repeats the next byte 1-n times; -128 does nothing.
 fn unpack(seg: &[u8], want: usize) -> Vec<u8> {

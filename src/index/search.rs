@@ -929,6 +929,9 @@ pub struct StoredInstance {
     pub sha256: String,
     pub pixel_layout: Option<String>,
     pub number_of_frames: Option<i64>,
+    pub rows: Option<i64>,
+    pub columns: Option<i64>,
+    pub bits_allocated: Option<i64>,
 }
 
 /// The instances of a study, series or instance (WADO-RS), in series and
@@ -953,7 +956,8 @@ pub async fn instances(
     }
     let sql = format!(
         "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax, \
-         i.object_key, i.size, i.sha256, i.pixel_layout, i.number_of_frames, i.id FROM {} WHERE {} \
+         i.object_key, i.size, i.sha256, i.pixel_layout, i.number_of_frames, i.id, i.rows, \
+         i.columns, i.bits_allocated FROM {} WHERE {} \
          ORDER BY se.series_number, se.id, i.instance_number, i.id",
         from(Level::Instance),
         conds.join(" AND ")
@@ -973,6 +977,9 @@ pub async fn instances(
             pixel_layout: opt_text(r, 8),
             number_of_frames: opt_int(r, 9),
             id: r.get(10),
+            rows: opt_int(r, 11),
+            columns: opt_int(r, 12),
+            bits_allocated: opt_int(r, 13),
         })
         .collect())
 }

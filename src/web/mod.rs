@@ -213,10 +213,19 @@ impl FromRequestParts<Arc<Hub>> for Urls {
             .unwrap_or("localhost");
         let proto = text("x-forwarded-proto").unwrap_or("http");
         // Only characters a host and port may have: the value ends up in URLs.
-        let host: String = host
+        let mut host: String = host
             .chars()
             .filter(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(*c))
             .collect();
+        // Some clients (dicomweb-client) send Host without the port they
+        // connected to; without a proxy in between, that port is ours.
+        let has_port = host.rsplit_once(':').is_some_and(|(_, p)| !p.contains(']'));
+        if !has_port
+            && text("x-forwarded-host").is_none()
+            && let Some(port) = hub.http_port.get().filter(|p| **p != 80)
+        {
+            host = format!("{host}:{port}");
+        }
         let proto = if proto.eq_ignore_ascii_case("https") {
             "https"
         } else {

@@ -53,7 +53,7 @@ fn negotiate_instances(accept: &[MediaRange]) -> Result<Option<String>, WebError
             "multipart/related" => m
                 .part_type
                 .as_deref()
-                .is_none_or(|t| t == "application/dicom"),
+                .is_none_or(|t| t == "application/dicom" || t == "*/*"),
             "application/dicom" | "*/*" | "multipart/*" => true,
             _ => false,
         };
@@ -475,17 +475,23 @@ pub async fn frames(
             "frame {bad} is out of range: the instance has {count} frame(s)"
         )));
     }
-    let part_type = negotiate_frames(&accept, &inst.transfer_syntax, layout.encapsulated)?;
+    let bits = inst.bits_allocated.unwrap_or(8).max(1) as usize;
+    let part_type = negotiate_frames(&accept, &inst.transfer_syntax, layout.encapsulated, bits)?;
     let boundary = multipart::boundary();
     let content_type = multipart::content_type(&boundary, part_type.essence(), None);
     let store = hub.store.clone();
     let key = inst.object_key.clone();
     let base = urls.instance(&inst.study_uid, &inst.series_uid, &inst.sop_uid);
+    let (rows, columns) = (
+        inst.rows.unwrap_or(0).max(0) as usize,
+        inst.columns.unwrap_or(0).max(0) as usize,
+    );
     let parts = stream::iter(numbers)
         .map(move |n| {
             let ranges = layout.frames[n as usize - 1].clone();
             let store = store.clone();
             let key = key.clone();
+            let conversion = part_type.conversion;
             Part {
                 content_type: part_type.header(),
                 location: Some(format!("{base}/frames/{n}")),
@@ -499,6 +505,7 @@ pub async fn frames(
                                 .map_err(std::io::Error::other)?,
                         );
                     }
+                    let chunks = convert_frame(chunks, conversion, rows, columns, bits)?;
                     Ok(stream::iter(chunks.into_iter().map(Ok)).boxed())
                 }),
             }
@@ -509,6 +516,35 @@ pub async fn frames(
         &content_type,
         multipart::body(boundary, parts),
     ))
+}
+
+/// Apply `conversion` to the stored bytes of one frame.
+fn convert_frame(
+    chunks: Vec<Bytes>,
+    conversion: FrameConversion,
+    rows: usize,
+    columns: usize,
+    bits: usize,
+) -> Result<Vec<Bytes>, std::io::Error> {
+    match conversion {
+        FrameConversion::AsStored => Ok(chunks),
+        FrameConversion::SwapBytes(width) => Ok(chunks
+            .into_iter()
+            .map(|c| {
+                let mut v = c.to_vec();
+                for w in v.chunks_exact_mut(width) {
+                    w.reverse();
+                }
+                Bytes::from(v)
+            })
+            .collect()),
+        FrameConversion::DecodeRle => {
+            let fragment: Vec<u8> = chunks.concat();
+            let frame = crate::dicom::rle::decode_frame_of(&fragment, rows, columns, bits)
+                .map_err(std::io::Error::other)?;
+            Ok(vec![Bytes::from(frame)])
+        }
+    }
 }
 
 /// 1-based frame numbers of a `frames/{list}` path.
@@ -523,11 +559,22 @@ fn parse_frame_list(list: &str) -> Result<Vec<u32>, WebError> {
         .collect()
 }
 
+/// How stored frame bytes become the answer's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FrameConversion {
+    AsStored,
+    /// Big-endian native data: swap each `n`-byte word.
+    SwapBytes(usize),
+    /// RLE Lossless fragments decoded to native little-endian.
+    DecodeRle,
+}
+
 /// The media type frames are sent in.
 #[derive(Debug, Clone)]
 struct FramePart {
     media: &'static str,
     transfer_syntax: Option<String>,
+    conversion: FrameConversion,
 }
 
 impl FramePart {
@@ -543,12 +590,19 @@ impl FramePart {
     }
 }
 
+const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+
 fn negotiate_frames(
     accept: &[MediaRange],
     stored_ts: &str,
     encapsulated: bool,
+    bits_allocated: usize,
 ) -> Result<FramePart, WebError> {
-    let native_ts = media::EXPLICIT_VR_LE;
+    let native = |conversion| FramePart {
+        media: "application/octet-stream",
+        transfer_syntax: Some(media::EXPLICIT_VR_LE.into()),
+        conversion,
+    };
     let stored_media = media::frame_media_type(stored_ts);
     for m in accept {
         let wanted = match m.essence.as_str() {
@@ -560,28 +614,30 @@ fn negotiate_frames(
             other => other.to_string(),
         };
         let ts = m.transfer_syntax.as_deref();
+        let octet = matches!(wanted.as_str(), "application/octet-stream" | "*/*");
         if !encapsulated {
-            if matches!(wanted.as_str(), "application/octet-stream" | "*/*")
-                && matches!(ts, None | Some("*") | Some(media::EXPLICIT_VR_LE))
-            {
-                return Ok(FramePart {
-                    media: "application/octet-stream",
-                    transfer_syntax: Some(native_ts.into()),
-                });
+            if octet && matches!(ts, None | Some("*") | Some(media::EXPLICIT_VR_LE)) {
+                let conversion = if stored_ts == media::EXPLICIT_VR_BE && bits_allocated > 8 {
+                    FrameConversion::SwapBytes(bits_allocated / 8)
+                } else {
+                    FrameConversion::AsStored
+                };
+                return Ok(native(conversion));
             }
             continue;
         }
-        let ts_ok = matches!(ts, None | Some("*")) || ts == Some(stored_ts);
-        if !ts_ok {
+        // Native pixels were asked for and we can decode this syntax.
+        if stored_ts == RLE_LOSSLESS && octet && matches!(ts, None | Some(media::EXPLICIT_VR_LE)) {
+            return Ok(native(FrameConversion::DecodeRle));
+        }
+        if !(matches!(ts, None | Some("*")) || ts == Some(stored_ts)) {
             continue;
         }
-        if wanted == stored_media
-            || wanted == "*/*"
-            || (wanted == "application/octet-stream" && ts.is_some())
-            || (wanted == "application/octet-stream" && ts.is_none())
-        {
-            // Without decoding, compressed frames go out as stored, in their
-            // own media type when none was forced (Conformance Statement).
+        let same_media = wanted == stored_media
+            || (stored_media == "image/dicom-rle" && wanted == "image/x-dicom-rle");
+        if same_media || octet {
+            // Compressed frames go out as stored, in their own media type
+            // unless octet-stream was asked for (Conformance Statement).
             let media = if wanted == "application/octet-stream" {
                 "application/octet-stream"
             } else {
@@ -590,6 +646,7 @@ fn negotiate_frames(
             return Ok(FramePart {
                 media,
                 transfer_syntax: Some(stored_ts.into()),
+                conversion: FrameConversion::AsStored,
             });
         }
     }
@@ -600,7 +657,11 @@ fn negotiate_frames(
         } else {
             "application/octet-stream"
         },
-        if encapsulated { stored_ts } else { native_ts }
+        if encapsulated {
+            stored_ts
+        } else {
+            media::EXPLICIT_VR_LE
+        }
     )))
 }
 
@@ -633,7 +694,7 @@ pub async fn bulk(
         "multipart/related"
             if m.part_type
                 .as_deref()
-                .is_none_or(|t| t == "application/octet-stream") =>
+                .is_none_or(|t| t == "application/octet-stream" || t == "*/*") =>
         {
             Some(false)
         }

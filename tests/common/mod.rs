@@ -10,6 +10,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use serde::Deserialize;
+use tsunagu::auth::Role;
 use tsunagu::config::{Config, InstitutionConfig};
 use tsunagu::hub::{Hub, Running};
 
@@ -176,6 +177,8 @@ pub async fn config_for(backend: Backend, dir: &Path) -> Option<Config> {
     c.storage.url = format!("file://{}", dir.join("store").display());
     c.index.url = format!("sqlite://{}", dir.join("index.sqlite").display());
     c.institutions = three_hospitals();
+    c.auth.hs256_secret = Some(TEST_SECRET.into());
+    c.dicomweb.cors_origins = vec![TEST_ORIGIN.into()];
     match backend {
         Backend::Local => {}
         Backend::S3 => {
@@ -196,6 +199,11 @@ pub async fn config_for(backend: Backend, dir: &Path) -> Option<Config> {
     }
     Some(c)
 }
+
+/// The HS256 secret of test hubs.
+pub const TEST_SECRET: &str = "test-secret-0123456789abcdef";
+/// The one browser origin test hubs allow.
+pub const TEST_ORIGIN: &str = "http://viewer.example:3000";
 
 /// An in-process hub serving on loopback.
 pub struct TestHub {
@@ -224,6 +232,37 @@ impl TestHub {
 
     pub fn http(&self) -> String {
         format!("http://{}", self.running.http_addr)
+    }
+
+    /// The DICOMweb service root.
+    pub fn dicomweb(&self) -> String {
+        format!("http://{}/dicom-web", self.running.http_addr)
+    }
+
+    /// A valid token for `user` of `institution` with `role`.
+    pub fn token(&self, institution: &str, role: Role) -> String {
+        tsunagu::auth::mint(
+            &self.hub.config.auth,
+            institution,
+            &format!("user-of-{institution}"),
+            role,
+            std::time::Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        )
+        .unwrap()
+    }
+
+    /// Import `files` for `institution` through the ingest path.
+    pub async fn import(&self, institution: &str, files: Vec<PathBuf>) {
+        let inst = self.hub.institutions.by_code(institution).unwrap();
+        let report =
+            tsunagu::ingest::import::import_files(self.hub.ingest.clone(), inst, files, false)
+                .await;
+        assert!(
+            report.rejected.is_empty(),
+            "import failed: {:?}",
+            report.rejected
+        );
     }
 
     /// The stored bytes of (institution, SOP Instance UID), if indexed.

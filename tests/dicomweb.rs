@@ -1,0 +1,658 @@
+//! DICOMweb over real HTTP: authentication on every route, the own-
+//! institution scope, QIDO matching on both index engines, STOW-RS outcomes.
+//! (dicomweb-client and the conformance suite: `dicomweb_peers.rs`.)
+
+use reqwest::StatusCode;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use serde_json::Value;
+use tsunagu::auth::{Claims, Role};
+
+use crate::common::{self, Backend, TEST_ORIGIN, TEST_SECRET, TestHub};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+/// A signed token with arbitrary claims and secret.
+fn forged(claims: &Claims, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn claims(inst: &str, role: Role) -> Claims {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    Claims {
+        sub: "someone".into(),
+        inst: inst.into(),
+        role,
+        iss: "tsunagu".into(),
+        aud: "tsunagu".into(),
+        exp: now + 600,
+        iat: now,
+    }
+}
+
+const CT: &str = "ct16_explicit_le.dcm";
+const CT_STUDY: &str = "2.25.212477325107932399243233100858614569001.1.1";
+const CT_SERIES: &str = "2.25.212477325107932399243233100858614569001.2.1";
+const CT_SOP: &str = "2.25.212477325107932399243233100858614569001.3.1";
+
+fn testfile(name: &str) -> Option<std::path::PathBuf> {
+    Some(common::testdata_dir()?.join("files").join(name))
+}
+
+/// Every resource, with the method that reaches it.
+fn routes() -> Vec<(reqwest::Method, String)> {
+    use reqwest::Method;
+    let i = format!("studies/{CT_STUDY}/series/{CT_SERIES}/instances/{CT_SOP}");
+    let mut v: Vec<(Method, String)> = [
+        "studies".to_string(),
+        "series".into(),
+        "instances".into(),
+        format!("studies/{CT_STUDY}"),
+        format!("studies/{CT_STUDY}/metadata"),
+        format!("studies/{CT_STUDY}/series"),
+        format!("studies/{CT_STUDY}/instances"),
+        format!("studies/{CT_STUDY}/series/{CT_SERIES}"),
+        format!("studies/{CT_STUDY}/series/{CT_SERIES}/metadata"),
+        format!("studies/{CT_STUDY}/series/{CT_SERIES}/instances"),
+        i.clone(),
+        format!("{i}/metadata"),
+        format!("{i}/frames/1"),
+        format!("{i}/bulk/0/10"),
+        "no/such/route".into(),
+    ]
+    .into_iter()
+    .map(|p| (Method::GET, format!("/dicom-web/{p}")))
+    .collect();
+    v.push((Method::POST, "/dicom-web/studies".into()));
+    v.push((Method::POST, format!("/dicom-web/studies/{CT_STUDY}")));
+    v.push((
+        Method::GET,
+        format!(
+            "/wado?requestType=WADO&studyUID={CT_STUDY}&seriesUID={CT_SERIES}&objectUID={CT_SOP}"
+        ),
+    ));
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_route_refuses_missing_and_bad_tokens() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some(ct) = testfile(CT) else { return };
+    hub.import("HOSP1", vec![ct]).await;
+    let mut expired = claims("HOSP1", Role::Clinician);
+    expired.exp -= 3600;
+    expired.iat -= 3600;
+    let mut wrong_iss = claims("HOSP1", Role::Clinician);
+    wrong_iss.iss = "someone-else".into();
+    let mut wrong_aud = claims("HOSP1", Role::Clinician);
+    wrong_aud.aud = "another-service".into();
+    let good = claims("HOSP1", Role::Clinician);
+    let unsigned = {
+        // alg "none": header and claims, no signature.
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.",
+            b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+            b64.encode(serde_json::to_vec(&good).unwrap())
+        )
+    };
+    let bad: Vec<(&str, Option<String>)> = vec![
+        ("missing", None),
+        ("not a JWT", Some("Bearer not.a.jwt".into())),
+        ("basic scheme", Some("Basic dXNlcjpwYXNz".into())),
+        (
+            "expired",
+            Some(format!("Bearer {}", forged(&expired, TEST_SECRET))),
+        ),
+        (
+            "wrong signature",
+            Some(format!(
+                "Bearer {}",
+                forged(&good, "another-secret-0123456789")
+            )),
+        ),
+        (
+            "wrong issuer",
+            Some(format!("Bearer {}", forged(&wrong_iss, TEST_SECRET))),
+        ),
+        (
+            "wrong audience",
+            Some(format!("Bearer {}", forged(&wrong_aud, TEST_SECRET))),
+        ),
+        ("alg none", Some(format!("Bearer {unsigned}"))),
+    ];
+    let c = client();
+    for (method, path) in routes() {
+        for (what, auth) in &bad {
+            let mut req = c.request(method.clone(), format!("{}{path}", hub.http()));
+            if let Some(a) = auth {
+                req = req.header(AUTHORIZATION, a);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 401, "{what}: {method} {path}");
+            assert!(resp.headers().contains_key("www-authenticate"), "{what}");
+            assert_eq!(
+                resp.headers()[CONTENT_TYPE],
+                "application/problem+json",
+                "{what}: {path}"
+            );
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(body["status"], 401, "{body}");
+        }
+    }
+    // A token of an institution the network does not have is refused too.
+    let stranger = forged(&claims("NOWHERE", Role::Clinician), TEST_SECRET);
+    let r = c
+        .get(format!("{}/dicom-web/studies", hub.http()))
+        .bearer_auth(stranger)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Roles: admins and modalities read no images; admins store none.
+    for role in [Role::Admin, Role::Modality] {
+        let t = hub.token("HOSP1", role);
+        for (method, path) in routes() {
+            if method == reqwest::Method::POST || path.contains("no/such") {
+                continue;
+            }
+            let r = c
+                .get(format!("{}{path}", hub.http()))
+                .bearer_auth(&t)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 403, "{role:?} {path}");
+        }
+    }
+    let t = hub.token("HOSP1", Role::Admin);
+    let r = c
+        .post(format!("{}/dicom-web/studies", hub.http()))
+        .bearer_auth(&t)
+        .header(
+            CONTENT_TYPE,
+            "multipart/related; type=\"application/dicom\"; boundary=x",
+        )
+        .body("--x--\r\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Unknown resources are 404 once authenticated (and 401 before).
+    let r = c
+        .get(format!("{}/dicom-web/no/such/route", hub.http()))
+        .bearer_auth(hub.token("HOSP1", Role::Clinician))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let fails = hub.hub.metrics.render();
+    assert!(
+        fails.contains("tsunagu_http_auth_failures_total"),
+        "auth failures are counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cors_preflight_needs_no_token_and_only_configured_origins_pass() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let c = client();
+    let preflight = |origin: &str| {
+        c.request(
+            reqwest::Method::OPTIONS,
+            format!("{}/dicom-web/studies", hub.http()),
+        )
+        .header("origin", origin)
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "authorization")
+        .send()
+    };
+    let r = preflight(TEST_ORIGIN).await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(r.headers()["access-control-allow-origin"], TEST_ORIGIN);
+    let allowed = r.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(allowed.contains("authorization"), "{allowed}");
+    let r = preflight("http://evil.example").await.unwrap();
+    assert!(!r.headers().contains_key("access-control-allow-origin"));
+    // A real request from the allowed origin still needs its token.
+    let r = c
+        .get(format!("{}/dicom-web/studies", hub.http()))
+        .header("origin", TEST_ORIGIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["access-control-allow-origin"], TEST_ORIGIN);
+}
+
+/// GET `path` as a clinician of `inst`; status and body.
+async fn get_as(hub: &TestHub, inst: &str, path: &str, accept: &str) -> (StatusCode, Vec<u8>) {
+    let r = client()
+        .get(format!("{}{path}", hub.dicomweb()))
+        .bearer_auth(hub.token(inst, Role::Clinician))
+        .header(ACCEPT, accept)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    (status, r.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_institutions_objects_are_absent() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some(ct) = testfile(CT) else { return };
+    hub.import("HOSP1", vec![ct]).await;
+    let i = format!("/studies/{CT_STUDY}/series/{CT_SERIES}/instances/{CT_SOP}");
+    let json = "application/dicom+json";
+    let dicom = "multipart/related; type=\"application/dicom\"";
+    let octet = "multipart/related; type=\"application/octet-stream\"";
+    // The owner sees everything.
+    for (path, accept) in [
+        (format!("/studies?StudyInstanceUID={CT_STUDY}"), json),
+        (format!("/studies/{CT_STUDY}/metadata"), json),
+        (format!("/studies/{CT_STUDY}"), dicom),
+        (format!("{i}/frames/1"), octet),
+    ] {
+        let (s, _) = get_as(&hub, "HOSP1", &path, accept).await;
+        assert_eq!(s, 200, "{path}");
+    }
+    // Another institution: searches are empty, everything else is 404 with
+    // exactly the body of a UID that does not exist.
+    for q in [
+        "/studies".to_string(),
+        format!("/studies?StudyInstanceUID={CT_STUDY}"),
+        "/series".into(),
+        "/instances".into(),
+        format!("/studies/{CT_STUDY}/series"),
+        format!("/studies/{CT_STUDY}/series/{CT_SERIES}/instances"),
+        "/studies?limit=1&offset=0".into(),
+    ] {
+        let (s, body) = get_as(&hub, "HOSP2", &q, json).await;
+        assert_eq!(s, 204, "{q}");
+        assert!(body.is_empty());
+    }
+    let missing = "2.25.999";
+    for (path, accept) in [
+        (format!("/studies/{CT_STUDY}"), dicom),
+        (format!("/studies/{CT_STUDY}/metadata"), json),
+        (format!("/studies/{CT_STUDY}/series/{CT_SERIES}"), dicom),
+        (
+            format!("/studies/{CT_STUDY}/series/{CT_SERIES}/metadata"),
+            json,
+        ),
+        (i.clone(), dicom),
+        (format!("{i}/metadata"), json),
+        (format!("{i}/frames/1"), octet),
+        (format!("{i}/bulk/0/10"), octet),
+    ] {
+        let (s, body) = get_as(&hub, "HOSP2", &path, accept).await;
+        assert_eq!(s, 404, "{path}");
+        let (s2, body2) = get_as(&hub, "HOSP1", &path.replace(CT_STUDY, missing), accept).await;
+        assert_eq!(s2, 404, "{path}");
+        assert_eq!(body, body2, "hidden and absent answer alike: {path}");
+    }
+}
+
+async fn qido(hub: &TestHub, query: &str) -> (StatusCode, Vec<Value>, Vec<String>) {
+    let r = client()
+        .get(format!("{}{query}", hub.dicomweb()))
+        .bearer_auth(hub.token("HOSP1", Role::Clinician))
+        .header(ACCEPT, "application/dicom+json")
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let warnings = r
+        .headers()
+        .get_all("warning")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    let body = r.bytes().await.unwrap();
+    let items = if body.is_empty() {
+        Vec::new()
+    } else {
+        serde_json::from_slice::<Value>(&body)
+            .map(|v| v.as_array().cloned().unwrap_or_default())
+            .unwrap_or_default()
+    };
+    (status, items, warnings)
+}
+
+fn values(items: &[Value], tag: &str) -> Vec<String> {
+    let mut v: Vec<String> = items
+        .iter()
+        .map(|i| match &i[tag]["Value"][0] {
+            Value::String(s) => s.clone(),
+            Value::Null => String::new(),
+            other => other.to_string(),
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+async fn qido_matching(backend: Backend) {
+    let Some(hub) = TestHub::start(backend).await else {
+        return;
+    };
+    let Some(corpus) = common::corpus() else {
+        return;
+    };
+    hub.import("HOSP1", corpus.iter().map(|(p, _)| p.clone()).collect())
+        .await;
+    let studies = |items: &[Value]| values(items, "0020000D").len();
+
+    // Single value and universal matching.
+    let (s, items, _) = qido(&hub, "/studies?PatientID=TSNG-JP-0003").await;
+    assert_eq!((s.as_u16(), items.len()), (200, 1));
+    assert_eq!(
+        items[0]["00100010"]["Value"][0]["Ideographic"], "森^鷗外",
+        "{}",
+        items[0]
+    );
+    let (_, items, _) = qido(&hub, "/studies?PatientID=TSNG-TD-0001").await;
+    assert_eq!(studies(&items), 6);
+    // Person names: each group, wildcards ignore case, single values are literal.
+    for (q, n) in [
+        ("PatientName=山田*", 2),
+        ("PatientName=やまだ*", 2),
+        ("PatientName=ﾔﾏﾀﾞ*", 2),
+        ("PatientName=mori*", 1),
+        ("PatientName=MORI^OGAI", 0),
+        ("PatientName=Mori^Ogai", 1),
+        ("PatientName=Mori^Ogai=森^鷗外=もり^おうがい", 1),
+        ("PatientName==森^鷗外", 1),
+        ("PatientName=*corp?s", 6),
+        ("PatientName=mor&fuzzymatching=true", 1),
+        ("PatientName=ogai&fuzzymatching=true", 1),
+    ] {
+        let (_, items, _) = qido(&hub, &format!("/studies?{q}")).await;
+        assert_eq!(studies(&items), n, "{q}");
+    }
+    // Dates, lists, lower-level keys, computed attributes.
+    for (q, n) in [
+        ("StudyDate=20240115", 9),
+        ("StudyDate=20240101-20240131", 9),
+        ("StudyDate=-20231231", 0),
+        ("StudyDate=20240116-", 0),
+        ("ModalitiesInStudy=SM", 1),
+        ("ModalitiesInStudy=CT", 1),
+        ("Modality=US", 1),
+        ("SOPClassUID=1.2.840.10008.5.1.4.1.1.88.11", 1),
+        (&format!("StudyInstanceUID={CT_STUDY},2.25.1"), 1),
+        ("AccessionNumber=TD000*", 9),
+        ("AccessionNumber=TD0006", 1),
+        ("StudyDescription=*", 9),
+        ("unknownparameter=1", 9),
+    ] {
+        let (_, items, _) = qido(&hub, &format!("/studies?{q}")).await;
+        assert_eq!(studies(&items), n, "{q}");
+    }
+    let (_, items, _) = qido(&hub, &format!("/studies?StudyInstanceUID={CT_STUDY}")).await;
+    let st = &items[0];
+    let modalities = &st["00080061"]["Value"];
+    for m in ["CT", "DOC", "KO", "SR"] {
+        assert!(
+            modalities.as_array().unwrap().contains(&Value::from(m)),
+            "{st}"
+        );
+    }
+    assert_eq!(st["00201208"]["Value"][0], 16, "{st}");
+    assert!(
+        st["00081190"]["Value"][0]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/dicom-web/studies/{CT_STUDY}"))
+    );
+    // Series and instance levels.
+    let (_, items, _) = qido(&hub, &format!("/studies/{CT_STUDY}/series?Modality=CT")).await;
+    assert_eq!(items.len(), 13);
+    let (_, items, _) = qido(
+        &hub,
+        "/instances?SOPClassUID=1.2.840.10008.5.1.4.1.1.77.1.6",
+    )
+    .await;
+    assert_eq!(items.len(), 4, "WSI instances");
+    let (_, items, _) = qido(
+        &hub,
+        &format!("/studies/{CT_STUDY}/series/{CT_SERIES}/instances?includefield=00280030"),
+    )
+    .await;
+    assert_eq!(values(&items, "00080018"), vec![CT_SOP.to_string()]);
+    assert_eq!(items[0]["00280010"]["Value"][0], 96);
+    assert_eq!(items[0]["00280030"]["vr"], "DS", "{}", items[0]);
+    // includefield from the stored data set, and `all`.
+    let (_, items, _) = qido(
+        &hub,
+        &format!("/studies?StudyInstanceUID={CT_STUDY}&includefield=PatientAge,00100010"),
+    )
+    .await;
+    assert!(items[0].get("00101010").is_some(), "{}", items[0]);
+    let (_, items, _) = qido(
+        &hub,
+        &format!("/series?SeriesInstanceUID={CT_SERIES}&includefield=all"),
+    )
+    .await;
+    assert!(items[0].get("00080070").is_some(), "{}", items[0]);
+    // Paging: stable order, Warning with the count of what follows.
+    let mut seen = Vec::new();
+    for offset in (0..10).step_by(4) {
+        let (_, items, warnings) = qido(&hub, &format!("/studies?limit=4&offset={offset}")).await;
+        if offset == 0 {
+            assert_eq!(
+                warnings,
+                vec!["299 tsunagu: There are 5 additional results that can be requested"]
+            );
+        }
+        seen.extend(values(&items, "0020000D"));
+    }
+    let mut dedup = seen.clone();
+    dedup.sort();
+    dedup.dedup();
+    assert_eq!((seen.len(), dedup.len()), (9, 9));
+    // Invalid values of supported keys are 400 with a problem body.
+    for q in [
+        "StudyDate=2024-01-15",
+        "StudyDate=notadate",
+        "limit=-1",
+        "offset=x",
+        "StudyInstanceUID=1.2.abc",
+        "SeriesNumber=one",
+        "includefield=NoSuchKeyword",
+    ] {
+        let (s, _, _) = qido(&hub, &format!("/studies?{q}")).await;
+        assert_eq!(s, 400, "{q}");
+    }
+    // Unsupported attribute as a key: ignored, with a Warning.
+    let (s, items, warnings) = qido(&hub, "/studies?PatientAge=050Y").await;
+    assert_eq!((s.as_u16(), items.len()), (200, 9));
+    assert!(
+        warnings.iter().any(|w| w.contains("PatientAge")),
+        "{warnings:?}"
+    );
+    // Other Patient IDs Sequence matching.
+    let (s, _, _) = qido(&hub, "/studies?OtherPatientIDsSequence.00100020=NOBODY").await;
+    assert_eq!(s, 204);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn qido_matching_on_sqlite() {
+    qido_matching(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn qido_matching_on_postgres() {
+    qido_matching(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn empty_search_answer_is_configurable() {
+    let Some(hub) = TestHub::start_with(Backend::Local, |c| {
+        c.dicomweb.qido_empty = tsunagu::config::EmptySearch::EmptyArray;
+    })
+    .await
+    else {
+        return;
+    };
+    let r = client()
+        .get(format!("{}/studies?PatientID=none", hub.dicomweb()))
+        .bearer_auth(hub.token("HOSP1", Role::Clinician))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "[]");
+}
+
+fn multipart(boundary: &str, parts: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (ct, data) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Type: {ct}\r\n\r\n").as_bytes());
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    body
+}
+
+async fn stow(
+    hub: &TestHub,
+    role: Role,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Value) {
+    let r = client()
+        .post(format!("{}{path}", hub.dicomweb()))
+        .bearer_auth(hub.token("HOSP2", role))
+        .header(CONTENT_TYPE, content_type)
+        .header(ACCEPT, "application/dicom+json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stow_rs_outcomes() {
+    let Some(hub) = TestHub::start_with(Backend::Local, |c| {
+        c.dicomweb.stow_max_bytes = 200_000;
+    })
+    .await
+    else {
+        return;
+    };
+    let (Some(ct), Some(jp)) = (testfile(CT), testfile("jp_utf8_ir192.dcm")) else {
+        return;
+    };
+    let ct = std::fs::read(ct).unwrap();
+    let jp = std::fs::read(jp).unwrap();
+    let mp = "multipart/related; type=\"application/dicom\"; boundary=B";
+    let count = || async { hub.hub.index.count_instances().await.unwrap() };
+
+    // A modality stores; the instance is then found and byte-identical.
+    let (s, body) = stow(
+        &hub,
+        Role::Modality,
+        "/studies",
+        mp,
+        multipart("B", &[("application/dicom", &ct)]),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["00081199"]["Value"][0]["00081155"]["Value"][0], CT_SOP);
+    let (_, stored) = hub.stored("HOSP2", CT_SOP).await.unwrap();
+    assert_eq!(common::dataset_bytes(&stored), common::dataset_bytes(&ct));
+    assert_eq!(count().await, 1);
+
+    // One good part and one unreadable: 202, the bad one failed with C000.
+    let (s, body) = stow(
+        &hub,
+        Role::Clinician,
+        "/studies",
+        mp,
+        multipart(
+            "B",
+            &[
+                ("application/dicom", &jp),
+                ("application/dicom", b"not dicom at all"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(s, 202, "{body}");
+    assert_eq!(body["00081198"]["Value"][0]["00081197"]["Value"][0], 0xC000);
+    assert_eq!(count().await, 2);
+
+    // Addressed to another study: refused (409), nothing stored.
+    let (s, body) = stow(
+        &hub,
+        Role::Clinician,
+        "/studies/2.25.42",
+        mp,
+        multipart("B", &[("application/dicom", &ct)]),
+    )
+    .await;
+    assert_eq!(s, 409, "{body}");
+    assert_eq!(body["00081198"]["Value"][0]["00081197"]["Value"][0], 0xC409);
+    assert_eq!(count().await, 2);
+
+    // Not multipart/related: 415. Not closed: 400. Too large: 413.
+    let (s, _) = stow(
+        &hub,
+        Role::Clinician,
+        "/studies",
+        "application/dicom",
+        ct.clone(),
+    )
+    .await;
+    assert_eq!(s, 415);
+    let mut cut = multipart("B", &[("application/dicom", &jp)]);
+    cut.truncate(cut.len() / 2);
+    let (s, body) = stow(&hub, Role::Clinician, "/studies", mp, cut).await;
+    assert_eq!(s, 400, "{body}");
+    assert_eq!(body["status"], 400);
+    let big = vec![0u8; 300_000];
+    let (s, _) = stow(
+        &hub,
+        Role::Clinician,
+        "/studies",
+        mp,
+        multipart("B", &[("application/dicom", &big)]),
+    )
+    .await;
+    assert_eq!(s, 413);
+    assert_eq!(count().await, 2, "nothing half-written became visible");
+    // The spool holds nothing from the refused requests.
+    let spool = hub.dir.path().join("store/.spool");
+    let left: Vec<_> = std::fs::read_dir(&spool)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let still: Vec<_> = left.iter().filter(|p| p.exists()).collect();
+    assert!(still.is_empty(), "spool leftovers: {still:?}");
+}
