@@ -92,7 +92,7 @@ async fn shared_conformance_suite() {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
-    let files = tsunagu::ingest::import::collect_files(&[corpus.clone()])
+    let files = tsunagu::ingest::import::collect_files(std::slice::from_ref(&corpus))
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
         .collect();
