@@ -399,6 +399,9 @@ async fn qido_matching(backend: Backend) {
         ("ModalitiesInStudy=SM", 1),
         ("ModalitiesInStudy=CT", 1),
         ("Modality=US", 1),
+        // Keys of several levels: parameters bound out of text order.
+        ("Modality=US&PatientID=TSNG-TD-0001&StudyDate=20240115", 1),
+        ("Modality=US&PatientID=TSNG-JP-0001", 0),
         ("SOPClassUID=1.2.840.10008.5.1.4.1.1.88.11", 1),
         (&format!("StudyInstanceUID={CT_STUDY},2.25.1"), 1),
         ("AccessionNumber=TD000*", 9),

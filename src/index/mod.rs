@@ -12,6 +12,7 @@ use crate::config::IndexConfig;
 use crate::dicom::dataset::PixelLayout;
 use crate::dicom::summary::InstanceSummary;
 
+mod read;
 pub mod search;
 mod write;
 
@@ -70,6 +71,7 @@ pub struct StoredCopy {
 #[derive(Clone)]
 pub struct Index {
     pool: AnyPool,
+    reader: read::Reader,
     writer: write::Writer,
 }
 
@@ -127,8 +129,18 @@ impl Index {
             Engine::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
             Engine::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
         }
+        let reader = match &sqlite_path {
+            Some(p) => {
+                read::Reader::Sqlite(std::sync::Arc::new(read::SqliteReaders::new(p.clone())))
+            }
+            None => read::Reader::Pool(pool.clone()),
+        };
         let writer = write::Writer::start(pool.clone(), engine, sqlite_path)?;
-        Ok(Self { pool, writer })
+        Ok(Self {
+            pool,
+            reader,
+            writer,
+        })
     }
 
     /// Readiness: the database answers.
@@ -179,7 +191,7 @@ impl Index {
         s: &search::Search,
         scope: &search::Scope,
     ) -> Result<search::Page, IndexError> {
-        search::search(&self.pool, s, scope).await
+        search::search(&self.reader, s, scope).await
     }
 
     /// The visible instances of a study, series or instance, in order.
@@ -190,7 +202,7 @@ impl Index {
         series_uid: Option<&str>,
         sop_uid: Option<&str>,
     ) -> Result<Vec<search::StoredInstance>, IndexError> {
-        search::instances(&self.pool, scope, study_uid, series_uid, sop_uid).await
+        search::instances(&self.reader, scope, study_uid, series_uid, sop_uid).await
     }
 
     /// Stored DICOM JSON of one instance per study / series / instance id.
@@ -199,7 +211,7 @@ impl Index {
         level: search::Level,
         ids: &[i64],
     ) -> Result<std::collections::HashMap<i64, String>, IndexError> {
-        search::representative_json(&self.pool, level, ids).await
+        search::representative_json(&self.reader, level, ids).await
     }
 
     /// Number of indexed instances.

@@ -4,10 +4,8 @@
 
 use std::collections::HashMap;
 
-use sqlx::any::AnyRow;
-use sqlx::{AnyPool, Row};
-
 use super::IndexError;
+use super::read::{Bind, Reader, Row};
 use crate::dicom::summary::{OtherPatientId, is_uid, pn_key};
 
 /// Whose objects a query may see. Every read of the index takes one, so no
@@ -393,11 +391,6 @@ struct Sql {
     binds: Vec<Bind>,
 }
 
-enum Bind {
-    Text(String),
-    Int(i64),
-}
-
 impl Sql {
     fn bind_text(&mut self, v: &str) -> String {
         self.binds.push(Bind::Text(v.to_string()));
@@ -409,15 +402,8 @@ impl Sql {
         format!("${}", self.binds.len())
     }
 
-    async fn fetch(&self, pool: &AnyPool, sql: String) -> Result<Vec<AnyRow>, IndexError> {
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for b in &self.binds {
-            q = match b {
-                Bind::Text(t) => q.bind(t.clone()),
-                Bind::Int(i) => q.bind(*i),
-            };
-        }
-        Ok(q.fetch_all(pool).await?)
+    async fn fetch(self, reader: &Reader, sql: String) -> Result<Vec<Row>, IndexError> {
+        reader.fetch(sql, self.binds).await
     }
 }
 
@@ -676,92 +662,74 @@ fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
     conds.join(" AND ")
 }
 
-fn opt_text(r: &AnyRow, i: usize) -> Option<String> {
-    r.try_get::<Option<String>, _>(i)
-        .ok()
-        .flatten()
-        .filter(|s| !s.is_empty())
-}
-
-fn opt_int(r: &AnyRow, i: usize) -> Option<i64> {
-    r.try_get::<Option<i64>, _>(i).ok().flatten()
-}
-
-fn patient_row(r: &AnyRow, at: usize) -> PatientRow {
+fn patient_row(r: &Row, at: usize) -> PatientRow {
     PatientRow {
-        institution: r.get(at),
-        issuer: r.get(at + 1),
-        patient_id: r.get(at + 2),
-        name: [
-            opt_text(r, at + 3),
-            opt_text(r, at + 4),
-            opt_text(r, at + 5),
-        ],
-        birth_date: opt_text(r, at + 6),
-        sex: opt_text(r, at + 7),
-        other_patient_ids: opt_text(r, at + 8)
+        institution: r.text(at),
+        issuer: r.text(at + 1),
+        patient_id: r.text(at + 2),
+        name: [r.opt_text(at + 3), r.opt_text(at + 4), r.opt_text(at + 5)],
+        birth_date: r.opt_text(at + 6),
+        sex: r.opt_text(at + 7),
+        other_patient_ids: r
+            .opt_text(at + 8)
             .and_then(|j| serde_json::from_str(&j).ok())
             .unwrap_or_default(),
     }
 }
 
-fn study_row(r: &AnyRow, at: usize) -> (i64, StudyRow) {
+fn study_row(r: &Row, at: usize) -> (i64, StudyRow) {
     (
-        r.get(at),
+        r.int(at),
         StudyRow {
-            study_uid: r.get(at + 1),
-            date: opt_text(r, at + 2),
-            time: opt_text(r, at + 3),
-            accession_number: opt_text(r, at + 4),
-            study_id: opt_text(r, at + 5),
-            description: opt_text(r, at + 6),
-            referring: [
-                opt_text(r, at + 7),
-                opt_text(r, at + 8),
-                opt_text(r, at + 9),
-            ],
+            study_uid: r.text(at + 1),
+            date: r.opt_text(at + 2),
+            time: r.opt_text(at + 3),
+            accession_number: r.opt_text(at + 4),
+            study_id: r.opt_text(at + 5),
+            description: r.opt_text(at + 6),
+            referring: [r.opt_text(at + 7), r.opt_text(at + 8), r.opt_text(at + 9)],
             ..StudyRow::default()
         },
     )
 }
 
-fn series_row(r: &AnyRow, at: usize) -> (i64, SeriesRow) {
+fn series_row(r: &Row, at: usize) -> (i64, SeriesRow) {
     (
-        r.get(at),
+        r.int(at),
         SeriesRow {
-            series_uid: r.get(at + 1),
-            modality: opt_text(r, at + 2),
-            number: opt_int(r, at + 3),
-            description: opt_text(r, at + 4),
-            date: opt_text(r, at + 5),
-            time: opt_text(r, at + 6),
-            pps_start_date: opt_text(r, at + 7),
-            pps_start_time: opt_text(r, at + 8),
-            body_part: opt_text(r, at + 9),
-            request_attributes: opt_text(r, at + 10),
+            series_uid: r.text(at + 1),
+            modality: r.opt_text(at + 2),
+            number: r.opt_int(at + 3),
+            description: r.opt_text(at + 4),
+            date: r.opt_text(at + 5),
+            time: r.opt_text(at + 6),
+            pps_start_date: r.opt_text(at + 7),
+            pps_start_time: r.opt_text(at + 8),
+            body_part: r.opt_text(at + 9),
+            request_attributes: r.opt_text(at + 10),
             instance_count: 0,
         },
     )
 }
 
-fn instance_row(r: &AnyRow, at: usize) -> (i64, InstanceRow) {
+fn instance_row(r: &Row, at: usize) -> (i64, InstanceRow) {
     (
-        r.get(at),
+        r.int(at),
         InstanceRow {
-            sop_uid: r.get(at + 1),
-            sop_class_uid: r.get(at + 2),
-            number: opt_int(r, at + 3),
-            transfer_syntax: r.get(at + 4),
-            frames: opt_int(r, at + 5),
-            rows: opt_int(r, at + 6),
-            columns: opt_int(r, at + 7),
-            bits_allocated: opt_int(r, at + 8),
+            sop_uid: r.text(at + 1),
+            sop_class_uid: r.text(at + 2),
+            number: r.opt_int(at + 3),
+            transfer_syntax: r.text(at + 4),
+            frames: r.opt_int(at + 5),
+            rows: r.opt_int(at + 6),
+            columns: r.opt_int(at + 7),
+            bits_allocated: r.opt_int(at + 8),
         },
     )
 }
 
 /// Run `s` under `scope`.
-pub async fn search(pool: &AnyPool, s: &Search, scope: &Scope) -> Result<Page, IndexError> {
+pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, IndexError> {
     let mut q = Sql::default();
     let wh = where_clause(&mut q, s, scope);
     let (cols, order) = match s.level {
@@ -782,7 +750,7 @@ pub async fn search(pool: &AnyPool, s: &Search, scope: &Scope) -> Result<Page, I
         "SELECT {cols} FROM {} WHERE {wh} ORDER BY {order} LIMIT {lim} OFFSET {off}",
         from(s.level)
     );
-    let rows = q.fetch(pool, sql).await?;
+    let rows = q.fetch(reader, sql).await?;
     let more = rows.len() > s.limit as usize;
     let mut hits: Vec<Hit> = rows
         .iter()
@@ -814,28 +782,28 @@ pub async fn search(pool: &AnyPool, s: &Search, scope: &Scope) -> Result<Page, I
         })
         .collect();
     let remaining = if more {
-        count(pool, s, scope)
+        count(reader, s, scope)
             .await?
             .saturating_sub(s.offset + hits.len() as u64)
     } else {
         0
     };
-    computed_attributes(pool, &mut hits).await?;
+    computed_attributes(reader, &mut hits).await?;
     Ok(Page { hits, remaining })
 }
 
 /// Number of matches of `s` (ignoring limit and offset).
-async fn count(pool: &AnyPool, s: &Search, scope: &Scope) -> Result<u64, IndexError> {
+async fn count(reader: &Reader, s: &Search, scope: &Scope) -> Result<u64, IndexError> {
     let mut q = Sql::default();
     let wh = where_clause(&mut q, s, scope);
     let sql = format!("SELECT COUNT(*) FROM {} WHERE {wh}", from(s.level));
-    let rows = q.fetch(pool, sql).await?;
-    Ok(rows.first().map(|r| r.get::<i64, _>(0)).unwrap_or(0).max(0) as u64)
+    let rows = q.fetch(reader, sql).await?;
+    Ok(rows.first().map(|r| r.int(0)).unwrap_or(0).max(0) as u64)
 }
 
 /// Number of related series and instances and the modalities, for the
 /// studies and series of a page: one query over the page's studies.
-async fn computed_attributes(pool: &AnyPool, hits: &mut [Hit]) -> Result<(), IndexError> {
+async fn computed_attributes(reader: &Reader, hits: &mut [Hit]) -> Result<(), IndexError> {
     if hits.is_empty() {
         return Ok(());
     }
@@ -850,14 +818,14 @@ async fn computed_attributes(pool: &AnyPool, hits: &mut [Hit]) -> Result<(), Ind
          FROM series se WHERE se.study_ref IN ({})",
         list.join(", ")
     );
-    let rows = q.fetch(pool, sql).await?;
+    let rows = q.fetch(reader, sql).await?;
     let mut per_study: HashMap<i64, (i64, i64, Vec<String>)> = HashMap::new();
     let mut per_series: HashMap<i64, i64> = HashMap::new();
     for r in &rows {
-        let study: i64 = r.get(0);
-        let series: i64 = r.get(1);
-        let modality = opt_text(r, 2);
-        let n: i64 = r.get(3);
+        let study: i64 = r.int(0);
+        let series: i64 = r.int(1);
+        let modality = r.opt_text(2);
+        let n: i64 = r.int(3);
         let e = per_study.entry(study).or_default();
         e.0 += 1;
         e.1 += n;
@@ -886,7 +854,7 @@ async fn computed_attributes(pool: &AnyPool, hits: &mut [Hit]) -> Result<(), Ind
 /// (level `Study` or `Series`), or of the given instances: the source of
 /// attributes the index does not keep (`includefield`).
 pub async fn representative_json(
-    pool: &AnyPool,
+    reader: &Reader,
     level: Level,
     ids: &[i64],
 ) -> Result<HashMap<i64, String>, IndexError> {
@@ -910,8 +878,8 @@ pub async fn representative_json(
              WHERE se2.study_ref IN ({list}) GROUP BY se2.study_ref)"
         ),
     };
-    let rows = q.fetch(pool, sql).await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    let rows = q.fetch(reader, sql).await?;
+    Ok(rows.iter().map(|r| (r.int(0), r.text(1))).collect())
 }
 
 /// Where one instance is and what WADO needs of it.
@@ -937,7 +905,7 @@ pub struct StoredInstance {
 /// The instances of a study, series or instance (WADO-RS), in series and
 /// instance order, under `scope`. Empty: nothing there, or nothing visible.
 pub async fn instances(
-    pool: &AnyPool,
+    reader: &Reader,
     scope: &Scope,
     study_uid: &str,
     series_uid: Option<&str>,
@@ -962,24 +930,24 @@ pub async fn instances(
         from(Level::Instance),
         conds.join(" AND ")
     );
-    let rows = q.fetch(pool, sql).await?;
+    let rows = q.fetch(reader, sql).await?;
     Ok(rows
         .iter()
         .map(|r| StoredInstance {
-            study_uid: r.get(0),
-            series_uid: r.get(1),
-            sop_uid: r.get(2),
-            sop_class_uid: r.get(3),
-            transfer_syntax: r.get(4),
-            object_key: r.get(5),
-            size: r.get::<i64, _>(6).max(0) as u64,
-            sha256: r.get(7),
-            pixel_layout: opt_text(r, 8),
-            number_of_frames: opt_int(r, 9),
-            id: r.get(10),
-            rows: opt_int(r, 11),
-            columns: opt_int(r, 12),
-            bits_allocated: opt_int(r, 13),
+            study_uid: r.text(0),
+            series_uid: r.text(1),
+            sop_uid: r.text(2),
+            sop_class_uid: r.text(3),
+            transfer_syntax: r.text(4),
+            object_key: r.text(5),
+            size: r.int(6).max(0) as u64,
+            sha256: r.text(7),
+            pixel_layout: r.opt_text(8),
+            number_of_frames: r.opt_int(9),
+            id: r.int(10),
+            rows: r.opt_int(11),
+            columns: r.opt_int(12),
+            bits_allocated: r.opt_int(13),
         })
         .collect())
 }

@@ -95,6 +95,31 @@ pub fn parse_accept<'a>(values: impl Iterator<Item = &'a str>) -> Vec<MediaRange
     out
 }
 
+/// How DICOM data sets are answered (QIDO-RS results, metadata).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatasetFormat {
+    /// `application/dicom+json`, one array.
+    Json,
+    /// `multipart/related; type="application/dicom+xml"`, a part per data set.
+    Xml,
+}
+
+/// The first acceptable format of `accept`, if any.
+pub fn dataset_format(accept: &[MediaRange]) -> Option<DatasetFormat> {
+    accept.iter().find_map(|m| {
+        if m.covers("application/dicom+json") || m.is("application/json") {
+            Some(DatasetFormat::Json)
+        } else if m.is("application/dicom+xml")
+            || (m.is("multipart/related")
+                && m.part_type.as_deref() == Some("application/dicom+xml"))
+        {
+            Some(DatasetFormat::Xml)
+        } else {
+            None
+        }
+    })
+}
+
 pub const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 pub const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 pub const EXPLICIT_VR_BE: &str = "1.2.840.10008.1.2.2";

@@ -10,6 +10,7 @@ pub mod problem;
 pub mod qido;
 pub mod stow;
 pub mod wado;
+pub mod xml;
 
 use std::sync::Arc;
 
@@ -36,6 +37,26 @@ pub const DICOM_JSON: &str = "application/dicom+json";
 /// What `caller` may see: the access scope every index read takes.
 pub fn scope_of(caller: &Caller) -> Scope {
     Scope::institution(&caller.institution.code)
+}
+
+/// Native DICOM Model documents as `multipart/related; type="application/dicom+xml"`.
+pub fn xml_parts_response(documents: Vec<String>) -> axum::response::Response {
+    use futures::StreamExt;
+    let boundary = multipart::boundary();
+    let content_type = multipart::content_type(&boundary, "application/dicom+xml", None);
+    let parts = futures::stream::iter(documents.into_iter().map(|d| multipart::Part {
+        content_type: "application/dicom+xml".into(),
+        location: None,
+        body: futures::stream::iter([Ok(bytes::Bytes::from(d))]).boxed(),
+    }))
+    .boxed();
+    let mut resp = axum::response::Response::new(axum::body::Body::from_stream(multipart::body(
+        boundary, parts,
+    )));
+    if let Ok(v) = HeaderValue::from_str(&content_type) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    resp
 }
 
 /// The whole HTTP application.

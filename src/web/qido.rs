@@ -12,7 +12,7 @@ use dicom_dictionary_std::StandardDataDictionary;
 use serde_json::{Map, Value, json};
 
 use super::auth::Caller;
-use super::media::parse_accept;
+use super::media::{DatasetFormat, dataset_format, parse_accept};
 use super::problem::WebError;
 use super::{DICOM_JSON, Urls};
 use crate::auth::Role;
@@ -270,14 +270,11 @@ async fn run(
             .iter()
             .filter_map(|v| v.to_str().ok()),
     );
-    if !accept
-        .iter()
-        .any(|m| m.covers("application/dicom+json") || m.is("application/json"))
-    {
-        return Err(WebError::NotAcceptable(
-            "search results are available as application/dicom+json (or application/json)".into(),
-        ));
-    }
+    let format = dataset_format(&accept).ok_or_else(|| {
+        WebError::NotAcceptable(
+            "search results are available as application/dicom+json or multipart/related; type=\"application/dicom+xml\"".into(),
+        )
+    })?;
     let q = parse_query(raw.as_deref())?;
     let cfg = &hub.config.dicomweb;
     let limit = q
@@ -321,7 +318,7 @@ async fn run(
     // Attributes the index does not keep come from one stored instance of
     // each result (one query for the page).
     let extra = extra_attributes(hub, level, &q, &page.hits).await?;
-    let items: Vec<Value> = page
+    let items: Vec<Map<String, Value>> = page
         .hits
         .iter()
         .map(|h| {
@@ -329,14 +326,19 @@ async fn run(
             if let Some(src) = extra.get(&hit_id(h, level)) {
                 merge_from(&mut m, src, level, &q, urls, h);
             }
-            Value::Object(m.into_iter().collect())
+            m.into_iter().collect()
         })
         .collect();
-    let mut resp = (
-        [(header::CONTENT_TYPE, DICOM_JSON)],
-        Value::Array(items).to_string(),
-    )
-        .into_response();
+    let mut resp = match format {
+        DatasetFormat::Json => (
+            [(header::CONTENT_TYPE, DICOM_JSON)],
+            Value::Array(items.into_iter().map(Value::Object).collect()).to_string(),
+        )
+            .into_response(),
+        DatasetFormat::Xml => {
+            super::xml_parts_response(items.iter().map(super::xml::document).collect())
+        }
+    };
     add_warnings(&mut resp, &warnings);
     Ok(resp)
 }
@@ -366,7 +368,10 @@ async fn extra_attributes(
     hits: &[Hit],
 ) -> Result<HashMap<i64, Map<String, Value>>, WebError> {
     let rendered = rendered_tags(level);
-    let wanted = q.include_all || q.include.iter().any(|t| !rendered.contains(&t.as_str()));
+    let wanted = q.include_all
+        || q.include
+            .iter()
+            .any(|t| belongs(level, t) && !rendered.contains(&t.as_str()));
     if !wanted {
         return Ok(HashMap::new());
     }
@@ -391,19 +396,10 @@ fn merge_from(
     h: &Hit,
 ) {
     for (tag, el) in src {
-        if out.contains_key(tag) {
+        if out.contains_key(tag) || !belongs(level, tag) {
             continue;
         }
-        let level_ok = match level {
-            Level::Instance => true,
-            Level::Series => {
-                tag.starts_with("0010")
-                    || STUDY_LEVEL.contains(&tag.as_str())
-                    || SERIES_LEVEL.contains(&tag.as_str())
-            }
-            Level::Study => tag.starts_with("0010") || STUDY_LEVEL.contains(&tag.as_str()),
-        };
-        if (q.include_all && level_ok) || q.include.contains(tag) {
+        if q.include_all || q.include.contains(tag) {
             let mut el = el.clone();
             if let (Some(inst), Some(series)) = (&h.instance, &h.series) {
                 urls.rewrite_bulk(
@@ -418,11 +414,23 @@ fn merge_from(
             out.insert(tag.clone(), el);
         }
     }
-    for tag in &q.include {
+    for tag in q.include.iter().filter(|t| belongs(level, t)) {
         out.entry(tag.clone()).or_insert_with(|| {
             let vr = tag_vr(tag);
             json!({ "vr": vr })
         });
+    }
+}
+
+/// Whether an attribute is one of the level's (or a higher level's): a study
+/// result carries patient and study attributes only, a series result adds
+/// series attributes, an instance result may carry anything.
+fn belongs(level: Level, tag: &str) -> bool {
+    let patient_or_study = tag.starts_with("0010") || STUDY_LEVEL.contains(&tag);
+    match level {
+        Level::Instance => true,
+        Level::Series => patient_or_study || SERIES_LEVEL.contains(&tag),
+        Level::Study => patient_or_study,
     }
 }
 

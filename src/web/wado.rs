@@ -350,19 +350,17 @@ async fn metadata(
     instance: Option<&str>,
 ) -> Result<Response, WebError> {
     let accept = accept_of(headers);
-    if !accept
-        .iter()
-        .any(|m| m.covers("application/dicom+json") || m.is("application/json"))
-    {
-        return Err(WebError::NotAcceptable(
-            "metadata is available as application/dicom+json".into(),
-        ));
-    }
+    let format = media::dataset_format(&accept).ok_or_else(|| {
+        WebError::NotAcceptable(
+            "metadata is available as application/dicom+json or multipart/related; type=\"application/dicom+xml\"".into(),
+        )
+    })?;
     let found = visible_instances(hub, caller, study, series, instance).await?;
     // The answer is a function of the instances' content and of where bulk
     // data is served from: so is its validator.
     let mut h = Sha256::new();
     h.update(urls.root.as_bytes());
+    h.update([format as u8]);
     for i in &found {
         h.update(i.sop_uid.as_bytes());
         h.update(i.sha256.as_bytes());
@@ -392,8 +390,8 @@ async fn metadata(
         .chunks(METADATA_BATCH)
         .map(<[StoredInstance]>::to_vec)
         .collect();
-    let mut first = true;
-    let body = stream::iter(batches)
+    // One batch of instances' JSON texts at a time, bulk data URIs resolved.
+    let texts = stream::iter(batches)
         .then(move |batch| {
             let hub = hub.clone();
             let urls = urls.clone();
@@ -418,6 +416,45 @@ async fn metadata(
                 Ok::<_, std::io::Error>(out)
             }
         })
+        .boxed();
+    if format == media::DatasetFormat::Xml {
+        let boundary = multipart::boundary();
+        let content_type = multipart::content_type(&boundary, "application/dicom+xml", None);
+        let parts = texts
+            .flat_map(|r| {
+                let docs: Vec<Result<Bytes, std::io::Error>> = match r {
+                    Ok(items) => items
+                        .iter()
+                        .map(|t| match serde_json::from_str::<serde_json::Value>(t) {
+                            Ok(serde_json::Value::Object(m)) => {
+                                Ok(Bytes::from(super::xml::document(&m)))
+                            }
+                            _ => Err(std::io::Error::other("stored metadata is not JSON")),
+                        })
+                        .collect(),
+                    Err(e) => vec![Err(e)],
+                };
+                stream::iter(docs)
+            })
+            .map(|doc| Part {
+                content_type: "application/dicom+xml".into(),
+                location: None,
+                body: stream::iter([doc]).boxed(),
+            })
+            .boxed();
+        let mut resp = stream_response(
+            StatusCode::OK,
+            &content_type,
+            multipart::body(boundary, parts),
+        );
+        resp.headers_mut().insert(
+            header::ETAG,
+            HeaderValue::from_str(&etag).expect("hex etag"),
+        );
+        return Ok(resp);
+    }
+    let mut first = true;
+    let body = texts
         .map(move |r| {
             r.map(|items| {
                 let mut chunk = String::new();
