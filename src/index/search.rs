@@ -128,6 +128,21 @@ impl Attr {
         }
     }
 
+    /// Whether the attribute is the patient's (matched in a subquery on the
+    /// patient table, so its indexes lead).
+    fn is_patient(self) -> bool {
+        use Attr::*;
+        matches!(
+            self,
+            PatientName
+                | PatientId
+                | IssuerOfPatientId
+                | PatientBirthDate
+                | PatientSex
+                | OtherPatientId
+        )
+    }
+
     /// The level whose table holds the attribute.
     pub fn level(self) -> Level {
         use Attr::*;
@@ -624,9 +639,14 @@ fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
     if let Some(u) = &s.series_uid {
         conds.push(format!("se.series_uid = {}", q.bind_text(u)));
     }
+    let mut patient_conds = Vec::new();
     let mut series_conds = Vec::new();
     let mut instance_conds = Vec::new();
     for (attr, m) in &s.keys {
+        if attr.is_patient() {
+            patient_conds.push(key_condition(q, *attr, m));
+            continue;
+        }
         if *attr == Attr::ModalitiesInStudy {
             let c = key_condition(q, *attr, m);
             conds.push(format!(
@@ -657,6 +677,13 @@ fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
         conds.push(format!(
             "EXISTS (SELECT 1 FROM series se WHERE se.study_ref = st.id AND {})",
             series_conds.join(" AND ")
+        ));
+    }
+    if !patient_conds.is_empty() {
+        // The inner `p` shadows the outer one: the same conditions apply.
+        conds.push(format!(
+            "st.patient_ref IN (SELECT p.id FROM patient p WHERE {})",
+            patient_conds.join(" AND ")
         ));
     }
     conds.join(" AND ")
@@ -792,11 +819,20 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
     Ok(Page { hits, remaining })
 }
 
-/// Number of matches of `s` (ignoring limit and offset).
+/// Most matches counted beyond a page for the Warning header: counting all
+/// of a million-study list would cost more than the page itself.
+pub const COUNT_CAP: u64 = 10_000;
+
+/// Number of matches of `s` (ignoring limit and offset), counting no
+/// further than `COUNT_CAP` past the page.
 async fn count(reader: &Reader, s: &Search, scope: &Scope) -> Result<u64, IndexError> {
     let mut q = Sql::default();
     let wh = where_clause(&mut q, s, scope);
-    let sql = format!("SELECT COUNT(*) FROM {} WHERE {wh}", from(s.level));
+    let cap = q.bind_int((s.offset + u64::from(s.limit) + COUNT_CAP).min(i64::MAX as u64) as i64);
+    let sql = format!(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM {} WHERE {wh} LIMIT {cap}) capped",
+        from(s.level)
+    );
     let rows = q.fetch(reader, sql).await?;
     Ok(rows.first().map(|r| r.int(0)).unwrap_or(0).max(0) as u64)
 }

@@ -18,7 +18,7 @@ use super::{DICOM_JSON, Urls};
 use crate::auth::Role;
 use crate::config::EmptySearch;
 use crate::hub::Hub;
-use crate::index::search::{Attr, Hit, Level, Matcher, Search};
+use crate::index::search::{Attr, COUNT_CAP, Hit, Level, Matcher, Search};
 
 /// Attributes (8-hex tags) at patient or study level, what `includefield=all`
 /// adds to a study result from the stored instance JSON.
@@ -294,8 +294,13 @@ async fn run(
 
     let mut warnings = Vec::new();
     if page.remaining > 0 {
+        let at_least = if page.remaining >= COUNT_CAP {
+            "at least "
+        } else {
+            ""
+        };
         warnings.push(format!(
-            "299 tsunagu: There are {} additional results that can be requested",
+            "299 tsunagu: There are {at_least}{} additional results that can be requested",
             page.remaining
         ));
     }
