@@ -10,3 +10,4 @@ mod dimse;
 mod durability;
 mod ingest_facts;
 mod ops;
+mod viewer;
