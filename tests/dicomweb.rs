@@ -659,3 +659,99 @@ async fn stow_rs_outcomes() {
     let still: Vec<_> = left.iter().filter(|p| p.exists()).collect();
     assert!(still.is_empty(), "spool leftovers: {still:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retrieve_capabilities_describe_the_service() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let c = client();
+    let options = |path: &str, accept: &str, token: bool| {
+        let mut r = c
+            .request(
+                reqwest::Method::OPTIONS,
+                format!("{}{path}", hub.dicomweb()),
+            )
+            .header(ACCEPT, accept);
+        if token {
+            r = r.bearer_auth(hub.token("HOSP1", Role::Clinician));
+        }
+        r.send()
+    };
+    // Not a CORS preflight: a token is needed like everywhere else.
+    assert_eq!(options("", "*/*", false).await.unwrap().status(), 401);
+    let r = options("", "application/vnd.sun.wadl+xml", true)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()[CONTENT_TYPE], "application/vnd.sun.wadl+xml");
+    let wadl = r.text().await.unwrap();
+    for needle in [
+        "<application xmlns=\"http://wadl.dev.java.net/2009/02\">",
+        "path=\"studies/{study}/series/{series}/instances/{instance}/frames/{frames}\"",
+        "<method name=\"POST\">",
+        "<param name=\"includefield\" style=\"query\"/>",
+    ] {
+        assert!(wadl.contains(needle), "{needle} in {wadl}");
+    }
+    let r = options(
+        &format!("/studies/{CT_STUDY}/metadata"),
+        "application/json",
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["resources"].as_array().unwrap().len() >= 14, "{v}");
+    assert_eq!(
+        options("/studies", "image/png", true)
+            .await
+            .unwrap()
+            .status(),
+        406
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn search_and_metadata_in_xml() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some(jp) = testfile("jp_iso2022_ir13_ir87.dcm") else {
+        return;
+    };
+    hub.import("HOSP1", vec![jp]).await;
+    let xml = "multipart/related; type=\"application/dicom+xml\"";
+    for path in [
+        "/studies?PatientID=TSNG-JP-0001",
+        "/studies/2.25.212477325107932399243233100858614569001.1.7/metadata",
+    ] {
+        let r = client()
+            .get(format!("{}{path}", hub.dicomweb()))
+            .bearer_auth(hub.token("HOSP1", Role::Clinician))
+            .header(ACCEPT, xml)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let ct = r.headers()[CONTENT_TYPE].to_str().unwrap().to_string();
+        assert!(
+            ct.starts_with("multipart/related; type=\"application/dicom+xml\"; boundary="),
+            "{ct}"
+        );
+        let body = r.text().await.unwrap();
+        assert!(
+            body.contains("Content-Type: application/dicom+xml"),
+            "{body}"
+        );
+        assert!(
+            body.contains("<NativeDicomModel xml:space=\"preserve\">"),
+            "{body}"
+        );
+        assert!(
+            body.contains("<Ideographic><FamilyName>山田</FamilyName><GivenName>太郎</GivenName></Ideographic>"),
+            "{body}"
+        );
+    }
+}

@@ -629,6 +629,18 @@ fn from(level: Level) -> &'static str {
     }
 }
 
+/// FROM clause for counting: the conditions never refer to the outer
+/// patient row (patient keys are a subquery), so the join is left out.
+fn from_without_patient(level: Level) -> &'static str {
+    match level {
+        Level::Study => "study st",
+        Level::Series => "series se JOIN study st ON st.id = se.study_ref",
+        Level::Instance => {
+            "instance i JOIN series se ON se.id = i.series_ref JOIN study st ON st.id = se.study_ref"
+        }
+    }
+}
+
 /// WHERE clause: scope, path, matching keys. Keys below the level become
 /// EXISTS conditions (a study matches if one of its series does).
 fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
@@ -831,7 +843,7 @@ async fn count(reader: &Reader, s: &Search, scope: &Scope) -> Result<u64, IndexE
     let cap = q.bind_int((s.offset + u64::from(s.limit) + COUNT_CAP).min(i64::MAX as u64) as i64);
     let sql = format!(
         "SELECT COUNT(*) FROM (SELECT 1 FROM {} WHERE {wh} LIMIT {cap}) capped",
-        from(s.level)
+        from_without_patient(s.level)
     );
     let rows = q.fetch(reader, sql).await?;
     Ok(rows.first().map(|r| r.int(0)).unwrap_or(0).max(0) as u64)

@@ -3,6 +3,7 @@
 //! metrics sits behind `auth::authenticate`.
 
 pub mod auth;
+pub mod capabilities;
 pub mod media;
 pub mod multipart;
 pub mod ops;
@@ -62,43 +63,66 @@ pub fn xml_parts_response(documents: Vec<String>) -> axum::response::Response {
 /// The whole HTTP application.
 pub fn router(hub: Arc<Hub>) -> Router {
     let dicomweb = Router::new()
-        .route("/studies", get(qido::studies).post(stow::store))
-        .route("/series", get(qido::all_series))
-        .route("/instances", get(qido::all_instances))
+        .route("/", axum::routing::options(capabilities::options))
+        .route(
+            "/studies",
+            get(qido::studies)
+                .post(stow::store)
+                .options(capabilities::options),
+        )
+        .route(
+            "/series",
+            get(qido::all_series).options(capabilities::options),
+        )
+        .route(
+            "/instances",
+            get(qido::all_instances).options(capabilities::options),
+        )
         .route(
             "/studies/{study}",
-            get(wado::retrieve_study).post(stow::store_in_study),
+            get(wado::retrieve_study)
+                .post(stow::store_in_study)
+                .options(capabilities::options),
         )
-        .route("/studies/{study}/metadata", get(wado::study_metadata))
-        .route("/studies/{study}/series", get(qido::study_series))
-        .route("/studies/{study}/instances", get(qido::study_instances))
+        .route(
+            "/studies/{study}/metadata",
+            get(wado::study_metadata).options(capabilities::options),
+        )
+        .route(
+            "/studies/{study}/series",
+            get(qido::study_series).options(capabilities::options),
+        )
+        .route(
+            "/studies/{study}/instances",
+            get(qido::study_instances).options(capabilities::options),
+        )
         .route(
             "/studies/{study}/series/{series}",
-            get(wado::retrieve_series),
+            get(wado::retrieve_series).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/metadata",
-            get(wado::series_metadata),
+            get(wado::series_metadata).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances",
-            get(qido::series_instances),
+            get(qido::series_instances).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}",
-            get(wado::retrieve_instance),
+            get(wado::retrieve_instance).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/metadata",
-            get(wado::instance_metadata),
+            get(wado::instance_metadata).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
-            get(wado::frames),
+            get(wado::frames).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/bulk/{offset}/{length}",
-            get(wado::bulk),
+            get(wado::bulk).options(capabilities::options),
         )
         .fallback(|| async { WebError::NotFound });
     let authenticated = Router::new()
@@ -122,14 +146,36 @@ pub fn router(hub: Arc<Hub>) -> Router {
                 })
         },
     );
-    ops::router()
+    let app = ops::router()
         .merge(authenticated)
         .layer(compression)
-        .layer(cors)
+        .with_state(hub);
+    // tower-http's CORS layer answers every OPTIONS itself; only real
+    // preflights (with Origin and Access-Control-Request-Method) may go to
+    // it, other OPTIONS requests are Retrieve Capabilities.
+    let with_cors = app.clone().layer(cors);
+    let dispatch = tower::service_fn(move |req: axum::extract::Request| {
+        let preflight = req.method() == Method::OPTIONS
+            && req.headers().contains_key(header::ORIGIN)
+            && req
+                .headers()
+                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+        let plain_options = req.method() == Method::OPTIONS && !preflight;
+        let (a, b) = (app.clone(), with_cors.clone());
+        async move {
+            use tower::ServiceExt;
+            if plain_options {
+                a.oneshot(req).await
+            } else {
+                b.oneshot(req).await
+            }
+        }
+    });
+    Router::new()
+        .fallback_service(dispatch)
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
         ]))
-        .with_state(hub)
 }
 
 fn cors_layer(origins: &[String]) -> CorsLayer {
