@@ -755,3 +755,187 @@ async fn search_and_metadata_in_xml() {
         );
     }
 }
+
+/// `openssl` output, or `None` (after a skip) when it is missing.
+fn openssl(args: &[&str]) -> Option<Vec<u8>> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .ok();
+    match out {
+        Some(o) if o.status.success() => Some(o.stdout),
+        _ => {
+            common::skip("openssl missing or failing");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identity_provider_keys_rs256_es256_and_jwks() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    let Some(_) = openssl(&["genrsa", "-out", &p("rsa.pem"), "2048"]) else {
+        return;
+    };
+    openssl(&[
+        "rsa",
+        "-in",
+        &p("rsa.pem"),
+        "-pubout",
+        "-out",
+        &p("rsa.pub"),
+    ])
+    .unwrap();
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        &p("ec.pem"),
+    ])
+    .unwrap();
+    openssl(&[
+        "pkcs8",
+        "-topk8",
+        "-nocrypt",
+        "-in",
+        &p("ec.pem"),
+        "-out",
+        &p("ec8.pem"),
+    ])
+    .unwrap();
+    openssl(&["ec", "-in", &p("ec.pem"), "-pubout", "-out", &p("ec.pub")]).unwrap();
+    // A second RSA key, published only in the JWKS under a key id.
+    openssl(&["genrsa", "-out", &p("jwk.pem"), "2048"]).unwrap();
+    let modulus =
+        String::from_utf8(openssl(&["rsa", "-in", &p("jwk.pem"), "-noout", "-modulus"]).unwrap())
+            .unwrap();
+    let n = hex::decode(modulus.trim().trim_start_matches("Modulus=")).unwrap();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let jwks = serde_json::json!({"keys": [{
+        "kty": "RSA", "kid": "idp-2026", "alg": "RS256", "use": "sig",
+        "n": b64.encode(&n), "e": "AQAB"
+    }]});
+    std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).unwrap();
+
+    let (rsa_pub, ec_pub, jwks_path) = (
+        dir.path().join("rsa.pub"),
+        dir.path().join("ec.pub"),
+        dir.path().join("jwks.json"),
+    );
+    let Some(hub) = TestHub::start_with(Backend::Local, move |c| {
+        c.auth.hs256_secret = None;
+        c.auth.public_key_files = vec![rsa_pub, ec_pub];
+        c.auth.jwks_file = Some(jwks_path);
+    })
+    .await
+    else {
+        return;
+    };
+    let sign = |alg: jsonwebtoken::Algorithm, key: &str, kid: Option<&str>| {
+        let pem = std::fs::read(dir.path().join(key)).unwrap();
+        let k = match alg {
+            jsonwebtoken::Algorithm::ES256 => jsonwebtoken::EncodingKey::from_ec_pem(&pem),
+            _ => jsonwebtoken::EncodingKey::from_rsa_pem(&pem),
+        }
+        .unwrap();
+        let mut h = jsonwebtoken::Header::new(alg);
+        h.kid = kid.map(str::to_string);
+        jsonwebtoken::encode(&h, &claims("HOSP1", Role::Clinician), &k).unwrap()
+    };
+    let status = |token: String| {
+        let url = format!("{}/studies", hub.dicomweb());
+        async move {
+            client()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    use jsonwebtoken::Algorithm::{ES256, RS256};
+    assert_eq!(
+        status(sign(RS256, "rsa.pem", None)).await,
+        204,
+        "RS256 by PEM"
+    );
+    assert_eq!(
+        status(sign(ES256, "ec8.pem", None)).await,
+        204,
+        "ES256 by PEM"
+    );
+    assert_eq!(
+        status(sign(RS256, "jwk.pem", Some("idp-2026"))).await,
+        204,
+        "RS256 by JWKS kid"
+    );
+    // The JWKS key under another kid, and an unknown key: refused.
+    assert_eq!(status(sign(RS256, "jwk.pem", Some("other"))).await, 401);
+    openssl(&["genrsa", "-out", &p("stranger.pem"), "2048"]).unwrap();
+    assert_eq!(status(sign(RS256, "stranger.pem", None)).await, 401);
+    // With no HS256 secret configured, HS256 tokens are refused outright.
+    assert_eq!(
+        status(forged(&claims("HOSP1", Role::Clinician), TEST_SECRET)).await,
+        401
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wado_uri_returns_the_instance() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some(ct) = testfile(CT) else { return };
+    let original = std::fs::read(&ct).unwrap();
+    hub.import("HOSP1", vec![ct]).await;
+    let url = format!(
+        "{}/wado?requestType=WADO&studyUID={CT_STUDY}&seriesUID={CT_SERIES}&objectUID={CT_SOP}&contentType=application%2Fdicom",
+        hub.http()
+    );
+    let r = client()
+        .get(&url)
+        .bearer_auth(hub.token("HOSP1", Role::Clinician))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()[CONTENT_TYPE], "application/dicom");
+    let body = r.bytes().await.unwrap();
+    assert_eq!(
+        common::dataset_bytes(&body),
+        common::dataset_bytes(&original)
+    );
+    for (q, want) in [
+        (url.replace("requestType=WADO", "requestType=XYZ"), 400),
+        (
+            url.replace(
+                "contentType=application%2Fdicom",
+                "contentType=image%2Fjpeg",
+            ),
+            406,
+        ),
+        (url.replace(CT_SOP, "2.25.1"), 404),
+    ] {
+        let r = client()
+            .get(&q)
+            .bearer_auth(hub.token("HOSP1", Role::Clinician))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), want, "{q}");
+    }
+    let r = client()
+        .get(&url)
+        .bearer_auth(hub.token("HOSP2", Role::Clinician))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "another institution's object is absent");
+}

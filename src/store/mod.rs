@@ -32,7 +32,9 @@ const SINGLE_PUT_MAX: u64 = 8 << 20;
 /// Part size of multipart uploads; memory per upload is about twice this.
 const MULTIPART_CHUNK: usize = 8 << 20;
 /// Chunk size of streamed reads (WADO-RS bodies).
-const READ_CHUNK: usize = 256 << 10;
+const READ_CHUNK: usize = 1 << 20;
+/// Objects (or ranges) up to this size are read in one call.
+const WHOLE_READ_MAX: u64 = 8 << 20;
 /// Name of the spool directory inside a local store.
 const SPOOL_DIR: &str = ".spool";
 
@@ -44,6 +46,14 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("invalid storage configuration: {0}")]
     Config(String),
+}
+
+/// A local object opened for reading.
+enum Opened {
+    /// Read completely already.
+    Whole(Bytes),
+    /// To be streamed.
+    Stream(std::fs::File),
 }
 
 enum Backend {
@@ -260,17 +270,38 @@ impl Store {
         range: Option<std::ops::Range<u64>>,
     ) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
         if let Backend::Local { root } = &self.backend {
-            use tokio::io::AsyncSeekExt;
-            let mut f = tokio::fs::File::open(root.join(key)).await?;
-            let len = match &range {
-                Some(r) => {
-                    f.seek(std::io::SeekFrom::Start(r.start)).await?;
-                    r.end - r.start
+            let path = root.join(key);
+            // Objects of a few MiB (nearly every image) are read in one
+            // blocking call: one hand-off to the blocking pool instead of
+            // one per chunk. Larger ones stream in chunks.
+            let (file, len) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                use std::io::{Read, Seek};
+                let mut f = std::fs::File::open(path)?;
+                let len = match &range {
+                    Some(r) => {
+                        f.seek(std::io::SeekFrom::Start(r.start))?;
+                        r.end - r.start
+                    }
+                    None => f.metadata()?.len(),
+                };
+                if len <= WHOLE_READ_MAX {
+                    let mut buf = Vec::with_capacity(len as usize);
+                    (&mut f).take(len).read_to_end(&mut buf)?;
+                    return Ok((Opened::Whole(Bytes::from(buf)), len));
                 }
-                None => f.metadata().await?.len(),
-            };
-            let reader = tokio_util::io::ReaderStream::with_capacity(f.take(len), READ_CHUNK);
-            return Ok(reader.map(|r| r.map_err(StoreError::from)).boxed());
+                Ok((Opened::Stream(f), len))
+            })
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+            return Ok(match file {
+                Opened::Whole(bytes) => futures::stream::once(async move { Ok(bytes) }).boxed(),
+                Opened::Stream(f) => tokio_util::io::ReaderStream::with_capacity(
+                    tokio::fs::File::from_std(f).take(len),
+                    READ_CHUNK,
+                )
+                .map(|r| r.map_err(StoreError::from))
+                .boxed(),
+            });
         }
         let opts = object_store::GetOptions {
             range: range.map(object_store::GetRange::from),
