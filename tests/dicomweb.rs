@@ -939,3 +939,108 @@ async fn wado_uri_returns_the_instance() {
         .unwrap();
     assert_eq!(r.status(), 404, "another institution's object is absent");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metadata_validators_compression_and_bulk_ranges() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some(ct) = testfile(CT) else { return };
+    let original = std::fs::read(&ct).unwrap();
+    hub.import("HOSP1", vec![ct]).await;
+    let token = hub.token("HOSP1", Role::Clinician);
+    let get = |path: String, headers: Vec<(&'static str, String)>| {
+        let mut r = client()
+            .get(format!("{}{path}", hub.dicomweb()))
+            .bearer_auth(&token);
+        for (k, v) in headers {
+            r = r.header(k, v);
+        }
+        r.send()
+    };
+    let meta = format!("/studies/{CT_STUDY}/metadata");
+    let r = get(meta.clone(), vec![("accept-encoding", "gzip".into())])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-encoding"],
+        "gzip",
+        "JSON is compressed"
+    );
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let r = get(meta.clone(), vec![("if-none-match", etag.clone())])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    let r = get(meta.clone(), vec![("if-none-match", "\"other\"".into())])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Another requester's base URL gives other bulk data URIs, so another ETag.
+    let r = get(
+        meta.clone(),
+        vec![("host", "elsewhere.example:8443".into())],
+    )
+    .await
+    .unwrap();
+    assert_ne!(r.headers()["etag"].to_str().unwrap(), etag);
+    let items: Value = get(meta, vec![]).await.unwrap().json().await.unwrap();
+    let uri = items[0]["7FE00010"]["BulkDataURI"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // DICOM bodies are never compressed.
+    let r = get(
+        format!("/studies/{CT_STUDY}"),
+        vec![
+            ("accept-encoding", "gzip".into()),
+            (
+                "accept",
+                "multipart/related; type=\"application/dicom\"".into(),
+            ),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!r.headers().contains_key("content-encoding"));
+    // Bulk data: whole, and one range of it as a single part (206).
+    let path = uri.split("/dicom-web").nth(1).unwrap().to_string();
+    let pixels = {
+        let p = tsunagu::dicom::dataset::parse_file(&testfile(CT).unwrap()).unwrap();
+        let (o, l) = p.pixels.unwrap().frames[0][0];
+        original[o as usize..(o + l) as usize].to_vec()
+    };
+    let r = get(
+        path.clone(),
+        vec![("accept", "application/octet-stream".into())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().to_vec(), pixels);
+    let r = get(
+        path.clone(),
+        vec![
+            ("accept", "application/octet-stream".into()),
+            ("range", "bytes=100-199".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes 100-199/{}", pixels.len())
+    );
+    assert_eq!(r.bytes().await.unwrap().to_vec(), pixels[100..200].to_vec());
+    // A range that is not bulk data of the instance is not served.
+    let r = get(
+        format!("/studies/{CT_STUDY}/series/{CT_SERIES}/instances/{CT_SOP}/bulk/0/132"),
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 404);
+}

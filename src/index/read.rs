@@ -144,15 +144,21 @@ impl SqliteReaders {
 }
 
 impl Reader {
+    /// `group_concat(DISTINCT col)` in this engine's dialect (comma-separated).
+    pub fn distinct_list(&self, column: &str) -> String {
+        match self {
+            Reader::Sqlite(_) => format!("group_concat(DISTINCT {column})"),
+            Reader::Pool(_) => format!("string_agg(DISTINCT {column}, ',')"),
+        }
+    }
+
     /// Run `sql` (with `$n` placeholders) and return every row.
     pub async fn fetch(&self, sql: String, binds: Vec<Bind>) -> Result<Vec<Row>, IndexError> {
         match self {
-            Reader::Sqlite(r) => {
-                let r = r.clone();
-                tokio::task::spawn_blocking(move || r.run(&sql, &binds))
-                    .await
-                    .map_err(|e| IndexError::Io(std::io::Error::other(e)))?
-            }
+            // Index queries take microseconds to a few milliseconds: run them
+            // on this worker thread (its other tasks move to another one)
+            // rather than paying two thread hand-offs on the blocking pool.
+            Reader::Sqlite(r) => tokio::task::block_in_place(|| r.run(&sql, &binds)),
             Reader::Pool(pool) => {
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
                 for b in binds {

@@ -785,19 +785,52 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
     // One row more than asked tells whether anything follows.
     let lim = q.bind_int(i64::from(s.limit) + 1);
     let off = q.bind_int(s.offset.min(i64::MAX as u64) as i64);
+    // The computed attributes (counts, modalities) are subqueries of the
+    // outer select, so they run for the rows of the page only, in the same
+    // statement.
+    let computed = match s.level {
+        Level::Study | Level::Series => {
+            let mut c = format!(
+                ", (SELECT COUNT(*) FROM series x WHERE x.study_ref = page.k_study), \
+                 (SELECT COUNT(*) FROM instance y JOIN series x ON x.id = y.series_ref \
+                 WHERE x.study_ref = page.k_study), \
+                 (SELECT {} FROM series x WHERE x.study_ref = page.k_study)",
+                reader.distinct_list("x.modality")
+            );
+            if s.level == Level::Series {
+                c.push_str(
+                    ", (SELECT COUNT(*) FROM instance y WHERE y.series_ref = page.k_series)",
+                );
+            }
+            c
+        }
+        Level::Instance => String::new(),
+    };
+    let keys = match s.level {
+        Level::Study => "st.id AS k_study",
+        _ => "st.id AS k_study, se.id AS k_series",
+    };
     let sql = format!(
-        "SELECT {cols} FROM {} WHERE {wh} ORDER BY {order} LIMIT {lim} OFFSET {off}",
+        "SELECT page.*{computed} FROM (SELECT {cols}, {keys} FROM {} WHERE {wh} \
+         ORDER BY {order} LIMIT {lim} OFFSET {off}) page",
         from(s.level)
     );
     let rows = q.fetch(reader, sql).await?;
     let more = rows.len() > s.limit as usize;
-    let mut hits: Vec<Hit> = rows
+    // Positions: patient 0..9, study 9..19, series 19..30, instance 30..39,
+    // then the keys, then the computed columns.
+    let first_computed = match s.level {
+        Level::Study => 19 + 1,
+        Level::Series => 30 + 2,
+        Level::Instance => 39 + 2,
+    };
+    let hits: Vec<Hit> = rows
         .iter()
         .take(s.limit as usize)
         .map(|r| {
             let patient = patient_row(r, 0);
-            let (study_ref, study) = study_row(r, 9);
-            let (series_ref, series) = if s.level >= Level::Series {
+            let (study_ref, mut study) = study_row(r, 9);
+            let (series_ref, mut series) = if s.level >= Level::Series {
                 let (id, row) = series_row(r, 19);
                 (Some(id), Some(row))
             } else {
@@ -809,6 +842,20 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
             } else {
                 (None, None)
             };
+            if s.level <= Level::Series {
+                let c = first_computed;
+                study.series_count = r.int(c);
+                study.instance_count = r.int(c + 1);
+                let mut modalities: Vec<String> = r
+                    .opt_text(c + 2)
+                    .map(|m| m.split(',').map(str::to_string).collect())
+                    .unwrap_or_default();
+                modalities.sort();
+                study.modalities = modalities;
+                if let Some(se) = series.as_mut() {
+                    se.instance_count = r.int(c + 3);
+                }
+            }
             Hit {
                 study_ref,
                 series_ref,
@@ -827,7 +874,6 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
     } else {
         0
     };
-    computed_attributes(reader, &mut hits).await?;
     Ok(Page { hits, remaining })
 }
 
@@ -847,55 +893,6 @@ async fn count(reader: &Reader, s: &Search, scope: &Scope) -> Result<u64, IndexE
     );
     let rows = q.fetch(reader, sql).await?;
     Ok(rows.first().map(|r| r.int(0)).unwrap_or(0).max(0) as u64)
-}
-
-/// Number of related series and instances and the modalities, for the
-/// studies and series of a page: one query over the page's studies.
-async fn computed_attributes(reader: &Reader, hits: &mut [Hit]) -> Result<(), IndexError> {
-    if hits.is_empty() {
-        return Ok(());
-    }
-    let mut studies: Vec<i64> = hits.iter().map(|h| h.study_ref).collect();
-    studies.sort_unstable();
-    studies.dedup();
-    let mut q = Sql::default();
-    let list: Vec<String> = studies.iter().map(|id| q.bind_int(*id)).collect();
-    let sql = format!(
-        "SELECT se.study_ref, se.id, se.modality, \
-         (SELECT COUNT(*) FROM instance i WHERE i.series_ref = se.id) \
-         FROM series se WHERE se.study_ref IN ({})",
-        list.join(", ")
-    );
-    let rows = q.fetch(reader, sql).await?;
-    let mut per_study: HashMap<i64, (i64, i64, Vec<String>)> = HashMap::new();
-    let mut per_series: HashMap<i64, i64> = HashMap::new();
-    for r in &rows {
-        let study: i64 = r.int(0);
-        let series: i64 = r.int(1);
-        let modality = r.opt_text(2);
-        let n: i64 = r.int(3);
-        let e = per_study.entry(study).or_default();
-        e.0 += 1;
-        e.1 += n;
-        if let Some(m) = modality
-            && !e.2.contains(&m)
-        {
-            e.2.push(m);
-        }
-        per_series.insert(series, n);
-    }
-    for h in hits.iter_mut() {
-        if let Some((series, instances, modalities)) = per_study.get(&h.study_ref) {
-            h.study.series_count = *series;
-            h.study.instance_count = *instances;
-            h.study.modalities = modalities.clone();
-            h.study.modalities.sort();
-        }
-        if let (Some(id), Some(row)) = (h.series_ref, h.series.as_mut()) {
-            row.instance_count = per_series.get(&id).copied().unwrap_or(0);
-        }
-    }
-    Ok(())
 }
 
 /// The stored DICOM JSON of one instance of each given study or series

@@ -514,14 +514,19 @@ fn render(h: &Hit, level: Level, urls: &Urls) -> BTreeMap<String, Value> {
     put("00080030", text_el("TM", st.time.as_deref()));
     put("00080050", text_el("SH", st.accession_number.as_deref()));
     put("00080056", text_el("CS", Some("ONLINE")));
-    put(
-        "00080061",
-        if st.modalities.is_empty() {
-            json!({"vr": "CS"})
-        } else {
-            json!({"vr": "CS", "Value": st.modalities})
-        },
-    );
+    // Study-related counts and modalities belong to study and series results.
+    if level <= Level::Series {
+        put(
+            "00080061",
+            if st.modalities.is_empty() {
+                json!({"vr": "CS"})
+            } else {
+                json!({"vr": "CS", "Value": st.modalities})
+            },
+        );
+        put("00201206", int_el("IS", Some(st.series_count)));
+        put("00201208", int_el("IS", Some(st.instance_count)));
+    }
     put("00080090", pn_el(&st.referring));
     put("00081030", text_el("LO", st.description.as_deref()));
     put("00100010", pn_el(&p.name));
@@ -544,8 +549,6 @@ fn render(h: &Hit, level: Level, urls: &Urls) -> BTreeMap<String, Value> {
     }
     put("0020000D", text_el("UI", Some(&st.study_uid)));
     put("00200010", text_el("SH", st.study_id.as_deref()));
-    put("00201206", int_el("IS", Some(st.series_count)));
-    put("00201208", int_el("IS", Some(st.instance_count)));
     let mut url = urls.study(&st.study_uid);
     if let Some(se) = &h.series {
         put("00080021", text_el("DA", se.date.as_deref()));
@@ -555,7 +558,9 @@ fn render(h: &Hit, level: Level, urls: &Urls) -> BTreeMap<String, Value> {
         put("00180015", text_el("CS", se.body_part.as_deref()));
         put("0020000E", text_el("UI", Some(&se.series_uid)));
         put("00200011", int_el("IS", se.number));
-        put("00201209", int_el("IS", Some(se.instance_count)));
+        if level == Level::Series {
+            put("00201209", int_el("IS", Some(se.instance_count)));
+        }
         put("00400244", text_el("DA", se.pps_start_date.as_deref()));
         put("00400245", text_el("TM", se.pps_start_time.as_deref()));
         if let Some(items) = se
@@ -582,7 +587,6 @@ fn render(h: &Hit, level: Level, urls: &Urls) -> BTreeMap<String, Value> {
             url = urls.instance(&st.study_uid, &se.series_uid, &i.sop_uid);
         }
     }
-    let _ = level;
     put("00081190", text_el("UR", Some(&url)));
     m
 }

@@ -175,6 +175,10 @@ ds = pydicom.dcmread(testdata / ct["file"])
 new = copy.deepcopy(ds)
 new.SOPInstanceUID = generate_uid()
 new.file_meta.MediaStorageSOPInstanceUID = new.SOPInstanceUID
+other = pydicom.Dataset()
+other.PatientID = "REF-4711"
+other.IssuerOfPatientID = "REFERRING-CLINIC"
+new.OtherPatientIDsSequence = [other]
 result = client.store_instances([new])
 ref = result.get("ReferencedSOPSequence") if result is not None else None
 check("store_instances", ref is not None and ref[0].ReferencedSOPInstanceUID == new.SOPInstanceUID,
@@ -182,5 +186,14 @@ check("store_instances", ref is not None and ref[0].ReferencedSOPInstanceUID == 
 got = client.search_for_instances(study_instance_uid=ct["study_instance_uid"],
                                   search_filters={"SOPInstanceUID": new.SOPInstanceUID})
 check("stored instance is searchable", len(got) == 1, len(got))
+# Other Patient IDs belong to the patient: every study of the patient matches.
+patient_studies = {f["study_instance_uid"] for f in files if f["patient_id"] == ct["patient_id"]}
+got = client.search_for_studies(search_filters={"OtherPatientIDsSequence.00100020": "REF-4711"})
+check("search by Other Patient IDs Sequence", {val(g, "0020000D") for g in got} == patient_studies,
+      [val(g, "0020000D") for g in got])
+got = client.search_for_studies(search_filters={"OtherPatientIDsSequence.00100020": "REF-47*"})
+check("wildcard on Other Patient IDs Sequence", len(got) == len(patient_studies), len(got))
+got = client.search_for_studies(search_filters={"OtherPatientIDsSequence.00100020": "REF-4712"})
+check("Other Patient IDs Sequence, no match", len(got) == 0, len(got))
 
 sys.exit(1 if failed else 0)
