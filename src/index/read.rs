@@ -92,6 +92,14 @@ impl SqliteReaders {
         )?;
         // LIKE as on PostgreSQL: case-sensitive (and index-usable).
         c.execute_batch("PRAGMA busy_timeout=30000; PRAGMA case_sensitive_like=ON;")?;
+        // Plans never depend on bound values (LIKE patterns are literals, see
+        // search.rs): otherwise SQLite re-prepares a statement on every
+        // execution whose parameters it might have planned with, which was
+        // half of a simple search's time.
+        c.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )?;
         c.set_prepared_statement_cache_capacity(64);
         Ok(c)
     }

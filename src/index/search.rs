@@ -412,6 +412,19 @@ impl Sql {
         format!("${}", self.binds.len())
     }
 
+    /// A LIKE pattern as an SQL string literal, not a parameter: the
+    /// planner can then use an index for a constant prefix without marking
+    /// the statement for re-preparation on every execution (SQLite), and
+    /// PostgreSQL never falls back to a generic plan that cannot.
+    fn like_literal(pattern: &str) -> String {
+        let body: String = pattern
+            .chars()
+            .filter(|c| *c != '\0')
+            .collect::<String>()
+            .replace('\'', "''");
+        format!("'{body}'")
+    }
+
     fn bind_int(&mut self, v: i64) -> String {
         self.binds.push(Bind::Int(v));
         format!("${}", self.binds.len())
@@ -433,7 +446,7 @@ fn condition(q: &mut Sql, attr: Attr, column: &str, m: &Matcher) -> String {
         Matcher::Wildcard(w) => {
             format!(
                 "{column} LIKE {} ESCAPE '\\'",
-                q.bind_text(&like_pattern(w))
+                Sql::like_literal(&like_pattern(w))
             )
         }
         Matcher::Range(lo, hi) => {
@@ -479,7 +492,7 @@ fn key_condition(q: &mut Sql, attr: Attr, m: &Matcher) -> String {
                     let mut alts = Vec::new();
                     for col in cols {
                         for prefix in ["", "%^", "% "] {
-                            let p = q.bind_text(&format!("{prefix}{w}%"));
+                            let p = Sql::like_literal(&format!("{prefix}{w}%"));
                             alts.push(format!("{col} LIKE {p} ESCAPE '\\'"));
                         }
                     }
@@ -498,20 +511,15 @@ fn key_condition(q: &mut Sql, attr: Attr, m: &Matcher) -> String {
         (_, _) if attr == Attr::OtherPatientId => {
             // Kept as a JSON array of {"patient_id","issuer"}: match the
             // member text, which JSON-escapes the value exactly one way.
-            let (exact, value) = match m {
-                Matcher::Single(v) => (true, v.clone()),
-                Matcher::Wildcard(w) => (false, w.clone()),
-                _ => (true, String::new()),
+            let value = match m {
+                Matcher::Single(v) | Matcher::Wildcard(v) => v.clone(),
+                _ => String::new(),
             };
             let encoded = serde_json::to_string(&value).unwrap_or_default();
             let inner = &encoded[1..encoded.len() - 1];
-            let body = if exact {
-                like_pattern(inner)
-            } else {
-                // JSON escaping leaves `*`/`?` alone; a wildcard must not cross a quote.
-                like_pattern(inner)
-            };
-            let p = q.bind_text(&format!("%\"patient_id\":\"{body}\"%"));
+            // JSON escaping leaves `*`/`?` alone, so they stay wildcards.
+            let body = like_pattern(inner);
+            let p = Sql::like_literal(&format!("%\"patient_id\":\"{body}\"%"));
             format!("{} LIKE {p} ESCAPE '\\'", cols[0])
         }
         (_, m) => condition(q, attr, cols[0], m),
