@@ -1044,3 +1044,132 @@ async fn metadata_validators_compression_and_bulk_ranges() {
     .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// The query shapes of the scale benchmark (../shared/bench/scale_qido.py)
+/// and the OHIF study list.
+fn scale_queries() -> Vec<(&'static str, tsunagu::index::search::Search)> {
+    use tsunagu::index::search::{Attr, Level, Matcher, Search};
+    let study = |keys: Vec<(Attr, Matcher)>, limit: u32, offset: u64| Search {
+        level: Level::Study,
+        study_uid: None,
+        series_uid: None,
+        keys,
+        limit,
+        offset,
+    };
+    vec![
+        (
+            "PatientID",
+            study(
+                vec![(Attr::PatientId, Matcher::Single("P1".into()))],
+                1000,
+                0,
+            ),
+        ),
+        (
+            "StudyInstanceUID",
+            study(
+                vec![(Attr::StudyInstanceUid, Matcher::Single("1.2.3".into()))],
+                1000,
+                0,
+            ),
+        ),
+        (
+            "PatientName=YAMA*",
+            study(
+                vec![(Attr::PatientName, Matcher::Wildcard("YAMA*".into()))],
+                100,
+                0,
+            ),
+        ),
+        (
+            "StudyDate day",
+            study(
+                vec![(Attr::StudyDate, Matcher::Single("20240101".into()))],
+                1000,
+                0,
+            ),
+        ),
+        (
+            "StudyDate year",
+            study(
+                vec![(
+                    Attr::StudyDate,
+                    Matcher::Range(Some("20230101".into()), Some("20231231".into())),
+                )],
+                100,
+                0,
+            ),
+        ),
+        ("OHIF list", study(vec![], 101, 0)),
+        ("OHIF list page 50", study(vec![], 101, 5000)),
+        (
+            "ModalitiesInStudy=MR",
+            study(
+                vec![(Attr::ModalitiesInStudy, Matcher::Single("MR".into()))],
+                100,
+                0,
+            ),
+        ),
+        (
+            "AccessionNumber",
+            study(
+                vec![(Attr::AccessionNumber, Matcher::Single("A1".into()))],
+                1000,
+                0,
+            ),
+        ),
+        (
+            "series of a study",
+            Search {
+                level: Level::Series,
+                study_uid: Some("1.2.3".into()),
+                series_uid: None,
+                keys: vec![],
+                limit: 1000,
+                offset: 0,
+            },
+        ),
+        (
+            "instances of a series",
+            Search {
+                level: Level::Instance,
+                study_uid: Some("1.2.3".into()),
+                series_uid: Some("1.2.3.4".into()),
+                keys: vec![],
+                limit: 1000,
+                offset: 0,
+            },
+        ),
+    ]
+}
+
+async fn plans_use_indexes(backend: Backend) {
+    let Some(hub) = TestHub::start(backend).await else {
+        return;
+    };
+    let scope = tsunagu::index::search::Scope::institution("HOSP1");
+    for (name, search) in scale_queries() {
+        let plan = hub.hub.index.explain(&search, &scope).await.unwrap();
+        let text = plan.join("\n");
+        for line in &plan {
+            let l = line.trim();
+            // SQLite: "SCAN st" is a full table scan ("SCAN st USING INDEX …"
+            // walks an index in order, "SCAN page" the page itself).
+            let full_scan =
+                (l.starts_with("SCAN ") && !l.contains(" USING ") && !l.starts_with("SCAN page"))
+                    || l.contains("Seq Scan");
+            assert!(!full_scan, "{backend:?} {name}: full scan in\n{text}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn search_plans_use_indexes_on_sqlite() {
+    plans_use_indexes(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn search_plans_use_indexes_on_postgres() {
+    plans_use_indexes(Backend::Postgres).await;
+}

@@ -129,6 +129,23 @@ impl Index {
             Engine::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
             Engine::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
         }
+        // Planner statistics from the start: without them SQLite walks a
+        // whole institution's studies in id order for a one-patient search
+        // (it cannot know that one institution holds every study).
+        // PostgreSQL's autovacuum keeps them fresh later; the writer
+        // refreshes SQLite's as the index grows.
+        match engine {
+            Engine::Sqlite => {
+                sqlx::raw_sql("PRAGMA analysis_limit=1000; ANALYZE;")
+                    .execute(&pool)
+                    .await?;
+            }
+            Engine::Postgres => {
+                sqlx::raw_sql("ANALYZE patient, study, series, instance")
+                    .execute(&pool)
+                    .await?;
+            }
+        }
         let reader = match &sqlite_path {
             Some(p) => {
                 read::Reader::Sqlite(std::sync::Arc::new(read::SqliteReaders::new(p.clone())))
@@ -192,6 +209,15 @@ impl Index {
         scope: &search::Scope,
     ) -> Result<search::Page, IndexError> {
         search::search(&self.reader, s, scope).await
+    }
+
+    /// The query plan of a search (see `search::explain`).
+    pub async fn explain(
+        &self,
+        s: &search::Search,
+        scope: &search::Scope,
+    ) -> Result<Vec<String>, IndexError> {
+        search::explain(&self.reader, s, scope).await
     }
 
     /// The visible instances of a study, series or instance, in order.

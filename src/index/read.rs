@@ -160,6 +160,36 @@ impl Reader {
         }
     }
 
+    /// The plan of `sql`, one line per step.
+    pub async fn explain(&self, sql: String, binds: Vec<Bind>) -> Result<Vec<String>, IndexError> {
+        match self {
+            Reader::Sqlite(_) => {
+                let rows = self
+                    .fetch(format!("EXPLAIN QUERY PLAN {sql}"), binds)
+                    .await?;
+                Ok(rows.iter().map(|r| r.text(3)).collect())
+            }
+            Reader::Pool(pool) => {
+                let mut conn = pool.acquire().await?;
+                sqlx::query("SET enable_seqscan = off")
+                    .execute(&mut *conn)
+                    .await?;
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")));
+                for b in binds {
+                    q = match b {
+                        Bind::Text(t) => q.bind(t),
+                        Bind::Int(i) => q.bind(i),
+                    };
+                }
+                let rows = q.fetch_all(&mut *conn).await;
+                sqlx::query("RESET enable_seqscan")
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(rows?.iter().map(|r| r.get::<String, _>(0)).collect())
+            }
+        }
+    }
+
     /// Run `sql` (with `$n` placeholders) and return every row.
     pub async fn fetch(&self, sql: String, binds: Vec<Bind>) -> Result<Vec<Row>, IndexError> {
         match self {

@@ -86,7 +86,7 @@ fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, IndexErro
     let conn = rusqlite::Connection::open(path)?;
     // FULL: a commit is on disk before a store is acknowledged.
     conn.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=30000;",
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=30000; PRAGMA analysis_limit=1000;",
     )?;
     Ok(conn)
 }
@@ -98,7 +98,13 @@ type Parents = HashMap<(String, String), (i64, u64)>;
 fn run(mut target: Target, mut rx: mpsc::Receiver<Job>, generation: Arc<AtomicU64>) {
     let mut parents = Parents::new();
     let mut seen_generation = 0;
+    let mut written = 0u64;
+    let mut analyze_at = FIRST_ANALYZE;
     while let Some(first) = rx.blocking_recv() {
+        if written >= analyze_at {
+            refresh_statistics(&mut target);
+            analyze_at = (analyze_at * 2).min(written + MAX_ANALYZE_INTERVAL);
+        }
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -111,6 +117,7 @@ fn run(mut target: Target, mut rx: mpsc::Receiver<Job>, generation: Arc<AtomicU6
             parents.clear();
             seen_generation = g;
         }
+        written += batch.len() as u64;
         let entries: Vec<&IndexEntry> = batch.iter().map(|j| &j.entry).collect();
         match commit(&mut target, &entries, &mut parents) {
             Ok(results) => {
@@ -135,6 +142,22 @@ fn run(mut target: Target, mut rx: mpsc::Receiver<Job>, generation: Arc<AtomicU6
                 }
             }
         }
+    }
+}
+
+/// Planner statistics are refreshed (SQLite) after this many writes, then
+/// after twice as many, and so on, at least every `MAX_ANALYZE_INTERVAL`.
+const FIRST_ANALYZE: u64 = 1_000;
+const MAX_ANALYZE_INTERVAL: u64 = 200_000;
+
+/// Refresh SQLite's planner statistics (sampled: `analysis_limit`), so
+/// searches keep choosing selective indexes as the index grows. PostgreSQL's
+/// autovacuum does this itself.
+fn refresh_statistics(target: &mut Target) {
+    if let Target::Sqlite(conn) = target
+        && let Err(e) = conn.execute_batch("ANALYZE")
+    {
+        tracing::warn!(error = %e, "refreshing index statistics failed");
     }
 }
 
