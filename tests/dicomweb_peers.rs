@@ -80,23 +80,7 @@ async fn shared_conformance_suite() {
     let Some(hub) = TestHub::start(Backend::Local).await else {
         return;
     };
-    let corpus = hub.dir.path().join("corpus");
-    let made = Command::new(&py)
-        .arg(bench.join("make_corpus.py"))
-        .arg(&corpus)
-        .arg("--small")
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    let files = tsunagu::ingest::import::collect_files(std::slice::from_ref(&corpus))
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
-        .collect();
-    hub.import("HOSP1", files).await;
+    let corpus = hub.import_bench_corpus(&py, "HOSP1", &["--small"]).await;
     let args = vec![
         bench.join("conformance.py").display().to_string(),
         "--corpus".into(),

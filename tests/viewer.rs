@@ -27,7 +27,6 @@ fn free_port() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ohif_lists_studies_and_draws_a_ct() {
     let clients = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/clients");
-    let bench = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench");
     if !clients.join("ohif-accept.sh").exists() {
         common::skip("../shared/clients/ohif-accept.sh missing");
         return;
@@ -46,24 +45,10 @@ async fn ohif_lists_studies_and_draws_a_ct() {
     let Some(hub) = TestHub::start(Backend::Local).await else {
         return;
     };
-    // A real CT series (16 slices) and the compressed set from the bench corpus.
-    let corpus = hub.dir.path().join("corpus");
-    let made = Command::new(&py)
-        .arg(bench.join("make_corpus.py"))
-        .arg(&corpus)
-        .args(["--small", "--sets", "ct"])
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    let files = tsunagu::ingest::import::collect_files(std::slice::from_ref(&corpus))
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
-        .collect();
-    hub.import("HOSP1", files).await;
+    // A real CT series (16 slices) from the bench corpus.
+    let corpus = hub
+        .import_bench_corpus(&py, "HOSP1", &["--small", "--sets", "ct"])
+        .await;
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(corpus.join("manifest.json")).unwrap()).unwrap();
     let ct_study = manifest["studies"]

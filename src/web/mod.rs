@@ -70,51 +70,48 @@ pub fn router(hub: Arc<Hub>) -> Router {
                 .post(stow::store)
                 .options(capabilities::options),
         )
-        .route(
-            "/series",
-            get(qido::all_series).options(capabilities::options),
-        )
+        .route("/series", get(qido::series).options(capabilities::options))
         .route(
             "/instances",
-            get(qido::all_instances).options(capabilities::options),
+            get(qido::instances).options(capabilities::options),
         )
         .route(
             "/studies/{study}",
-            get(wado::retrieve_study)
+            get(wado::retrieve_resource)
                 .post(stow::store_in_study)
                 .options(capabilities::options),
         )
         .route(
             "/studies/{study}/metadata",
-            get(wado::study_metadata).options(capabilities::options),
+            get(wado::metadata_of).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series",
-            get(qido::study_series).options(capabilities::options),
+            get(qido::series).options(capabilities::options),
         )
         .route(
             "/studies/{study}/instances",
-            get(qido::study_instances).options(capabilities::options),
+            get(qido::instances).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}",
-            get(wado::retrieve_series).options(capabilities::options),
+            get(wado::retrieve_resource).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/metadata",
-            get(wado::series_metadata).options(capabilities::options),
+            get(wado::metadata_of).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances",
-            get(qido::series_instances).options(capabilities::options),
+            get(qido::instances).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}",
-            get(wado::retrieve_instance).options(capabilities::options),
+            get(wado::retrieve_resource).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/metadata",
-            get(wado::instance_metadata).options(capabilities::options),
+            get(wado::metadata_of).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
@@ -201,6 +198,35 @@ fn cors_layer(origins: &[String]) -> CorsLayer {
             HeaderName::from_static("content-disposition"),
         ])
         .max_age(std::time::Duration::from_secs(600))
+}
+
+/// The study, series and instance a resource path names.
+#[derive(Debug, Clone, Default)]
+pub struct Resource {
+    pub study: Option<String>,
+    pub series: Option<String>,
+    pub instance: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Resource {
+    type Rejection = WebError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, WebError> {
+        let params = axum::extract::RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| WebError::bad_request(e.to_string()))?;
+        let mut r = Resource::default();
+        for (name, value) in &params {
+            let v = Some(value.to_string());
+            match name {
+                "study" => r.study = v,
+                "series" => r.series = v,
+                "instance" => r.instance = v,
+                _ => {}
+            }
+        }
+        Ok(r)
+    }
 }
 
 /// The public URLs of resources (RetrieveURL, BulkDataURI, Content-Location).

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dicom_core::dictionary::DataDictionary;
@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use super::auth::Caller;
 use super::media::{DatasetFormat, dataset_format, parse_accept};
 use super::problem::WebError;
-use super::{DICOM_JSON, Urls};
+use super::{DICOM_JSON, Resource, Urls};
 use crate::auth::Role;
 use crate::config::EmptySearch;
 use crate::hub::Hub;
@@ -144,12 +144,13 @@ pub async fn studies(
     .await
 }
 
-/// `GET /series`
-pub async fn all_series(
+/// `GET /series` and `GET /studies/{study}/series`
+pub async fn series(
     State(hub): State<Arc<Hub>>,
     caller: Caller,
     urls: Urls,
     headers: HeaderMap,
+    at: Resource,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, WebError> {
     run(
@@ -159,84 +160,20 @@ pub async fn all_series(
         &headers,
         raw,
         Level::Series,
-        None,
-        None,
-    )
-    .await
-}
-
-/// `GET /instances`
-pub async fn all_instances(
-    State(hub): State<Arc<Hub>>,
-    caller: Caller,
-    urls: Urls,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, WebError> {
-    run(
-        &hub,
-        &caller,
-        &urls,
-        &headers,
-        raw,
-        Level::Instance,
-        None,
+        at.study,
         None,
     )
     .await
 }
 
-/// `GET /studies/{study}/series`
-pub async fn study_series(
-    State(hub): State<Arc<Hub>>,
-    caller: Caller,
-    urls: Urls,
-    headers: HeaderMap,
-    Path(study): Path<String>,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, WebError> {
-    run(
-        &hub,
-        &caller,
-        &urls,
-        &headers,
-        raw,
-        Level::Series,
-        Some(study),
-        None,
-    )
-    .await
-}
-
-/// `GET /studies/{study}/instances`
-pub async fn study_instances(
-    State(hub): State<Arc<Hub>>,
-    caller: Caller,
-    urls: Urls,
-    headers: HeaderMap,
-    Path(study): Path<String>,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, WebError> {
-    run(
-        &hub,
-        &caller,
-        &urls,
-        &headers,
-        raw,
-        Level::Instance,
-        Some(study),
-        None,
-    )
-    .await
-}
-
+/// `GET /instances`, `GET /studies/{study}/instances` and
 /// `GET /studies/{study}/series/{series}/instances`
-pub async fn series_instances(
+pub async fn instances(
     State(hub): State<Arc<Hub>>,
     caller: Caller,
     urls: Urls,
     headers: HeaderMap,
-    Path((study, series)): Path<(String, String)>,
+    at: Resource,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, WebError> {
     run(
@@ -246,8 +183,8 @@ pub async fn series_instances(
         &headers,
         raw,
         Level::Instance,
-        Some(study),
-        Some(series),
+        at.study,
+        at.series,
     )
     .await
 }

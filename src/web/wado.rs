@@ -16,7 +16,7 @@ use super::auth::Caller;
 use super::media::{self, MediaRange, parse_accept};
 use super::multipart::{self, ByteStream, Part};
 use super::problem::WebError;
-use super::{DICOM_JSON, Urls};
+use super::{DICOM_JSON, Resource, Urls};
 use crate::auth::Role;
 use crate::dicom::dataset::{BULK_URI_PREFIX, PixelLayout};
 use crate::dicom::transcode;
@@ -25,7 +25,7 @@ use crate::index::search::{Level, StoredInstance};
 use crate::store::Store;
 
 /// Instances whose metadata is fetched from the index in one query.
-const METADATA_BATCH: usize = 64;
+const METADATA_BATCH: usize = 256;
 
 fn accept_of(headers: &HeaderMap) -> Vec<MediaRange> {
     parse_accept(
@@ -94,44 +94,23 @@ fn encoding_for(stored_ts: &str, requested: Option<&str>) -> Option<Encoding> {
     }
 }
 
-/// `GET /studies/{study}`
-pub async fn retrieve_study(
+/// `GET /studies/{study}`, `…/series/{series}`, `…/instances/{instance}`
+pub async fn retrieve_resource(
     State(hub): State<Arc<Hub>>,
     caller: Caller,
     urls: Urls,
     headers: HeaderMap,
-    Path(study): Path<String>,
+    at: Resource,
 ) -> Result<Response, WebError> {
-    retrieve(&hub, &caller, &urls, &headers, &study, None, None).await
-}
-
-/// `GET /studies/{study}/series/{series}`
-pub async fn retrieve_series(
-    State(hub): State<Arc<Hub>>,
-    caller: Caller,
-    urls: Urls,
-    headers: HeaderMap,
-    Path((study, series)): Path<(String, String)>,
-) -> Result<Response, WebError> {
-    retrieve(&hub, &caller, &urls, &headers, &study, Some(&series), None).await
-}
-
-/// `GET /studies/{study}/series/{series}/instances/{instance}`
-pub async fn retrieve_instance(
-    State(hub): State<Arc<Hub>>,
-    caller: Caller,
-    urls: Urls,
-    headers: HeaderMap,
-    Path((study, series, instance)): Path<(String, String, String)>,
-) -> Result<Response, WebError> {
+    let study = at.study.as_deref().unwrap_or_default();
     retrieve(
         &hub,
         &caller,
         &urls,
         &headers,
-        &study,
-        Some(&series),
-        Some(&instance),
+        study,
+        at.series.as_deref(),
+        at.instance.as_deref(),
     )
     .await
 }
@@ -298,44 +277,23 @@ impl std::io::Write for ChannelWriter {
 
 // ---------------------------------------------------------------- metadata
 
-/// `GET /studies/{study}/metadata`
-pub async fn study_metadata(
+/// `GET …/metadata` of a study, series or instance
+pub async fn metadata_of(
     State(hub): State<Arc<Hub>>,
     caller: Caller,
     urls: Urls,
     headers: HeaderMap,
-    Path(study): Path<String>,
+    at: Resource,
 ) -> Result<Response, WebError> {
-    metadata(&hub, &caller, &urls, &headers, &study, None, None).await
-}
-
-/// `GET /studies/{study}/series/{series}/metadata`
-pub async fn series_metadata(
-    State(hub): State<Arc<Hub>>,
-    caller: Caller,
-    urls: Urls,
-    headers: HeaderMap,
-    Path((study, series)): Path<(String, String)>,
-) -> Result<Response, WebError> {
-    metadata(&hub, &caller, &urls, &headers, &study, Some(&series), None).await
-}
-
-/// `GET /studies/{study}/series/{series}/instances/{instance}/metadata`
-pub async fn instance_metadata(
-    State(hub): State<Arc<Hub>>,
-    caller: Caller,
-    urls: Urls,
-    headers: HeaderMap,
-    Path((study, series, instance)): Path<(String, String, String)>,
-) -> Result<Response, WebError> {
+    let study = at.study.as_deref().unwrap_or_default();
     metadata(
         &hub,
         &caller,
         &urls,
         &headers,
-        &study,
-        Some(&series),
-        Some(&instance),
+        study,
+        at.series.as_deref(),
+        at.instance.as_deref(),
     )
     .await
 }

@@ -252,6 +252,30 @@ impl TestHub {
         .unwrap()
     }
 
+    /// Write a corpus with `../shared/bench/make_corpus.py ARGS` into this
+    /// hub's directory and import it for `institution`; its directory.
+    pub async fn import_bench_corpus(&self, py: &str, institution: &str, args: &[&str]) -> PathBuf {
+        let bench = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench");
+        let corpus = self.dir.path().join("corpus");
+        let made = Command::new(py)
+            .arg(bench.join("make_corpus.py"))
+            .arg(&corpus)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let files = tsunagu::ingest::import::collect_files(std::slice::from_ref(&corpus))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+            .collect();
+        self.import(institution, files).await;
+        corpus
+    }
+
     /// Import `files` for `institution` through the ingest path.
     pub async fn import(&self, institution: &str, files: Vec<PathBuf>) {
         let inst = self.hub.institutions.by_code(institution).unwrap();
