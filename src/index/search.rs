@@ -637,7 +637,7 @@ fn from(level: Level) -> &'static str {
     }
 }
 
-/// FROM clause for counting: the conditions never refer to the outer
+/// FROM clause for choosing and counting: the conditions never refer to the outer
 /// patient row (patient keys are a subquery), so the join is left out.
 fn from_without_patient(level: Level) -> &'static str {
     match level {
@@ -806,31 +806,35 @@ fn page_sql(reader: &Reader, s: &Search, scope: &Scope) -> (String, Sql) {
     // outer select, so they run for the rows of the page only, in the same
     // statement.
     let computed = match s.level {
-        Level::Study | Level::Series => {
-            let mut c = format!(
-                ", (SELECT COUNT(*) FROM series x WHERE x.study_ref = page.k_study), \
-                 (SELECT COUNT(*) FROM instance y JOIN series x ON x.id = y.series_ref \
-                 WHERE x.study_ref = page.k_study), \
-                 (SELECT {} FROM series x WHERE x.study_ref = page.k_study)",
-                reader.distinct_list("x.modality")
-            );
-            if s.level == Level::Series {
-                c.push_str(
-                    ", (SELECT COUNT(*) FROM instance y WHERE y.series_ref = page.k_series)",
-                );
-            }
-            c
+        Level::Study => format!(
+            ", (SELECT COUNT(*) FROM series x WHERE x.study_ref = page.k_study), \
+             (SELECT COUNT(*) FROM instance y JOIN series x ON x.id = y.series_ref \
+             WHERE x.study_ref = page.k_study), \
+             (SELECT {} FROM series x WHERE x.study_ref = page.k_study)",
+            reader.distinct_list("x.modality")
+        ),
+        Level::Series => {
+            ", (SELECT COUNT(*) FROM instance y WHERE y.series_ref = page.k_series)".to_string()
         }
         Level::Instance => String::new(),
     };
-    let keys = match s.level {
-        Level::Study => "st.id AS k_study",
-        _ => "st.id AS k_study, se.id AS k_series",
+    let (keys, order_key) = match s.level {
+        Level::Study => ("st.id AS k_study", "k_study"),
+        Level::Series => ("st.id AS k_study, se.id AS k_series", "k_series"),
+        Level::Instance => (
+            "st.id AS k_study, se.id AS k_series, i.id AS k_instance",
+            "k_instance",
+        ),
     };
+    // The page is chosen on ids alone (no patient join, index order), and
+    // only its rows are then joined and read: a deep `offset` skips index
+    // entries, not joined rows.
     let sql = format!(
-        "SELECT page.*{computed} FROM (SELECT {cols}, {keys} FROM {} WHERE {wh} \
-         ORDER BY {order} LIMIT {lim} OFFSET {off}) page",
-        from(s.level)
+        "SELECT page.*{computed} FROM (SELECT {cols}, {keys} FROM {from} WHERE {order} IN \
+         (SELECT {order} FROM {from_ids} WHERE {wh} ORDER BY {order} LIMIT {lim} OFFSET {off})) page \
+         ORDER BY page.{order_key}",
+        from = from(s.level),
+        from_ids = from_without_patient(s.level),
     );
     (sql, q)
 }
@@ -856,7 +860,7 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
     let first_computed = match s.level {
         Level::Study => 19 + 1,
         Level::Series => 30 + 2,
-        Level::Instance => 39 + 2,
+        Level::Instance => 39 + 3,
     };
     let hits: Vec<Hit> = rows
         .iter()
@@ -876,19 +880,24 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
             } else {
                 (None, None)
             };
-            if s.level <= Level::Series {
-                let c = first_computed;
-                study.series_count = r.int(c);
-                study.instance_count = r.int(c + 1);
-                let mut modalities: Vec<String> = r
-                    .opt_text(c + 2)
-                    .map(|m| m.split(',').map(str::to_string).collect())
-                    .unwrap_or_default();
-                modalities.sort();
-                study.modalities = modalities;
-                if let Some(se) = series.as_mut() {
-                    se.instance_count = r.int(c + 3);
+            let c = first_computed;
+            match s.level {
+                Level::Study => {
+                    study.series_count = r.int(c);
+                    study.instance_count = r.int(c + 1);
+                    let mut modalities: Vec<String> = r
+                        .opt_text(c + 2)
+                        .map(|m| m.split(',').map(str::to_string).collect())
+                        .unwrap_or_default();
+                    modalities.sort();
+                    study.modalities = modalities;
                 }
+                Level::Series => {
+                    if let Some(se) = series.as_mut() {
+                        se.instance_count = r.int(c);
+                    }
+                }
+                Level::Instance => {}
             }
             Hit {
                 study_ref,

@@ -451,8 +451,8 @@ fn render(h: &Hit, level: Level, urls: &Urls) -> BTreeMap<String, Value> {
     put("00080030", text_el("TM", st.time.as_deref()));
     put("00080050", text_el("SH", st.accession_number.as_deref()));
     put("00080056", text_el("CS", Some("ONLINE")));
-    // Study-related counts and modalities belong to study and series results.
-    if level <= Level::Series {
+    // Study-related counts and modalities belong to study results.
+    if level == Level::Study {
         put(
             "00080061",
             if st.modalities.is_empty() {
