@@ -922,7 +922,7 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
 
 /// Most matches counted beyond a page for the Warning header: counting all
 /// of a million-study list would cost far more than the page itself.
-pub const COUNT_CAP: u64 = 1_000;
+pub const COUNT_CAP: u64 = 200;
 
 /// Number of matches of `s` (ignoring limit and offset), counting no
 /// further than `COUNT_CAP` past the page.
