@@ -25,7 +25,7 @@ use crate::index::search::{Level, StoredInstance};
 use crate::store::Store;
 
 /// Instances whose metadata is fetched from the index in one query.
-const METADATA_BATCH: usize = 1000;
+const METADATA_BATCH: usize = 256;
 
 fn accept_of(headers: &HeaderMap) -> Vec<MediaRange> {
     parse_accept(
