@@ -29,14 +29,6 @@ fn write_config(dir: &Path, dicom_port: u16, http_port: u16) -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn spawn_server(config: &Path) -> Child {
     Command::new(BIN)
         .args(["serve", "--config"])
@@ -102,7 +94,7 @@ async fn kill_9_mid_stream_loses_no_acknowledged_object() {
         &tmp.path().join("in"),
         300,
     );
-    let (dicom_port, http_port) = (free_port(), free_port());
+    let (dicom_port, http_port) = (common::free_port(), common::free_port());
     let config = write_config(tmp.path(), dicom_port, http_port);
     let mut server = spawn_server(&config);
     wait_listening(dicom_port);

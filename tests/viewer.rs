@@ -16,14 +16,6 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ohif_lists_studies_and_draws_a_ct() {
     let clients = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/clients");
@@ -68,7 +60,7 @@ async fn ohif_lists_studies_and_draws_a_ct() {
         "Authorization: Bearer {}",
         hub.token("HOSP1", Role::Clinician)
     );
-    let port = free_port();
+    let port = common::free_port();
     let out2 = out.clone();
     let result = tokio::task::spawn_blocking(move || {
         Command::new("bash")

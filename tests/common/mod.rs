@@ -200,6 +200,15 @@ pub async fn config_for(backend: Backend, dir: &Path) -> Option<Config> {
     Some(c)
 }
 
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The HS256 secret of test hubs.
 pub const TEST_SECRET: &str = "test-secret-0123456789abcdef";
 /// The one browser origin test hubs allow.
