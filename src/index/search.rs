@@ -1010,9 +1010,17 @@ pub async fn instances(
     if let Some(u) = sop_uid {
         conds.push(format!("i.sop_uid = {}", q.bind_text(u)));
     }
+    // The frame layout is stored after the data set's JSON: reading it for
+    // a whole study would walk every JSON's overflow pages. Only a single
+    // instance (frames, bulk data) needs it.
+    let layout = if sop_uid.is_some() {
+        "i.pixel_layout"
+    } else {
+        "NULL"
+    };
     let sql = format!(
         "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax, \
-         i.object_key, i.size, i.sha256, i.pixel_layout, i.number_of_frames, i.id, i.rows, \
+         i.object_key, i.size, i.sha256, {layout}, i.number_of_frames, i.id, i.rows, \
          i.columns, i.bits_allocated FROM {} WHERE {} \
          ORDER BY se.series_number, se.id, i.instance_number, i.id",
         from(Level::Instance),
