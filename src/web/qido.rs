@@ -260,7 +260,7 @@ async fn run(
     // Attributes the index does not keep come from one stored instance of
     // each result (one query for the page).
     let extra = extra_attributes(hub, level, &q, &page.hits).await?;
-    let items: Vec<Map<String, Value>> = page
+    let items: Vec<BTreeMap<String, Value>> = page
         .hits
         .iter()
         .map(|h| {
@@ -268,18 +268,22 @@ async fn run(
             if let Some(src) = extra.get(&hit_id(h, level)) {
                 merge_from(&mut m, src, level, &q, urls, h);
             }
-            m.into_iter().collect()
+            m
         })
         .collect();
     let mut resp = match format {
+        // Serialized straight from the ordered maps (tags sort as keys).
         DatasetFormat::Json => (
             [(header::CONTENT_TYPE, DICOM_JSON)],
-            Value::Array(items.into_iter().map(Value::Object).collect()).to_string(),
+            serde_json::to_string(&items).map_err(|e| WebError::Internal(e.to_string()))?,
         )
             .into_response(),
-        DatasetFormat::Xml => {
-            super::xml_parts_response(items.iter().map(super::xml::document).collect())
-        }
+        DatasetFormat::Xml => super::xml_parts_response(
+            items
+                .into_iter()
+                .map(|m| super::xml::document(&m.into_iter().collect()))
+                .collect(),
+        ),
     };
     add_warnings(&mut resp, &warnings);
     Ok(resp)
