@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::auth::Caller;
-use super::media::parse_accept;
+use super::media::accept_of;
 use super::problem::WebError;
 
 /// (path, methods, what it answers, query parameters).
@@ -147,12 +147,7 @@ pub async fn options(
     urls: super::Urls,
     headers: HeaderMap,
 ) -> Result<Response, WebError> {
-    let accept = parse_accept(
-        headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
-    );
+    let accept = accept_of(&headers);
     let json_wanted = accept
         .iter()
         .find(|m| {

@@ -49,6 +49,16 @@ fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
     out
 }
 
+/// The media ranges of a request's `Accept` headers, best first.
+pub fn accept_of(headers: &axum::http::HeaderMap) -> Vec<MediaRange> {
+    parse_accept(
+        headers
+            .get_all(axum::http::header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
+}
+
 /// The media ranges of `Accept` headers, best first (stable for equal q).
 /// No header means `*/*`.
 pub fn parse_accept<'a>(values: impl Iterator<Item = &'a str>) -> Vec<MediaRange> {

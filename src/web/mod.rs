@@ -77,13 +77,13 @@ pub fn router(hub: Arc<Hub>) -> Router {
         )
         .route(
             "/studies/{study}",
-            get(wado::retrieve_resource)
+            get(wado::retrieve)
                 .post(stow::store_in_study)
                 .options(capabilities::options),
         )
         .route(
             "/studies/{study}/metadata",
-            get(wado::metadata_of).options(capabilities::options),
+            get(wado::metadata).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series",
@@ -95,11 +95,11 @@ pub fn router(hub: Arc<Hub>) -> Router {
         )
         .route(
             "/studies/{study}/series/{series}",
-            get(wado::retrieve_resource).options(capabilities::options),
+            get(wado::retrieve).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/metadata",
-            get(wado::metadata_of).options(capabilities::options),
+            get(wado::metadata).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances",
@@ -107,11 +107,11 @@ pub fn router(hub: Arc<Hub>) -> Router {
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}",
-            get(wado::retrieve_resource).options(capabilities::options),
+            get(wado::retrieve).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/metadata",
-            get(wado::metadata_of).options(capabilities::options),
+            get(wado::metadata).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
@@ -206,6 +206,17 @@ pub struct Resource {
     pub study: Option<String>,
     pub series: Option<String>,
     pub instance: Option<String>,
+}
+
+impl Resource {
+    /// One instance.
+    pub fn instance(study: &str, series: &str, instance: &str) -> Self {
+        Self {
+            study: Some(study.to_string()),
+            series: Some(series.to_string()),
+            instance: Some(instance.to_string()),
+        }
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Resource {

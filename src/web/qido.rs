@@ -12,7 +12,7 @@ use dicom_dictionary_std::StandardDataDictionary;
 use serde_json::{Map, Value, json};
 
 use super::auth::Caller;
-use super::media::{DatasetFormat, dataset_format, parse_accept};
+use super::media::{DatasetFormat, accept_of, dataset_format};
 use super::problem::WebError;
 use super::{DICOM_JSON, Resource, Urls};
 use crate::auth::Role;
@@ -201,12 +201,7 @@ async fn run(
     series_uid: Option<String>,
 ) -> Result<Response, WebError> {
     caller.require(&[Role::Clinician], "search images")?;
-    let accept = parse_accept(
-        headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
-    );
+    let accept = accept_of(headers);
     let format = dataset_format(&accept).ok_or_else(|| {
         WebError::NotAcceptable(
             "search results are available as application/dicom+json or multipart/related; type=\"application/dicom+xml\"".into(),

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::auth::Caller;
-use super::media::parse_accept;
+use super::media::{accept_of, parse_accept};
 use super::problem::WebError;
 use super::{DICOM_JSON, Urls};
 use crate::access::Institution;
@@ -78,12 +78,7 @@ async fn run(
     study: Option<String>,
 ) -> Result<Response, WebError> {
     caller.require(&[Role::Clinician, Role::Modality], "store images")?;
-    let accept = parse_accept(
-        headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
-    );
+    let accept = accept_of(headers);
     if !accept
         .iter()
         .any(|m| m.covers("application/dicom+json") || m.is("application/json"))

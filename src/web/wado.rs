@@ -13,7 +13,7 @@ use futures::stream::{self, StreamExt};
 use sha2::{Digest, Sha256};
 
 use super::auth::Caller;
-use super::media::{self, MediaRange, parse_accept};
+use super::media::{self, MediaRange, accept_of};
 use super::multipart::{self, ByteStream, Part};
 use super::problem::WebError;
 use super::{DICOM_JSON, Resource, Urls};
@@ -26,15 +26,6 @@ use crate::store::Store;
 
 /// Instances whose metadata is fetched from the index in one query.
 const METADATA_BATCH: usize = 256;
-
-fn accept_of(headers: &HeaderMap) -> Vec<MediaRange> {
-    parse_accept(
-        headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
-    )
-}
 
 /// How a retrieved instance is sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,38 +85,20 @@ fn encoding_for(stored_ts: &str, requested: Option<&str>) -> Option<Encoding> {
     }
 }
 
-/// `GET /studies/{study}`, `…/series/{series}`, `…/instances/{instance}`
-pub async fn retrieve_resource(
-    State(hub): State<Arc<Hub>>,
-    caller: Caller,
-    urls: Urls,
-    headers: HeaderMap,
-    at: Resource,
-) -> Result<Response, WebError> {
-    let study = at.study.as_deref().unwrap_or_default();
-    retrieve(
-        &hub,
-        &caller,
-        &urls,
-        &headers,
-        study,
-        at.series.as_deref(),
-        at.instance.as_deref(),
-    )
-    .await
-}
-
 async fn visible_instances(
     hub: &Hub,
     caller: &Caller,
-    study: &str,
-    series: Option<&str>,
-    instance: Option<&str>,
+    at: &Resource,
 ) -> Result<Vec<StoredInstance>, WebError> {
     caller.require(&[Role::Clinician], "retrieve images")?;
     let found = hub
         .index
-        .instances(&super::scope_of(caller), study, series, instance)
+        .instances(
+            &super::scope_of(caller),
+            at.study.as_deref().unwrap_or_default(),
+            at.series.as_deref(),
+            at.instance.as_deref(),
+        )
         .await?;
     if found.is_empty() {
         return Err(WebError::NotFound);
@@ -133,17 +106,16 @@ async fn visible_instances(
     Ok(found)
 }
 
-pub(super) async fn retrieve(
-    hub: &Hub,
-    caller: &Caller,
-    urls: &Urls,
-    headers: &HeaderMap,
-    study: &str,
-    series: Option<&str>,
-    instance: Option<&str>,
+/// `GET /studies/{study}`, `…/series/{series}`, `…/instances/{instance}`
+pub async fn retrieve(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    urls: Urls,
+    headers: HeaderMap,
+    at: Resource,
 ) -> Result<Response, WebError> {
-    let requested = negotiate_instances(&accept_of(headers))?;
-    let found = visible_instances(hub, caller, study, series, instance).await?;
+    let requested = negotiate_instances(&accept_of(&headers))?;
+    let found = visible_instances(&hub, &caller, &at).await?;
     let mut plan = Vec::with_capacity(found.len());
     for inst in found {
         let enc = encoding_for(&inst.transfer_syntax, requested.as_deref()).ok_or_else(|| {
@@ -278,42 +250,20 @@ impl std::io::Write for ChannelWriter {
 // ---------------------------------------------------------------- metadata
 
 /// `GET …/metadata` of a study, series or instance
-pub async fn metadata_of(
+pub async fn metadata(
     State(hub): State<Arc<Hub>>,
     caller: Caller,
     urls: Urls,
     headers: HeaderMap,
     at: Resource,
 ) -> Result<Response, WebError> {
-    let study = at.study.as_deref().unwrap_or_default();
-    metadata(
-        &hub,
-        &caller,
-        &urls,
-        &headers,
-        study,
-        at.series.as_deref(),
-        at.instance.as_deref(),
-    )
-    .await
-}
-
-async fn metadata(
-    hub: &Arc<Hub>,
-    caller: &Caller,
-    urls: &Urls,
-    headers: &HeaderMap,
-    study: &str,
-    series: Option<&str>,
-    instance: Option<&str>,
-) -> Result<Response, WebError> {
-    let accept = accept_of(headers);
+    let accept = accept_of(&headers);
     let format = media::dataset_format(&accept).ok_or_else(|| {
         WebError::NotAcceptable(
             "metadata is available as application/dicom+json or multipart/related; type=\"application/dicom+xml\"".into(),
         )
     })?;
-    let found = visible_instances(hub, caller, study, series, instance).await?;
+    let found = visible_instances(&hub, &caller, &at).await?;
     // The answer is a function of the instances' content and of where bulk
     // data is served from: so is its validator.
     let mut h = Sha256::new();
@@ -450,9 +400,13 @@ pub async fn frames(
 ) -> Result<Response, WebError> {
     let numbers = parse_frame_list(&list)?;
     let accept = accept_of(&headers);
-    let inst = visible_instances(&hub, &caller, &study, Some(&series), Some(&instance))
-        .await?
-        .remove(0);
+    let inst = visible_instances(
+        &hub,
+        &caller,
+        &Resource::instance(&study, &series, &instance),
+    )
+    .await?
+    .remove(0);
     let layout: PixelLayout = inst
         .pixel_layout
         .as_deref()
@@ -670,9 +624,13 @@ pub async fn bulk(
     headers: HeaderMap,
     Path((study, series, instance, offset, length)): Path<(String, String, String, u64, u64)>,
 ) -> Result<Response, WebError> {
-    let inst = visible_instances(&hub, &caller, &study, Some(&series), Some(&instance))
-        .await?
-        .remove(0);
+    let inst = visible_instances(
+        &hub,
+        &caller,
+        &Resource::instance(&study, &series, &instance),
+    )
+    .await?
+    .remove(0);
     // Only ranges that are bulk data of this instance are served.
     let json = hub
         .index
@@ -817,7 +775,7 @@ pub async fn wado_uri(
         )));
     }
     let requested = get("transferSyntax").map(str::to_string);
-    let inst = visible_instances(&hub, &caller, study, Some(series), Some(object))
+    let inst = visible_instances(&hub, &caller, &Resource::instance(study, series, object))
         .await?
         .remove(0);
     let enc = encoding_for(&inst.transfer_syntax, requested.as_deref()).ok_or_else(|| {
