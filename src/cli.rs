@@ -61,6 +61,18 @@ pub enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditAction {
+    /// Recompute the audit trail's hash chain; fails if any event was
+    /// changed, removed or reordered.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,6 +139,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 stop.cancel();
             });
             while running.tasks.join_next().await.is_some() {}
+            hub.audit.flush().await;
             ExitCode::SUCCESS
         }
         Command::Import {
@@ -144,6 +157,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             let files = import::collect_files(&paths);
             let started = std::time::Instant::now();
             let report = import::import_files(hub.ingest.clone(), inst, files, !quiet).await;
+            hub.audit.flush().await;
             let secs = started.elapsed().as_secs_f64();
             println!(
                 "stored {} · already present {} · replaced {} · rejected {} · {:.1} MB in {:.1} s",
@@ -161,6 +175,27 @@ pub async fn run(cli: Cli) -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            }
+        }
+        Command::Audit {
+            action: AuditAction::Verify,
+        } => {
+            let index = match crate::index::Index::connect(&config.index).await {
+                Ok(i) => i,
+                Err(e) => return fail(e),
+            };
+            match crate::audit::chain::verify(&index).await {
+                Ok(v) => match v.broken_at {
+                    None => {
+                        println!("audit trail intact: {} events", v.events);
+                        ExitCode::SUCCESS
+                    }
+                    Some((seq, why)) => {
+                        println!("audit trail BROKEN at event {seq}: {why}");
+                        ExitCode::FAILURE
+                    }
+                },
+                Err(e) => fail(e),
             }
         }
         Command::Reindex => {

@@ -41,6 +41,10 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub dicomweb: DicomWebConfig,
+    #[serde(default)]
+    pub access: AccessConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// The hospitals whose modalities may send to us.
     #[serde(default, rename = "institution")]
     pub institutions: Vec<InstitutionConfig>,
@@ -204,6 +208,36 @@ impl Default for DicomWebConfig {
     }
 }
 
+/// `[access]`: the consent rules' options.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Whether clinicians may open emergency (break-glass) access.
+    pub break_glass: bool,
+    /// How long one break-glass grant lasts.
+    pub break_glass_hours: u32,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        Self {
+            break_glass: false,
+            break_glass_hours: 4,
+        }
+    }
+}
+
+/// `[audit]`: where audit events go besides the database.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// A syslog collector for PS3.15 A.5 audit messages:
+    /// `udp://host:port` (RFC 5426) or `tls://host:port` (RFC 5425).
+    pub syslog: Option<String>,
+    /// CA certificate (PEM) that the TLS collector's certificate must chain to.
+    pub syslog_ca_file: Option<PathBuf>,
+}
+
 /// `[[institution]]`: a hospital of the network.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -216,6 +250,14 @@ pub struct InstitutionConfig {
     /// Calling AE titles of its modalities and PACS.
     #[serde(default)]
     pub ae_titles: Vec<String>,
+    /// Whether its users see other institutions' objects under their own
+    /// patient ID (PS3.4 coercion); off: every object exactly as stored.
+    #[serde(default = "yes")]
+    pub coerce_patient_ids: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Environment keys that are never configuration keys.
@@ -379,6 +421,7 @@ mod tests {
                 name: code.into(),
                 issuer_of_patient_id: code.into(),
                 ae_titles: vec!["SAME".into()],
+                coerce_patient_ids: true,
             });
         }
         let e = c.validate().unwrap_err().to_string();

@@ -45,6 +45,10 @@ pub struct Hub {
     pub ingest: Ingest,
     pub metrics: PrometheusHandle,
     pub verifier: Verifier,
+    /// The audit trail's appender.
+    pub audit: crate::audit::Auditor,
+    /// "Now" for expiry and audit (tests set it).
+    pub clock: Arc<crate::clock::Clock>,
     /// The HTTP port actually bound (known once `start` ran).
     pub http_port: std::sync::OnceLock<u16>,
 }
@@ -64,10 +68,16 @@ impl Hub {
         let store = Arc::new(Store::open(&config.storage).await?);
         let index = Index::connect(&config.index).await?;
         let institutions = Arc::new(Institutions::from_config(&config.institutions));
-        let ingest = Ingest::new(store.clone(), index.clone());
         let verifier = Verifier::from_config(&config.auth)?;
+        let syslog = crate::audit::syslog::Forwarder::from_config(&config.audit)
+            .map_err(|e| HubError::Other(e.to_string()))?;
+        let clock = Arc::new(crate::clock::Clock::default());
+        let audit = crate::audit::Auditor::start(index.clone(), syslog, clock.clone());
+        let ingest = Ingest::new(store.clone(), index.clone(), audit.clone());
         Ok(Arc::new(Self {
+            audit,
             verifier,
+            clock,
             http_port: std::sync::OnceLock::new(),
             config,
             store,
@@ -129,6 +139,7 @@ impl Hub {
             let listener = http.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await
@@ -146,6 +157,14 @@ impl Hub {
             shutdown,
             tasks,
         })
+    }
+
+    /// The records of consent (links, disclosures, grants).
+    pub fn records(&self) -> crate::access::records::Records<'_> {
+        crate::access::records::Records {
+            index: &self.index,
+            institutions: &self.institutions,
+        }
     }
 
     /// Rebuild the index from the object store alone (see `ingest::reindex`).

@@ -13,8 +13,10 @@
 //! errors become wire answers only in `dimse::status` (and `web` for HTTP).
 
 pub mod access;
+pub mod audit;
 pub mod auth;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod dicom;
 pub mod dimse;

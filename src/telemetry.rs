@@ -16,6 +16,8 @@ pub const STORE_SECONDS: &str = "tsunagu_store_duration_seconds";
 pub const ECHOS: &str = "tsunagu_dimse_echo_total";
 pub const AUTH_FAILURES: &str = "tsunagu_http_auth_failures_total";
 pub const HTTP_REQUESTS: &str = "tsunagu_http_requests_total";
+pub const AUDIT_LOST: &str = "tsunagu_audit_events_lost_total";
+pub const AUDIT_SYSLOG_FAILURES: &str = "tsunagu_audit_syslog_failures_total";
 
 /// Start structured logging; `RUST_LOG` filters, `TSUNAGU_LOG_FORMAT=json` for JSON lines.
 pub fn init_logging() {

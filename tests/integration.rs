@@ -4,6 +4,7 @@
 mod bad_input;
 mod cli;
 mod common;
+mod consent;
 mod dicomweb;
 mod dicomweb_peers;
 mod dimse;

@@ -1,6 +1,10 @@
-//! Who is who: the institutions of the network and the AE titles they call
-//! from. (Links, disclosures and the visibility rule join this module with
-//! the consent work.) Default deny: an AE title not configured belongs to no one.
+//! Who is who and who may see what: the institutions of the network and the
+//! AE titles they call from, and the records of consent (`records`: patient
+//! ID links, disclosures, break-glass grants). The visibility rule itself is
+//! one SQL filter, `index::search::Scope`. Default deny: an AE title not
+//! configured belongs to no one.
+
+pub mod records;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +18,8 @@ pub struct Institution {
     pub name: String,
     /// The namespace of its patient IDs (Issuer of Patient ID).
     pub issuer_of_patient_id: String,
+    /// Its users see other institutions' objects under their own patient IDs.
+    pub coerce_patient_ids: bool,
 }
 
 /// The configured institutions, looked up by code or calling AE title.
@@ -31,6 +37,7 @@ impl Institutions {
                 code: c.code.clone(),
                 name: c.name.clone(),
                 issuer_of_patient_id: c.issuer_of_patient_id.clone(),
+                coerce_patient_ids: c.coerce_patient_ids,
             });
             for ae in &c.ae_titles {
                 me.by_ae.insert(ae.trim().to_string(), inst.clone());
@@ -48,6 +55,13 @@ impl Institutions {
 
     pub fn by_code(&self, code: &str) -> Option<Arc<Institution>> {
         self.by_code.get(code).cloned()
+    }
+
+    /// Every institution, in code order.
+    pub fn all(&self) -> Vec<Arc<Institution>> {
+        let mut v: Vec<_> = self.by_code.values().cloned().collect();
+        v.sort_by(|a, b| a.code.cmp(&b.code));
+        v
     }
 
     pub fn is_empty(&self) -> bool {

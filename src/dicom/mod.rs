@@ -4,6 +4,7 @@
 //! reading the file it is handed.
 
 pub mod charset;
+pub mod coerce;
 pub mod dataset;
 pub mod part10;
 pub mod rle;

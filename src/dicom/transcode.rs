@@ -37,7 +37,7 @@ pub enum TranscodeError {
     Io(#[from] std::io::Error),
 }
 
-fn malformed(e: impl std::fmt::Display) -> TranscodeError {
+pub(crate) fn malformed(e: impl std::fmt::Display) -> TranscodeError {
     TranscodeError::Malformed(e.to_string())
 }
 
@@ -85,7 +85,7 @@ pub fn to_explicit_le<R: Read + Seek, W: Write>(
     Ok(())
 }
 
-fn header(out: &mut impl Write, tag: Tag, vr: VR, len: u32) -> std::io::Result<()> {
+pub(crate) fn header(out: &mut impl Write, tag: Tag, vr: VR, len: u32) -> std::io::Result<()> {
     out.write_all(&tag.group().to_le_bytes())?;
     out.write_all(&tag.element().to_le_bytes())?;
     out.write_all(vr.to_bytes().as_slice())?;
@@ -118,7 +118,7 @@ fn header(out: &mut impl Write, tag: Tag, vr: VR, len: u32) -> std::io::Result<(
     }
 }
 
-fn delimiter(out: &mut impl Write, element: u16, len: u32) -> std::io::Result<()> {
+pub(crate) fn delimiter(out: &mut impl Write, element: u16, len: u32) -> std::io::Result<()> {
     out.write_all(&0xFFFEu16.to_le_bytes())?;
     out.write_all(&element.to_le_bytes())?;
     out.write_all(&len.to_le_bytes())

@@ -117,7 +117,7 @@ pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) 
     let span = tracing::info_span!("association", calling_ae = %calling, institution = %institution.code, %peer);
     metrics::counter!(telemetry::ASSOCIATIONS_TOTAL).increment(1);
     metrics::gauge!(telemetry::ASSOCIATIONS_ACTIVE).increment(1.0);
-    run(ctx, association, institution, calling)
+    run(ctx, association, institution, calling, peer.to_string())
         .instrument(span)
         .await;
     metrics::gauge!(telemetry::ASSOCIATIONS_ACTIVE).decrement(1.0);
@@ -132,6 +132,8 @@ struct Session {
     contexts: Vec<PresentationContextNegotiated>,
     institution: Arc<Institution>,
     calling: String,
+    /// The peer's network address.
+    peer: String,
     /// Command PDV fragments until the last one.
     command_buf: Vec<u8>,
     pending: Option<Pending>,
@@ -140,7 +142,13 @@ struct Session {
 /// Why an association is aborted (A-ABORT, source service-provider).
 type ProtocolError = &'static str;
 
-async fn run(ctx: Arc<DimseContext>, assoc: Assoc, institution: Arc<Institution>, calling: String) {
+async fn run(
+    ctx: Arc<DimseContext>,
+    assoc: Assoc,
+    institution: Arc<Institution>,
+    calling: String,
+    peer: String,
+) {
     let contexts: Vec<PresentationContextNegotiated> = assoc.presentation_contexts().to_vec();
     tracing::info!(
         contexts = contexts
@@ -155,6 +163,7 @@ async fn run(ctx: Arc<DimseContext>, assoc: Assoc, institution: Arc<Institution>
         contexts,
         institution,
         calling,
+        peer,
         command_buf: Vec::new(),
         pending: None,
     };
@@ -384,7 +393,17 @@ impl Session {
         match self
             .ctx
             .ingest
-            .finish(spool, &self.institution, Some(&self.calling))
+            .finish(
+                spool,
+                &self.institution,
+                Some(&self.calling),
+                &crate::audit::Actor {
+                    user: self.calling.clone(),
+                    institution: self.institution.code.clone(),
+                    role: "modality".into(),
+                    client: self.peer.clone(),
+                },
+            )
             .await
         {
             Ok(accepted) => {

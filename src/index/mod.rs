@@ -71,6 +71,7 @@ pub struct StoredCopy {
 #[derive(Clone)]
 pub struct Index {
     pool: AnyPool,
+    engine: Engine,
     reader: read::Reader,
     writer: write::Writer,
 }
@@ -155,9 +156,33 @@ impl Index {
         let writer = write::Writer::start(pool.clone(), engine, sqlite_path)?;
         Ok(Self {
             pool,
+            engine,
             reader,
             writer,
         })
+    }
+
+    /// A transaction for the records kept beside the index (links,
+    /// disclosures, grants, audit). Such transactions run one at a time
+    /// across every node: SQLite takes its write lock up front, PostgreSQL an
+    /// advisory lock, so a check and the write it guards cannot interleave
+    /// with another's.
+    pub async fn begin_records(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, IndexError> {
+        match self.engine {
+            Engine::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),
+            Engine::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT 1 FROM (SELECT pg_advisory_xact_lock(7461666)) l")
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(tx)
+            }
+        }
+    }
+
+    /// The pool, for reads of the records kept beside the index.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
     }
 
     /// Readiness: the database answers.
@@ -229,6 +254,28 @@ impl Index {
         sop_uid: Option<&str>,
     ) -> Result<Vec<search::StoredInstance>, IndexError> {
         search::instances(&self.reader, scope, study_uid, series_uid, sop_uid).await
+    }
+
+    /// How the caller of `scope` sees the given patients of others (see
+    /// `search::presentations`).
+    pub async fn presentations(
+        &self,
+        scope: &search::Scope,
+        patients: &[search::PatientKey],
+        preferred: Option<&str>,
+    ) -> Result<std::collections::HashMap<search::PatientKey, search::Presentation>, IndexError>
+    {
+        search::presentations(&self.reader, scope, patients, preferred).await
+    }
+
+    /// The patients the active break-glass grants of a user open.
+    pub async fn granted_patients(
+        &self,
+        institution: &str,
+        user: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<search::GrantedPatient>, IndexError> {
+        search::granted_patients(&self.reader, institution, user, now).await
     }
 
     /// Stored DICOM JSON of one instance per study / series / instance id.

@@ -9,10 +9,31 @@ use super::read::{Bind, Reader, Row};
 use crate::dicom::summary::{OtherPatientId, is_uid, pn_key};
 
 /// Whose objects a query may see. Every read of the index takes one, so no
-/// query can run unfiltered; the consent rules extend it here, in one place.
+/// query can run unfiltered. The consent rule (DESIGN §2) is here, in one
+/// place: a caller of institution T sees its own objects, and an object of
+/// institution S with patient ID p iff an identity record links (S, p) and
+/// T, and S has an active disclosure of that record to T; or an active
+/// break-glass grant of the caller covers the patient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scope {
     institution: String,
+    /// The caller's issuer of patient IDs: what other institutions'
+    /// patients are shown under.
+    issuer: String,
+    /// Whether others' objects may be visible at all (false: own only).
+    consent: bool,
+    /// Now, as stored (`clock::stamp`): disclosures and grants expire.
+    now: String,
+    grants: Vec<GrantedPatient>,
+}
+
+/// A patient a break-glass grant opens (with every patient its identity
+/// record links).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantedPatient {
+    pub institution: String,
+    pub issuer: String,
+    pub patient_id: String,
 }
 
 impl Scope {
@@ -20,13 +41,153 @@ impl Scope {
     pub fn institution(code: &str) -> Self {
         Self {
             institution: code.to_string(),
+            issuer: String::new(),
+            consent: false,
+            now: String::new(),
+            grants: Vec::new(),
         }
+    }
+
+    /// Every institution's objects: only to tell, for the audit trail, a
+    /// refused request for something hidden from one for something absent.
+    /// Never used to answer a request.
+    pub fn unrestricted_for_audit() -> Self {
+        Self {
+            institution: String::new(),
+            issuer: String::new(),
+            consent: false,
+            now: String::new(),
+            grants: Vec::new(),
+        }
+    }
+
+    /// What a user of `institution` (patient IDs issued by `issuer`) may see
+    /// at `now`, with the patients of its active break-glass `grants`.
+    pub fn consented(
+        institution: &str,
+        issuer: &str,
+        now: chrono::DateTime<chrono::Utc>,
+        grants: Vec<GrantedPatient>,
+    ) -> Self {
+        Self {
+            institution: institution.to_string(),
+            issuer: issuer.to_string(),
+            consent: true,
+            now: crate::clock::stamp(now),
+            grants,
+        }
+    }
+
+    pub fn institution_code(&self) -> &str {
+        &self.institution
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
     }
 
     /// The SQL condition on study alias `st`.
     fn condition(&self, q: &mut Sql) -> String {
-        format!("st.institution = {}", q.bind_text(&self.institution))
+        if !self.consent && self.institution.is_empty() {
+            return "1 = 1".into();
+        }
+        let t = q.bind_text(&self.institution);
+        if !self.consent {
+            return format!("st.institution = {t}");
+        }
+        let now = q.bind_text(&self.now);
+        // Correlated: evaluated only for the candidate rows of other
+        // institutions, one index probe per table.
+        let mut alts = vec![
+            format!("st.institution = {t}"),
+            format!(
+                "EXISTS (SELECT 1 FROM patient vp \
+                 JOIN patient_link vl ON vl.institution = vp.institution AND vl.issuer = vp.issuer \
+                 AND vl.patient_id = vp.patient_id \
+                 JOIN disclosure vd ON vd.record = vl.record AND vd.from_institution = vl.institution \
+                 JOIN patient_link vt ON vt.record = vl.record \
+                 WHERE vp.id = st.patient_ref AND vd.to_institution = {t} AND vd.revoked_at IS NULL \
+                 AND (vd.expires_at IS NULL OR vd.expires_at > {now}) AND vt.institution = {t})"
+            ),
+        ];
+        for g in &self.grants {
+            let (gi, gs, gp) = (
+                q.bind_text(&g.institution),
+                q.bind_text(&g.issuer),
+                q.bind_text(&g.patient_id),
+            );
+            alts.push(format!(
+                "EXISTS (SELECT 1 FROM patient bp WHERE bp.id = st.patient_ref AND \
+                 ((bp.institution = {gi} AND bp.issuer = {gs} AND bp.patient_id = {gp}) OR \
+                 EXISTS (SELECT 1 FROM patient_link bl JOIN patient_link bg ON bg.record = bl.record \
+                 WHERE bl.institution = bp.institution AND bl.issuer = bp.issuer \
+                 AND bl.patient_id = bp.patient_id AND bg.institution = {gi} AND bg.issuer = {gs} \
+                 AND bg.patient_id = {gp})))"
+            ));
+        }
+        format!("({})", alts.join(" OR "))
     }
+
+    /// Whether patient row alias `p` (of another institution) is linked to
+    /// a record the caller's institution also links.
+    fn linked_to_caller(&self, q: &mut Sql) -> String {
+        let t = q.bind_text(&self.institution);
+        format!(
+            "EXISTS (SELECT 1 FROM patient_link sl JOIN patient_link tl ON tl.record = sl.record \
+             WHERE sl.institution = p.institution AND sl.issuer = p.issuer \
+             AND sl.patient_id = p.patient_id AND tl.institution = {t})"
+        )
+    }
+
+    /// The Patient ID the caller sees for patient row alias `p`: its own
+    /// patient ID of the same identity record for others' patients.
+    fn presented_patient_id(&self, q: &mut Sql) -> String {
+        let (t1, t2) = (
+            q.bind_text(&self.institution),
+            q.bind_text(&self.institution),
+        );
+        format!(
+            "(CASE WHEN p.institution = {t1} THEN p.patient_id ELSE COALESCE((SELECT MIN(tl.patient_id) \
+             FROM patient_link sl JOIN patient_link tl ON tl.record = sl.record \
+             WHERE sl.institution = p.institution AND sl.issuer = p.issuer \
+             AND sl.patient_id = p.patient_id AND tl.institution = {t2}), p.patient_id) END)"
+        )
+    }
+
+    /// The Issuer of Patient ID the caller sees for patient row alias `p`.
+    fn presented_issuer(&self, q: &mut Sql) -> String {
+        let t = q.bind_text(&self.institution);
+        let linked = self.linked_to_caller(q);
+        let issuer = q.bind_text(&self.issuer);
+        format!("(CASE WHEN p.institution <> {t} AND {linked} THEN {issuer} ELSE p.issuer END)")
+    }
+}
+
+/// The patients the active break-glass grants of `user` of `institution`
+/// open at `now`.
+pub async fn granted_patients(
+    reader: &Reader,
+    institution: &str,
+    user: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<GrantedPatient>, IndexError> {
+    let mut q = Sql::default();
+    let sql = format!(
+        "SELECT DISTINCT patient_institution, patient_issuer, patient_id FROM break_glass \
+         WHERE institution = {} AND user_name = {} AND expires_at > {}",
+        q.bind_text(institution),
+        q.bind_text(user),
+        q.bind_text(&crate::clock::stamp(now))
+    );
+    Ok(q.fetch(reader, sql)
+        .await?
+        .iter()
+        .map(|r| GrantedPatient {
+            institution: r.text(0),
+            issuer: r.text(1),
+            patient_id: r.text(2),
+        })
+        .collect())
 }
 
 /// The level a search returns.
@@ -526,6 +687,34 @@ fn key_condition(q: &mut Sql, attr: Attr, m: &Matcher) -> String {
     }
 }
 
+/// The condition of a patient-level key. Under consent, the identifiers
+/// (Patient ID, its issuer, Other Patient IDs) match what the caller is
+/// shown: its own ID and issuer for another institution's patient in one of
+/// its identity records, with the owner's ID among the Other Patient IDs.
+fn patient_key_condition(q: &mut Sql, scope: &Scope, attr: Attr, m: &Matcher) -> String {
+    if !scope.consent {
+        return key_condition(q, attr, m);
+    }
+    match attr {
+        Attr::PatientId => {
+            let column = scope.presented_patient_id(q);
+            condition(q, attr, &column, m)
+        }
+        Attr::IssuerOfPatientId => {
+            let column = scope.presented_issuer(q);
+            condition(q, attr, &column, m)
+        }
+        Attr::OtherPatientId => {
+            let own = key_condition(q, attr, m);
+            let t = q.bind_text(&scope.institution);
+            let linked = scope.linked_to_caller(q);
+            let as_other = condition(q, Attr::PatientId, "p.patient_id", m);
+            format!("({own} OR (p.institution <> {t} AND {linked} AND {as_other}))")
+        }
+        _ => key_condition(q, attr, m),
+    }
+}
+
 /// A QIDO-RS search.
 #[derive(Debug, Clone)]
 pub struct Search {
@@ -560,6 +749,93 @@ pub struct PatientRow {
     pub birth_date: Option<String>,
     pub sex: Option<String>,
     pub other_patient_ids: Vec<OtherPatientId>,
+    /// Shown under the caller's own patient ID (another institution's patient).
+    pub presented: bool,
+    /// The patient ID as its institution knows it (for the audit trail).
+    pub owner_patient_id: String,
+}
+
+impl PatientRow {
+    /// Show the row under `pr`, the owner's ID joining the Other Patient IDs.
+    fn present(&mut self, pr: &Presentation) {
+        self.other_patient_ids.push(OtherPatientId {
+            patient_id: std::mem::replace(&mut self.patient_id, pr.patient_id.clone()),
+            issuer: Some(std::mem::replace(&mut self.issuer, pr.issuer.clone())),
+        });
+        self.presented = true;
+    }
+}
+
+/// The identity under which a caller sees another institution's patient:
+/// the caller's own patient ID of the same identity record, and its issuer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presentation {
+    pub patient_id: String,
+    pub issuer: String,
+}
+
+/// A patient row's identity: (institution, issuer, patient ID).
+pub type PatientKey = (String, String, String);
+
+/// How the caller sees each of `patients` that belongs to another
+/// institution and shares an identity record with one of its links (the
+/// others are shown as stored). Where the caller links several of its IDs
+/// to one record, `preferred` (the ID it searched by) wins, else the least.
+pub async fn presentations(
+    reader: &Reader,
+    scope: &Scope,
+    patients: &[PatientKey],
+    preferred: Option<&str>,
+) -> Result<HashMap<PatientKey, Presentation>, IndexError> {
+    let mut out: HashMap<PatientKey, Presentation> = HashMap::new();
+    if !scope.consent {
+        return Ok(out);
+    }
+    let mut foreign: Vec<&PatientKey> = patients
+        .iter()
+        .filter(|k| k.0 != scope.institution)
+        .collect();
+    foreign.sort();
+    foreign.dedup();
+    for chunk in foreign.chunks(200) {
+        let mut q = Sql::default();
+        let t = q.bind_text(&scope.institution);
+        let alts: Vec<String> = chunk
+            .iter()
+            .map(|(i, s, p)| {
+                format!(
+                    "(sl.institution = {} AND sl.issuer = {} AND sl.patient_id = {})",
+                    q.bind_text(i),
+                    q.bind_text(s),
+                    q.bind_text(p)
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT sl.institution, sl.issuer, sl.patient_id, tl.patient_id FROM patient_link sl \
+             JOIN patient_link tl ON tl.record = sl.record WHERE tl.institution = {t} AND ({}) \
+             ORDER BY tl.patient_id",
+            alts.join(" OR ")
+        );
+        for r in q.fetch(reader, sql).await? {
+            let key = (r.text(0), r.text(1), r.text(2));
+            let own = r.text(3);
+            let better = match out.get(&key) {
+                None => true,
+                Some(_) => preferred == Some(own.as_str()),
+            };
+            if better {
+                out.insert(
+                    key,
+                    Presentation {
+                        patient_id: own,
+                        issuer: scope.issuer.clone(),
+                    },
+                );
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Default)]
@@ -659,18 +935,66 @@ fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
     if let Some(u) = &s.series_uid {
         conds.push(format!("se.series_uid = {}", q.bind_text(u)));
     }
-    let mut patient_conds = Vec::new();
+    // A search by the caller's own patient ID also finds the patients of
+    // other institutions that its links put in the same identity record.
+    let own_id = match s.keys.iter().find(|(a, _)| *a == Attr::PatientId) {
+        Some((_, Matcher::Single(v))) if scope.consent => Some(v.clone()),
+        _ => None,
+    };
+    let patient_keys: Vec<&(Attr, Matcher)> = s
+        .keys
+        .iter()
+        .filter(|(a, _)| a.is_patient() && !(own_id.is_some() && *a == Attr::PatientId))
+        .collect();
+    let render_patient = |q: &mut Sql| -> Vec<String> {
+        patient_keys
+            .iter()
+            .map(|(a, m)| patient_key_condition(q, scope, *a, m))
+            .collect()
+    };
     // A single value (an ID, a full name) picks few patients: look them up
     // first. Wildcards and ranges may match many: then walk the studies in
     // order and stop at the page (an EXISTS per study).
-    let mut patient_selective = false;
+    let patient_selective = patient_keys.iter().any(|(_, m)| {
+        matches!(m, Matcher::Single(_) | Matcher::UidList(_))
+            || matches!(m, Matcher::NameGroups(g) if g.iter().flatten().any(|g| matches!(**g, Matcher::Single(_))))
+    });
+    if let Some(v) = &own_id {
+        let and_rest = |q: &mut Sql| -> String {
+            render_patient(q)
+                .into_iter()
+                .map(|c| format!(" AND {c}"))
+                .collect()
+        };
+        // Own patients (and others' not linked to the caller, visible only
+        // by break-glass) under the ID itself; linked ones through the links.
+        let (v1, t1) = (q.bind_text(v), q.bind_text(&scope.institution));
+        let linked = scope.linked_to_caller(q);
+        let rest1 = and_rest(q);
+        let (v2, t2, t3) = (
+            q.bind_text(v),
+            q.bind_text(&scope.institution),
+            q.bind_text(&scope.institution),
+        );
+        let rest2 = and_rest(q);
+        conds.push(format!(
+            "st.patient_ref IN (SELECT p.id FROM patient p WHERE p.patient_id = {v1} \
+             AND (p.institution = {t1} OR NOT {linked}){rest1} \
+             UNION ALL SELECT p.id FROM patient_link tl JOIN patient_link sl ON sl.record = tl.record \
+             JOIN patient p ON p.institution = sl.institution AND p.issuer = sl.issuer \
+             AND p.patient_id = sl.patient_id \
+             WHERE tl.institution = {t2} AND tl.patient_id = {v2} AND sl.institution <> {t3}{rest2})"
+        ));
+    }
+    let patient_conds = if own_id.is_some() {
+        Vec::new()
+    } else {
+        render_patient(q)
+    };
     let mut series_conds = Vec::new();
     let mut instance_conds = Vec::new();
     for (attr, m) in &s.keys {
         if attr.is_patient() {
-            patient_selective |= matches!(m, Matcher::Single(_) | Matcher::UidList(_))
-                || matches!(m, Matcher::NameGroups(g) if g.iter().flatten().any(|g| matches!(**g, Matcher::Single(_))));
-            patient_conds.push(key_condition(q, *attr, m));
             continue;
         }
         if *attr == Attr::ModalitiesInStudy {
@@ -729,6 +1053,8 @@ fn patient_row(r: &Row, at: usize) -> PatientRow {
             .opt_text(at + 8)
             .and_then(|j| serde_json::from_str(&j).ok())
             .unwrap_or_default(),
+        presented: false,
+        owner_patient_id: r.text(at + 2),
     }
 }
 
@@ -910,6 +1236,29 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
             }
         })
         .collect();
+    let mut hits = hits;
+    let keys: Vec<PatientKey> = hits
+        .iter()
+        .map(|h| {
+            (
+                h.patient.institution.clone(),
+                h.patient.issuer.clone(),
+                h.patient.patient_id.clone(),
+            )
+        })
+        .collect();
+    let preferred = s.keys.iter().find_map(|(a, m)| match (a, m) {
+        (Attr::PatientId, Matcher::Single(v)) => Some(v.as_str()),
+        _ => None,
+    });
+    let shown = presentations(reader, scope, &keys, preferred).await?;
+    if !shown.is_empty() {
+        for (h, k) in hits.iter_mut().zip(&keys) {
+            if let Some(pr) = shown.get(k) {
+                h.patient.present(pr);
+            }
+        }
+    }
     let remaining = if more {
         count(reader, s, scope)
             .await?
@@ -988,6 +1337,11 @@ pub struct StoredInstance {
     pub rows: Option<i64>,
     pub columns: Option<i64>,
     pub bits_allocated: Option<i64>,
+    /// Its patient row: (institution, issuer, patient ID).
+    pub patient: PatientKey,
+    /// How it is shown to the caller, when it is another institution's
+    /// (filled by the web layer).
+    pub coercion: Option<crate::dicom::coerce::Coercion>,
 }
 
 /// The instances of a study, series or instance (WADO-RS), in series and
@@ -1021,7 +1375,7 @@ pub async fn instances(
     let sql = format!(
         "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax, \
          i.object_key, i.size, i.sha256, {layout}, i.number_of_frames, i.id, i.rows, \
-         i.columns, i.bits_allocated FROM {} WHERE {} \
+         i.columns, i.bits_allocated, p.institution, p.issuer, p.patient_id FROM {} WHERE {} \
          ORDER BY se.series_number, se.id, i.instance_number, i.id",
         from(Level::Instance),
         conds.join(" AND ")
@@ -1044,6 +1398,8 @@ pub async fn instances(
             rows: r.opt_int(11),
             columns: r.opt_int(12),
             bits_allocated: r.opt_int(13),
+            patient: (r.text(14), r.text(15), r.text(16)),
+            coercion: None,
         })
         .collect())
 }

@@ -94,7 +94,13 @@ async fn import_one(
         }
         spool.write(buf).await?;
     }
-    let accepted = ingest.finish(spool, inst, None).await?;
+    let actor = crate::audit::Actor {
+        user: "tsunagu import".into(),
+        institution: inst.code.clone(),
+        role: "admin".into(),
+        client: format!("file:{}", file.display()),
+    };
+    let accepted = ingest.finish(spool, inst, None, &actor).await?;
     Ok((accepted.outcome, size))
 }
 

@@ -82,11 +82,16 @@ pub struct Accepted {
 pub struct Ingest {
     store: Arc<Store>,
     index: Index,
+    audit: crate::audit::Auditor,
 }
 
 impl Ingest {
-    pub fn new(store: Arc<Store>, index: Index) -> Self {
-        Self { store, index }
+    pub fn new(store: Arc<Store>, index: Index, audit: crate::audit::Auditor) -> Self {
+        Self {
+            store,
+            index,
+            audit,
+        }
     }
 
     /// Open a spool for an object whose File Meta Information is known from
@@ -124,15 +129,18 @@ impl Ingest {
     }
 
     /// Parse, check, store durably and index a complete spool. `sender_ae` is
-    /// recorded; the institution is the authenticated sender's, never the object's.
+    /// recorded; the institution is the authenticated sender's, never the
+    /// object's. The outcome is audited as a store by `actor`.
     pub async fn finish(
         &self,
         mut spool: Spool,
         institution: &Institution,
         sender_ae: Option<&str>,
+        actor: &crate::audit::Actor,
     ) -> Result<Accepted, IngestError> {
         let started = Instant::now();
         let result = self.finish_inner(&mut spool, institution, sender_ae).await;
+        self.audit_store(institution, actor, &result);
         match &result {
             Ok(a) => {
                 metrics::histogram!(telemetry::STORE_SECONDS)
@@ -152,6 +160,36 @@ impl Ingest {
             }
         }
         result
+    }
+
+    fn audit_store(
+        &self,
+        institution: &Institution,
+        actor: &crate::audit::Actor,
+        result: &Result<Accepted, IngestError>,
+    ) {
+        use crate::audit::{Action, AuditObject, Outcome as Audited};
+        let (outcome, objects, detail) = match result {
+            Ok(a) => (
+                Audited::Success,
+                vec![AuditObject {
+                    patient_institution: institution.code.clone(),
+                    patient_id: a.summary.patient_id.clone(),
+                    study_uid: a.summary.study_instance_uid.clone(),
+                }],
+                serde_json::json!({
+                    "sop_instance_uid": a.summary.sop_instance_uid,
+                    "result": format!("{:?}", a.outcome).to_lowercase(),
+                }),
+            ),
+            Err(e) => (
+                Audited::Failure,
+                Vec::new(),
+                serde_json::json!({ "error": e.to_string() }),
+            ),
+        };
+        self.audit
+            .record_by(actor, Action::Store, outcome, objects, detail);
     }
 
     async fn finish_inner(

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::problem::WebError;
 use crate::access::Institution;
+use crate::audit::{Action, Event, Outcome};
 use crate::auth::{Role, TokenError};
 use crate::hub::Hub;
 
@@ -23,9 +24,21 @@ pub struct Caller {
     pub user: String,
     pub institution: Arc<Institution>,
     pub role: Role,
+    /// The client's address (for the audit trail).
+    pub client: String,
 }
 
 impl Caller {
+    /// The caller as the audit trail names it.
+    pub fn actor(&self) -> crate::audit::Actor {
+        crate::audit::Actor {
+            user: self.user.clone(),
+            institution: self.institution.code.clone(),
+            role: crate::audit::chain::enum_text(&self.role),
+            client: self.client.clone(),
+        }
+    }
+
     /// Refuse (403) unless the caller has one of `roles`.
     pub fn require(&self, roles: &[Role], action: &str) -> Result<(), WebError> {
         if roles.contains(&self.role) {
@@ -40,18 +53,51 @@ impl Caller {
 }
 
 /// Verify the bearer token and attach the `Caller`, or answer 401/403.
+/// Both refusals, and every 403 a handler answers, are audited.
 pub async fn authenticate(State(hub): State<Arc<Hub>>, mut req: Request, next: Next) -> Response {
-    match caller_of(&hub, req.headers()) {
+    let client = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_default();
+    let path = req.uri().path().to_string();
+    match caller_of(&hub, req.headers(), &client) {
         Ok(caller) => {
-            req.extensions_mut().insert(caller);
-            next.run(req).await
+            req.extensions_mut().insert(caller.clone());
+            let resp = next.run(req).await;
+            if resp.status() == axum::http::StatusCode::FORBIDDEN {
+                super::audit(
+                    &hub,
+                    &caller,
+                    Action::Authorize,
+                    Outcome::Denied,
+                    Vec::new(),
+                    serde_json::json!({ "path": path }),
+                );
+            }
+            resp
         }
         Err(e) => {
             if let WebError::Unauthorized(reason) = &e {
                 metrics::counter!(crate::telemetry::AUTH_FAILURES, "reason" => reason_label(reason))
                     .increment(1);
             }
-            tracing::info!(path = %req.uri().path(), error = %e, "request refused");
+            tracing::info!(path = %path, error = %e, "request refused");
+            let action = match &e {
+                WebError::Unauthorized(_) => Action::Authenticate,
+                _ => Action::Authorize,
+            };
+            hub.audit.record(Event {
+                at: String::new(),
+                action,
+                outcome: Outcome::Denied,
+                user: String::new(),
+                institution: String::new(),
+                role: String::new(),
+                client,
+                objects: Vec::new(),
+                detail: serde_json::json!({ "path": path, "reason": e.to_string() }),
+            });
             e.into_response()
         }
     }
@@ -68,7 +114,7 @@ fn reason_label(e: &TokenError) -> &'static str {
     }
 }
 
-fn caller_of(hub: &Hub, headers: &axum::http::HeaderMap) -> Result<Caller, WebError> {
+fn caller_of(hub: &Hub, headers: &axum::http::HeaderMap, client: &str) -> Result<Caller, WebError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or(TokenError::Missing)?
@@ -89,6 +135,7 @@ fn caller_of(hub: &Hub, headers: &axum::http::HeaderMap) -> Result<Caller, WebEr
         user: claims.sub,
         institution,
         role: claims.role,
+        client: client.to_string(),
     })
 }
 

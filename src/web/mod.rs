@@ -1,7 +1,9 @@
 //! HTTP: DICOMweb under `/dicom-web` (QIDO-RS, WADO-RS, STOW-RS), WADO-URI
-//! at `/wado`, and the operations endpoints. Every route but health and
-//! metrics sits behind `auth::authenticate`.
+//! at `/wado`, the admin API under `/api`, and the operations endpoints.
+//! Every route but health, metrics and the API description sits behind
+//! `auth::authenticate`.
 
+pub mod admin;
 pub mod auth;
 pub mod capabilities;
 pub mod media;
@@ -36,8 +38,34 @@ use problem::WebError;
 pub const DICOM_JSON: &str = "application/dicom+json";
 
 /// What `caller` may see: the access scope every index read takes.
-pub fn scope_of(caller: &Caller) -> Scope {
-    Scope::institution(&caller.institution.code)
+pub async fn scope_of(hub: &Hub, caller: &Caller) -> Result<Scope, WebError> {
+    let now = hub.clock.now();
+    let grants = if hub.config.access.break_glass {
+        hub.index
+            .granted_patients(&caller.institution.code, &caller.user, now)
+            .await?
+    } else {
+        Vec::new()
+    };
+    Ok(Scope::consented(
+        &caller.institution.code,
+        &caller.institution.issuer_of_patient_id,
+        now,
+        grants,
+    ))
+}
+
+/// Record an audit event of `caller`'s request.
+pub fn audit(
+    hub: &Hub,
+    caller: &Caller,
+    action: crate::audit::Action,
+    outcome: crate::audit::Outcome,
+    objects: Vec<crate::audit::AuditObject>,
+    detail: Value,
+) {
+    hub.audit
+        .record_by(&caller.actor(), action, outcome, objects, detail);
 }
 
 /// Native DICOM Model documents as `multipart/related; type="application/dicom+xml"`.
@@ -122,8 +150,22 @@ pub fn router(hub: Arc<Hub>) -> Router {
             get(wado::bulk).options(capabilities::options),
         )
         .fallback(|| async { WebError::NotFound });
+    let api = Router::new()
+        .route("/links", axum::routing::post(admin::link))
+        .route("/links/{patient_id}", axum::routing::delete(admin::unlink))
+        .route("/patients/{patient_id}", get(admin::patient))
+        .route(
+            "/disclosures",
+            get(admin::disclosures).post(admin::disclose),
+        )
+        .route("/disclosures/{id}", axum::routing::delete(admin::revoke))
+        .route("/break-glass", axum::routing::post(admin::break_glass))
+        .route("/audit", get(admin::audit_trail))
+        .route("/institutions", get(admin::institutions))
+        .fallback(|| async { WebError::NotFound });
     let authenticated = Router::new()
         .nest("/dicom-web", dicomweb)
+        .nest("/api", api)
         .route("/wado", get(wado::wado_uri))
         .layer(middleware::from_fn_with_state(
             hub.clone(),
@@ -144,6 +186,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         },
     );
     let app = ops::router()
+        .route("/api/openapi.json", get(admin::openapi))
         .merge(authenticated)
         .layer(compression)
         .with_state(hub);

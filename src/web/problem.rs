@@ -19,6 +19,8 @@ pub enum WebError {
     #[error("no such resource")]
     NotFound,
     #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
     NotAcceptable(String),
@@ -38,6 +40,7 @@ impl WebError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,

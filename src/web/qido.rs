@@ -15,6 +15,7 @@ use super::auth::Caller;
 use super::media::{DatasetFormat, accept_of, dataset_format};
 use super::problem::WebError;
 use super::{DICOM_JSON, Resource, Urls};
+use crate::audit::{Action, AuditObject, Outcome};
 use crate::auth::Role;
 use crate::config::EmptySearch;
 use crate::hub::Hub;
@@ -221,8 +222,28 @@ async fn run(
         limit,
         offset: q.offset,
     };
-    let scope = super::scope_of(caller);
+    let scope = super::scope_of(hub, caller).await?;
     let page = hub.index.search(&search, &scope).await?;
+    // Counted after the visibility filter: what the caller was shown.
+    super::audit(
+        hub,
+        caller,
+        Action::Query,
+        Outcome::Success,
+        page.hits
+            .iter()
+            .map(|h| AuditObject {
+                patient_institution: h.patient.institution.clone(),
+                patient_id: h.patient.owner_patient_id.clone(),
+                study_uid: h.study.study_uid.clone(),
+            })
+            .collect(),
+        json!({
+            "level": format!("{level:?}").to_lowercase(),
+            "query": raw.as_deref().unwrap_or_default(),
+            "results": page.hits.len(),
+        }),
+    );
 
     let mut warnings = Vec::new();
     if page.remaining > 0 {
@@ -262,6 +283,11 @@ async fn run(
             let mut m = render(h, level, urls);
             if let Some(src) = extra.get(&hit_id(h, level)) {
                 merge_from(&mut m, src, level, &q, urls, h);
+            }
+            if h.patient.presented {
+                // The owner's issuer qualifiers describe the owner's ID, which
+                // is now among the Other Patient IDs.
+                m.remove(crate::dicom::coerce::ISSUER_QUALIFIERS);
             }
             m
         })

@@ -153,7 +153,7 @@ async fn run(
             });
             continue;
         }
-        let r = store_part(hub, &caller.institution, field, study.clone(), limit).await?;
+        let r = store_part(hub, caller, field, study.clone(), limit).await?;
         results.push(r);
     }
     if results.is_empty() {
@@ -177,11 +177,12 @@ fn multipart_error(e: multer::Error, limit: u64, done: usize) -> WebError {
 /// body) end the whole request; errors of the object become a failure entry.
 async fn store_part(
     hub: &Hub,
-    institution: &Institution,
+    caller: &Caller,
     mut field: multer::Field<'static>,
     study: Option<String>,
     limit: u64,
 ) -> Result<PartResult, WebError> {
+    let institution: &Institution = &caller.institution;
     // Read up to the end of the File Meta Information.
     let mut head: Vec<u8> = Vec::new();
     let meta = loop {
@@ -268,7 +269,11 @@ async fn store_part(
     if let Some(e) = write_error {
         return failed(class, instance, failure_reason(&e));
     }
-    match hub.ingest.finish(spool, institution, None).await {
+    match hub
+        .ingest
+        .finish(spool, institution, None, &caller.actor())
+        .await
+    {
         Ok(a) => Ok(PartResult::Stored(Box::new(a))),
         Err(e) => {
             tracing::warn!(sop_instance_uid = ?instance, error = %e, "STOW-RS part refused");

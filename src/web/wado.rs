@@ -17,12 +17,15 @@ use super::media::{self, MediaRange, accept_of};
 use super::multipart::{self, ByteStream, Part};
 use super::problem::WebError;
 use super::{DICOM_JSON, Resource, Urls};
+use crate::audit::{Action, AuditObject, Outcome};
 use crate::auth::Role;
+use crate::dicom::coerce::{self, Coercion, Provenance, coerce_json_text};
 use crate::dicom::dataset::{BULK_URI_PREFIX, PixelLayout};
 use crate::dicom::transcode;
 use crate::hub::Hub;
-use crate::index::search::{Level, StoredInstance};
+use crate::index::search::{Level, PatientKey, Scope, StoredInstance};
 use crate::store::Store;
+use serde_json::json;
 
 /// Instances whose metadata is fetched from the index in one query.
 const METADATA_BATCH: usize = 256;
@@ -85,25 +88,79 @@ fn encoding_for(stored_ts: &str, requested: Option<&str>) -> Option<Encoding> {
     }
 }
 
+/// The instances at `at` the caller may see (404 if none), each with the
+/// coercion it is shown under if it is another institution's. The access
+/// (or its refusal) is audited as `action`.
 async fn visible_instances(
     hub: &Hub,
     caller: &Caller,
     at: &Resource,
+    action: Action,
 ) -> Result<Vec<StoredInstance>, WebError> {
     caller.require(&[Role::Clinician], "retrieve images")?;
-    let found = hub
-        .index
-        .instances(
-            &super::scope_of(caller),
-            at.study.as_deref().unwrap_or_default(),
-            at.series.as_deref(),
-            at.instance.as_deref(),
-        )
-        .await?;
+    let scope = super::scope_of(hub, caller).await?;
+    let (study, series, sop) = (
+        at.study.as_deref().unwrap_or_default(),
+        at.series.as_deref(),
+        at.instance.as_deref(),
+    );
+    let mut found = hub.index.instances(&scope, study, series, sop).await?;
+    let detail = json!({ "study": study, "series": series, "instance": sop });
     if found.is_empty() {
+        // Absent and hidden answer alike; the trail tells them apart.
+        let hidden = hub
+            .index
+            .instances(&Scope::unrestricted_for_audit(), study, series, sop)
+            .await?;
+        let outcome = if hidden.is_empty() {
+            Outcome::Failure
+        } else {
+            Outcome::Denied
+        };
+        super::audit(hub, caller, action, outcome, audit_objects(&hidden), detail);
         return Err(WebError::NotFound);
     }
+    let mut patients: Vec<PatientKey> = found.iter().map(|i| i.patient.clone()).collect();
+    patients.dedup();
+    let shown = hub.index.presentations(&scope, &patients, None).await?;
+    if !shown.is_empty() {
+        for inst in &mut found {
+            if let Some(pr) = shown.get(&inst.patient) {
+                inst.coercion = Some(Coercion {
+                    patient_id: pr.patient_id.clone(),
+                    issuer: pr.issuer.clone(),
+                    owner_patient_id: inst.patient.2.clone(),
+                    owner_issuer: inst.patient.1.clone(),
+                });
+            }
+        }
+    }
+    let mut detail = detail;
+    detail["instances"] = json!(found.len());
+    super::audit(
+        hub,
+        caller,
+        action,
+        Outcome::Success,
+        audit_objects(&found),
+        detail,
+    );
     Ok(found)
+}
+
+/// The patients (as their owners know them) and studies of `instances`.
+fn audit_objects(instances: &[StoredInstance]) -> Vec<AuditObject> {
+    let mut v: Vec<AuditObject> = instances
+        .iter()
+        .map(|i| AuditObject {
+            patient_institution: i.patient.0.clone(),
+            patient_id: i.patient.2.clone(),
+            study_uid: i.study_uid.clone(),
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
 }
 
 /// `GET /studies/{study}`, `…/series/{series}`, `…/instances/{instance}`
@@ -115,7 +172,8 @@ pub async fn retrieve(
     at: Resource,
 ) -> Result<Response, WebError> {
     let requested = negotiate_instances(&accept_of(&headers))?;
-    let found = visible_instances(&hub, &caller, &at).await?;
+    let found = visible_instances(&hub, &caller, &at, Action::Retrieve).await?;
+    let now = hub.clock.now();
     let mut plan = Vec::with_capacity(found.len());
     for inst in found {
         let enc = encoding_for(&inst.transfer_syntax, requested.as_deref()).ok_or_else(|| {
@@ -126,14 +184,15 @@ pub async fn retrieve(
                 requested.as_deref().unwrap_or_default()
             ))
         })?;
-        plan.push((inst, enc));
+        let (enc, coerce) = coercion_plan(&caller, &inst, enc, requested.as_deref(), now)?;
+        plan.push((inst, enc, coerce));
     }
     let boundary = multipart::boundary();
     let content_type = multipart::content_type(&boundary, "application/dicom", None);
     let store = hub.store.clone();
     let urls = urls.clone();
     let parts = stream::iter(plan)
-        .map(move |(inst, enc)| {
+        .map(move |(inst, enc, coerce)| {
             let ts = match enc {
                 Encoding::AsStored => inst.transfer_syntax.clone(),
                 Encoding::ExplicitLe => media::EXPLICIT_VR_LE.to_string(),
@@ -143,7 +202,7 @@ pub async fn retrieve(
             Part {
                 content_type: format!("application/dicom; transfer-syntax={ts}"),
                 location: Some(location),
-                body: multipart::lazy(open_instance(store, inst, enc)),
+                body: multipart::lazy(open_instance(store, inst, enc, coerce)),
             }
         })
         .boxed();
@@ -160,44 +219,95 @@ fn stream_response(status: StatusCode, content_type: &str, body: ByteStream) -> 
     resp
 }
 
-/// The bytes of one instance in `enc`, as a stream.
+/// The bytes of one instance in `enc`, as a stream; another institution's
+/// instance coerced to the requester's identifiers when `coerce` says so.
 async fn open_instance(
     store: Arc<Store>,
     inst: StoredInstance,
     enc: Encoding,
+    coerce: Option<(Coercion, Provenance)>,
 ) -> Result<ByteStream, std::io::Error> {
-    match enc {
-        Encoding::AsStored => {
-            let s = store
-                .read(&inst.object_key, None)
-                .await
-                .map_err(std::io::Error::other)?;
-            Ok(s.map(|r| r.map_err(std::io::Error::other)).boxed())
-        }
-        Encoding::ExplicitLe => {
-            let (path, temporary) = store
-                .fetch_to_path(&inst.object_key)
-                .await
-                .map_err(std::io::Error::other)?;
-            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-            tokio::task::spawn_blocking(move || {
-                let result = std::fs::File::open(&path).and_then(|f| {
-                    let mut w = ChannelWriter::new(tx.clone());
-                    transcode::to_explicit_le(std::io::BufReader::new(f), &mut w)
-                        .map_err(std::io::Error::other)?;
-                    std::io::Write::flush(&mut w)
-                });
-                if temporary {
-                    let _ = std::fs::remove_file(&path);
-                }
-                if let Err(e) = result {
-                    tracing::error!(key = %inst.object_key, error = %e, "re-encoding failed mid-answer");
-                    let _ = tx.blocking_send(Err(e));
-                }
-            });
-            Ok(tokio_stream_from(rx))
-        }
+    if enc == Encoding::AsStored && coerce.is_none() {
+        let s = store
+            .read(&inst.object_key, None)
+            .await
+            .map_err(std::io::Error::other)?;
+        return Ok(s.map(|r| r.map_err(std::io::Error::other)).boxed());
     }
+    let (path, temporary) = store
+        .fetch_to_path(&inst.object_key)
+        .await
+        .map_err(std::io::Error::other)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let result = std::fs::File::open(&path).and_then(|f| {
+            let src = std::io::BufReader::new(f);
+            let mut w = ChannelWriter::new(tx.clone());
+            match (&enc, &coerce) {
+                (Encoding::ExplicitLe, None) => {
+                    transcode::to_explicit_le(src, &mut w).map_err(std::io::Error::other)?
+                }
+                (Encoding::AsStored, Some((c, p))) => {
+                    coerce::coerce_part10(src, &mut w, c, p).map_err(std::io::Error::other)?
+                }
+                (Encoding::ExplicitLe, Some((c, p))) => {
+                    // Re-encoded first (to a temporary file: memory stays
+                    // bounded), then coerced.
+                    let mut le = tempfile::tempfile()?;
+                    transcode::to_explicit_le(src, &mut std::io::BufWriter::new(&mut le))
+                        .map_err(std::io::Error::other)?;
+                    coerce::coerce_part10(std::io::BufReader::new(le), &mut w, c, p)
+                        .map_err(std::io::Error::other)?
+                }
+                (Encoding::AsStored, None) => unreachable!("streamed above"),
+            }
+            std::io::Write::flush(&mut w)
+        });
+        if temporary {
+            let _ = std::fs::remove_file(&path);
+        }
+        if let Err(e) = result {
+            tracing::error!(key = %inst.object_key, error = %e, "re-encoding failed mid-answer");
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    Ok(tokio_stream_from(rx))
+}
+
+/// Whether and how an instance is coerced for `caller`, and the encoding
+/// that allows it: objects whose data set is not Explicit VR Little Endian
+/// are re-encoded first.
+fn coercion_plan(
+    caller: &Caller,
+    inst: &StoredInstance,
+    enc: Encoding,
+    requested: Option<&str>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(Encoding, Option<(Coercion, Provenance)>), WebError> {
+    let Some(c) = inst
+        .coercion
+        .clone()
+        .filter(|_| caller.institution.coerce_patient_ids)
+    else {
+        return Ok((enc, None));
+    };
+    let enc = if enc == Encoding::AsStored && !coerce::coercible_as_stored(&inst.transfer_syntax) {
+        if requested.is_some_and(|r| r != "*" && r != media::EXPLICIT_VR_LE) {
+            return Err(WebError::NotAcceptable(format!(
+                "instance {} is shown under your patient ID and can be sent as {} only",
+                inst.sop_uid,
+                media::EXPLICIT_VR_LE
+            )));
+        }
+        Encoding::ExplicitLe
+    } else {
+        enc
+    };
+    let provenance = Provenance {
+        source: inst.patient.0.clone(),
+        modified_at: now.format("%Y%m%d%H%M%S%.6f+0000").to_string(),
+    };
+    Ok((enc, Some((c, provenance))))
 }
 
 fn tokio_stream_from(
@@ -263,7 +373,7 @@ pub async fn metadata(
             "metadata is available as application/dicom+json or multipart/related; type=\"application/dicom+xml\"".into(),
         )
     })?;
-    let found = visible_instances(&hub, &caller, &at).await?;
+    let found = visible_instances(&hub, &caller, &at, Action::Access).await?;
     // The answer is a function of the instances' content and of where bulk
     // data is served from: so is its validator.
     let mut h = Sha256::new();
@@ -272,6 +382,13 @@ pub async fn metadata(
     for i in &found {
         h.update(i.sop_uid.as_bytes());
         h.update(i.sha256.as_bytes());
+        // Others' objects are shown under the requester's IDs.
+        if let Some(c) = &i.coercion {
+            for v in [&c.patient_id, &c.issuer] {
+                h.update(v.as_bytes());
+                h.update([0]);
+            }
+        }
     }
     let etag = format!("\"{}\"", &hex::encode(h.finalize())[..32]);
     let not_modified = headers
@@ -312,7 +429,10 @@ pub async fn metadata(
                     .map_err(std::io::Error::other)?;
                 let mut out = Vec::new();
                 for inst in &batch {
-                    if let Some(text) = json.remove(&inst.id) {
+                    if let Some(mut text) = json.remove(&inst.id) {
+                        if let Some(c) = &inst.coercion {
+                            text = coerce_json_text(&text, c);
+                        }
                         out.push(urls.rewrite_bulk_text(
                             &text,
                             &inst.study_uid,
@@ -404,6 +524,7 @@ pub async fn frames(
         &hub,
         &caller,
         &Resource::instance(&study, &series, &instance),
+        Action::Retrieve,
     )
     .await?
     .remove(0);
@@ -628,6 +749,7 @@ pub async fn bulk(
         &hub,
         &caller,
         &Resource::instance(&study, &series, &instance),
+        Action::Retrieve,
     )
     .await?
     .remove(0);
@@ -775,9 +897,14 @@ pub async fn wado_uri(
         )));
     }
     let requested = get("transferSyntax").map(str::to_string);
-    let inst = visible_instances(&hub, &caller, &Resource::instance(study, series, object))
-        .await?
-        .remove(0);
+    let inst = visible_instances(
+        &hub,
+        &caller,
+        &Resource::instance(study, series, object),
+        Action::Retrieve,
+    )
+    .await?
+    .remove(0);
     let enc = encoding_for(&inst.transfer_syntax, requested.as_deref()).ok_or_else(|| {
         WebError::NotAcceptable(format!(
             "the object is stored as {} and cannot be sent as {}",
@@ -785,8 +912,9 @@ pub async fn wado_uri(
             requested.as_deref().unwrap_or_default()
         ))
     })?;
+    let (enc, coerce) = coercion_plan(&caller, &inst, enc, requested.as_deref(), hub.clock.now())?;
     let file_name = format!("{}.dcm", inst.sop_uid);
-    let body = open_instance(hub.store.clone(), inst, enc)
+    let body = open_instance(hub.store.clone(), inst, enc, coerce)
         .await
         .map_err(|e| WebError::Unavailable(e.to_string()))?;
     let mut resp = stream_response(StatusCode::OK, "application/dicom", body);

@@ -163,6 +163,7 @@ pub fn three_hospitals() -> Vec<InstitutionConfig> {
             name: format!("Hospital {i}"),
             issuer_of_patient_id: format!("HOSP{i}"),
             ae_titles: vec![format!("HOSP{i}"), format!("HOSP{i}_B")],
+            coerce_patient_ids: true,
         })
         .collect()
 }

@@ -1,0 +1,716 @@
+//! Sharing under consent, end to end through the real interfaces: DCMTK
+//! storescu pushes, the admin API, DICOMweb as each hospital's clinicians
+//! see it, and the audit trail (DESIGN §1's scenario).
+
+use std::path::{Path, PathBuf};
+
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use reqwest::StatusCode;
+use reqwest::header::ACCEPT;
+use serde_json::{Value, json};
+use tsunagu::auth::Role;
+
+use crate::common::{self, Backend, TestHub};
+
+/// One of patient A's studies at a hospital: a copy of a corpus file with
+/// the hospital's patient ID and fresh UIDs.
+struct Study {
+    file: PathBuf,
+    ts: String,
+    study: String,
+    series: String,
+    sop: String,
+}
+
+fn make_study(dir: &Path, corpus: &str, patient_id: &str, n: u32) -> Option<Study> {
+    let src = common::testdata_dir()?.join("files").join(corpus);
+    let mut obj = dicom_object::open_file(&src).unwrap();
+    let root = format!("2.25.{}", 990_000_000u64 + u64::from(n));
+    let (study, series, sop) = (
+        format!("{root}.1"),
+        format!("{root}.2"),
+        format!("{root}.3"),
+    );
+    for (tag, vr, v) in [
+        (tags::PATIENT_ID, VR::LO, patient_id),
+        (tags::STUDY_INSTANCE_UID, VR::UI, study.as_str()),
+        (tags::SERIES_INSTANCE_UID, VR::UI, series.as_str()),
+        (tags::SOP_INSTANCE_UID, VR::UI, sop.as_str()),
+    ] {
+        obj.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
+    }
+    obj.remove_element(tags::ISSUER_OF_PATIENT_ID);
+    obj.remove_element(tags::OTHER_PATIENT_I_DS_SEQUENCE);
+    obj.update_meta(|m| m.media_storage_sop_instance_uid = sop.clone());
+    let ts = obj
+        .meta()
+        .transfer_syntax()
+        .trim_end_matches('\0')
+        .to_string();
+    let file = dir.join(format!("{patient_id}.dcm"));
+    obj.write_to_file(&file).unwrap();
+    Some(Study {
+        file,
+        ts,
+        study,
+        series,
+        sop,
+    })
+}
+
+fn push(hub: &TestHub, calling: &str, s: &Study) {
+    let flag = common::storescu_flag(&s.ts).unwrap();
+    let (ok, log) = common::storescu(hub.port(), calling, flag, std::slice::from_ref(&s.file));
+    assert!(ok, "storescu as {calling} failed: {log}");
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+/// GET as a clinician of `inst`: status, body.
+async fn get(hub: &TestHub, inst: &str, path: &str, accept: &str) -> (StatusCode, Vec<u8>) {
+    let r = client()
+        .get(format!("{}{path}", hub.http()))
+        .bearer_auth(hub.token(inst, Role::Clinician))
+        .header(ACCEPT, accept)
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.bytes().await.unwrap().to_vec())
+}
+
+/// QIDO as a clinician of `inst`: the results and the Warning headers.
+async fn qido(hub: &TestHub, inst: &str, query: &str) -> (Vec<Value>, Vec<String>) {
+    let r = client()
+        .get(format!("{}/dicom-web/{query}", hub.http()))
+        .bearer_auth(hub.token(inst, Role::Clinician))
+        .header(ACCEPT, "application/dicom+json")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{query}: {}", r.status());
+    let warnings = r
+        .headers()
+        .get_all("warning")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    let body = r.bytes().await.unwrap();
+    let items = if body.is_empty() {
+        Vec::new()
+    } else {
+        serde_json::from_slice::<Value>(&body)
+            .unwrap()
+            .as_array()
+            .cloned()
+            .unwrap()
+    };
+    (items, warnings)
+}
+
+fn studies_of(items: &[Value]) -> Vec<String> {
+    let mut v: Vec<String> = items
+        .iter()
+        .map(|i| i["0020000D"]["Value"][0].as_str().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Call the admin API as `role` of `inst`.
+async fn api(
+    hub: &TestHub,
+    inst: &str,
+    role: Role,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = client()
+        .request(method, format!("{}/api{path}", hub.http()))
+        .bearer_auth(hub.token(inst, role));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn admin(
+    hub: &TestHub,
+    inst: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    api(hub, inst, Role::Admin, method, path, body).await
+}
+
+/// The first DICOM part of a multipart/related answer.
+fn first_part(body: &[u8]) -> Vec<u8> {
+    let start = body.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let rest = &body[start..];
+    let end = rest.windows(4).position(|w| w == b"\r\n--").unwrap();
+    rest[..end].to_vec()
+}
+
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339()
+}
+
+async fn network_scenario(backend: Backend) {
+    let Some(hub) = TestHub::start(backend).await else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let (Some(s1), Some(s2), Some(s3)) = (
+        make_study(work.path(), "ct16_implicit_le.dcm", "A-H1", 1),
+        make_study(work.path(), "ct16_explicit_le.dcm", "A-H2", 2),
+        make_study(work.path(), "ct16_rle.dcm", "A-H3", 3),
+    ) else {
+        return;
+    };
+    if common::dcmtk("storescu").is_none() {
+        return;
+    }
+    push(&hub, "HOSP1", &s1);
+    push(&hub, "HOSP2", &s2);
+    push(&hub, "HOSP3", &s3);
+    let study_path = |s: &Study| format!("/dicom-web/studies/{}", s.study);
+    let instance_path = |s: &Study| {
+        format!(
+            "/dicom-web/studies/{}/series/{}/instances/{}",
+            s.study, s.series, s.sop
+        )
+    };
+    let dicom = "multipart/related; type=\"application/dicom\"; transfer-syntax=*";
+    let json_ = "application/dicom+json";
+
+    // 1. Before any link nobody sees another's data.
+    for (inst, own) in [("HOSP1", &s1), ("HOSP2", &s2), ("HOSP3", &s3)] {
+        let (all, _) = qido(&hub, inst, "studies").await;
+        assert_eq!(studies_of(&all), vec![own.study.clone()], "{inst}");
+        for other in [&s1, &s2, &s3].into_iter().filter(|s| s.study != own.study) {
+            assert_eq!(get(&hub, inst, &study_path(other), dicom).await.0, 404);
+        }
+    }
+
+    // 2. Hospital 2 links A and discloses to hospital 3 with A's consent.
+    let now = chrono::Utc::now();
+    let (st, link2) = admin(
+        &hub,
+        "HOSP2",
+        reqwest::Method::POST,
+        "/links",
+        Some(json!({"patient_id": "A-H2"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{link2}");
+    let (st, d23) = admin(
+        &hub,
+        "HOSP2",
+        reqwest::Method::POST,
+        "/disclosures",
+        Some(json!({
+            "patient_id": "A-H2", "to_institution": "HOSP3",
+            "consent_reference": "consent form 2026-0042",
+            "consented_at": rfc3339(now - chrono::Duration::hours(1)),
+        })),
+    )
+    .await;
+    assert_eq!(st, 201, "{d23}");
+    assert_eq!(d23["status"], "active");
+    let d23_id = d23["id"].as_str().unwrap().to_string();
+    // Not yet visible: hospital 3 has not linked A.
+    assert_eq!(
+        studies_of(&qido(&hub, "HOSP3", "studies").await.0),
+        vec![s3.study.clone()]
+    );
+
+    // 3. Hospital 3 joins with hospital 2's ID from the referral letter.
+    // Unknown IDs, undisclosed records and unknown institutions all look absent.
+    for join in [
+        json!({"institution": "HOSP2", "patient_id": "NO-SUCH"}),
+        json!({"institution": "HOSP1", "patient_id": "A-H1"}),
+        json!({"institution": "NOWHERE", "patient_id": "A-H2"}),
+    ] {
+        let (st, body) = admin(
+            &hub,
+            "HOSP3",
+            reqwest::Method::POST,
+            "/links",
+            Some(json!({"patient_id": "A-H3", "join": join})),
+        )
+        .await;
+        assert_eq!(st, 404, "{body}");
+    }
+    // Hospital 1 was never disclosed A-H2: its join fails the same way.
+    let (st, _) = admin(
+        &hub,
+        "HOSP1",
+        reqwest::Method::POST,
+        "/links",
+        Some(json!({"patient_id": "A-H1", "join": {"institution": "HOSP2", "patient_id": "A-H2"}})),
+    )
+    .await;
+    assert_eq!(st, 404);
+    let (st, link3) = admin(
+        &hub,
+        "HOSP3",
+        reqwest::Method::POST,
+        "/links",
+        Some(json!({"patient_id": "A-H3", "join": {"institution": "HOSP2", "patient_id": "A-H2"}})),
+    )
+    .await;
+    assert_eq!(st, 201, "{link3}");
+    let (st, again) = admin(
+        &hub,
+        "HOSP3",
+        reqwest::Method::POST,
+        "/links",
+        Some(json!({"patient_id": "A-H3"})),
+    )
+    .await;
+    assert_eq!(st, 409, "{again}");
+    let (st, d32) = admin(
+        &hub,
+        "HOSP3",
+        reqwest::Method::POST,
+        "/disclosures",
+        Some(json!({
+            "patient_id": "A-H3", "to_institution": "HOSP2",
+            "consent_reference": "consent form H3-7",
+            "consented_at": rfc3339(now - chrono::Duration::minutes(5)),
+            "expires_at": rfc3339(now + chrono::Duration::days(1)),
+        })),
+    )
+    .await;
+    assert_eq!(st, 201, "{d32}");
+
+    // 4. Hospital 3 finds hospital 2's images by its own patient ID, shown
+    // under that ID, with hospital 2's ID among the other IDs.
+    let (found, _) = qido(&hub, "HOSP3", "studies?PatientID=A-H3").await;
+    assert_eq!(studies_of(&found), {
+        let mut v = vec![s2.study.clone(), s3.study.clone()];
+        v.sort();
+        v
+    });
+    for item in &found {
+        assert_eq!(item["00100020"]["Value"][0], "A-H3", "{item}");
+        assert_eq!(item["00100021"]["Value"][0], "HOSP3", "{item}");
+    }
+    let h2 = found
+        .iter()
+        .find(|i| i["0020000D"]["Value"][0] == s2.study.as_str())
+        .unwrap();
+    let others = h2["00101002"]["Value"].as_array().unwrap();
+    assert!(
+        others
+            .iter()
+            .any(|o| o["00100020"]["Value"][0] == "A-H2" && o["00100021"]["Value"][0] == "HOSP2"),
+        "{h2}"
+    );
+    // Same patient ID with the issuer; the owner's ID through Other Patient IDs.
+    assert_eq!(
+        studies_of(
+            &qido(
+                &hub,
+                "HOSP3",
+                "studies?PatientID=A-H3&IssuerOfPatientID=HOSP3"
+            )
+            .await
+            .0
+        )
+        .len(),
+        2
+    );
+    assert_eq!(
+        studies_of(
+            &qido(
+                &hub,
+                "HOSP3",
+                "studies?OtherPatientIDsSequence.00100020=A-H2"
+            )
+            .await
+            .0
+        ),
+        vec![s2.study.clone()]
+    );
+    // Hospital 2's own ID means nothing to hospital 3's searches.
+    assert!(
+        qido(&hub, "HOSP3", "studies?PatientID=A-H2")
+            .await
+            .0
+            .is_empty()
+    );
+    // Paging and counts agree with what is visible.
+    let (page, warnings) = qido(&hub, "HOSP3", "studies?PatientID=A-H3&limit=1").await;
+    assert_eq!(page.len(), 1);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("There are 1 additional")),
+        "{warnings:?}"
+    );
+    let (all, warnings) = qido(&hub, "HOSP3", "studies?limit=1&offset=1").await;
+    assert_eq!(all.len(), 1);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    // Series and instance levels agree.
+    assert_eq!(
+        qido(&hub, "HOSP3", "instances?PatientID=A-H3")
+            .await
+            .0
+            .len(),
+        2
+    );
+
+    // Metadata: hospital 3's view, with a validator of its own.
+    let (st, body) = get(
+        &hub,
+        "HOSP3",
+        &format!("{}/metadata", study_path(&s2)),
+        json_,
+    )
+    .await;
+    assert_eq!(st, 200);
+    let meta: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(meta[0]["00100020"]["Value"][0], "A-H3");
+    assert!(
+        meta[0]["00101002"]["Value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["00100020"]["Value"][0] == "A-H2")
+    );
+    let etag = |inst: &'static str| {
+        let hub = &hub;
+        let path = format!("{}/metadata", study_path(&s2));
+        async move {
+            client()
+                .get(format!("{}{path}", hub.http()))
+                .bearer_auth(hub.token(inst, Role::Clinician))
+                .send()
+                .await
+                .unwrap()
+                .headers()["etag"]
+                .to_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    assert_ne!(etag("HOSP3").await, etag("HOSP2").await);
+    // Hospital 2 sees its own object unchanged.
+    let (_, own) = get(
+        &hub,
+        "HOSP2",
+        &format!("{}/metadata", study_path(&s2)),
+        json_,
+    )
+    .await;
+    let own: Value = serde_json::from_slice(&own).unwrap();
+    assert_eq!(own[0]["00100020"]["Value"][0], "A-H2");
+    assert!(own[0].get("00101002").is_none());
+
+    // Retrieve: the instance coerced, the replaced values kept; the stored
+    // bytes unchanged.
+    let (st, body) = get(&hub, "HOSP3", &instance_path(&s2), dicom).await;
+    assert_eq!(st, 200);
+    let part = first_part(&body);
+    let obj = dicom_object::from_reader(std::io::Cursor::new(&part[128..])).unwrap();
+    assert_eq!(
+        obj.element(tags::PATIENT_ID)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim(),
+        "A-H3"
+    );
+    assert_eq!(
+        obj.element(tags::ISSUER_OF_PATIENT_ID)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim(),
+        "HOSP3"
+    );
+    let original = obj.element(tags::ORIGINAL_ATTRIBUTES_SEQUENCE).unwrap();
+    let item = &original.items().unwrap()[0];
+    let modified = &item
+        .element(tags::MODIFIED_ATTRIBUTES_SEQUENCE)
+        .unwrap()
+        .items()
+        .unwrap()[0];
+    assert_eq!(
+        modified
+            .element(tags::PATIENT_ID)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim(),
+        "A-H2"
+    );
+    assert_eq!(
+        item.element(tags::REASON_FOR_THE_ATTRIBUTE_MODIFICATION)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim(),
+        "COERCE"
+    );
+    let (_, stored) = hub.stored("HOSP2", &s2.sop).await.unwrap();
+    let sent = std::fs::read(&s2.file).unwrap();
+    assert_eq!(
+        common::dataset_bytes(&stored),
+        common::dataset_bytes(&sent),
+        "stored bytes never change"
+    );
+    // DCMTK reads the coerced object.
+    if let Some(dcmdump) = common::dcmtk("dcmdump") {
+        let f = work.path().join("coerced.dcm");
+        std::fs::write(&f, &part).unwrap();
+        let out = std::process::Command::new(dcmdump)
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("(0400,0561)") && text.contains("[A-H3]"),
+            "{text}"
+        );
+    }
+    // An RLE object of hospital 3, as hospital 2 retrieves it: re-encoded and coerced.
+    let (st, body) = get(&hub, "HOSP2", &instance_path(&s3), dicom).await;
+    assert_eq!(st, 200);
+    let obj = dicom_object::from_reader(std::io::Cursor::new(&first_part(&body)[128..])).unwrap();
+    assert_eq!(
+        obj.element(tags::PATIENT_ID)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim(),
+        "A-H2"
+    );
+    // Frames of the other hospital's instance.
+    let (st, _) = get(
+        &hub,
+        "HOSP3",
+        &format!("{}/frames/1", instance_path(&s2)),
+        "multipart/related; type=\"application/octet-stream\"",
+    )
+    .await;
+    assert_eq!(st, 200);
+
+    // 5. Hospital 2 likewise finds hospital 3's images under its own ID.
+    let (found, _) = qido(&hub, "HOSP2", "studies?PatientID=A-H2").await;
+    assert_eq!(found.len(), 2);
+
+    // 6. Hospital 1's images stay invisible to both, everywhere.
+    for inst in ["HOSP2", "HOSP3"] {
+        let (all, _) = qido(&hub, inst, "studies").await;
+        assert!(!studies_of(&all).contains(&s1.study), "{inst}");
+        assert!(
+            qido(
+                &hub,
+                inst,
+                &format!("studies?StudyInstanceUID={}", s1.study)
+            )
+            .await
+            .0
+            .is_empty()
+        );
+        assert!(
+            qido(&hub, inst, "instances?PatientID=A-H1")
+                .await
+                .0
+                .is_empty()
+        );
+        for path in [
+            study_path(&s1),
+            format!("{}/metadata", study_path(&s1)),
+            format!("{}/frames/1", instance_path(&s1)),
+            format!("{}/bulk/0/10", instance_path(&s1)),
+            format!("{}/thumbnail", study_path(&s1)),
+            format!("{}/rendered", instance_path(&s1)),
+            format!(
+                "/wado?requestType=WADO&studyUID={}&seriesUID={}&objectUID={}",
+                s1.study, s1.series, s1.sop
+            ),
+        ] {
+            let (st, body) = get(&hub, inst, &path, "*/*").await;
+            assert_eq!(st, 404, "{inst} {path}");
+            assert!(!String::from_utf8_lossy(&body).contains("A-H1"));
+        }
+    }
+
+    // 7. Revocation takes effect at once.
+    let (st, revoked) = admin(
+        &hub,
+        "HOSP2",
+        reqwest::Method::DELETE,
+        &format!("/disclosures/{d23_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{revoked}");
+    assert_eq!(revoked["status"], "revoked");
+    assert_eq!(revoked["revoked_by"], "user-of-HOSP2");
+    assert_eq!(
+        studies_of(&qido(&hub, "HOSP3", "studies?PatientID=A-H3").await.0),
+        vec![s3.study.clone()]
+    );
+    assert_eq!(get(&hub, "HOSP3", &study_path(&s2), dicom).await.0, 404);
+    // Another institution cannot revoke (or see) it.
+    let (st, _) = admin(
+        &hub,
+        "HOSP3",
+        reqwest::Method::DELETE,
+        &format!("/disclosures/{d23_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 404);
+    let (_, given) = admin(
+        &hub,
+        "HOSP2",
+        reqwest::Method::GET,
+        "/disclosures?direction=given",
+        None,
+    )
+    .await;
+    assert_eq!(
+        given.as_array().unwrap().len(),
+        1,
+        "revoked disclosures are kept"
+    );
+    let (_, received) = admin(
+        &hub,
+        "HOSP3",
+        reqwest::Method::GET,
+        "/disclosures?direction=received&patient_id=A-H3",
+        None,
+    )
+    .await;
+    assert_eq!(received[0]["status"], "revoked");
+
+    // 8. Expiry takes effect at once (the clock, not a sleep).
+    assert_eq!(
+        qido(&hub, "HOSP2", "studies?PatientID=A-H2").await.0.len(),
+        2
+    );
+    hub.hub.clock.set(Some(now + chrono::Duration::days(2)));
+    assert_eq!(
+        studies_of(&qido(&hub, "HOSP2", "studies?PatientID=A-H2").await.0),
+        vec![s2.study.clone()]
+    );
+    let (_, view) = admin(&hub, "HOSP2", reqwest::Method::GET, "/patients/A-H2", None).await;
+    assert!(
+        view["disclosed_by"].as_array().unwrap().is_empty(),
+        "{view}"
+    );
+    hub.hub.clock.set(None);
+
+    // 9. The audit trail shows every step.
+    let (st, trail) = admin(
+        &hub,
+        "HOSP2",
+        reqwest::Method::GET,
+        "/audit?patient_id=A-H2&limit=1000",
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{trail}");
+    let events = trail.as_array().unwrap();
+    let has = |action: &str, user: &str, outcome: &str| {
+        events
+            .iter()
+            .any(|e| e["action"] == action && e["user"] == user && e["outcome"] == outcome)
+    };
+    assert!(has("store", "HOSP2", "success"), "C-STORE by the modality");
+    assert!(has("link", "user-of-HOSP2", "success"));
+    assert!(has("disclose", "user-of-HOSP2", "success"));
+    assert!(has("revoke", "user-of-HOSP2", "success"));
+    assert!(
+        has("query", "user-of-HOSP3", "success"),
+        "who looked at hospital 2's images"
+    );
+    assert!(has("access", "user-of-HOSP3", "success"));
+    assert!(has("retrieve", "user-of-HOSP3", "success"));
+    assert!(
+        has("link", "user-of-HOSP3", "success"),
+        "the join names hospital 2's patient"
+    );
+    let q = events.iter().find(|e| e["action"] == "query").unwrap();
+    assert_eq!(q["codes"]["event_id"]["code"], "110112");
+    let r = events.iter().find(|e| e["action"] == "retrieve").unwrap();
+    assert_eq!(r["codes"]["event_id"]["code"], "110104");
+    // Hospital 1's admin sees the refused attempts on its patient, and no
+    // event shows hospital 1's admin another institution's patient.
+    let (_, trail1) = admin(
+        &hub,
+        "HOSP1",
+        reqwest::Method::GET,
+        "/audit?patient_id=A-H1&limit=1000",
+        None,
+    )
+    .await;
+    let trail1 = trail1.as_array().unwrap().clone();
+    assert!(
+        trail1.iter().any(|e| e["user"] == "user-of-HOSP3"
+            && e["outcome"] == "denied"
+            && e["action"] == "retrieve"),
+        "{trail1:?}"
+    );
+    assert!(trail1.iter().any(|e| e["user"] == "user-of-HOSP1"
+        && e["action"] == "link"
+        && e["outcome"] == "denied"));
+    for e in &trail1 {
+        if e["institution"] != "HOSP1" {
+            for o in e["objects"].as_array().unwrap() {
+                assert_eq!(o["patient_institution"], "HOSP1", "{e}");
+            }
+        }
+    }
+    hub.hub.audit.flush().await;
+    let v = tsunagu::audit::chain::verify(&hub.hub.index).await.unwrap();
+    assert_eq!(v.broken_at, None);
+    assert!(v.events > 30, "{v:?}");
+
+    // 10. Unlinking ends the unlinking institution's disclosures.
+    let (st, body) = admin(&hub, "HOSP3", reqwest::Method::DELETE, "/links/A-H3", None).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["revoked_disclosures"].as_array().unwrap().len(), 1);
+    let (_, given) = admin(
+        &hub,
+        "HOSP3",
+        reqwest::Method::GET,
+        "/disclosures?direction=given",
+        None,
+    )
+    .await;
+    assert_eq!(given[0]["status"], "revoked");
+    assert_eq!(
+        admin(&hub, "HOSP3", reqwest::Method::GET, "/patients/A-H3", None)
+            .await
+            .0,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn network_scenario_on_sqlite() {
+    network_scenario(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn network_scenario_on_postgres() {
+    network_scenario(Backend::Postgres).await;
+}
