@@ -66,6 +66,39 @@ fn import_stores_reports_and_rejects() {
 
     let (ok, _) = run("NOWHERE", &junk);
     assert!(!ok, "unknown institution");
+
+    // Every store was audited, on an intact chain; tampering is found.
+    let verify = || {
+        let out = Command::new(BIN)
+            .args(["audit", "verify", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, text) = verify();
+    assert!(ok && text.contains("intact: 85 events"), "{text}");
+    let db = rusqlite::Connection::open(tmp.path().join("index.sqlite")).unwrap();
+    let refused = db.execute(
+        "UPDATE audit_event SET user_name = 'nobody' WHERE seq = 5",
+        [],
+    );
+    assert!(refused.is_err(), "the trail is append-only in the database");
+    assert!(
+        db.execute("DELETE FROM audit_event WHERE seq = 85", [])
+            .is_err()
+    );
+    // Someone with the file itself (triggers dropped) changes one event.
+    db.execute_batch(
+        "DROP TRIGGER audit_event_no_update; \
+         UPDATE audit_event SET user_name = 'nobody' WHERE seq = 5;",
+    )
+    .unwrap();
+    let (ok, text) = verify();
+    assert!(!ok && text.contains("BROKEN at event 5"), "{text}");
 }
 
 #[test]

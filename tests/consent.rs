@@ -714,3 +714,255 @@ async fn network_scenario_on_sqlite() {
 async fn network_scenario_on_postgres() {
     network_scenario(Backend::Postgres).await;
 }
+
+/// Every admin route with a valid body, and the roles it admits.
+fn api_routes() -> Vec<(reqwest::Method, &'static str, Option<Value>, Vec<Role>)> {
+    use reqwest::Method;
+    vec![
+        (
+            Method::POST,
+            "/links",
+            Some(json!({"patient_id": "P1"})),
+            vec![Role::Admin],
+        ),
+        (Method::DELETE, "/links/P1", None, vec![Role::Admin]),
+        (
+            Method::GET,
+            "/patients/P1",
+            None,
+            vec![Role::Admin, Role::Clinician],
+        ),
+        (
+            Method::POST,
+            "/disclosures",
+            Some(json!({"patient_id": "P1", "to_institution": "HOSP2",
+                "consent_reference": "c", "consented_at": "2026-01-01T00:00:00Z"})),
+            vec![Role::Admin],
+        ),
+        (Method::DELETE, "/disclosures/x", None, vec![Role::Admin]),
+        (Method::GET, "/disclosures", None, vec![Role::Admin]),
+        (
+            Method::POST,
+            "/break-glass",
+            Some(json!({"patient_id": "P1", "institution": "HOSP2", "reason": "emergency"})),
+            vec![Role::Clinician],
+        ),
+        (Method::GET, "/audit", None, vec![Role::Admin]),
+        (
+            Method::GET,
+            "/institutions",
+            None,
+            vec![Role::Admin, Role::Clinician, Role::Modality],
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_routes_refuse_bad_tokens_and_wrong_roles() {
+    let Some(hub) = TestHub::start_with(Backend::Local, |c| c.access.break_glass = true).await
+    else {
+        return;
+    };
+    let mut expired = common::claims("HOSP1", Role::Admin);
+    expired.exp -= 3600;
+    expired.iat -= 7200;
+    let bad_tokens = [
+        None,
+        Some(common::forged(&expired, common::TEST_SECRET)),
+        Some(common::forged(
+            &common::claims("HOSP1", Role::Admin),
+            "not-the-secret",
+        )),
+        Some("not.a.jwt".to_string()),
+    ];
+    for (method, path, body, allowed) in api_routes() {
+        for token in &bad_tokens {
+            let mut req = client().request(method.clone(), format!("{}/api{path}", hub.http()));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 401, "{method} {path} with {token:?}");
+            assert!(r.headers().contains_key("www-authenticate"));
+            assert_eq!(r.headers()["content-type"], "application/problem+json");
+        }
+        for role in [Role::Admin, Role::Clinician, Role::Modality] {
+            let (st, problem) = api(&hub, "HOSP1", role, method.clone(), path, body.clone()).await;
+            if allowed.contains(&role) {
+                assert_ne!(st, 403, "{method} {path} as {role:?}: {problem}");
+                assert_ne!(st, 401);
+            } else {
+                assert_eq!(st, 403, "{method} {path} as {role:?}: {problem}");
+                assert_eq!(problem["status"], 403);
+            }
+        }
+    }
+    // The API's description is public, and describes every route.
+    let doc: Value = client()
+        .get(format!("{}/api/openapi.json", hub.http()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for (method, path, _, _) in api_routes() {
+        let templated = path
+            .replace("/links/P1", "/links/{patient_id}")
+            .replace("/patients/P1", "/patients/{patient_id}")
+            .replace("/disclosures/x", "/disclosures/{id}");
+        let op = &doc["paths"][format!("/api{templated}")][method.as_str().to_lowercase()];
+        assert!(op.is_object(), "{method} {templated} undocumented");
+    }
+    // Refusals are audited.
+    let (_, trail) = admin(
+        &hub,
+        "HOSP1",
+        reqwest::Method::GET,
+        "/audit?limit=1000",
+        None,
+    )
+    .await;
+    let trail = trail.as_array().unwrap().clone();
+    assert!(trail.iter().any(|e| e["action"] == "authorize"
+        && e["outcome"] == "denied"
+        && e["codes"]["event_id"]["code"] == "110113"));
+    hub.hub.audit.flush().await;
+    let all = tsunagu::audit::trail::query(
+        hub.hub.index.pool(),
+        &tsunagu::audit::trail::Filter {
+            institution: String::new(),
+            limit: 10_000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let failures = all
+        .iter()
+        .filter(|e| e.sequenced.event.action == tsunagu::audit::Action::Authenticate)
+        .count();
+    assert_eq!(failures, api_routes().len() * bad_tokens.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn break_glass_is_off_unless_configured_time_boxed_and_audited() {
+    let Some(off) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let body =
+        json!({"patient_id": "A-H1", "institution": "HOSP1", "reason": "unconscious in the ER"});
+    let (st, _) = api(
+        &off,
+        "HOSP3",
+        Role::Clinician,
+        reqwest::Method::POST,
+        "/break-glass",
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(st, 403);
+    drop(off);
+
+    let Some(hub) = TestHub::start_with(Backend::Local, |c| {
+        c.access.break_glass = true;
+        c.access.break_glass_hours = 4;
+    })
+    .await
+    else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let Some(s1) = make_study(work.path(), "ct16_explicit_le.dcm", "A-H1", 11) else {
+        return;
+    };
+    if common::dcmtk("storescu").is_none() {
+        return;
+    }
+    push(&hub, "HOSP1", &s1);
+    let path = format!("/dicom-web/studies/{}/metadata", s1.study);
+    assert_eq!(
+        get(&hub, "HOSP3", &path, "application/dicom+json").await.0,
+        404
+    );
+    let (st, _) = api(
+        &hub,
+        "HOSP3",
+        Role::Clinician,
+        reqwest::Method::POST,
+        "/break-glass",
+        Some(json!({"patient_id": "A-H1", "institution": "HOSP1", "reason": ""})),
+    )
+    .await;
+    assert_eq!(st, 400, "a reason is required");
+    let (st, grant) = api(
+        &hub,
+        "HOSP3",
+        Role::Clinician,
+        reqwest::Method::POST,
+        "/break-glass",
+        Some(body),
+    )
+    .await;
+    assert_eq!(st, 201, "{grant}");
+    // The user who broke the glass sees the patient, as stored (no link).
+    let (st, meta) = get(&hub, "HOSP3", &path, "application/dicom+json").await;
+    assert_eq!(st, 200);
+    let meta: Value = serde_json::from_slice(&meta).unwrap();
+    assert_eq!(meta[0]["00100020"]["Value"][0], "A-H1");
+    let (found, _) = qido(&hub, "HOSP3", "studies?PatientID=A-H1").await;
+    assert_eq!(studies_of(&found), vec![s1.study.clone()]);
+    // Nobody else does.
+    let colleague = tsunagu::auth::mint(
+        &hub.hub.config.auth,
+        "HOSP3",
+        "colleague",
+        Role::Clinician,
+        std::time::Duration::from_secs(600),
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let r = client()
+        .get(format!("{}{path}", hub.http()))
+        .bearer_auth(colleague)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        get(&hub, "HOSP2", &path, "application/dicom+json").await.0,
+        404
+    );
+    // Time-boxed.
+    hub.hub
+        .clock
+        .advance(chrono::Duration::hours(4) + chrono::Duration::seconds(1));
+    assert_eq!(
+        get(&hub, "HOSP3", &path, "application/dicom+json").await.0,
+        404
+    );
+    hub.hub.clock.set(None);
+    // Audited as an emergency override, visible to the owner.
+    let (_, trail) = admin(
+        &hub,
+        "HOSP1",
+        reqwest::Method::GET,
+        "/audit?patient_id=A-H1",
+        None,
+    )
+    .await;
+    let bg = trail
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "break-glass")
+        .cloned()
+        .unwrap();
+    assert_eq!(bg["user"], "user-of-HOSP3");
+    assert_eq!(bg["codes"]["event_type"]["code"], "110127");
+    assert_eq!(bg["detail"]["reason"], "unconscious in the ER");
+}

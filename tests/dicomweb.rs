@@ -5,38 +5,12 @@
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::Value;
-use tsunagu::auth::{Claims, Role};
+use tsunagu::auth::Role;
 
-use crate::common::{self, Backend, TEST_ORIGIN, TEST_SECRET, TestHub};
+use crate::common::{self, Backend, TEST_ORIGIN, TEST_SECRET, TestHub, claims, forged};
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
-}
-
-/// A signed token with arbitrary claims and secret.
-fn forged(claims: &Claims, secret: &str) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
-}
-
-fn claims(inst: &str, role: Role) -> Claims {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    Claims {
-        sub: "someone".into(),
-        inst: inst.into(),
-        role,
-        iss: "tsunagu".into(),
-        aud: "tsunagu".into(),
-        exp: now + 600,
-        iat: now,
-    }
 }
 
 const CT: &str = "ct16_explicit_le.dcm";

@@ -210,6 +210,32 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A signed token with arbitrary claims and secret.
+pub fn forged(claims: &tsunagu::auth::Claims, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn claims(inst: &str, role: Role) -> tsunagu::auth::Claims {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    tsunagu::auth::Claims {
+        sub: "someone".into(),
+        inst: inst.into(),
+        role,
+        iss: "tsunagu".into(),
+        aud: "tsunagu".into(),
+        exp: now + 600,
+        iat: now,
+    }
+}
+
 /// The HS256 secret of test hubs.
 pub const TEST_SECRET: &str = "test-secret-0123456789abcdef";
 /// The one browser origin test hubs allow.
