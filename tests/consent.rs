@@ -15,15 +15,15 @@ use crate::common::{self, Backend, TestHub};
 
 /// One of patient A's studies at a hospital: a copy of a corpus file with
 /// the hospital's patient ID and fresh UIDs.
-struct Study {
-    file: PathBuf,
-    ts: String,
-    study: String,
-    series: String,
-    sop: String,
+pub(crate) struct Study {
+    pub file: PathBuf,
+    pub ts: String,
+    pub study: String,
+    pub series: String,
+    pub sop: String,
 }
 
-fn make_study(dir: &Path, corpus: &str, patient_id: &str, n: u32) -> Option<Study> {
+pub(crate) fn make_study(dir: &Path, corpus: &str, patient_id: &str, n: u32) -> Option<Study> {
     let src = common::testdata_dir()?.join("files").join(corpus);
     let mut obj = dicom_object::open_file(&src).unwrap();
     let root = format!("2.25.{}", 990_000_000u64 + u64::from(n));
@@ -59,18 +59,23 @@ fn make_study(dir: &Path, corpus: &str, patient_id: &str, n: u32) -> Option<Stud
     })
 }
 
-fn push(hub: &TestHub, calling: &str, s: &Study) {
+pub(crate) fn push(hub: &TestHub, calling: &str, s: &Study) {
     let flag = common::storescu_flag(&s.ts).unwrap();
     let (ok, log) = common::storescu(hub.port(), calling, flag, std::slice::from_ref(&s.file));
     assert!(ok, "storescu as {calling} failed: {log}");
 }
 
-fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
 /// GET as a clinician of `inst`: status, body.
-async fn get(hub: &TestHub, inst: &str, path: &str, accept: &str) -> (StatusCode, Vec<u8>) {
+pub(crate) async fn get(
+    hub: &TestHub,
+    inst: &str,
+    path: &str,
+    accept: &str,
+) -> (StatusCode, Vec<u8>) {
     let r = client()
         .get(format!("{}{path}", hub.http()))
         .bearer_auth(hub.token(inst, Role::Clinician))
@@ -82,7 +87,7 @@ async fn get(hub: &TestHub, inst: &str, path: &str, accept: &str) -> (StatusCode
 }
 
 /// QIDO as a clinician of `inst`: the results and the Warning headers.
-async fn qido(hub: &TestHub, inst: &str, query: &str) -> (Vec<Value>, Vec<String>) {
+pub(crate) async fn qido(hub: &TestHub, inst: &str, query: &str) -> (Vec<Value>, Vec<String>) {
     let r = client()
         .get(format!("{}/dicom-web/{query}", hub.http()))
         .bearer_auth(hub.token(inst, Role::Clinician))
@@ -110,7 +115,7 @@ async fn qido(hub: &TestHub, inst: &str, query: &str) -> (Vec<Value>, Vec<String
     (items, warnings)
 }
 
-fn studies_of(items: &[Value]) -> Vec<String> {
+pub(crate) fn studies_of(items: &[Value]) -> Vec<String> {
     let mut v: Vec<String> = items
         .iter()
         .map(|i| i["0020000D"]["Value"][0].as_str().unwrap().to_string())
@@ -120,7 +125,7 @@ fn studies_of(items: &[Value]) -> Vec<String> {
 }
 
 /// Call the admin API as `role` of `inst`.
-async fn api(
+pub(crate) async fn api(
     hub: &TestHub,
     inst: &str,
     role: Role,
@@ -140,7 +145,7 @@ async fn api(
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
-async fn admin(
+pub(crate) async fn admin(
     hub: &TestHub,
     inst: &str,
     method: reqwest::Method,
@@ -965,4 +970,215 @@ async fn break_glass_is_off_unless_configured_time_boxed_and_audited() {
     assert_eq!(bg["user"], "user-of-HOSP3");
     assert_eq!(bg["codes"]["event_type"]["code"], "110127");
     assert_eq!(bg["detail"]["reason"], "unconscious in the ER");
+}
+
+fn well_formed_xml(xml: &str) -> bool {
+    let Some(py) = common::python_with("xml.dom.minidom") else {
+        return true;
+    };
+    let mut child = std::process::Command::new(py)
+        .args([
+            "-c",
+            "import sys, xml.dom.minidom; xml.dom.minidom.parseString(sys.stdin.buffer.read())",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    child.wait().unwrap().success()
+}
+
+/// Check one RFC 5424 record carrying a PS3.15 audit message of a query.
+fn check_query_record(record: &str) {
+    assert!(record.starts_with("<85>1 "), "{record}");
+    assert!(
+        record.contains(" tsunagu ") && record.contains(" IHE+RFC-3881 - "),
+        "{record}"
+    );
+    let xml = record.split_once('\u{feff}').unwrap().1;
+    assert!(well_formed_xml(xml), "{xml}");
+    assert!(
+        xml.contains("<EventID csd-code=\"110112\" codeSystemName=\"DCM\""),
+        "{xml}"
+    );
+    assert!(xml.contains("UserID=\"user-of-HOSP1\""), "{xml}");
+    assert!(xml.contains("ParticipantObjectID=\"A-H1\""), "{xml}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn audit_messages_reach_a_syslog_collector_over_udp() {
+    let collector = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = collector.local_addr().unwrap().port();
+    let Some(hub) = TestHub::start_with(Backend::Local, |c| {
+        c.audit.syslog = Some(format!("udp://127.0.0.1:{port}"));
+    })
+    .await
+    else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let Some(s) = make_study(work.path(), "ct16_explicit_le.dcm", "A-H1", 21) else {
+        return;
+    };
+    hub.import("HOSP1", vec![s.file.clone()]).await;
+    qido(&hub, "HOSP1", "studies?PatientID=A-H1").await;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), collector.recv(&mut buf))
+            .await
+            .expect("an audit datagram")
+            .unwrap();
+        let record = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if record.contains("110112") {
+            check_query_record(&record);
+            break;
+        }
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> bool {
+    std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn audit_messages_reach_a_syslog_collector_over_tls() {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::AsyncReadExt;
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    let made = openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test audit CA",
+        ],
+    ) && openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    ) && std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .is_ok()
+        && openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ],
+        );
+    if !made {
+        common::skip("openssl could not make test certificates");
+        return;
+    }
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(d.join("server.pem"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(d.join("server.key")).unwrap();
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        tokio_rustls::rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        // RFC 5425 framing: MSG-LEN SP SYSLOG-MSG.
+        loop {
+            let mut len = Vec::new();
+            loop {
+                let b = tls.read_u8().await.unwrap();
+                if b == b' ' {
+                    break;
+                }
+                len.push(b);
+            }
+            let n: usize = String::from_utf8(len).unwrap().parse().unwrap();
+            let mut msg = vec![0u8; n];
+            tls.read_exact(&mut msg).await.unwrap();
+            let _ = tx.send(String::from_utf8(msg).unwrap());
+        }
+    });
+    let ca = d.join("ca.pem");
+    let Some(hub) = TestHub::start_with(Backend::Local, |c| {
+        c.audit.syslog = Some(format!("tls://localhost:{port}"));
+        c.audit.syslog_ca_file = Some(ca);
+    })
+    .await
+    else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let Some(s) = make_study(work.path(), "ct16_explicit_le.dcm", "A-H1", 22) else {
+        return;
+    };
+    hub.import("HOSP1", vec![s.file.clone()]).await;
+    qido(&hub, "HOSP1", "studies?PatientID=A-H1").await;
+    loop {
+        let record = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an audit record over TLS")
+            .unwrap();
+        if record.contains("110112") {
+            check_query_record(&record);
+            break;
+        }
+    }
 }

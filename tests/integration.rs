@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod common;
 mod consent;
+mod consent_model;
 mod dicomweb;
 mod dicomweb_peers;
 mod dimse;
