@@ -4,7 +4,11 @@
 //! only the object store is skipped (QIDO and metadata never read it).
 //! Writes a `manifest.json` that `../shared/bench/scale_qido.py` reads.
 //!
-//!   cargo run --release --example seed_index -- CONFIG.toml OUT_DIR STUDIES [INSTITUTION]
+//!   cargo run --release --example seed_index -- CONFIG.toml OUT_DIR STUDIES [INSTITUTIONS [PATIENTS]]
+//!
+//! INSTITUTIONS is one code or a comma-separated list (patients are dealt
+//! out among them in turn, each under its institution's code as issuer);
+//! PATIENTS defaults to 3/5 of STUDIES.
 //!
 //! One series of 5 instances per study (as scale_qido's 100,000-instance
 //! corpus), plus one study of 1,000 instances (`big_study_uid` in the manifest)
@@ -83,6 +87,7 @@ impl Rng {
 }
 
 struct Study {
+    institution: String,
     patient_id: String,
     name: String,
     birth: String,
@@ -127,7 +132,7 @@ fn instance_bytes(s: &Study, n: usize, sop_uid: &str) -> Vec<u8> {
         (tags::SERIES_DESCRIPTION, VR::LO, "seed"),
         (tags::PATIENT_NAME, VR::PN, &s.name),
         (tags::PATIENT_ID, VR::LO, &s.patient_id),
-        (tags::ISSUER_OF_PATIENT_ID, VR::LO, "SEED-HOSP"),
+        (tags::ISSUER_OF_PATIENT_ID, VR::LO, &s.institution),
         (tags::PATIENT_BIRTH_DATE, VR::DA, &s.birth),
         (tags::PATIENT_SEX, VR::CS, s.sex),
         (tags::STUDY_INSTANCE_UID, VR::UI, &s.study_uid),
@@ -175,18 +180,25 @@ fn instance_bytes(s: &Study, n: usize, sop_uid: &str) -> Vec<u8> {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 4 {
-        eprintln!("usage: seed_index CONFIG.toml OUT_DIR STUDIES [INSTITUTION]");
+        eprintln!("usage: seed_index CONFIG.toml OUT_DIR STUDIES [INSTITUTIONS [PATIENTS]]");
         std::process::exit(2);
     }
     let config = Config::load(Some(std::path::Path::new(&args[1]))).expect("config");
     let out_dir = std::path::PathBuf::from(&args[2]);
     let n_studies: usize = args[3].parse().expect("number of studies");
-    let institution = args.get(4).cloned().unwrap_or_else(|| "BENCH".into());
+    let institutions: Vec<String> = args
+        .get(4)
+        .map(|s| s.split(',').map(str::to_string).collect())
+        .unwrap_or_else(|| vec!["BENCH".into()]);
     std::fs::create_dir_all(&out_dir).expect("out dir");
     let index = Index::connect(&config.index).await.expect("index");
 
     let mut rng = Rng(20241125);
-    let n_patients = (n_studies * 3 / 5).max(1);
+    let n_patients = args
+        .get(5)
+        .map(|p| p.parse().expect("number of patients"))
+        .unwrap_or(n_studies * 3 / 5)
+        .max(1);
     let patients: Vec<(String, String, String, &str)> = (0..n_patients)
         .map(|i| {
             let (sr, sk, sh) = SURNAMES[rng.below(SURNAMES.len() as u64) as usize];
@@ -208,12 +220,14 @@ async fn main() {
     let uid = |kind: &str, i: usize| format!("2.25.9{}{:012}", kind, i);
     let mut studies = Vec::with_capacity(n_studies + 1);
     for i in 0..=n_studies {
-        let p = if i < n_patients {
-            &patients[i]
+        let patient_index = if i < n_patients {
+            i
         } else {
-            &patients[rng.below(n_patients as u64) as usize]
+            rng.below(n_patients as u64) as usize
         };
+        let p = &patients[patient_index];
         studies.push(Study {
+            institution: institutions[patient_index % institutions.len()].clone(),
             patient_id: p.0.clone(),
             name: p.1.clone(),
             birth: p.2.clone(),
@@ -239,13 +253,11 @@ async fn main() {
     for si in 0..studies.len() {
         for n in 0..studies[si].instances {
             sop += 1;
-            let (studies, index, institution) =
-                (studies.clone(), index.clone(), institution.clone());
+            let (studies, index) = (studies.clone(), index.clone());
             let sop_uid = uid("3", sop);
             tasks.spawn(async move {
                 let entry = tokio::task::spawn_blocking({
                     let studies = studies.clone();
-                    let institution = institution.clone();
                     move || {
                         let s = &studies[si];
                         let bytes = instance_bytes(s, n, &sop_uid);
@@ -258,8 +270,8 @@ async fn main() {
                                 .expect("parse");
                         let summary = InstanceSummary::from_parsed(&parsed).expect("summary");
                         IndexEntry {
-                            institution: institution.clone(),
-                            issuer: "SEED-HOSP".into(),
+                            institution: s.institution.clone(),
+                            issuer: s.institution.clone(),
                             summary,
                             transfer_syntax: "1.2.840.10008.1.2.1".into(),
                             object_key: format!("seed/{sop_uid}.dcm"),
