@@ -64,7 +64,10 @@ async fn seed_records(index: &Index) {
         by_inst.entry(p.0.clone()).or_default().push(p);
     }
     let insts: Vec<String> = by_inst.keys().cloned().collect();
-    assert!(insts.len() >= 3, "seed the index over at least 3 institutions");
+    assert!(
+        insts.len() >= 3,
+        "seed the index over at least 3 institutions"
+    );
     let mut rng = Rng(5);
     for list in by_inst.values_mut() {
         // Shuffle, then take from the front: each patient linked at most once.
@@ -92,7 +95,10 @@ async fn seed_records(index: &Index) {
     }
     let now = chrono::Utc::now();
     let stamp = |d: chrono::Duration| tsunagu::clock::stamp(now + d);
-    let mut tx = index.begin_records().await.expect("tx");
+    let mut tx = index
+        .begin_records(tsunagu::index::RecordLock::Consent)
+        .await
+        .expect("tx");
     for (r, members) in records.iter().enumerate() {
         sqlx::query("INSERT INTO identity_record (id, created_at) VALUES ($1, $2)")
             .bind(r as i64 + 1)
@@ -208,43 +214,95 @@ async fn main() {
     .await
     .expect("an unlinked patient")
     .get(0);
-    let own_study: String = sqlx::query(
-        "SELECT study_uid FROM study WHERE institution = $1 ORDER BY id DESC LIMIT 1",
-    )
-    .bind(&caller)
-    .fetch_one(pool)
-    .await
-    .expect("own study")
-    .get(0);
+    let own_study: String =
+        sqlx::query("SELECT study_uid FROM study WHERE institution = $1 ORDER BY id DESC LIMIT 1")
+            .bind(&caller)
+            .fetch_one(pool)
+            .await
+            .expect("own study")
+            .get(0);
     let single = |a, v: &str| (a, Matcher::Single(v.to_string()));
     let queries: Vec<(&str, Search)> = vec![
-        ("PatientID own, linked+disclosed", study_search(vec![single(Attr::PatientId, &own_linked)], 100)),
-        ("PatientID own, unlinked", study_search(vec![single(Attr::PatientId, &own_plain)], 100)),
-        ("PatientName=YAMA*", study_search(vec![(Attr::PatientName, Matcher::Wildcard("YAMA*".into()))], 100)),
-        ("StudyDate day", study_search(vec![single(Attr::StudyDate, "20240101")], 100)),
+        (
+            "PatientID own, linked+disclosed",
+            study_search(vec![single(Attr::PatientId, &own_linked)], 100),
+        ),
+        (
+            "PatientID own, unlinked",
+            study_search(vec![single(Attr::PatientId, &own_plain)], 100),
+        ),
+        (
+            "PatientName=YAMA*",
+            study_search(
+                vec![(Attr::PatientName, Matcher::Wildcard("YAMA*".into()))],
+                100,
+            ),
+        ),
+        (
+            "StudyDate day",
+            study_search(vec![single(Attr::StudyDate, "20240101")], 100),
+        ),
         (
             "StudyDate month",
             study_search(
-                vec![(Attr::StudyDate, Matcher::Range(Some("20230101".into()), Some("20230131".into())))],
+                vec![(
+                    Attr::StudyDate,
+                    Matcher::Range(Some("20230101".into()), Some("20230131".into())),
+                )],
                 100,
             ),
         ),
         ("all studies (OHIF list)", study_search(vec![], 101)),
-        ("ModalitiesInStudy=MR", study_search(vec![single(Attr::ModalitiesInStudy, "MR")], 100)),
-        ("StudyInstanceUID own", study_search(vec![single(Attr::StudyInstanceUid, &own_study)], 100)),
-        ("StudyInstanceUID disclosed", study_search(vec![single(Attr::StudyInstanceUid, &foreign_study)], 100)),
+        (
+            "ModalitiesInStudy=MR",
+            study_search(vec![single(Attr::ModalitiesInStudy, "MR")], 100),
+        ),
+        (
+            "StudyInstanceUID own",
+            study_search(vec![single(Attr::StudyInstanceUid, &own_study)], 100),
+        ),
+        (
+            "StudyInstanceUID disclosed",
+            study_search(vec![single(Attr::StudyInstanceUid, &foreign_study)], 100),
+        ),
     ];
     let issuer = caller.clone();
     let scopes: Vec<(&str, Scope)> = vec![
-        ("consent", Scope::consented(&caller, &issuer, chrono::Utc::now(), Vec::new())),
+        (
+            "consent",
+            Scope::consented(&caller, &issuer, chrono::Utc::now(), Vec::new()),
+        ),
         ("own only", Scope::institution(&caller)),
         ("unfiltered", Scope::unrestricted_for_audit()),
     ];
-    println!("caller {caller}; {rounds} rounds x {runs} runs; in-process index searches; ms, medians over rounds");
-    println!("{:38} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>6}",
-        "query", "p50 cons", "p99 cons", "p50 own", "p99 own", "p50 all", "p99 all",
-        "50 c/o", "99 c/o", "50 c/a", "99 c/a", "hits");
+    println!(
+        "caller {caller}; {rounds} rounds x {runs} runs; in-process index searches; ms, medians over rounds"
+    );
+    println!(
+        "{:38} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>6}",
+        "query",
+        "p50 cons",
+        "p99 cons",
+        "p50 own",
+        "p99 own",
+        "p50 all",
+        "p99 all",
+        "50 c/o",
+        "99 c/o",
+        "50 c/a",
+        "99 c/a",
+        "hits"
+    );
     let mut report = Vec::new();
+    if std::env::var("BENCH_EXPLAIN").is_ok() {
+        for (title, search) in &queries {
+            for (name, scope) in &scopes {
+                let plan = index.explain(search, scope).await.expect("plan");
+                println!("-- {title} / {name}\n{}", plan.join("\n"));
+            }
+        }
+        return;
+    }
     for (title, search) in &queries {
         let mut stats: BTreeMap<&str, (Vec<f64>, Vec<f64>, usize)> = BTreeMap::new();
         for _ in 0..rounds {
@@ -282,7 +340,10 @@ async fn main() {
         let (a50, a99, _) = get("unfiltered");
         println!(
             "{title:38} {c50:8.3} {c99:8.3} {o50:8.3} {o99:8.3} {a50:8.3} {a99:8.3} {:7.2} {:7.2} {:7.2} {:7.2} {ch:>6}",
-            c50 / o50, c99 / o99, c50 / a50, c99 / a99
+            c50 / o50,
+            c99 / o99,
+            c50 / a50,
+            c99 / a99
         );
         report.push(serde_json::json!({
             "query": title, "hits_consent": ch,

@@ -1122,9 +1122,35 @@ async fn plans_use_indexes(backend: Backend) {
     let Some(hub) = TestHub::start(backend).await else {
         return;
     };
-    let scope = tsunagu::index::search::Scope::institution("HOSP1");
-    for (name, search) in scale_queries() {
-        let plan = hub.hub.index.explain(&search, &scope).await.unwrap();
+    use tsunagu::index::search::{GrantedPatient, Scope};
+    let now = chrono::Utc::now();
+    let grant = GrantedPatient {
+        institution: "HOSP2".into(),
+        issuer: "HOSP2".into(),
+        patient_id: "P".into(),
+    };
+    // A break-glass grant is tested per study (an emergency, rare and
+    // time-boxed): its plans only need to be valid.
+    for (_, search) in scale_queries() {
+        let with_grant = Scope::consented("HOSP1", "HOSP1", now, vec![grant.clone()]);
+        assert!(
+            !hub.hub
+                .index
+                .explain(&search, &with_grant)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    let scopes = [
+        Scope::institution("HOSP1"),
+        Scope::consented("HOSP1", "HOSP1", now, Vec::new()),
+    ];
+    for (scope, (name, search)) in scopes
+        .iter()
+        .flat_map(|sc| scale_queries().into_iter().map(move |q| (sc, q)))
+    {
+        let plan = hub.hub.index.explain(&search, scope).await.unwrap();
         let text = plan.join("\n");
         for line in &plan {
             let l = line.trim();
@@ -1133,7 +1159,10 @@ async fn plans_use_indexes(backend: Backend) {
             let full_scan =
                 (l.starts_with("SCAN ") && !l.contains(" USING ") && !l.starts_with("SCAN page"))
                     || l.contains("Seq Scan");
-            assert!(!full_scan, "{backend:?} {name}: full scan in\n{text}");
+            assert!(
+                !full_scan,
+                "{backend:?} {name} {scope:?}: full scan in\n{text}"
+            );
         }
     }
 }

@@ -14,7 +14,7 @@ use sqlx::Row;
 
 use super::{Institution, Institutions};
 use crate::clock::stamp;
-use crate::index::{Index, IndexError};
+use crate::index::{Index, IndexError, RecordLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -179,6 +179,75 @@ async fn record_of(
     .map(|r| r.get(0)))
 }
 
+type LinkKey = (String, String, String);
+
+/// Every (institution, issuer, patient ID) linked to `record`.
+async fn links_of(c: &mut sqlx::AnyConnection, record: i64) -> Result<Vec<LinkKey>, RecordError> {
+    Ok(
+        sqlx::query("SELECT institution, issuer, patient_id FROM patient_link WHERE record = $1")
+            .bind(record)
+            .fetch_all(&mut *c)
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect(),
+    )
+}
+
+/// Rewrite the 'disclosed' rows of `study_access` for the studies of
+/// `patients` from the links and disclosures as they now are (the index's
+/// derived view of the rule; see migration 0004).
+async fn refresh_access(
+    c: &mut sqlx::AnyConnection,
+    patients: &[LinkKey],
+) -> Result<(), RecordError> {
+    if patients.is_empty() {
+        return Ok(());
+    }
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        format!("${n}")
+    };
+    let keys: Vec<String> = patients
+        .iter()
+        .map(|_| {
+            format!(
+                "(p.institution = {} AND p.issuer = {} AND p.patient_id = {})",
+                next(),
+                next(),
+                next()
+            )
+        })
+        .collect();
+    let keys = keys.join(" OR ");
+    let delete = format!(
+        "DELETE FROM study_access WHERE kind = 'disclosed' AND study_ref IN \
+         (SELECT st.id FROM study st JOIN patient p ON p.id = st.patient_ref WHERE {keys})"
+    );
+    let insert = format!(
+        "INSERT INTO study_access (study_ref, institution, expires_at, kind) \
+         SELECT st.id, d.to_institution, \
+         CASE WHEN COUNT(*) > COUNT(d.expires_at) THEN NULL ELSE MAX(d.expires_at) END, 'disclosed' \
+         FROM patient p JOIN study st ON st.patient_ref = p.id \
+         JOIN patient_link sl ON sl.institution = p.institution AND sl.issuer = p.issuer \
+         AND sl.patient_id = p.patient_id \
+         JOIN disclosure d ON d.record = sl.record AND d.from_institution = sl.institution \
+         AND d.revoked_at IS NULL \
+         WHERE ({keys}) AND EXISTS (SELECT 1 FROM patient_link tl WHERE tl.record = sl.record \
+         AND tl.institution = d.to_institution) \
+         GROUP BY st.id, d.to_institution"
+    );
+    for sql in [delete, insert] {
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (i, s, p) in patients {
+            q = q.bind(i.clone()).bind(s.clone()).bind(p.clone());
+        }
+        q.execute(&mut *c).await?;
+    }
+    Ok(())
+}
+
 impl Records<'_> {
     /// Link `inst`'s `patient_id` to a new identity record, or to the
     /// record holding `join` (another institution's code and patient ID) if
@@ -193,7 +262,7 @@ impl Records<'_> {
     ) -> Result<Link, RecordError> {
         let patient_id = valid_patient_id(patient_id)?;
         let now_s = stamp(now);
-        let mut tx = self.index.begin_records().await?;
+        let mut tx = self.index.begin_records(RecordLock::Consent).await?;
         if record_of(&mut tx, inst, patient_id).await?.is_some() {
             return Err(RecordError::Conflict(format!(
                 "patient ID {patient_id} is already linked; unlink it first"
@@ -247,6 +316,8 @@ impl Records<'_> {
         .bind(&now_s)
         .execute(&mut *tx)
         .await?;
+        let affected = links_of(&mut tx, record).await?;
+        refresh_access(&mut tx, &affected).await?;
         tx.commit().await?;
         Ok(Link {
             institution: inst.code.clone(),
@@ -268,10 +339,11 @@ impl Records<'_> {
         now: DateTime<Utc>,
     ) -> Result<Vec<String>, RecordError> {
         let now_s = stamp(now);
-        let mut tx = self.index.begin_records().await?;
+        let mut tx = self.index.begin_records(RecordLock::Consent).await?;
         let record = record_of(&mut tx, inst, patient_id.trim())
             .await?
             .ok_or(RecordError::NotFound)?;
+        let affected = links_of(&mut tx, record).await?;
         sqlx::query(
             "DELETE FROM patient_link WHERE institution = $1 AND issuer = $2 AND patient_id = $3",
         )
@@ -311,6 +383,7 @@ impl Records<'_> {
             .execute(&mut *tx)
             .await?;
         }
+        refresh_access(&mut tx, &affected).await?;
         tx.commit().await?;
         Ok(revoked)
     }
@@ -407,7 +480,7 @@ impl Records<'_> {
             ));
         }
         let now_s = stamp(now);
-        let mut tx = self.index.begin_records().await?;
+        let mut tx = self.index.begin_records(RecordLock::Consent).await?;
         let record = record_of(&mut tx, inst, d.patient_id.trim())
             .await?
             .ok_or(RecordError::NotFound)?;
@@ -429,6 +502,8 @@ impl Records<'_> {
         .bind(&now_s)
         .execute(&mut *tx)
         .await?;
+        let affected = links_of(&mut tx, record).await?;
+        refresh_access(&mut tx, &affected).await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {DISCLOSURE_COLS} FROM disclosure d WHERE d.id = $1"
         )))
@@ -448,7 +523,7 @@ impl Records<'_> {
         now: DateTime<Utc>,
     ) -> Result<Disclosure, RecordError> {
         let now_s = stamp(now);
-        let mut tx = self.index.begin_records().await?;
+        let mut tx = self.index.begin_records(RecordLock::Consent).await?;
         let sql = format!(
             "SELECT {DISCLOSURE_COLS} FROM disclosure d WHERE d.id = $1 AND d.from_institution = $2"
         );
@@ -469,6 +544,13 @@ impl Records<'_> {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        let record: i64 = sqlx::query("SELECT record FROM disclosure WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?
+            .get(0);
+        let affected = links_of(&mut tx, record).await?;
+        refresh_access(&mut tx, &affected).await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id)
             .bind(&inst.code)
@@ -558,7 +640,7 @@ impl Records<'_> {
             granted_at: stamp(now),
             expires_at: stamp(now + chrono::Duration::hours(i64::from(hours))),
         };
-        let mut tx = self.index.begin_records().await?;
+        let mut tx = self.index.begin_records(RecordLock::Consent).await?;
         sqlx::query(
             "INSERT INTO break_glass (id, user_name, institution, patient_institution, \
              patient_issuer, patient_id, reason, granted_at, expires_at) \

@@ -64,7 +64,7 @@ pub fn hash(prev: &str, seq: i64, e: &Event) -> String {
 
 /// Append `events` in one transaction; what was written.
 pub async fn append(index: &Index, events: &[Event]) -> Result<Vec<Sequenced>, IndexError> {
-    let mut tx = index.begin_records().await?;
+    let mut tx = index.begin_records(crate::index::RecordLock::Audit).await?;
     let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
         .fetch_one(&mut *tx)
         .await?;

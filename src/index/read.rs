@@ -50,6 +50,15 @@ impl Row {
         self.opt_int(i).unwrap_or_default()
     }
 
+    /// Number of columns.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn opt_int(&self, i: usize) -> Option<i64> {
         match self.0.get(i)? {
             SqlValue::Int(n) => Some(*n),

@@ -96,20 +96,13 @@ impl Scope {
             return format!("st.institution = {t}");
         }
         let now = q.bind_text(&self.now);
-        // Correlated: evaluated only for the candidate rows of other
-        // institutions, one index probe per table.
-        let mut alts = vec![
-            format!("st.institution = {t}"),
-            format!(
-                "EXISTS (SELECT 1 FROM patient vp \
-                 JOIN patient_link vl ON vl.institution = vp.institution AND vl.issuer = vp.issuer \
-                 AND vl.patient_id = vp.patient_id \
-                 JOIN disclosure vd ON vd.record = vl.record AND vd.from_institution = vl.institution \
-                 JOIN patient_link vt ON vt.record = vl.record \
-                 WHERE vp.id = st.patient_ref AND vd.to_institution = {t} AND vd.revoked_at IS NULL \
-                 AND (vd.expires_at IS NULL OR vd.expires_at > {now}) AND vt.institution = {t})"
-            ),
-        ];
+        // The rule, precomputed per study (`study_access`, kept by the index
+        // writer and every change of links and disclosures); only expiry is
+        // left to the moment of the query.
+        let mut alts = vec![format!(
+            "EXISTS (SELECT 1 FROM study_access sa WHERE sa.study_ref = st.id \
+             AND sa.institution = {t} AND (sa.expires_at IS NULL OR sa.expires_at > {now}))"
+        )];
         for g in &self.grants {
             let (gi, gs, gp) = (
                 q.bind_text(&g.institution),
@@ -126,6 +119,20 @@ impl Scope {
             ));
         }
         format!("({})", alts.join(" OR "))
+    }
+
+    /// Whether searches join the caller's access rows (alias `sa`) instead of
+    /// testing each study: under the consent rule, with no break-glass grant
+    /// (grants are tested per study).
+    fn walks_access(&self) -> bool {
+        self.consent && self.grants.is_empty()
+    }
+
+    /// The condition on the joined access row `sa`.
+    fn access_row_condition(&self, q: &mut Sql) -> String {
+        let t = q.bind_text(&self.institution);
+        let now = q.bind_text(&self.now);
+        format!("sa.institution = {t} AND (sa.expires_at IS NULL OR sa.expires_at > {now})")
     }
 
     /// Whether patient row alias `p` (of another institution) is linked to
@@ -914,13 +921,23 @@ fn from(level: Level) -> &'static str {
 }
 
 /// FROM clause for choosing and counting: the conditions never refer to the outer
-/// patient row (patient keys are a subquery), so the join is left out.
-fn from_without_patient(level: Level) -> &'static str {
-    match level {
-        Level::Study => "study st",
-        Level::Series => "series se JOIN study st ON st.id = se.study_ref",
-        Level::Instance => {
+/// patient row (patient keys are a subquery), so the join is left out. Under
+/// the consent rule the caller's access rows join in (`Scope::walks_access`):
+/// a study list then walks them in study order.
+fn from_without_patient(level: Level, scope: &Scope) -> &'static str {
+    match (level, scope.walks_access()) {
+        (Level::Study, false) => "study st",
+        (Level::Series, false) => "series se JOIN study st ON st.id = se.study_ref",
+        (Level::Instance, false) => {
             "instance i JOIN series se ON se.id = i.series_ref JOIN study st ON st.id = se.study_ref"
+        }
+        (Level::Study, true) => "study_access sa JOIN study st ON st.id = sa.study_ref",
+        (Level::Series, true) => {
+            "series se JOIN study st ON st.id = se.study_ref JOIN study_access sa ON sa.study_ref = st.id"
+        }
+        (Level::Instance, true) => {
+            "instance i JOIN series se ON se.id = i.series_ref JOIN study st ON st.id = se.study_ref \
+             JOIN study_access sa ON sa.study_ref = st.id"
         }
     }
 }
@@ -928,7 +945,11 @@ fn from_without_patient(level: Level) -> &'static str {
 /// WHERE clause: scope, path, matching keys. Keys below the level become
 /// EXISTS conditions (a study matches if one of its series does).
 fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
-    let mut conds = vec![scope.condition(q)];
+    let mut conds = vec![if scope.walks_access() {
+        scope.access_row_condition(q)
+    } else {
+        scope.condition(q)
+    }];
     if let Some(u) = &s.study_uid {
         conds.push(format!("st.study_uid = {}", q.bind_text(u)));
     }
@@ -1155,12 +1176,46 @@ fn page_sql(reader: &Reader, s: &Search, scope: &Scope) -> (String, Sql) {
     // The page is chosen on ids alone (no patient join, index order), and
     // only its rows are then joined and read: a deep `offset` skips index
     // entries, not joined rows.
+    // How the caller sees another institution's patient (its own patient
+    // ID in the same identity record: the one searched by, else the least),
+    // for the page's rows only.
+    let presented = if scope.consent {
+        let (t1, t2) = (
+            q.bind_text(&scope.institution),
+            q.bind_text(&scope.institution),
+        );
+        let preferred = s.keys.iter().find_map(|(a, m)| match (a, m) {
+            (Attr::PatientId, Matcher::Single(v)) => Some(v.clone()),
+            _ => None,
+        });
+        let first = match preferred {
+            Some(v) => format!(
+                "CASE WHEN tl.patient_id = {} THEN 0 ELSE 1 END, ",
+                q.bind_text(&v)
+            ),
+            None => String::new(),
+        };
+        format!(
+            ", CASE WHEN page.institution <> {t1} THEN (SELECT tl.patient_id FROM patient_link sl \
+             JOIN patient_link tl ON tl.record = sl.record WHERE sl.institution = page.institution \
+             AND sl.issuer = page.issuer AND sl.patient_id = page.patient_id AND tl.institution = {t2} \
+             ORDER BY {first}tl.patient_id LIMIT 1) END"
+        )
+    } else {
+        String::new()
+    };
+    // Walking the access rows, studies are chosen in their order (the same ids).
+    let inner = if s.level == Level::Study && scope.walks_access() {
+        "sa.study_ref"
+    } else {
+        order
+    };
     let sql = format!(
-        "SELECT page.*{computed} FROM (SELECT {cols}, {keys} FROM {from} WHERE {order} IN \
-         (SELECT {order} FROM {from_ids} WHERE {wh} ORDER BY {order} LIMIT {lim} OFFSET {off})) page \
+        "SELECT page.*{computed}{presented} FROM (SELECT {cols}, {keys} FROM {from} WHERE {order} IN \
+         (SELECT {inner} FROM {from_ids} WHERE {wh} ORDER BY {inner} LIMIT {lim} OFFSET {off})) page \
          ORDER BY page.{order_key}",
         from = from(s.level),
-        from_ids = from_without_patient(s.level),
+        from_ids = from_without_patient(s.level, scope),
     );
     (sql, q)
 }
@@ -1237,25 +1292,14 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
         })
         .collect();
     let mut hits = hits;
-    let keys: Vec<PatientKey> = hits
-        .iter()
-        .map(|h| {
-            (
-                h.patient.institution.clone(),
-                h.patient.issuer.clone(),
-                h.patient.patient_id.clone(),
-            )
-        })
-        .collect();
-    let preferred = s.keys.iter().find_map(|(a, m)| match (a, m) {
-        (Attr::PatientId, Matcher::Single(v)) => Some(v.as_str()),
-        _ => None,
-    });
-    let shown = presentations(reader, scope, &keys, preferred).await?;
-    if !shown.is_empty() {
-        for (h, k) in hits.iter_mut().zip(&keys) {
-            if let Some(pr) = shown.get(k) {
-                h.patient.present(pr);
+    if scope.consent {
+        // The last column: the caller's own ID for another institution's patient.
+        for (h, r) in hits.iter_mut().zip(&rows) {
+            if let Some(own) = r.opt_text(r.len() - 1) {
+                h.patient.present(&Presentation {
+                    patient_id: own,
+                    issuer: scope.issuer.clone(),
+                });
             }
         }
     }
@@ -1281,7 +1325,7 @@ async fn count(reader: &Reader, s: &Search, scope: &Scope) -> Result<u64, IndexE
     let cap = q.bind_int((s.offset + u64::from(s.limit) + COUNT_CAP).min(i64::MAX as u64) as i64);
     let sql = format!(
         "SELECT COUNT(*) FROM (SELECT 1 FROM {} WHERE {wh} LIMIT {cap}) capped",
-        from_without_patient(s.level)
+        from_without_patient(s.level, scope)
     );
     let rows = q.fetch(reader, sql).await?;
     Ok(rows.first().map(|r| r.int(0)).unwrap_or(0).max(0) as u64)

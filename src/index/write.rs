@@ -86,7 +86,7 @@ fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, IndexErro
     let conn = rusqlite::Connection::open(path)?;
     // FULL: a commit is on disk before a store is acknowledged.
     conn.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=30000; PRAGMA analysis_limit=1000;",
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=30000; PRAGMA analysis_limit=0;",
     )?;
     Ok(conn)
 }
@@ -148,9 +148,9 @@ fn run(mut target: Target, mut rx: mpsc::Receiver<Job>, generation: Arc<AtomicU6
 /// Planner statistics are refreshed (SQLite) after this many writes, then
 /// after twice as many, and so on, at least every `MAX_ANALYZE_INTERVAL`.
 const FIRST_ANALYZE: u64 = 1_000;
-const MAX_ANALYZE_INTERVAL: u64 = 200_000;
+const MAX_ANALYZE_INTERVAL: u64 = 1_000_000;
 
-/// Refresh SQLite's planner statistics (sampled: `analysis_limit`), so
+/// Refresh SQLite's planner statistics (complete: see `Index::connect`), so
 /// searches keep choosing selective indexes as the index grows. PostgreSQL's
 /// autovacuum does this itself.
 fn refresh_statistics(target: &mut Target) {
@@ -179,6 +179,14 @@ fn commit(
         }
         Target::Pool(pool, rt) => rt.block_on(async {
             let mut tx = pool.begin().await?;
+            // Shared with other writers, exclusive of consent changes (see
+            // `Index::begin_records`).
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT 1 FROM (SELECT pg_advisory_xact_lock_shared({})) l",
+                super::RecordLock::Consent as i64
+            )))
+            .execute(&mut *tx)
+            .await?;
             let r = write_batch(&mut PoolTx(&mut tx), entries, parents).await?;
             tx.commit().await?;
             Ok::<_, IndexError>(r)
@@ -497,10 +505,47 @@ trait WriteConn {
     ) -> impl Future<Output = Result<(), IndexError>>;
 }
 
-/// Insert or update the patient, study and series of `e`; the series id.
+/// The owner's access row of a study.
+const OWN_ACCESS_SQL: &str = "INSERT INTO study_access (study_ref, institution, expires_at, kind) \
+     VALUES ($1, $2, NULL, 'own') ON CONFLICT (study_ref, institution) DO NOTHING";
+
+const FORGET_DISCLOSED_SQL: &str =
+    "DELETE FROM study_access WHERE study_ref = $1 AND kind = 'disclosed'";
+
+/// The access rows the consent rules give a study of patient row $2 (as in
+/// `access::records::refresh_access`).
+const DISCLOSED_ACCESS_SQL: &str = "INSERT INTO study_access (study_ref, institution, expires_at, kind) \
+     SELECT $1, d.to_institution, \
+     CASE WHEN COUNT(*) > COUNT(d.expires_at) THEN NULL ELSE MAX(d.expires_at) END, 'disclosed' \
+     FROM patient p JOIN patient_link sl ON sl.institution = p.institution AND sl.issuer = p.issuer \
+     AND sl.patient_id = p.patient_id \
+     JOIN disclosure d ON d.record = sl.record AND d.from_institution = sl.institution \
+     AND d.revoked_at IS NULL \
+     WHERE p.id = $2 AND EXISTS (SELECT 1 FROM patient_link tl WHERE tl.record = sl.record \
+     AND tl.institution = d.to_institution) \
+     GROUP BY d.to_institution";
+
+/// Insert or update the patient, study and series of `e`, and who may see
+/// the study; the series id.
 async fn upsert_parents<C: WriteConn>(c: &mut C, e: &IndexEntry) -> Result<i64, IndexError> {
     let patient = c.returning_id(PATIENT_SQL, patient_params(e)).await?;
     let study = c.returning_id(STUDY_SQL, study_params(e, patient)).await?;
+    c.execute(
+        OWN_ACCESS_SQL,
+        vec![
+            Param::Int(Some(study)),
+            Param::Text(Some(e.institution.clone())),
+        ],
+    )
+    .await?;
+    // The study may have moved to another patient: its grants are redone.
+    c.execute(FORGET_DISCLOSED_SQL, vec![Param::Int(Some(study))])
+        .await?;
+    c.execute(
+        DISCLOSED_ACCESS_SQL,
+        vec![Param::Int(Some(study)), Param::Int(Some(patient))],
+    )
+    .await?;
     c.returning_id(SERIES_SQL, series_params(e, study)).await
 }
 
