@@ -18,25 +18,12 @@ use tsunagu::config::Config;
 use tsunagu::index::Index;
 use tsunagu::index::search::{Attr, Level, Matcher, Scope, Search};
 
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 const LINKS: usize = 30_000;
 const DISCLOSURES: usize = 20_000;
-
-/// splitmix64, as in seed_index: reproducible runs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 type Patient = (String, String, String);
 
@@ -72,7 +59,7 @@ async fn seed_records(index: &Index) {
     for list in by_inst.values_mut() {
         // Shuffle, then take from the front: each patient linked at most once.
         for i in (1..list.len()).rev() {
-            list.swap(i, rng.below(i + 1));
+            list.swap(i, rng.index(i + 1));
         }
     }
     let mut next: HashMap<String, usize> = HashMap::new();
@@ -81,7 +68,7 @@ async fn seed_records(index: &Index) {
         let mut members = Vec::new();
         let mut chosen: Vec<String> = Vec::new();
         while chosen.len() < 3 {
-            let i = &insts[rng.below(insts.len())];
+            let i = &insts[rng.index(insts.len())];
             if !chosen.contains(i) {
                 chosen.push(i.clone());
             }
@@ -122,11 +109,11 @@ async fn seed_records(index: &Index) {
         }
     }
     for n in 0..DISCLOSURES {
-        let r = rng.below(records.len());
+        let r = rng.index(records.len());
         let members = &records[r];
-        let from = rng.below(3);
-        let to = (from + 1 + rng.below(2)) % 3;
-        let kind = rng.below(10);
+        let from = rng.index(3);
+        let to = (from + 1 + rng.index(2)) % 3;
+        let kind = rng.index(10);
         let expires = match kind {
             7 => Some(stamp(chrono::Duration::days(30))),
             8 => Some(stamp(chrono::Duration::days(-1))),

@@ -26,6 +26,10 @@ use tsunagu::dicom::dataset;
 use tsunagu::dicom::summary::InstanceSummary;
 use tsunagu::index::{Index, IndexEntry};
 
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 const SURNAMES: &[(&str, &str, &str)] = &[
     ("Yamada", "山田", "やまだ"),
     ("Yamamoto", "山本", "やまもと"),
@@ -68,23 +72,6 @@ const MODALITIES: &[(&str, &str, &str)] = &[
     ("MG", "1.2.840.10008.5.1.4.1.1.1.2", "マンモグラフィ"),
     ("CT", "1.2.840.10008.5.1.4.1.1.2", "頭部CT"),
 ];
-
-/// A small deterministic generator (splitmix64), so runs are reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 struct Study {
     institution: String,

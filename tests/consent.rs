@@ -155,16 +155,51 @@ pub(crate) async fn admin(
     api(hub, inst, Role::Admin, method, path, body).await
 }
 
+/// GET an admin API path as an admin of `inst`.
+pub(crate) async fn admin_get(hub: &TestHub, inst: &str, path: &str) -> (StatusCode, Value) {
+    admin(hub, inst, reqwest::Method::GET, path, None).await
+}
+
+/// Link `inst`'s `patient_id`, to a new record or joining another's ID.
+pub(crate) async fn link(
+    hub: &TestHub,
+    inst: &str,
+    patient_id: &str,
+    join: Option<(&str, &str)>,
+) -> (StatusCode, Value) {
+    let mut body = json!({ "patient_id": patient_id });
+    if let Some((i, p)) = join {
+        body["join"] = json!({ "institution": i, "patient_id": p });
+    }
+    admin(hub, inst, reqwest::Method::POST, "/links", Some(body)).await
+}
+
+/// Disclose `inst`'s `patient_id` to `to`, consented at `consented`.
+pub(crate) async fn disclose(
+    hub: &TestHub,
+    inst: &str,
+    patient_id: &str,
+    to: &str,
+    consented: chrono::DateTime<chrono::Utc>,
+    expires: Option<chrono::DateTime<chrono::Utc>>,
+) -> (StatusCode, Value) {
+    let mut body = json!({
+        "patient_id": patient_id, "to_institution": to,
+        "consent_reference": format!("consent form of {patient_id}"),
+        "consented_at": consented.to_rfc3339(),
+    });
+    if let Some(e) = expires {
+        body["expires_at"] = json!(e.to_rfc3339());
+    }
+    admin(hub, inst, reqwest::Method::POST, "/disclosures", Some(body)).await
+}
+
 /// The first DICOM part of a multipart/related answer.
 fn first_part(body: &[u8]) -> Vec<u8> {
     let start = body.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
     let rest = &body[start..];
     let end = rest.windows(4).position(|w| w == b"\r\n--").unwrap();
     rest[..end].to_vec()
-}
-
-fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
-    t.to_rfc3339()
 }
 
 async fn network_scenario(backend: Backend) {
@@ -206,25 +241,15 @@ async fn network_scenario(backend: Backend) {
 
     // 2. Hospital 2 links A and discloses to hospital 3 with A's consent.
     let now = chrono::Utc::now();
-    let (st, link2) = admin(
-        &hub,
-        "HOSP2",
-        reqwest::Method::POST,
-        "/links",
-        Some(json!({"patient_id": "A-H2"})),
-    )
-    .await;
+    let (st, link2) = link(&hub, "HOSP2", "A-H2", None).await;
     assert_eq!(st, 201, "{link2}");
-    let (st, d23) = admin(
+    let (st, d23) = disclose(
         &hub,
         "HOSP2",
-        reqwest::Method::POST,
-        "/disclosures",
-        Some(json!({
-            "patient_id": "A-H2", "to_institution": "HOSP3",
-            "consent_reference": "consent form 2026-0042",
-            "consented_at": rfc3339(now - chrono::Duration::hours(1)),
-        })),
+        "A-H2",
+        "HOSP3",
+        now - chrono::Duration::hours(1),
+        None,
     )
     .await;
     assert_eq!(st, 201, "{d23}");
@@ -238,60 +263,24 @@ async fn network_scenario(backend: Backend) {
 
     // 3. Hospital 3 joins with hospital 2's ID from the referral letter.
     // Unknown IDs, undisclosed records and unknown institutions all look absent.
-    for join in [
-        json!({"institution": "HOSP2", "patient_id": "NO-SUCH"}),
-        json!({"institution": "HOSP1", "patient_id": "A-H1"}),
-        json!({"institution": "NOWHERE", "patient_id": "A-H2"}),
-    ] {
-        let (st, body) = admin(
-            &hub,
-            "HOSP3",
-            reqwest::Method::POST,
-            "/links",
-            Some(json!({"patient_id": "A-H3", "join": join})),
-        )
-        .await;
+    for join in [("HOSP2", "NO-SUCH"), ("HOSP1", "A-H1"), ("NOWHERE", "A-H2")] {
+        let (st, body) = link(&hub, "HOSP3", "A-H3", Some(join)).await;
         assert_eq!(st, 404, "{body}");
     }
     // Hospital 1 was never disclosed A-H2: its join fails the same way.
-    let (st, _) = admin(
-        &hub,
-        "HOSP1",
-        reqwest::Method::POST,
-        "/links",
-        Some(json!({"patient_id": "A-H1", "join": {"institution": "HOSP2", "patient_id": "A-H2"}})),
-    )
-    .await;
+    let (st, _) = link(&hub, "HOSP1", "A-H1", Some(("HOSP2", "A-H2"))).await;
     assert_eq!(st, 404);
-    let (st, link3) = admin(
-        &hub,
-        "HOSP3",
-        reqwest::Method::POST,
-        "/links",
-        Some(json!({"patient_id": "A-H3", "join": {"institution": "HOSP2", "patient_id": "A-H2"}})),
-    )
-    .await;
+    let (st, link3) = link(&hub, "HOSP3", "A-H3", Some(("HOSP2", "A-H2"))).await;
     assert_eq!(st, 201, "{link3}");
-    let (st, again) = admin(
-        &hub,
-        "HOSP3",
-        reqwest::Method::POST,
-        "/links",
-        Some(json!({"patient_id": "A-H3"})),
-    )
-    .await;
+    let (st, again) = link(&hub, "HOSP3", "A-H3", None).await;
     assert_eq!(st, 409, "{again}");
-    let (st, d32) = admin(
+    let (st, d32) = disclose(
         &hub,
         "HOSP3",
-        reqwest::Method::POST,
-        "/disclosures",
-        Some(json!({
-            "patient_id": "A-H3", "to_institution": "HOSP2",
-            "consent_reference": "consent form H3-7",
-            "consented_at": rfc3339(now - chrono::Duration::minutes(5)),
-            "expires_at": rfc3339(now + chrono::Duration::days(1)),
-        })),
+        "A-H3",
+        "HOSP2",
+        now - chrono::Duration::minutes(5),
+        Some(now + chrono::Duration::days(1)),
     )
     .await;
     assert_eq!(st, 201, "{d32}");
@@ -517,6 +506,17 @@ async fn network_scenario(backend: Backend) {
     // 5. Hospital 2 likewise finds hospital 3's images under its own ID.
     let (found, _) = qido(&hub, "HOSP2", "studies?PatientID=A-H2").await;
     assert_eq!(found.len(), 2);
+    // Who sees what is not lost when the index is rebuilt from the store.
+    let report = hub.hub.reindex(false).await.unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(
+        qido(&hub, "HOSP2", "studies?PatientID=A-H2").await.0.len(),
+        2
+    );
+    assert_eq!(
+        qido(&hub, "HOSP3", "studies?PatientID=A-H3").await.0.len(),
+        2
+    );
 
     // 6. Hospital 1's images stay invisible to both, everywhere.
     for inst in ["HOSP2", "HOSP3"] {
@@ -583,25 +583,16 @@ async fn network_scenario(backend: Backend) {
     )
     .await;
     assert_eq!(st, 404);
-    let (_, given) = admin(
-        &hub,
-        "HOSP2",
-        reqwest::Method::GET,
-        "/disclosures?direction=given",
-        None,
-    )
-    .await;
+    let (_, given) = admin_get(&hub, "HOSP2", "/disclosures?direction=given").await;
     assert_eq!(
         given.as_array().unwrap().len(),
         1,
         "revoked disclosures are kept"
     );
-    let (_, received) = admin(
+    let (_, received) = admin_get(
         &hub,
         "HOSP3",
-        reqwest::Method::GET,
         "/disclosures?direction=received&patient_id=A-H3",
-        None,
     )
     .await;
     assert_eq!(received[0]["status"], "revoked");
@@ -616,7 +607,7 @@ async fn network_scenario(backend: Backend) {
         studies_of(&qido(&hub, "HOSP2", "studies?PatientID=A-H2").await.0),
         vec![s2.study.clone()]
     );
-    let (_, view) = admin(&hub, "HOSP2", reqwest::Method::GET, "/patients/A-H2", None).await;
+    let (_, view) = admin_get(&hub, "HOSP2", "/patients/A-H2").await;
     assert!(
         view["disclosed_by"].as_array().unwrap().is_empty(),
         "{view}"
@@ -624,14 +615,7 @@ async fn network_scenario(backend: Backend) {
     hub.hub.clock.set(None);
 
     // 9. The audit trail shows every step.
-    let (st, trail) = admin(
-        &hub,
-        "HOSP2",
-        reqwest::Method::GET,
-        "/audit?patient_id=A-H2&limit=1000",
-        None,
-    )
-    .await;
+    let (st, trail) = admin_get(&hub, "HOSP2", "/audit?patient_id=A-H2&limit=1000").await;
     assert_eq!(st, 200, "{trail}");
     let events = trail.as_array().unwrap();
     let has = |action: &str, user: &str, outcome: &str| {
@@ -659,14 +643,7 @@ async fn network_scenario(backend: Backend) {
     assert_eq!(r["codes"]["event_id"]["code"], "110104");
     // Hospital 1's admin sees the refused attempts on its patient, and no
     // event shows hospital 1's admin another institution's patient.
-    let (_, trail1) = admin(
-        &hub,
-        "HOSP1",
-        reqwest::Method::GET,
-        "/audit?patient_id=A-H1&limit=1000",
-        None,
-    )
-    .await;
+    let (_, trail1) = admin_get(&hub, "HOSP1", "/audit?patient_id=A-H1&limit=1000").await;
     let trail1 = trail1.as_array().unwrap().clone();
     assert!(
         trail1.iter().any(|e| e["user"] == "user-of-HOSP3"
@@ -693,21 +670,9 @@ async fn network_scenario(backend: Backend) {
     let (st, body) = admin(&hub, "HOSP3", reqwest::Method::DELETE, "/links/A-H3", None).await;
     assert_eq!(st, 200, "{body}");
     assert_eq!(body["revoked_disclosures"].as_array().unwrap().len(), 1);
-    let (_, given) = admin(
-        &hub,
-        "HOSP3",
-        reqwest::Method::GET,
-        "/disclosures?direction=given",
-        None,
-    )
-    .await;
+    let (_, given) = admin_get(&hub, "HOSP3", "/disclosures?direction=given").await;
     assert_eq!(given[0]["status"], "revoked");
-    assert_eq!(
-        admin(&hub, "HOSP3", reqwest::Method::GET, "/patients/A-H3", None)
-            .await
-            .0,
-        404
-    );
+    assert_eq!(admin_get(&hub, "HOSP3", "/patients/A-H3").await.0, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -824,14 +789,7 @@ async fn api_routes_refuse_bad_tokens_and_wrong_roles() {
         assert!(op.is_object(), "{method} {templated} undocumented");
     }
     // Refusals are audited.
-    let (_, trail) = admin(
-        &hub,
-        "HOSP1",
-        reqwest::Method::GET,
-        "/audit?limit=1000",
-        None,
-    )
-    .await;
+    let (_, trail) = admin_get(&hub, "HOSP1", "/audit?limit=1000").await;
     let trail = trail.as_array().unwrap().clone();
     assert!(trail.iter().any(|e| e["action"] == "authorize"
         && e["outcome"] == "denied"
@@ -952,14 +910,7 @@ async fn break_glass_is_off_unless_configured_time_boxed_and_audited() {
     );
     hub.hub.clock.set(None);
     // Audited as an emergency override, visible to the owner.
-    let (_, trail) = admin(
-        &hub,
-        "HOSP1",
-        reqwest::Method::GET,
-        "/audit?patient_id=A-H1",
-        None,
-    )
-    .await;
+    let (_, trail) = admin_get(&hub, "HOSP1", "/audit?patient_id=A-H1").await;
     let bg = trail
         .as_array()
         .unwrap()
@@ -1181,4 +1132,64 @@ async fn audit_messages_reach_a_syslog_collector_over_tls() {
             break;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_institution_may_retrieve_others_objects_as_stored() {
+    let Some(hub) = TestHub::start_with(Backend::Local, |c| {
+        c.institutions[1].coerce_patient_ids = false;
+    })
+    .await
+    else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let (Some(s2), Some(s3)) = (
+        make_study(work.path(), "ct16_explicit_le.dcm", "B-H2", 31),
+        make_study(work.path(), "ct16_explicit_le.dcm", "B-H3", 32),
+    ) else {
+        return;
+    };
+    hub.import("HOSP2", vec![s2.file.clone()]).await;
+    hub.import("HOSP3", vec![s3.file.clone()]).await;
+    let now = chrono::Utc::now();
+    assert_eq!(link(&hub, "HOSP3", "B-H3", None).await.0, 201);
+    assert_eq!(
+        disclose(&hub, "HOSP3", "B-H3", "HOSP2", now, None).await.0,
+        201
+    );
+    assert_eq!(
+        link(&hub, "HOSP2", "B-H2", Some(("HOSP3", "B-H3"))).await.0,
+        201
+    );
+    assert_eq!(
+        disclose(&hub, "HOSP2", "B-H2", "HOSP3", now, None).await.0,
+        201
+    );
+    let dicom = "multipart/related; type=\"application/dicom\"; transfer-syntax=*";
+    let path = |s: &Study| {
+        format!(
+            "/dicom-web/studies/{}/series/{}/instances/{}",
+            s.study, s.series, s.sop
+        )
+    };
+    // Hospital 2 asked for originals: hospital 3's bytes as stored.
+    let (st, body) = get(&hub, "HOSP2", &path(&s3), dicom).await;
+    assert_eq!(st, 200);
+    let part = first_part(&body);
+    let (_, stored) = hub.stored("HOSP3", &s3.sop).await.unwrap();
+    assert_eq!(part, stored);
+    // Its searches still show its own ID; hospital 3 still gets coerced objects.
+    let (found, _) = qido(&hub, "HOSP2", "studies?PatientID=B-H2").await;
+    assert_eq!(found.len(), 2);
+    let (_, body) = get(&hub, "HOSP3", &path(&s2), dicom).await;
+    let obj = dicom_object::from_reader(std::io::Cursor::new(&first_part(&body)[128..])).unwrap();
+    assert_eq!(
+        obj.element(tags::PATIENT_ID)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim(),
+        "B-H3"
+    );
 }

@@ -248,6 +248,12 @@ async fn refresh_access(
     Ok(())
 }
 
+/// `refresh_access` for every patient linked to `record`.
+async fn refresh_record(c: &mut sqlx::AnyConnection, record: i64) -> Result<(), RecordError> {
+    let affected = links_of(&mut *c, record).await?;
+    refresh_access(c, &affected).await
+}
+
 impl Records<'_> {
     /// Link `inst`'s `patient_id` to a new identity record, or to the
     /// record holding `join` (another institution's code and patient ID) if
@@ -316,8 +322,7 @@ impl Records<'_> {
         .bind(&now_s)
         .execute(&mut *tx)
         .await?;
-        let affected = links_of(&mut tx, record).await?;
-        refresh_access(&mut tx, &affected).await?;
+        refresh_record(&mut tx, record).await?;
         tx.commit().await?;
         Ok(Link {
             institution: inst.code.clone(),
@@ -409,33 +414,27 @@ impl Records<'_> {
         .ok_or(RecordError::NotFound)?;
         let link = link_of(&row);
         let record: i64 = row.get(5);
-        let active = "d.revoked_at IS NULL AND (d.expires_at IS NULL OR d.expires_at > $3)";
-        let disclosed_to = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {DISCLOSURE_COLS} FROM disclosure d WHERE d.record = $1 \
-             AND d.from_institution = $2 AND {active} ORDER BY d.created_at, d.id"
-        )))
-        .bind(record)
-        .bind(&inst.code)
-        .bind(&now_s)
-        .fetch_all(&mut *c)
-        .await?
-        .iter()
-        .map(|r| disclosure_of(r, &now_s))
-        .collect();
-        // Only disclosers that still link the record: their disclosure
-        // ended with their link.
-        let disclosed_by = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {DISCLOSURE_COLS} FROM disclosure d WHERE d.record = $1 \
-             AND d.to_institution = $2 AND {active} ORDER BY d.created_at, d.id"
-        )))
-        .bind(record)
-        .bind(&inst.code)
-        .bind(&now_s)
-        .fetch_all(&mut *c)
-        .await?
-        .iter()
-        .map(|r| disclosure_of(r, &now_s))
-        .collect();
+        // Active disclosures of the record by the caller, then to it (a
+        // discloser's end with its link: unlinking revokes them).
+        let mut sides = Vec::with_capacity(2);
+        for side in ["d.from_institution", "d.to_institution"] {
+            let list: Vec<Disclosure> = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {DISCLOSURE_COLS} FROM disclosure d WHERE d.record = $1 AND {side} = $2 \
+                 AND d.revoked_at IS NULL AND (d.expires_at IS NULL OR d.expires_at > $3) \
+                 ORDER BY d.created_at, d.id"
+            )))
+            .bind(record)
+            .bind(&inst.code)
+            .bind(&now_s)
+            .fetch_all(&mut *c)
+            .await?
+            .iter()
+            .map(|r| disclosure_of(r, &now_s))
+            .collect();
+            sides.push(list);
+        }
+        let disclosed_by = sides.pop().unwrap_or_default();
+        let disclosed_to = sides.pop().unwrap_or_default();
         Ok(PatientView {
             link,
             disclosed_to,
@@ -502,8 +501,7 @@ impl Records<'_> {
         .bind(&now_s)
         .execute(&mut *tx)
         .await?;
-        let affected = links_of(&mut tx, record).await?;
-        refresh_access(&mut tx, &affected).await?;
+        refresh_record(&mut tx, record).await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {DISCLOSURE_COLS} FROM disclosure d WHERE d.id = $1"
         )))
@@ -549,8 +547,7 @@ impl Records<'_> {
             .fetch_one(&mut *tx)
             .await?
             .get(0);
-        let affected = links_of(&mut tx, record).await?;
-        refresh_access(&mut tx, &affected).await?;
+        refresh_record(&mut tx, record).await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id)
             .bind(&inst.code)

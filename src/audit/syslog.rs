@@ -174,6 +174,9 @@ fn code_el(name: &str, c: &Code) -> String {
     )
 }
 
+/// Most patients and studies named in one message.
+const MAX_OBJECTS: usize = 100;
+
 /// The PS3.15 §A.5 audit message of one event.
 pub fn audit_message(s: &Sequenced) -> String {
     let e = &s.event;
@@ -199,11 +202,14 @@ pub fn audit_message(s: &Sequenced) -> String {
         esc(&e.role)
     );
     x += r#"<AuditSourceIdentification AuditSourceID="tsunagu"><AuditSourceTypeCode csd-code="4" codeSystemName="DCM" originalText="Application Server Process"/></AuditSourceIdentification>"#;
-    let mut patients: Vec<(&str, &str)> = e
-        .objects
+    // One datagram must hold the message: a large answer's objects are
+    // capped (the database trail keeps them all).
+    let objects = &e.objects[..e.objects.len().min(MAX_OBJECTS)];
+    let mut patients: Vec<(&str, &str)> = objects
         .iter()
         .map(|o| (o.patient_institution.as_str(), o.patient_id.as_str()))
         .collect();
+    patients.sort();
     patients.dedup();
     for (inst, pid) in patients {
         x += &format!(
@@ -212,7 +218,7 @@ pub fn audit_message(s: &Sequenced) -> String {
             esc(inst)
         );
     }
-    for o in e.objects.iter().filter(|o| !o.study_uid.is_empty()) {
+    for o in objects.iter().filter(|o| !o.study_uid.is_empty()) {
         x += &format!(
             r#"<ParticipantObjectIdentification ParticipantObjectID="{}" ParticipantObjectTypeCode="2" ParticipantObjectTypeCodeRole="3"><ParticipantObjectIDTypeCode csd-code="110180" codeSystemName="DCM" originalText="Study Instance UID"/></ParticipantObjectIdentification>"#,
             esc(&o.study_uid)
