@@ -39,6 +39,7 @@ async fn seed_records(index: &Index) {
         .get(0);
     if have > 0 {
         eprintln!("{have} links present; not seeding records");
+        derive_access(index).await;
         return;
     }
     let rows = sqlx::query("SELECT institution, issuer, patient_id FROM patient ORDER BY id")
@@ -139,11 +140,57 @@ async fn seed_records(index: &Index) {
         .expect("disclosure");
     }
     tx.commit().await.expect("commit");
+    derive_access(index).await;
     eprintln!(
         "seeded {} records, {} links, {DISCLOSURES} disclosures",
         records.len(),
         records.len() * 3
     );
+}
+
+/// The access rows the records give (what the API keeps up to date one
+/// record at a time; records written here directly need them derived).
+async fn derive_access(index: &Index) {
+    let pool = index.pool();
+    let disclosed: i64 = sqlx::query("SELECT COUNT(*) FROM study_access WHERE kind = 'disclosed'")
+        .fetch_one(pool)
+        .await
+        .expect("count")
+        .get(0);
+    if disclosed > 0 {
+        return;
+    }
+    sqlx::query(
+        "INSERT INTO study_access (study_ref, institution, expires_at, kind, study_date) \
+         SELECT st.id, d.to_institution, \
+         CASE WHEN COUNT(*) > COUNT(d.expires_at) THEN NULL ELSE MAX(d.expires_at) END, 'disclosed', \
+         st.study_date \
+         FROM patient p JOIN study st ON st.patient_ref = p.id \
+         JOIN patient_link sl ON sl.institution = p.institution AND sl.issuer = p.issuer \
+         AND sl.patient_id = p.patient_id \
+         JOIN disclosure d ON d.record = sl.record AND d.from_institution = sl.institution \
+         AND d.revoked_at IS NULL \
+         WHERE EXISTS (SELECT 1 FROM patient_link tl WHERE tl.record = sl.record \
+         AND tl.institution = d.to_institution) \
+         GROUP BY st.id, st.study_date, d.to_institution",
+    )
+    .execute(pool)
+    .await
+    .expect("derive access");
+    // Fresh statistics for the planner, as the server has them.
+    let analyze = if config_is_sqlite(pool) {
+        "ANALYZE"
+    } else {
+        "ANALYZE study_access"
+    };
+    sqlx::raw_sql(analyze).execute(pool).await.expect("analyze");
+}
+
+fn config_is_sqlite(pool: &sqlx::AnyPool) -> bool {
+    pool.connect_options()
+        .database_url
+        .scheme()
+        .starts_with("sqlite")
 }
 
 fn study_search(keys: Vec<(Attr, Matcher)>, limit: u32) -> Search {

@@ -226,9 +226,10 @@ async fn refresh_access(
          (SELECT st.id FROM study st JOIN patient p ON p.id = st.patient_ref WHERE {keys})"
     );
     let insert = format!(
-        "INSERT INTO study_access (study_ref, institution, expires_at, kind) \
+        "INSERT INTO study_access (study_ref, institution, expires_at, kind, study_date) \
          SELECT st.id, d.to_institution, \
-         CASE WHEN COUNT(*) > COUNT(d.expires_at) THEN NULL ELSE MAX(d.expires_at) END, 'disclosed' \
+         CASE WHEN COUNT(*) > COUNT(d.expires_at) THEN NULL ELSE MAX(d.expires_at) END, 'disclosed', \
+         st.study_date \
          FROM patient p JOIN study st ON st.patient_ref = p.id \
          JOIN patient_link sl ON sl.institution = p.institution AND sl.issuer = p.issuer \
          AND sl.patient_id = p.patient_id \
@@ -236,7 +237,7 @@ async fn refresh_access(
          AND d.revoked_at IS NULL \
          WHERE ({keys}) AND EXISTS (SELECT 1 FROM patient_link tl WHERE tl.record = sl.record \
          AND tl.institution = d.to_institution) \
-         GROUP BY st.id, d.to_institution"
+         GROUP BY st.id, st.study_date, d.to_institution"
     );
     for sql in [delete, insert] {
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));

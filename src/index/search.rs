@@ -1026,6 +1026,11 @@ fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
             continue;
         }
         let c = key_condition(q, *attr, m);
+        if *attr == Attr::StudyDate && scope.walks_access() {
+            // The same range on the access row's copy of the date: one
+            // index range of (institution, study_date).
+            conds.push(condition(q, *attr, "sa.study_date", m));
+        }
         match attr.level() {
             l if l <= s.level => conds.push(c),
             Level::Series => series_conds.push(c),

@@ -506,22 +506,24 @@ trait WriteConn {
 }
 
 /// The owner's access row of a study.
-const OWN_ACCESS_SQL: &str = "INSERT INTO study_access (study_ref, institution, expires_at, kind) \
-     VALUES ($1, $2, NULL, 'own') ON CONFLICT (study_ref, institution) DO NOTHING";
+const OWN_ACCESS_SQL: &str = "INSERT INTO study_access (study_ref, institution, expires_at, kind, \
+     study_date) VALUES ($1, $2, NULL, 'own', $3) ON CONFLICT (study_ref, institution) \
+     DO UPDATE SET study_date = excluded.study_date";
 
 const FORGET_DISCLOSED_SQL: &str =
     "DELETE FROM study_access WHERE study_ref = $1 AND kind = 'disclosed'";
 
-/// The access rows the consent rules give a study of patient row $2 (as in
-/// `access::records::refresh_access`).
-const DISCLOSED_ACCESS_SQL: &str = "INSERT INTO study_access (study_ref, institution, expires_at, kind) \
-     SELECT $1, d.to_institution, \
-     CASE WHEN COUNT(*) > COUNT(d.expires_at) THEN NULL ELSE MAX(d.expires_at) END, 'disclosed' \
+/// The access rows the consent rules give study $1 (date $2) of patient row
+/// $3 (as in `access::records::refresh_access`). Placeholders must first
+/// appear in their numbers' order: SQLite numbers `$n` by first appearance.
+const DISCLOSED_ACCESS_SQL: &str = "INSERT INTO study_access (study_ref, institution, expires_at, kind, \
+     study_date) SELECT $1, d.to_institution, \
+     CASE WHEN COUNT(*) > COUNT(d.expires_at) THEN NULL ELSE MAX(d.expires_at) END, 'disclosed', $2 \
      FROM patient p JOIN patient_link sl ON sl.institution = p.institution AND sl.issuer = p.issuer \
      AND sl.patient_id = p.patient_id \
      JOIN disclosure d ON d.record = sl.record AND d.from_institution = sl.institution \
      AND d.revoked_at IS NULL \
-     WHERE p.id = $2 AND EXISTS (SELECT 1 FROM patient_link tl WHERE tl.record = sl.record \
+     WHERE p.id = $3 AND EXISTS (SELECT 1 FROM patient_link tl WHERE tl.record = sl.record \
      AND tl.institution = d.to_institution) \
      GROUP BY d.to_institution";
 
@@ -535,6 +537,7 @@ async fn upsert_parents<C: WriteConn>(c: &mut C, e: &IndexEntry) -> Result<i64, 
         vec![
             Param::Int(Some(study)),
             Param::Text(Some(e.institution.clone())),
+            text(&e.summary.study_date),
         ],
     )
     .await?;
@@ -543,7 +546,11 @@ async fn upsert_parents<C: WriteConn>(c: &mut C, e: &IndexEntry) -> Result<i64, 
         .await?;
     c.execute(
         DISCLOSED_ACCESS_SQL,
-        vec![Param::Int(Some(study)), Param::Int(Some(patient))],
+        vec![
+            Param::Int(Some(study)),
+            text(&e.summary.study_date),
+            Param::Int(Some(patient)),
+        ],
     )
     .await?;
     c.returning_id(SERIES_SQL, series_params(e, study)).await
