@@ -4,10 +4,10 @@
 //! and time (`trail`), and each mapped to its PS3.15 / PS3.16 codes
 //! (`codes`).
 //!
-//! Requests hand events to one appender task and go on: the appender writes
-//! whatever has queued up in one transaction (one fsync for many events).
-//! An event is lost only if the process dies within that window; graceful
-//! shutdown drains the queue.
+//! Requests hand events to one appender thread and go on: it writes
+//! what has queued up within `LINGER` in one transaction (one fsync for many
+//! events). An event is lost only if the process dies within that window;
+//! graceful shutdown drains the queue.
 
 pub mod chain;
 pub mod codes;
@@ -16,8 +16,9 @@ pub mod trail;
 
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::index::Index;
@@ -110,18 +111,40 @@ pub struct Actor {
 /// The handle requests record events through.
 #[derive(Clone)]
 pub struct Auditor {
-    tx: mpsc::UnboundedSender<Message>,
+    tx: std::sync::mpsc::Sender<Message>,
     clock: Arc<Clock>,
 }
 
 /// Most events written in one transaction.
 const MAX_BATCH: usize = 512;
+/// How long an event waits for others to share its commit.
+const LINGER: Duration = Duration::from_millis(20);
+
+/// Where the appender writes: its own SQLite connection, or the pool
+/// (PostgreSQL) driven from its thread.
+enum Target {
+    Sqlite(rusqlite::Connection),
+    Pool(Index, tokio::runtime::Handle),
+}
 
 impl Auditor {
-    /// Start the appender on the current runtime.
+    /// Start the appender thread (called on the runtime).
     pub fn start(index: Index, syslog: Option<syslog::Forwarder>, clock: Arc<Clock>) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(append_loop(index, rx, syslog));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let target = match index.sqlite_path().map(crate::index::write::open_sqlite) {
+            Some(Ok(conn)) => Target::Sqlite(conn),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "audit appender: no own SQLite connection; using the pool");
+                Target::Pool(index, tokio::runtime::Handle::current())
+            }
+            None => Target::Pool(index, tokio::runtime::Handle::current()),
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("audit-appender".into())
+            .spawn(move || append_loop(target, rx, syslog))
+        {
+            tracing::error!(error = %e, "cannot start the audit appender");
+        }
         Self { tx, clock }
     }
 
@@ -168,31 +191,40 @@ impl Auditor {
     }
 }
 
-async fn append_loop(
-    index: Index,
-    mut rx: mpsc::UnboundedReceiver<Message>,
+fn append_loop(
+    mut target: Target,
+    rx: std::sync::mpsc::Receiver<Message>,
     syslog: Option<syslog::Forwarder>,
 ) {
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     let mut batch: Vec<Event> = Vec::new();
-    while let Some(first) = rx.recv().await {
+    while let Ok(first) = rx.recv() {
+        // Events linger a moment to share one commit (one fsync) with the
+        // events of the requests that follow; a flush writes at once.
+        let deadline = Instant::now() + LINGER;
         let mut next = Some(first);
         while let Some(m) = next.take() {
             match m {
                 Message::Event(e) => batch.push(*e),
                 Message::Flush(done) => waiting.push(done),
             }
-            if batch.len() >= MAX_BATCH {
+            if batch.len() >= MAX_BATCH || !waiting.is_empty() {
                 break;
             }
-            next = rx.try_recv().ok();
+            next = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .ok();
         }
         if !batch.is_empty() {
             // A failed write is retried (the events stay queued) rather than
             // dropped: the database may come back.
-            let mut delay = std::time::Duration::from_millis(50);
+            let mut delay = Duration::from_millis(50);
             loop {
-                match chain::append(&index, &batch).await {
+                let result = match &mut target {
+                    Target::Sqlite(conn) => chain::append_sqlite(conn, &batch),
+                    Target::Pool(index, rt) => rt.block_on(chain::append(index, &batch)),
+                };
+                match result {
                     Ok(written) => {
                         if let Some(f) = &syslog {
                             f.send(&written);
@@ -202,8 +234,8 @@ async fn append_loop(
                     }
                     Err(e) => {
                         tracing::error!(error = %e, events = batch.len(), "writing audit events failed; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(Duration::from_secs(5));
                     }
                 }
             }

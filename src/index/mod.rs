@@ -14,7 +14,7 @@ use crate::dicom::summary::InstanceSummary;
 
 mod read;
 pub mod search;
-mod write;
+pub(crate) mod write;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -81,6 +81,8 @@ pub struct StoredCopy {
 pub struct Index {
     pool: AnyPool,
     engine: Engine,
+    /// The database file, on SQLite.
+    sqlite_path: Option<std::path::PathBuf>,
     reader: read::Reader,
     writer: write::Writer,
 }
@@ -167,10 +169,11 @@ impl Index {
             }
             None => read::Reader::Pool(pool.clone()),
         };
-        let writer = write::Writer::start(pool.clone(), engine, sqlite_path)?;
+        let writer = write::Writer::start(pool.clone(), engine, sqlite_path.clone())?;
         Ok(Self {
             pool,
             engine,
+            sqlite_path,
             reader,
             writer,
         })
@@ -200,6 +203,12 @@ impl Index {
                 Ok(tx)
             }
         }
+    }
+
+    /// The SQLite database file (`None` on PostgreSQL), for components that
+    /// keep a connection of their own.
+    pub fn sqlite_path(&self) -> Option<&std::path::Path> {
+        self.sqlite_path.as_deref()
     }
 
     /// The pool, for reads of the records kept beside the index.

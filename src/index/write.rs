@@ -82,7 +82,7 @@ enum Target {
     Pool(AnyPool, tokio::runtime::Handle),
 }
 
-fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, IndexError> {
+pub(crate) fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection, IndexError> {
     let conn = rusqlite::Connection::open(path)?;
     // FULL: a commit is on disk before a store is acknowledged.
     conn.execute_batch(
