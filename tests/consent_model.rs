@@ -311,6 +311,21 @@ async fn check(hub: &TestHub, m: &Model, studies: &BTreeMap<Patient, Study>) {
         assert_eq!(listed, expected, "{inst} studies; {m:?}");
         assert!(warnings.is_empty());
         assert_eq!(qido(hub, &inst, "instances").await.0.len(), expected.len());
+        // Searches that walk the access rows alone (date, modality) agree.
+        let date = all
+            .first()
+            .and_then(|i| i["00080020"]["Value"][0].as_str())
+            .map(str::to_string);
+        if let Some(date) = date {
+            for q in [
+                format!("studies?StudyDate={date}"),
+                format!("studies?StudyDate={date}-&ModalitiesInStudy=CT"),
+            ] {
+                let (found, _) = qido(hub, &inst, &q).await;
+                let found: BTreeSet<String> = studies_of(&found).into_iter().collect();
+                assert_eq!(found, expected, "{inst} {q}");
+            }
+        }
         // Pages of one: the same list, the right counts.
         let order: Vec<String> = all
             .iter()

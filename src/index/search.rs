@@ -924,8 +924,11 @@ fn from(level: Level) -> &'static str {
 /// patient row (patient keys are a subquery), so the join is left out. Under
 /// the consent rule the caller's access rows join in (`Scope::walks_access`):
 /// a study list then walks them in study order.
-fn from_without_patient(level: Level, scope: &Scope) -> &'static str {
-    match (level, scope.walks_access()) {
+fn from_without_patient(s: &Search, scope: &Scope) -> &'static str {
+    if access_rows_only(s, scope) {
+        return "study_access sa";
+    }
+    match (s.level, scope.walks_access()) {
         (Level::Study, false) => "study st",
         (Level::Series, false) => "series se JOIN study st ON st.id = se.study_ref",
         (Level::Instance, false) => {
@@ -940,6 +943,21 @@ fn from_without_patient(level: Level, scope: &Scope) -> &'static str {
              JOIN study_access sa ON sa.study_ref = st.id"
         }
     }
+}
+
+/// Whether a study-level search under the consent rule needs nothing of the
+/// study row to choose its page (a list, modalities, series or instance
+/// keys, a study date — kept on the access row too): it then walks the
+/// caller's access rows alone, index-only.
+fn access_rows_only(s: &Search, scope: &Scope) -> bool {
+    s.level == Level::Study
+        && scope.walks_access()
+        && s.study_uid.is_none()
+        && s.keys.iter().all(|(a, _)| {
+            !a.is_patient()
+                && (a.level() != Level::Study
+                    || matches!(a, Attr::ModalitiesInStudy | Attr::StudyDate))
+        })
 }
 
 /// WHERE clause: scope, path, matching keys. Keys below the level become
@@ -1014,6 +1032,9 @@ fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
     };
     let mut series_conds = Vec::new();
     let mut instance_conds = Vec::new();
+    // The study's id: from the access row when the study row is not joined.
+    let rows_only = access_rows_only(s, scope);
+    let sid = if rows_only { "sa.study_ref" } else { "st.id" };
     for (attr, m) in &s.keys {
         if attr.is_patient() {
             continue;
@@ -1021,16 +1042,19 @@ fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
         if *attr == Attr::ModalitiesInStudy {
             let c = key_condition(q, *attr, m);
             conds.push(format!(
-                "EXISTS (SELECT 1 FROM series ms WHERE ms.study_ref = st.id AND {c})"
+                "EXISTS (SELECT 1 FROM series ms WHERE ms.study_ref = {sid} AND {c})"
             ));
             continue;
         }
-        let c = key_condition(q, *attr, m);
         if *attr == Attr::StudyDate && scope.walks_access() {
             // The same range on the access row's copy of the date: one
             // index range of (institution, study_date).
             conds.push(condition(q, *attr, "sa.study_date", m));
+            if rows_only {
+                continue;
+            }
         }
+        let c = key_condition(q, *attr, m);
         match attr.level() {
             l if l <= s.level => conds.push(c),
             Level::Series => series_conds.push(c),
@@ -1051,7 +1075,7 @@ fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
     }
     if !series_conds.is_empty() {
         conds.push(format!(
-            "EXISTS (SELECT 1 FROM series se WHERE se.study_ref = st.id AND {})",
+            "EXISTS (SELECT 1 FROM series se WHERE se.study_ref = {sid} AND {})",
             series_conds.join(" AND ")
         ));
     }
@@ -1220,7 +1244,7 @@ fn page_sql(reader: &Reader, s: &Search, scope: &Scope) -> (String, Sql) {
          (SELECT {inner} FROM {from_ids} WHERE {wh} ORDER BY {inner} LIMIT {lim} OFFSET {off})) page \
          ORDER BY page.{order_key}",
         from = from(s.level),
-        from_ids = from_without_patient(s.level, scope),
+        from_ids = from_without_patient(s, scope),
     );
     (sql, q)
 }
@@ -1330,7 +1354,7 @@ async fn count(reader: &Reader, s: &Search, scope: &Scope) -> Result<u64, IndexE
     let cap = q.bind_int((s.offset + u64::from(s.limit) + COUNT_CAP).min(i64::MAX as u64) as i64);
     let sql = format!(
         "SELECT COUNT(*) FROM (SELECT 1 FROM {} WHERE {wh} LIMIT {cap}) capped",
-        from_without_patient(s.level, scope)
+        from_without_patient(s, scope)
     );
     let rows = q.fetch(reader, sql).await?;
     Ok(rows.first().map(|r| r.int(0)).unwrap_or(0).max(0) as u64)
