@@ -662,6 +662,43 @@ async fn network_scenario(backend: Backend) {
         }
     }
     hub.hub.audit.flush().await;
+    // By user and time; paged; bad parameters are problems.
+    let (_, by_user) = admin_get(&hub, "HOSP2", "/audit?user=user-of-HOSP3&limit=1000").await;
+    let by_user = by_user.as_array().unwrap();
+    assert!(!by_user.is_empty() && by_user.iter().all(|e| e["user"] == "user-of-HOSP3"));
+    let (_, page) = admin_get(&hub, "HOSP2", "/audit?user=user-of-HOSP3&limit=2&offset=1").await;
+    assert_eq!(page.as_array().unwrap().len(), 2);
+    assert_eq!(page[0]["seq"], by_user[1]["seq"]);
+    let (_, future) = admin_get(&hub, "HOSP2", "/audit?from=2999-01-01T00:00:00Z").await;
+    assert!(future.as_array().unwrap().is_empty());
+    let (_, past) = admin_get(&hub, "HOSP2", "/audit?to=2000-01-01T00:00:00Z").await;
+    assert!(past.as_array().unwrap().is_empty());
+    let (_, window) = admin_get(
+        &hub,
+        "HOSP2",
+        &format!(
+            "/audit?limit=1000&from={}",
+            (now - chrono::Duration::minutes(10))
+                .to_rfc3339()
+                .replace('+', "%2B")
+        ),
+    )
+    .await;
+    let in_window: Vec<&Value> = window
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["seq"])
+        .collect();
+    assert!(events.iter().all(|e| in_window.contains(&&e["seq"])));
+    for bad in [
+        "/audit?limit=0",
+        "/audit?from=yesterday",
+        "/audit?offset=-1",
+    ] {
+        let (st, problem) = admin_get(&hub, "HOSP2", bad).await;
+        assert_eq!(st, 400, "{bad}: {problem}");
+    }
     let v = tsunagu::audit::chain::verify(&hub.hub.index).await.unwrap();
     assert_eq!(v.broken_at, None);
     assert!(v.events > 30, "{v:?}");
@@ -1192,4 +1229,38 @@ async fn an_institution_may_retrieve_others_objects_as_stored() {
             .trim(),
         "B-H3"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn patient_ids_in_paths_are_percent_encoded() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let id = "H2 A/7%";
+    let (st, made) = link(&hub, "HOSP2", id, None).await;
+    assert_eq!(st, 201, "{made}");
+    assert_eq!(made["patient_id"], id);
+    let encoded = "H2%20A%2F7%25";
+    let (st, view) = admin_get(&hub, "HOSP2", &format!("/patients/{encoded}")).await;
+    assert_eq!(st, 200, "{view}");
+    assert_eq!(view["link"]["patient_id"], id);
+    let (st, _) = admin(
+        &hub,
+        "HOSP2",
+        reqwest::Method::DELETE,
+        &format!("/links/{encoded}"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        admin_get(&hub, "HOSP2", &format!("/patients/{encoded}"))
+            .await
+            .0,
+        404
+    );
+    // Not a valid LO value: refused with a problem body.
+    let (st, problem) = link(&hub, "HOSP2", "back\\slash", None).await;
+    assert_eq!(st, 400);
+    assert!(problem["detail"].as_str().unwrap().contains("patient ID"));
 }
