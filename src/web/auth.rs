@@ -87,20 +87,48 @@ pub async fn authenticate(State(hub): State<Arc<Hub>>, mut req: Request, next: N
                 WebError::Unauthorized(_) => Action::Authenticate,
                 _ => Action::Authorize,
             };
+            // Whom the refused token claims to be (unverified): so that the
+            // claimed institution's admins see the attempts on its users.
+            let (user, institution) = claimed(&hub, req.headers()).unwrap_or_default();
             hub.audit.record(Event {
                 at: String::new(),
                 action,
                 outcome: Outcome::Denied,
-                user: String::new(),
-                institution: String::new(),
+                user,
+                institution,
                 role: String::new(),
                 client,
                 objects: Vec::new(),
-                detail: serde_json::json!({ "path": path, "reason": e.to_string() }),
+                detail: serde_json::json!({
+                    "path": path, "reason": e.to_string(), "identity_verified": false,
+                }),
             });
             e.into_response()
         }
     }
+}
+
+/// The `sub` and `inst` a bearer token claims, without verifying it; only an
+/// institution of the network is taken, and only short values.
+fn claimed(hub: &Hub, headers: &axum::http::HeaderMap) -> Option<(String, String)> {
+    use base64::Engine;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let token = value.split_once(' ')?.1.trim();
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let inst = claims.get("inst")?.as_str()?;
+    hub.institutions.by_code(inst)?;
+    let sub: String = claims
+        .get("sub")
+        .and_then(|s| s.as_str())
+        .unwrap_or_default()
+        .chars()
+        .take(128)
+        .collect();
+    Some((sub, inst.to_string()))
 }
 
 fn reason_label(e: &TokenError) -> &'static str {
