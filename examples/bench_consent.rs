@@ -160,23 +160,9 @@ async fn derive_access(index: &Index) {
     if disclosed > 0 {
         return;
     }
-    sqlx::query(
-        "INSERT INTO study_access (study_ref, institution, expires_at, kind, study_date) \
-         SELECT st.id, d.to_institution, \
-         CASE WHEN COUNT(*) > COUNT(d.expires_at) THEN NULL ELSE MAX(d.expires_at) END, 'disclosed', \
-         st.study_date \
-         FROM patient p JOIN study st ON st.patient_ref = p.id \
-         JOIN patient_link sl ON sl.institution = p.institution AND sl.issuer = p.issuer \
-         AND sl.patient_id = p.patient_id \
-         JOIN disclosure d ON d.record = sl.record AND d.from_institution = sl.institution \
-         AND d.revoked_at IS NULL \
-         WHERE EXISTS (SELECT 1 FROM patient_link tl WHERE tl.record = sl.record \
-         AND tl.institution = d.to_institution) \
-         GROUP BY st.id, st.study_date, d.to_institution",
-    )
-    .execute(pool)
-    .await
-    .expect("derive access");
+    tsunagu::access::records::rebuild_access(index)
+        .await
+        .expect("derive access");
     // Fresh statistics for the planner, as the server has them.
     let analyze = if config_is_sqlite(pool) {
         "ANALYZE"

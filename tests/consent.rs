@@ -509,6 +509,9 @@ async fn network_scenario(backend: Backend) {
     // Who sees what is not lost when the index is rebuilt from the store.
     let report = hub.hub.reindex(false).await.unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
+    tsunagu::access::records::rebuild_access(&hub.hub.index)
+        .await
+        .unwrap();
     assert_eq!(
         qido(&hub, "HOSP2", "studies?PatientID=A-H2").await.0.len(),
         2
@@ -1010,23 +1013,28 @@ fn check_query_record(record: &str) {
     assert!(xml.contains("ParticipantObjectID=\"A-H1\""), "{xml}");
 }
 
+/// A hub sending audit to `syslog` (with `ca`), after one import and one
+/// query of HOSP1's patient A-H1 (whose query record the collector expects).
+async fn audited_query(syslog: String, ca: Option<PathBuf>, n: u32) -> Option<TestHub> {
+    let hub = TestHub::start_with(Backend::Local, |c| {
+        c.audit.syslog = Some(syslog);
+        c.audit.syslog_ca_file = ca;
+    })
+    .await?;
+    let work = tempfile::tempdir().unwrap();
+    let s = make_study(work.path(), "ct16_explicit_le.dcm", "A-H1", n)?;
+    hub.import("HOSP1", vec![s.file.clone()]).await;
+    qido(&hub, "HOSP1", "studies?PatientID=A-H1").await;
+    Some(hub)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn audit_messages_reach_a_syslog_collector_over_udp() {
     let collector = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let port = collector.local_addr().unwrap().port();
-    let Some(hub) = TestHub::start_with(Backend::Local, |c| {
-        c.audit.syslog = Some(format!("udp://127.0.0.1:{port}"));
-    })
-    .await
-    else {
+    let Some(_hub) = audited_query(format!("udp://127.0.0.1:{port}"), None, 21).await else {
         return;
     };
-    let work = tempfile::tempdir().unwrap();
-    let Some(s) = make_study(work.path(), "ct16_explicit_le.dcm", "A-H1", 21) else {
-        return;
-    };
-    hub.import("HOSP1", vec![s.file.clone()]).await;
-    qido(&hub, "HOSP1", "studies?PatientID=A-H1").await;
     let mut buf = vec![0u8; 65536];
     loop {
         let n = tokio::time::timeout(std::time::Duration::from_secs(10), collector.recv(&mut buf))
@@ -1155,21 +1163,15 @@ async fn audit_messages_reach_a_syslog_collector_over_tls() {
             let _ = tx.send(String::from_utf8(msg).unwrap());
         }
     });
-    let ca = d.join("ca.pem");
-    let Some(hub) = TestHub::start_with(Backend::Local, |c| {
-        c.audit.syslog = Some(format!("tls://localhost:{port}"));
-        c.audit.syslog_ca_file = Some(ca);
-    })
+    let Some(_hub) = audited_query(
+        format!("tls://localhost:{port}"),
+        Some(d.join("ca.pem")),
+        22,
+    )
     .await
     else {
         return;
     };
-    let work = tempfile::tempdir().unwrap();
-    let Some(s) = make_study(work.path(), "ct16_explicit_le.dcm", "A-H1", 22) else {
-        return;
-    };
-    hub.import("HOSP1", vec![s.file.clone()]).await;
-    qido(&hub, "HOSP1", "studies?PatientID=A-H1").await;
     loop {
         let record = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
             .await

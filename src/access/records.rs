@@ -194,6 +194,41 @@ async fn links_of(c: &mut sqlx::AnyConnection, record: i64) -> Result<Vec<LinkKe
     )
 }
 
+/// The statement that adds the 'disclosed' access rows of the studies whose
+/// patient row `p` satisfies `filter`: one per institution that the rule
+/// opens them to, with the latest expiry (NULL: none) of the disclosures.
+fn disclosed_rows_insert(filter: &str) -> String {
+    format!(
+        "INSERT INTO study_access (study_ref, institution, expires_at, kind, study_date) \
+         SELECT st.id, d.to_institution, \
+         CASE WHEN COUNT(*) > COUNT(d.expires_at) THEN NULL ELSE MAX(d.expires_at) END, 'disclosed', \
+         st.study_date \
+         FROM patient p JOIN study st ON st.patient_ref = p.id \
+         JOIN patient_link sl ON sl.institution = p.institution AND sl.issuer = p.issuer \
+         AND sl.patient_id = p.patient_id \
+         JOIN disclosure d ON d.record = sl.record AND d.from_institution = sl.institution \
+         AND d.revoked_at IS NULL \
+         WHERE {filter} AND EXISTS (SELECT 1 FROM patient_link tl WHERE tl.record = sl.record \
+         AND tl.institution = d.to_institution) \
+         GROUP BY st.id, st.study_date, d.to_institution"
+    )
+}
+
+/// Rewrite every 'disclosed' access row from the records as they are: for
+/// records written other than through `Records` (bulk loads, benchmarks,
+/// repairs). Changes through `Records` keep the rows up to date themselves.
+pub async fn rebuild_access(index: &Index) -> Result<(), RecordError> {
+    let mut tx = index.begin_records(RecordLock::Consent).await?;
+    sqlx::query("DELETE FROM study_access WHERE kind = 'disclosed'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(disclosed_rows_insert("1 = 1")))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Rewrite the 'disclosed' rows of `study_access` for the studies of
 /// `patients` from the links and disclosures as they now are (the index's
 /// derived view of the rule; see migration 0004).
@@ -225,20 +260,7 @@ async fn refresh_access(
         "DELETE FROM study_access WHERE kind = 'disclosed' AND study_ref IN \
          (SELECT st.id FROM study st JOIN patient p ON p.id = st.patient_ref WHERE {keys})"
     );
-    let insert = format!(
-        "INSERT INTO study_access (study_ref, institution, expires_at, kind, study_date) \
-         SELECT st.id, d.to_institution, \
-         CASE WHEN COUNT(*) > COUNT(d.expires_at) THEN NULL ELSE MAX(d.expires_at) END, 'disclosed', \
-         st.study_date \
-         FROM patient p JOIN study st ON st.patient_ref = p.id \
-         JOIN patient_link sl ON sl.institution = p.institution AND sl.issuer = p.issuer \
-         AND sl.patient_id = p.patient_id \
-         JOIN disclosure d ON d.record = sl.record AND d.from_institution = sl.institution \
-         AND d.revoked_at IS NULL \
-         WHERE ({keys}) AND EXISTS (SELECT 1 FROM patient_link tl WHERE tl.record = sl.record \
-         AND tl.institution = d.to_institution) \
-         GROUP BY st.id, st.study_date, d.to_institution"
-    );
+    let insert = disclosed_rows_insert(&format!("({keys})"));
     for sql in [delete, insert] {
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (i, s, p) in patients {
