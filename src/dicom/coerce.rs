@@ -8,6 +8,7 @@ use serde_json::{Map, Value, json};
 
 pub const PATIENT_ID: &str = "00100020";
 pub const ISSUER: &str = "00100021";
+pub const TYPE_OF_PATIENT_ID: &str = "00100022";
 pub const ISSUER_QUALIFIERS: &str = "00100024";
 pub const OTHER_PATIENT_IDS: &str = "00101002";
 
@@ -36,6 +37,11 @@ pub fn coerce_json(ds: &mut Map<String, Value>, c: &Coercion) {
     ds.insert(ISSUER.into(), lo(&c.issuer));
     item.insert(PATIENT_ID.into(), lo(&c.owner_patient_id));
     item.insert(ISSUER.into(), lo(&c.owner_issuer));
+    // Type 1 in Other Patient IDs Sequence items (PS3.3 C.7.1.1).
+    item.insert(
+        TYPE_OF_PATIENT_ID.into(),
+        json!({"vr": "CS", "Value": ["TEXT"]}),
+    );
     if let Some(v) = ds.remove(ISSUER_QUALIFIERS) {
         item.insert(ISSUER_QUALIFIERS.into(), v);
     }
@@ -367,6 +373,8 @@ fn owner_item(c: &Coercion, orig: &Originals) -> std::io::Result<Vec<u8>> {
         c.owner_issuer.as_bytes(),
         b' ',
     )?;
+    // Type 1 in Other Patient IDs Sequence items (PS3.3 C.7.1.1).
+    element(&mut item, tags::TYPE_OF_PATIENT_ID, VR::CS, b"TEXT", b' ')?;
     if let Some(q) = &orig.qualifiers {
         item.extend_from_slice(q);
     }

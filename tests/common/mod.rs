@@ -39,6 +39,31 @@ pub fn dcmtk(tool: &str) -> Option<PathBuf> {
     }
 }
 
+/// dicom3tools' `dciodvfy` on a Part-10 file: its Error lines (empty: the
+/// object conforms to its IOD), or `None` when the tool is missing.
+pub fn dciodvfy_errors(file: &Path) -> Option<Vec<String>> {
+    let bin = ["/usr/bin/dciodvfy", "/usr/local/bin/dciodvfy"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    let Some(bin) = bin else {
+        skip("dciodvfy missing (apt-get install dicom3tools)");
+        return None;
+    };
+    let out = Command::new(bin).arg(file).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with("Error"))
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
 /// A Python interpreter that can import `module`.
 pub fn python_with(module: &str) -> Option<String> {
     let py = std::env::var("TSUNAGU_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
