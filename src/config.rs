@@ -250,8 +250,9 @@ pub struct InstitutionConfig {
     /// Calling AE titles of its modalities and PACS.
     #[serde(default)]
     pub ae_titles: Vec<String>,
-    /// Whether its users see other institutions' objects under their own
-    /// patient ID (PS3.4 coercion); off: every object exactly as stored.
+    /// Whether its users retrieve other institutions' instances coerced to
+    /// their own patient ID (off: exactly as stored). Searches and metadata
+    /// show the requester's ID either way (PS3.4 matching needs it).
     #[serde(default = "yes")]
     pub coerce_patient_ids: bool,
 }

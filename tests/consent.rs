@@ -303,9 +303,9 @@ async fn network_scenario(backend: Backend) {
         .unwrap();
     let others = h2["00101002"]["Value"].as_array().unwrap();
     assert!(
-        others
-            .iter()
-            .any(|o| o["00100020"]["Value"][0] == "A-H2" && o["00100021"]["Value"][0] == "HOSP2"),
+        others.iter().any(|o| o["00100020"]["Value"][0] == "A-H2"
+            && o["00100021"]["Value"][0] == "HOSP2"
+            && o["00100022"]["Value"][0] == "TEXT"),
         "{h2}"
     );
     // Same patient ID with the issuer; the owner's ID through Other Patient IDs.
@@ -674,6 +674,16 @@ async fn network_scenario(backend: Backend) {
         }
     }
     hub.hub.audit.flush().await;
+    // A refused request shows its own institution's admins nothing of what
+    // was refused (the owner's admins see it, above).
+    let (_, own3) = admin_get(&hub, "HOSP3", "/audit?user=user-of-HOSP3&limit=1000").await;
+    let own3 = own3.as_array().unwrap();
+    assert!(own3.iter().any(|e| e["outcome"] == "denied"));
+    for e in own3.iter().filter(|e| e["outcome"] != "success") {
+        for o in e["objects"].as_array().unwrap() {
+            assert_eq!(o["patient_institution"], "HOSP3", "{e}");
+        }
+    }
     // By user and time; paged; bad parameters are problems.
     let (_, by_user) = admin_get(&hub, "HOSP2", "/audit?user=user-of-HOSP3&limit=1000").await;
     let by_user = by_user.as_array().unwrap();
@@ -711,6 +721,10 @@ async fn network_scenario(backend: Backend) {
         let (st, problem) = admin_get(&hub, "HOSP2", bad).await;
         assert_eq!(st, 400, "{bad}: {problem}");
     }
+    // Verification reads a consistent end even while events are appended.
+    let during = tsunagu::audit::chain::verify(&hub.hub.index).await.unwrap();
+    assert_eq!(during.broken_at, None);
+    hub.hub.audit.flush().await;
     let v = tsunagu::audit::chain::verify(&hub.hub.index).await.unwrap();
     assert_eq!(v.broken_at, None);
     assert!(v.events > 30, "{v:?}");
@@ -778,8 +792,16 @@ fn api_routes() -> Vec<(reqwest::Method, &'static str, Option<Value>, Vec<Role>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn api_routes_refuse_bad_tokens_and_wrong_roles() {
-    let Some(hub) = TestHub::start_with(Backend::Local, |c| c.access.break_glass = true).await
-    else {
+    api_routes_refuse(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_routes_refuse_bad_tokens_and_wrong_roles_on_postgres() {
+    api_routes_refuse(Backend::Postgres).await;
+}
+
+async fn api_routes_refuse(backend: Backend) {
+    let Some(hub) = TestHub::start_with(backend, |c| c.access.break_glass = true).await else {
         return;
     };
     let mut expired = common::claims("HOSP1", Role::Admin);
@@ -843,18 +865,33 @@ async fn api_routes_refuse_bad_tokens_and_wrong_roles() {
     assert!(trail.iter().any(|e| e["action"] == "authorize"
         && e["outcome"] == "denied"
         && e["codes"]["event_id"]["code"] == "110113"));
+    // A token claiming a user name the database cannot store does not stop
+    // the trail.
+    let mut nul = common::claims("HOSP1", Role::Admin);
+    nul.sub = "evil\u{0}user".into();
+    let r = client()
+        .get(format!("{}/api/audit", hub.http()))
+        .bearer_auth(common::forged(&nul, "not-the-secret"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let (st, trail) = admin_get(&hub, "HOSP1", "/audit?limit=1000").await;
+    assert_eq!(st, 200);
+    let trail = trail.as_array().unwrap().clone();
+    assert!(trail.iter().any(|e| e["user"] == "evil\u{fffd}user"));
     // Tokens that name HOSP1 (expired, wrongly signed) are shown to its
     // admins, marked unverified; tokens that name no one are in the trail only.
     let claimed = trail
         .iter()
         .filter(|e| e["action"] == "authenticate")
         .inspect(|e| {
-            assert_eq!(e["user"], "someone");
+            assert!(e["user"] == "someone" || e["user"] == "evil\u{fffd}user");
             assert_eq!(e["detail"]["identity_verified"], false);
             assert_eq!(e["codes"]["event_id"]["code"], "110114");
         })
         .count();
-    assert_eq!(claimed, api_routes().len() * 2);
+    assert_eq!(claimed, api_routes().len() * 2 + 1);
     hub.hub.audit.flush().await;
     let unattributed = tsunagu::audit::trail::query(
         hub.hub.index.pool(),

@@ -192,12 +192,18 @@ pub struct Verification {
 /// Recompute the whole chain, in pages (memory stays bounded).
 pub async fn verify(index: &Index) -> Result<Verification, IndexError> {
     let pool = index.pool();
+    // The chain's end first: events and end are written in one transaction,
+    // so every event up to it is committed and final, and events appended
+    // while we read (a live server) are left for the next run.
+    let head = sqlx::query(HEAD).fetch_one(pool).await?;
+    let (head_seq, head_hash): (i64, String) = (head.get(0), head.get(1));
     let mut prev = GENESIS.to_string();
     let mut expect_seq = 1i64;
     let mut count = 0u64;
     const PAGE: i64 = 2000;
-    loop {
-        let events = super::trail::read_range(pool, expect_seq, PAGE).await?;
+    while expect_seq <= head_seq {
+        let page = PAGE.min(head_seq - expect_seq + 1);
+        let events = super::trail::read_range(pool, expect_seq, page).await?;
         if events.is_empty() {
             break;
         }
@@ -222,15 +228,17 @@ pub async fn verify(index: &Index) -> Result<Verification, IndexError> {
             expect_seq += 1;
         }
     }
-    let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-        .fetch_one(pool)
-        .await?;
-    let (head_seq, head_hash): (i64, String) = (head.get(0), head.get(1));
-    let broken_at = if head_seq != expect_seq - 1 || head_hash != prev {
+    let broken_at = if head_seq != expect_seq - 1 {
+        Some((
+            expect_seq,
+            format!(
+                "events {expect_seq} to {head_seq} are missing (the chain's recorded end is {head_seq})"
+            ),
+        ))
+    } else if head_hash != prev {
         Some((
             head_seq,
-            "the chain's recorded end does not match its last event (events removed from the end?)"
-                .to_string(),
+            "the chain's recorded end does not match its last event".to_string(),
         ))
     } else {
         None

@@ -85,9 +85,37 @@ pub struct Event {
     pub detail: serde_json::Value,
 }
 
+/// Text as the trail keeps it: no control characters (a NUL, which
+/// PostgreSQL refuses in text, would stop the appender), at most 256
+/// characters. Values come from requests and may be anything.
+fn clean(s: &mut String) {
+    if s.len() > 256 || s.chars().any(char::is_control) {
+        *s = s
+            .chars()
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .take(256)
+            .collect();
+    }
+}
+
 impl Event {
-    /// Sort and deduplicate the objects (one per patient and study).
+    /// Clean every text field (the detail is JSON, which escapes control
+    /// characters itself); sort and deduplicate the objects (one per patient
+    /// and study).
     pub fn normalized(mut self) -> Self {
+        for s in [
+            &mut self.user,
+            &mut self.institution,
+            &mut self.role,
+            &mut self.client,
+        ] {
+            clean(s);
+        }
+        for o in &mut self.objects {
+            clean(&mut o.patient_institution);
+            clean(&mut o.patient_id);
+            clean(&mut o.study_uid);
+        }
         self.objects.sort();
         self.objects.dedup();
         self
@@ -191,6 +219,66 @@ impl Auditor {
     }
 }
 
+/// Write `batch` (then empty it). A failing write is retried — the
+/// database may come back — but after a few failures the events are tried
+/// one by one, so that one event the database refuses cannot hold up the
+/// trail: that event alone is logged and counted as lost (a lone event
+/// after some minutes of failures).
+fn write_batch(target: &mut Target, batch: &mut Vec<Event>, syslog: Option<&syslog::Forwarder>) {
+    let mut append = |events: &[Event]| match target {
+        Target::Sqlite(conn) => chain::append_sqlite(conn, events),
+        Target::Pool(index, rt) => rt.block_on(chain::append(index, events)),
+    };
+    let mut delay = Duration::from_millis(50);
+    let mut failures = 0;
+    loop {
+        match append(batch) {
+            Ok(written) => {
+                if let Some(f) = syslog {
+                    f.send(&written);
+                }
+                batch.clear();
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::error!(error = %e, events = batch.len(), "writing audit events failed; retrying");
+            }
+        }
+        if failures >= 3 && batch.len() > 1 {
+            // Find the event the database refuses, if it is one.
+            let mut kept = Vec::new();
+            for event in batch.drain(..) {
+                match append(std::slice::from_ref(&event)) {
+                    Ok(written) => {
+                        if let Some(f) = syslog {
+                            f.send(&written);
+                        }
+                    }
+                    Err(_) => kept.push(event),
+                }
+            }
+            if kept.len() == 1 {
+                tracing::error!(event = ?kept[0], "the database refuses this audit event; it is lost");
+                metrics::counter!(crate::telemetry::AUDIT_LOST).increment(1);
+                return;
+            }
+            *batch = kept;
+            if batch.is_empty() {
+                return;
+            }
+        } else if batch.len() == 1 && failures >= 30 {
+            // Alone and refused for minutes (an outage this long drops it too).
+            tracing::error!(event = ?batch[0], "the database refuses this audit event; it is lost");
+            metrics::counter!(crate::telemetry::AUDIT_LOST).increment(1);
+            batch.clear();
+            return;
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
 fn append_loop(
     mut target: Target,
     rx: std::sync::mpsc::Receiver<Message>,
@@ -216,29 +304,7 @@ fn append_loop(
                 .ok();
         }
         if !batch.is_empty() {
-            // A failed write is retried (the events stay queued) rather than
-            // dropped: the database may come back.
-            let mut delay = Duration::from_millis(50);
-            loop {
-                let result = match &mut target {
-                    Target::Sqlite(conn) => chain::append_sqlite(conn, &batch),
-                    Target::Pool(index, rt) => rt.block_on(chain::append(index, &batch)),
-                };
-                match result {
-                    Ok(written) => {
-                        if let Some(f) = &syslog {
-                            f.send(&written);
-                        }
-                        batch.clear();
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, events = batch.len(), "writing audit events failed; retrying");
-                        std::thread::sleep(delay);
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
+            write_batch(&mut target, &mut batch, syslog.as_ref());
         }
         for done in waiting.drain(..) {
             let _ = done.send(());

@@ -117,8 +117,8 @@ pub async fn read_range(
     Ok(events)
 }
 
-/// A page of the trail for an admin, newest first. Events of other
-/// institutions' users show only the objects of the admin's institution.
+/// A page of the trail for an admin, newest first. Events show other
+/// institutions' objects only where the admin's own user succeeded.
 pub async fn query(pool: &AnyPool, f: &Filter) -> Result<Vec<Shown>, IndexError> {
     let mut conds = vec![
         "(e.institution = $1 OR EXISTS (SELECT 1 FROM audit_object o WHERE o.seq = e.seq \
@@ -163,7 +163,13 @@ pub async fn query(pool: &AnyPool, f: &Filter) -> Result<Vec<Shown>, IndexError>
     Ok(events
         .into_iter()
         .map(|mut s| {
-            if s.event.institution != f.institution {
+            // Objects of other institutions are shown only where the admin's
+            // own user was shown them: a refused request names what it was
+            // refused (for the owner's admins), which the requester's
+            // institution must not learn.
+            let saw_them =
+                s.event.institution == f.institution && s.event.outcome == super::Outcome::Success;
+            if !saw_them {
                 s.event
                     .objects
                     .retain(|o| o.patient_institution == f.institution);

@@ -46,6 +46,9 @@ pub fn pn_key(group: &str) -> String {
 pub struct OtherPatientId {
     pub patient_id: String,
     pub issuer: Option<String>,
+    /// Type of Patient ID (0010,0022): TEXT, RFID or BARCODE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub type_of_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -155,6 +158,7 @@ impl InstanceSummary {
                 Some(OtherPatientId {
                     patient_id: text(item, tags::PATIENT_ID)?,
                     issuer: text(item, tags::ISSUER_OF_PATIENT_ID),
+                    type_of_id: text(item, tags::TYPE_OF_PATIENT_ID),
                 })
             })
             .collect();

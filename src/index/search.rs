@@ -768,6 +768,7 @@ impl PatientRow {
         self.other_patient_ids.push(OtherPatientId {
             patient_id: std::mem::replace(&mut self.patient_id, pr.patient_id.clone()),
             issuer: Some(std::mem::replace(&mut self.issuer, pr.issuer.clone())),
+            type_of_id: Some("TEXT".into()),
         });
         self.presented = true;
     }

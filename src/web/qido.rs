@@ -501,10 +501,14 @@ fn render(h: &Hit, level: Level, urls: &Urls) -> BTreeMap<String, Value> {
             .other_patient_ids
             .iter()
             .map(|o| {
-                json!({
+                let mut item = json!({
                     "00100020": text_el("LO", Some(&o.patient_id)),
                     "00100021": text_el("LO", o.issuer.as_deref()),
-                })
+                });
+                if let Some(t) = &o.type_of_id {
+                    item["00100022"] = text_el("CS", Some(t));
+                }
+                item
             })
             .collect();
         put("00101002", json!({"vr": "SQ", "Value": items}));
