@@ -1323,3 +1323,61 @@ async fn patient_ids_in_paths_are_percent_encoded() {
     assert_eq!(st, 400);
     assert!(problem["detail"].as_str().unwrap().contains("patient ID"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_study_is_one_patients() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let Some(first) = make_study(work.path(), "ct16_explicit_le.dcm", "P-ONE", 41) else {
+        return;
+    };
+    hub.import("HOSP1", vec![first.file.clone()]).await;
+    // The same Study Instance UID under another patient ID, in a new series.
+    let mut obj = dicom_object::open_file(&first.file).unwrap();
+    let (series, sop) = ("2.25.990000041.22", "2.25.990000041.33");
+    for (tag, vr, v) in [
+        (tags::PATIENT_ID, VR::LO, "P-TWO"),
+        (tags::SERIES_INSTANCE_UID, VR::UI, series),
+        (tags::SOP_INSTANCE_UID, VR::UI, sop),
+    ] {
+        obj.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
+    }
+    obj.update_meta(|m| m.media_storage_sop_instance_uid = sop.into());
+    let second = work.path().join("second.dcm");
+    obj.write_to_file(&second).unwrap();
+    let inst = hub.hub.institutions.by_code("HOSP1").unwrap();
+    let report = tsunagu::ingest::import::import_files(
+        hub.hub.ingest.clone(),
+        inst,
+        vec![second.clone()],
+        false,
+    )
+    .await;
+    assert_eq!(report.rejected.len(), 1, "{report:?}");
+    assert!(report.rejected[0].1.contains("belongs to another patient"));
+    // Over DIMSE the refusal is a failure status the sender will not retry.
+    if let Some(py) = common::python_with("pynetdicom") {
+        let pushed =
+            common::pynetdicom_push(&py, hub.port(), "HOSP1", std::slice::from_ref(&second));
+        assert_eq!(pushed[0].status, Some(0xC000), "{pushed:?}");
+    }
+    // The study stays the first patient's, with its one instance; the
+    // refused copy is not kept.
+    let (found, _) = qido(
+        &hub,
+        "HOSP1",
+        &format!("studies?StudyInstanceUID={}", first.study),
+    )
+    .await;
+    assert_eq!(found[0]["00100020"]["Value"][0], "P-ONE");
+    assert_eq!(found[0]["00201208"]["Value"][0], 1);
+    assert!(hub.stored("HOSP1", sop).await.is_none());
+    let kept: Vec<_> = walkdir::WalkDir::new(hub.dir.path().join("store"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains(sop))
+        .collect();
+    assert!(kept.is_empty(), "{kept:?}");
+}

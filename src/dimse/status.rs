@@ -19,6 +19,11 @@ pub const PROCESSING_FAILURE: u16 = 0x0110;
 /// The C-STORE status of an ingest failure, and a comment safe to send.
 pub fn of_ingest_error(e: &IngestError) -> (u16, &'static str) {
     match e {
+        // A retry cannot help: the study is another patient's.
+        IngestError::Index(crate::index::IndexError::Conflict(_)) => (
+            CANNOT_UNDERSTAND,
+            "study or series belongs to another patient or study",
+        ),
         // Store or index unavailable or full: the sender should retry later.
         IngestError::Store(_) | IngestError::Index(_) | IngestError::Spool(_) => {
             (OUT_OF_RESOURCES, "storage temporarily unavailable")

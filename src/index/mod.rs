@@ -31,6 +31,22 @@ pub enum IndexError {
     WriterGone,
     #[error("index database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The object would put a study under another patient, or a series
+    /// under another study: refused, so that what a patient's consent opens
+    /// is that patient's only.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl IndexError {
+    /// A statement that returns its row's id returned none.
+    pub(crate) fn is_no_row(&self) -> bool {
+        matches!(
+            self,
+            Self::Sqlite(rusqlite::Error::QueryReturnedNoRows)
+                | Self::Database(sqlx::Error::RowNotFound)
+        )
+    }
 }
 
 /// Which records a transaction changes (PostgreSQL advisory lock keys).

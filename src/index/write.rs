@@ -393,7 +393,7 @@ const STUDY_SQL: &str = "INSERT INTO study (patient_ref, institution, study_uid,
      referring_ideographic, referring_phonetic, referring_alphabetic_key, \
      referring_ideographic_key, referring_phonetic_key) \
      VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14) \
-     ON CONFLICT (institution, study_uid) DO UPDATE SET patient_ref = excluded.patient_ref, \
+     ON CONFLICT (institution, study_uid) DO UPDATE SET \
      study_date = excluded.study_date, study_time = excluded.study_time, \
      accession_number = excluded.accession_number, study_id = excluded.study_id, \
      description = excluded.description, referring_alphabetic = excluded.referring_alphabetic, \
@@ -401,7 +401,8 @@ const STUDY_SQL: &str = "INSERT INTO study (patient_ref, institution, study_uid,
      referring_phonetic = excluded.referring_phonetic, \
      referring_alphabetic_key = excluded.referring_alphabetic_key, \
      referring_ideographic_key = excluded.referring_ideographic_key, \
-     referring_phonetic_key = excluded.referring_phonetic_key RETURNING id";
+     referring_phonetic_key = excluded.referring_phonetic_key \
+     WHERE study.patient_ref = excluded.patient_ref RETURNING id";
 
 fn study_params(e: &IndexEntry, patient: i64) -> Vec<Param> {
     let s = &e.summary;
@@ -426,12 +427,13 @@ fn study_params(e: &IndexEntry, patient: i64) -> Vec<Param> {
 const SERIES_SQL: &str = "INSERT INTO series (study_ref, institution, series_uid, modality, \
      series_number, description, series_date, series_time, pps_start_date, pps_start_time, \
      body_part, request_attributes) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) \
-     ON CONFLICT (institution, series_uid) DO UPDATE SET study_ref = excluded.study_ref, \
+     ON CONFLICT (institution, series_uid) DO UPDATE SET \
      modality = excluded.modality, series_number = excluded.series_number, \
      description = excluded.description, series_date = excluded.series_date, \
      series_time = excluded.series_time, pps_start_date = excluded.pps_start_date, \
      pps_start_time = excluded.pps_start_time, body_part = excluded.body_part, \
-     request_attributes = excluded.request_attributes RETURNING id";
+     request_attributes = excluded.request_attributes \
+     WHERE series.study_ref = excluded.study_ref RETURNING id";
 
 fn series_params(e: &IndexEntry, study: i64) -> Vec<Param> {
     let s = &e.summary;
@@ -531,7 +533,24 @@ const DISCLOSED_ACCESS_SQL: &str = "INSERT INTO study_access (study_ref, institu
 /// the study; the series id.
 async fn upsert_parents<C: WriteConn>(c: &mut C, e: &IndexEntry) -> Result<i64, IndexError> {
     let patient = c.returning_id(PATIENT_SQL, patient_params(e)).await?;
-    let study = c.returning_id(STUDY_SQL, study_params(e, patient)).await?;
+    // A study is one patient's, a series one study's: the upserts update
+    // only rows whose parent is the same, and return nothing otherwise.
+    let conflict = |what: String| {
+        move |err: IndexError| {
+            if err.is_no_row() {
+                IndexError::Conflict(what)
+            } else {
+                err
+            }
+        }
+    };
+    let study = c
+        .returning_id(STUDY_SQL, study_params(e, patient))
+        .await
+        .map_err(conflict(format!(
+            "study {} belongs to another patient",
+            e.summary.study_instance_uid
+        )))?;
     c.execute(
         OWN_ACCESS_SQL,
         vec![
@@ -553,7 +572,12 @@ async fn upsert_parents<C: WriteConn>(c: &mut C, e: &IndexEntry) -> Result<i64, 
         ],
     )
     .await?;
-    c.returning_id(SERIES_SQL, series_params(e, study)).await
+    c.returning_id(SERIES_SQL, series_params(e, study))
+        .await
+        .map_err(conflict(format!(
+            "series {} belongs to another study",
+            e.summary.series_instance_uid
+        )))
 }
 
 async fn upsert_instance<C: WriteConn>(

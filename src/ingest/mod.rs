@@ -244,7 +244,19 @@ impl Ingest {
         };
         // An object without an index row is an orphan that reindex adopts;
         // the reverse never happens because the row is written second.
-        let replaced = self.index.upsert(&entry).await?;
+        let replaced = match self.index.upsert(&entry).await {
+            Ok(r) => r,
+            Err(e @ IndexError::Conflict(_)) => {
+                // Refused for good: the new copy goes (never the indexed one).
+                if entry.replaces.as_deref() != Some(key.as_str())
+                    && let Err(d) = self.store.delete(&key).await
+                {
+                    tracing::warn!(key = %key, error = %d, "refused object not deleted");
+                }
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         metrics::counter!(telemetry::INSTANCES_STORED).increment(1);
         metrics::counter!(telemetry::BYTES_STORED).increment(size);
         let outcome = match replaced {

@@ -309,6 +309,7 @@ fn failure_reason(e: &IngestError) -> u16 {
             ..
         } => reason::STUDY_MISMATCH,
         IngestError::Mismatch { .. } => reason::DOES_NOT_MATCH_SOP_CLASS,
+        IngestError::Index(crate::index::IndexError::Conflict(_)) => reason::CANNOT_UNDERSTAND,
         IngestError::Store(_) | IngestError::Index(_) | IngestError::Internal(_) => {
             reason::PROCESSING_FAILURE
         }
