@@ -99,10 +99,13 @@ impl Scope {
         // The rule, precomputed per study (`study_access`, kept by the index
         // writer and every change of links and disclosures); only expiry is
         // left to the moment of the query.
-        let mut alts = vec![format!(
-            "EXISTS (SELECT 1 FROM study_access sa WHERE sa.study_ref = st.id \
-             AND sa.institution = {t} AND (sa.expires_at IS NULL OR sa.expires_at > {now}))"
-        )];
+        let mut alts = vec![
+            format!("st.institution = {t}"),
+            format!(
+                "EXISTS (SELECT 1 FROM study_access sa WHERE sa.study_ref = st.id \
+                 AND sa.institution = {t} AND (sa.expires_at IS NULL OR sa.expires_at > {now}))"
+            ),
+        ];
         for g in &self.grants {
             let (gi, gs, gp) = (
                 q.bind_text(&g.institution),
@@ -929,7 +932,7 @@ fn from_without_patient(s: &Search, scope: &Scope) -> &'static str {
     if access_rows_only(s, scope) {
         return "study_access sa";
     }
-    match (s.level, scope.walks_access()) {
+    match (s.level, walks(s, scope)) {
         (Level::Study, false) => "study st",
         (Level::Series, false) => "series se JOIN study st ON st.id = se.study_ref",
         (Level::Instance, false) => {
@@ -946,14 +949,31 @@ fn from_without_patient(s: &Search, scope: &Scope) -> &'static str {
     }
 }
 
+/// Whether a search joins the caller's access rows (`sa`). Not when a
+/// single value picks its studies first (a UID, an ID, an accession
+/// number): then each study found is tested, the caller's own without a probe.
+fn walks(s: &Search, scope: &Scope) -> bool {
+    let picked = s.study_uid.is_some()
+        || s.keys.iter().any(|(a, m)| {
+            matches!(
+                a,
+                Attr::PatientId
+                    | Attr::StudyInstanceUid
+                    | Attr::AccessionNumber
+                    | Attr::SeriesInstanceUid
+                    | Attr::SopInstanceUid
+            ) && matches!(m, Matcher::Single(_) | Matcher::UidList(_))
+        });
+    scope.walks_access() && !picked
+}
+
 /// Whether a study-level search under the consent rule needs nothing of the
 /// study row to choose its page (a list, modalities, series or instance
 /// keys, a study date — kept on the access row too): it then walks the
 /// caller's access rows alone, index-only.
 fn access_rows_only(s: &Search, scope: &Scope) -> bool {
     s.level == Level::Study
-        && scope.walks_access()
-        && s.study_uid.is_none()
+        && walks(s, scope)
         && s.keys.iter().all(|(a, _)| {
             !a.is_patient()
                 && (a.level() != Level::Study
@@ -964,7 +984,7 @@ fn access_rows_only(s: &Search, scope: &Scope) -> bool {
 /// WHERE clause: scope, path, matching keys. Keys below the level become
 /// EXISTS conditions (a study matches if one of its series does).
 fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
-    let mut conds = vec![if scope.walks_access() {
+    let mut conds = vec![if walks(s, scope) {
         scope.access_row_condition(q)
     } else {
         scope.condition(q)
@@ -1047,7 +1067,7 @@ fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
             ));
             continue;
         }
-        if *attr == Attr::StudyDate && scope.walks_access() {
+        if *attr == Attr::StudyDate && walks(s, scope) {
             // The same range on the access row's copy of the date: one
             // index range of (institution, study_date).
             conds.push(condition(q, *attr, "sa.study_date", m));
@@ -1235,7 +1255,7 @@ fn page_sql(reader: &Reader, s: &Search, scope: &Scope) -> (String, Sql) {
         String::new()
     };
     // Walking the access rows, studies are chosen in their order (the same ids).
-    let inner = if s.level == Level::Study && scope.walks_access() {
+    let inner = if s.level == Level::Study && walks(s, scope) {
         "sa.study_ref"
     } else {
         order
