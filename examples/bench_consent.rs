@@ -160,9 +160,7 @@ async fn derive_access(index: &Index) {
     if disclosed > 0 {
         return;
     }
-    tsunagu::access::records::rebuild_access(index)
-        .await
-        .expect("derive access");
+    index.rebuild_access().await.expect("derive access");
     // Fresh statistics for the planner, as the server has them.
     let analyze = if config_is_sqlite(pool) {
         "ANALYZE"

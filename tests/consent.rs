@@ -518,9 +518,7 @@ async fn network_scenario(backend: Backend) {
     // Who sees what is not lost when the index is rebuilt from the store.
     let report = hub.hub.reindex(false).await.unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
-    tsunagu::access::records::rebuild_access(&hub.hub.index)
-        .await
-        .unwrap();
+    hub.hub.index.rebuild_access().await.unwrap();
     assert_eq!(
         qido(&hub, "HOSP2", "studies?PatientID=A-H2").await.0.len(),
         2

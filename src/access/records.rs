@@ -2,7 +2,9 @@
 //! index: identity records with their patient ID links (名寄せ),
 //! disclosures (公開設定) and break-glass grants. Every change runs in one
 //! serialized transaction (`Index::begin_records`), so a check (does the
-//! other institution disclose to me?) and the write it allows cannot race.
+//! other institution disclose to me?) and the write it allows cannot race;
+//! the same transaction derives the access rows of the identity record's
+//! studies again (`index::access`).
 //!
 //! Whatever the caller may not see is `NotFound`, exactly like what does
 //! not exist: a join to an undisclosed ID, a disclosure of another
@@ -14,7 +16,8 @@ use sqlx::Row;
 
 use super::{Institution, Institutions};
 use crate::clock::stamp;
-use crate::index::{Index, IndexError, RecordLock};
+use crate::index::search::PatientKey;
+use crate::index::{Index, IndexError, RecordLock, access};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -179,10 +182,11 @@ async fn record_of(
     .map(|r| r.get(0)))
 }
 
-type LinkKey = (String, String, String);
-
 /// Every (institution, issuer, patient ID) linked to `record`.
-async fn links_of(c: &mut sqlx::AnyConnection, record: i64) -> Result<Vec<LinkKey>, RecordError> {
+async fn links_of(
+    c: &mut sqlx::AnyConnection,
+    record: i64,
+) -> Result<Vec<PatientKey>, RecordError> {
     Ok(
         sqlx::query("SELECT institution, issuer, patient_id FROM patient_link WHERE record = $1")
             .bind(record)
@@ -194,87 +198,10 @@ async fn links_of(c: &mut sqlx::AnyConnection, record: i64) -> Result<Vec<LinkKe
     )
 }
 
-/// The statement that adds the 'disclosed' access rows of the studies whose
-/// patient row `p` satisfies `filter`: one per institution that the rule
-/// opens them to, with the latest expiry (NULL: none) of the disclosures.
-fn disclosed_rows_insert(filter: &str) -> String {
-    format!(
-        "INSERT INTO study_access (study_ref, institution, expires_at, kind, study_date) \
-         SELECT st.id, d.to_institution, \
-         CASE WHEN COUNT(*) > COUNT(d.expires_at) THEN NULL ELSE MAX(d.expires_at) END, 'disclosed', \
-         st.study_date \
-         FROM patient p JOIN study st ON st.patient_ref = p.id \
-         JOIN patient_link sl ON sl.institution = p.institution AND sl.issuer = p.issuer \
-         AND sl.patient_id = p.patient_id \
-         JOIN disclosure d ON d.record = sl.record AND d.from_institution = sl.institution \
-         AND d.revoked_at IS NULL \
-         WHERE {filter} AND EXISTS (SELECT 1 FROM patient_link tl WHERE tl.record = sl.record \
-         AND tl.institution = d.to_institution) \
-         GROUP BY st.id, st.study_date, d.to_institution"
-    )
-}
-
-/// Rewrite every 'disclosed' access row from the records as they are: for
-/// records written other than through `Records` (bulk loads, benchmarks,
-/// repairs). Changes through `Records` keep the rows up to date themselves.
-pub async fn rebuild_access(index: &Index) -> Result<(), RecordError> {
-    let mut tx = index.begin_records(RecordLock::Consent).await?;
-    sqlx::query("DELETE FROM study_access WHERE kind = 'disclosed'")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(sqlx::AssertSqlSafe(disclosed_rows_insert("1 = 1")))
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-/// Rewrite the 'disclosed' rows of `study_access` for the studies of
-/// `patients` from the links and disclosures as they now are (the index's
-/// derived view of the rule; see migration 0004).
-async fn refresh_access(
-    c: &mut sqlx::AnyConnection,
-    patients: &[LinkKey],
-) -> Result<(), RecordError> {
-    if patients.is_empty() {
-        return Ok(());
-    }
-    let mut n = 0;
-    let mut next = || {
-        n += 1;
-        format!("${n}")
-    };
-    let keys: Vec<String> = patients
-        .iter()
-        .map(|_| {
-            format!(
-                "(p.institution = {} AND p.issuer = {} AND p.patient_id = {})",
-                next(),
-                next(),
-                next()
-            )
-        })
-        .collect();
-    let keys = keys.join(" OR ");
-    let delete = format!(
-        "DELETE FROM study_access WHERE kind = 'disclosed' AND study_ref IN \
-         (SELECT st.id FROM study st JOIN patient p ON p.id = st.patient_ref WHERE {keys})"
-    );
-    let insert = disclosed_rows_insert(&format!("({keys})"));
-    for sql in [delete, insert] {
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (i, s, p) in patients {
-            q = q.bind(i.clone()).bind(s.clone()).bind(p.clone());
-        }
-        q.execute(&mut *c).await?;
-    }
-    Ok(())
-}
-
-/// `refresh_access` for every patient linked to `record`.
+/// Derive the access rows of every patient linked to `record` again.
 async fn refresh_record(c: &mut sqlx::AnyConnection, record: i64) -> Result<(), RecordError> {
     let affected = links_of(&mut *c, record).await?;
-    refresh_access(c, &affected).await
+    Ok(access::refresh_for_patients(c, &affected).await?)
 }
 
 impl Records<'_> {
@@ -411,7 +338,7 @@ impl Records<'_> {
             .execute(&mut *tx)
             .await?;
         }
-        refresh_access(&mut tx, &affected).await?;
+        access::refresh_for_patients(&mut tx, &affected).await?;
         tx.commit().await?;
         Ok(revoked)
     }

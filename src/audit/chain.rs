@@ -92,8 +92,8 @@ fn event_columns(s: &Sequenced) -> [String; 10] {
     let e = &s.event;
     [
         e.at.clone(),
-        enum_text(&e.action),
-        enum_text(&e.outcome),
+        super::serde_name(&e.action),
+        super::serde_name(&e.outcome),
         e.user.clone(),
         e.institution.clone(),
         e.role.clone(),
@@ -170,14 +170,6 @@ pub fn append_sqlite(
     }
     tx.commit()?;
     Ok(written)
-}
-
-/// The serde name of a unit enum variant (`"break-glass"`).
-pub fn enum_text<T: Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 /// What `verify` found.

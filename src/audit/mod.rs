@@ -127,6 +127,14 @@ enum Message {
     Flush(oneshot::Sender<()>),
 }
 
+/// The serde name of a unit enum variant (`"break-glass"`).
+pub fn serde_name<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// Who acts: a user of an institution, or a modality (calling AE title).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Actor {

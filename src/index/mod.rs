@@ -12,6 +12,7 @@ use crate::config::IndexConfig;
 use crate::dicom::dataset::PixelLayout;
 use crate::dicom::summary::InstanceSummary;
 
+pub mod access;
 mod read;
 pub mod search;
 pub(crate) mod write;
@@ -301,18 +302,6 @@ impl Index {
         sop_uid: Option<&str>,
     ) -> Result<Vec<search::StoredInstance>, IndexError> {
         search::instances(&self.reader, scope, study_uid, series_uid, sop_uid).await
-    }
-
-    /// How the caller of `scope` sees the given patients of others (see
-    /// `search::presentations`).
-    pub async fn presentations(
-        &self,
-        scope: &search::Scope,
-        patients: &[search::PatientKey],
-        preferred: Option<&str>,
-    ) -> Result<std::collections::HashMap<search::PatientKey, search::Presentation>, IndexError>
-    {
-        search::presentations(&self.reader, scope, patients, preferred).await
     }
 
     /// The patients the active break-glass grants of a user open.

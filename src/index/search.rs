@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use super::IndexError;
 use super::read::{Bind, Reader, Row};
+use crate::dicom::coerce::Coercion;
 use crate::dicom::summary::{OtherPatientId, is_uid, pn_key};
 
 /// Whose objects a query may see. Every read of the index takes one, so no
@@ -20,11 +21,21 @@ pub struct Scope {
     /// The caller's issuer of patient IDs: what other institutions'
     /// patients are shown under.
     issuer: String,
-    /// Whether others' objects may be visible at all (false: own only).
-    consent: bool,
+    reach: Reach,
     /// Now, as stored (`clock::stamp`): disclosures and grants expire.
     now: String,
     grants: Vec<GrantedPatient>,
+}
+
+/// How far a scope reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Every object (the audit trail's check only).
+    Everything,
+    /// The institution's own objects.
+    Own,
+    /// The consent rule.
+    Consent,
 }
 
 /// A patient a break-glass grant opens (with every patient its identity
@@ -42,7 +53,7 @@ impl Scope {
         Self {
             institution: code.to_string(),
             issuer: String::new(),
-            consent: false,
+            reach: Reach::Own,
             now: String::new(),
             grants: Vec::new(),
         }
@@ -55,7 +66,7 @@ impl Scope {
         Self {
             institution: String::new(),
             issuer: String::new(),
-            consent: false,
+            reach: Reach::Everything,
             now: String::new(),
             grants: Vec::new(),
         }
@@ -72,29 +83,25 @@ impl Scope {
         Self {
             institution: institution.to_string(),
             issuer: issuer.to_string(),
-            consent: true,
+            reach: Reach::Consent,
             now: crate::clock::stamp(now),
             grants,
         }
     }
 
-    pub fn institution_code(&self) -> &str {
-        &self.institution
-    }
-
-    pub fn issuer(&self) -> &str {
-        &self.issuer
+    /// Whether the consent rule applies (others' objects may be visible,
+    /// shown under the caller's IDs).
+    fn consent(&self) -> bool {
+        self.reach == Reach::Consent
     }
 
     /// The SQL condition on study alias `st`.
     fn condition(&self, q: &mut Sql) -> String {
-        if !self.consent && self.institution.is_empty() {
-            return "1 = 1".into();
-        }
-        let t = q.bind_text(&self.institution);
-        if !self.consent {
-            return format!("st.institution = {t}");
-        }
+        let t = match self.reach {
+            Reach::Everything => return "1 = 1".into(),
+            Reach::Own => return format!("st.institution = {}", q.bind_text(&self.institution)),
+            Reach::Consent => q.bind_text(&self.institution),
+        };
         let now = q.bind_text(&self.now);
         // The rule, precomputed per study (`study_access`, kept by the index
         // writer and every change of links and disclosures); only expiry is
@@ -128,7 +135,7 @@ impl Scope {
     /// testing each study: under the consent rule, with no break-glass grant
     /// (grants are tested per study).
     fn walks_access(&self) -> bool {
-        self.consent && self.grants.is_empty()
+        self.consent() && self.grants.is_empty()
     }
 
     /// The condition on the joined access row `sa`.
@@ -149,19 +156,35 @@ impl Scope {
         )
     }
 
-    /// The Patient ID the caller sees for patient row alias `p`: its own
-    /// patient ID of the same identity record for others' patients.
-    fn presented_patient_id(&self, q: &mut Sql) -> String {
+    /// The caller's own patient ID for patient row alias `row` of another
+    /// institution — in the same identity record: `preferred` (the ID it
+    /// searched by) if among them, else the least — or NULL (its own rows,
+    /// patients it links no record with). The one definition of how others'
+    /// patients are shown, for matching and for answers.
+    fn presented_id(&self, q: &mut Sql, row: &str, preferred: Option<&str>) -> String {
         let (t1, t2) = (
             q.bind_text(&self.institution),
             q.bind_text(&self.institution),
         );
+        let first = match preferred {
+            Some(v) => format!(
+                "CASE WHEN tl.patient_id = {} THEN 0 ELSE 1 END, ",
+                q.bind_text(v)
+            ),
+            None => String::new(),
+        };
         format!(
-            "(CASE WHEN p.institution = {t1} THEN p.patient_id ELSE COALESCE((SELECT MIN(tl.patient_id) \
-             FROM patient_link sl JOIN patient_link tl ON tl.record = sl.record \
-             WHERE sl.institution = p.institution AND sl.issuer = p.issuer \
-             AND sl.patient_id = p.patient_id AND tl.institution = {t2}), p.patient_id) END)"
+            "(CASE WHEN {row}.institution <> {t1} THEN (SELECT tl.patient_id FROM patient_link sl \
+             JOIN patient_link tl ON tl.record = sl.record WHERE sl.institution = {row}.institution \
+             AND sl.issuer = {row}.issuer AND sl.patient_id = {row}.patient_id \
+             AND tl.institution = {t2} ORDER BY {first}tl.patient_id LIMIT 1) END)"
         )
+    }
+
+    /// The Patient ID the caller sees for patient row alias `p`.
+    fn presented_patient_id(&self, q: &mut Sql) -> String {
+        let shown = self.presented_id(q, "p", None);
+        format!("COALESCE({shown}, p.patient_id)")
     }
 
     /// The Issuer of Patient ID the caller sees for patient row alias `p`.
@@ -702,7 +725,7 @@ fn key_condition(q: &mut Sql, attr: Attr, m: &Matcher) -> String {
 /// shown: its own ID and issuer for another institution's patient in one of
 /// its identity records, with the owner's ID among the Other Patient IDs.
 fn patient_key_condition(q: &mut Sql, scope: &Scope, attr: Attr, m: &Matcher) -> String {
-    if !scope.consent {
+    if !scope.consent() {
         return key_condition(q, attr, m);
     }
     match attr {
@@ -787,67 +810,6 @@ pub struct Presentation {
 
 /// A patient row's identity: (institution, issuer, patient ID).
 pub type PatientKey = (String, String, String);
-
-/// How the caller sees each of `patients` that belongs to another
-/// institution and shares an identity record with one of its links (the
-/// others are shown as stored). Where the caller links several of its IDs
-/// to one record, `preferred` (the ID it searched by) wins, else the least.
-pub async fn presentations(
-    reader: &Reader,
-    scope: &Scope,
-    patients: &[PatientKey],
-    preferred: Option<&str>,
-) -> Result<HashMap<PatientKey, Presentation>, IndexError> {
-    let mut out: HashMap<PatientKey, Presentation> = HashMap::new();
-    if !scope.consent {
-        return Ok(out);
-    }
-    let mut foreign: Vec<&PatientKey> = patients
-        .iter()
-        .filter(|k| k.0 != scope.institution)
-        .collect();
-    foreign.sort();
-    foreign.dedup();
-    for chunk in foreign.chunks(200) {
-        let mut q = Sql::default();
-        let t = q.bind_text(&scope.institution);
-        let alts: Vec<String> = chunk
-            .iter()
-            .map(|(i, s, p)| {
-                format!(
-                    "(sl.institution = {} AND sl.issuer = {} AND sl.patient_id = {})",
-                    q.bind_text(i),
-                    q.bind_text(s),
-                    q.bind_text(p)
-                )
-            })
-            .collect();
-        let sql = format!(
-            "SELECT sl.institution, sl.issuer, sl.patient_id, tl.patient_id FROM patient_link sl \
-             JOIN patient_link tl ON tl.record = sl.record WHERE tl.institution = {t} AND ({}) \
-             ORDER BY tl.patient_id",
-            alts.join(" OR ")
-        );
-        for r in q.fetch(reader, sql).await? {
-            let key = (r.text(0), r.text(1), r.text(2));
-            let own = r.text(3);
-            let better = match out.get(&key) {
-                None => true,
-                Some(_) => preferred == Some(own.as_str()),
-            };
-            if better {
-                out.insert(
-                    key,
-                    Presentation {
-                        patient_id: own,
-                        issuer: scope.issuer.clone(),
-                    },
-                );
-            }
-        }
-    }
-    Ok(out)
-}
 
 #[derive(Debug, Clone, Default)]
 pub struct StudyRow {
@@ -998,7 +960,7 @@ fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
     // A search by the caller's own patient ID also finds the patients of
     // other institutions that its links put in the same identity record.
     let own_id = match s.keys.iter().find(|(a, _)| *a == Attr::PatientId) {
-        Some((_, Matcher::Single(v))) if scope.consent => Some(v.clone()),
+        Some((_, Matcher::Single(v))) if scope.consent() => Some(v.clone()),
         _ => None,
     };
     let patient_keys: Vec<&(Attr, Matcher)> = s
@@ -1229,28 +1191,12 @@ fn page_sql(reader: &Reader, s: &Search, scope: &Scope) -> (String, Sql) {
     // How the caller sees another institution's patient (its own patient
     // ID in the same identity record: the one searched by, else the least),
     // for the page's rows only.
-    let presented = if scope.consent {
-        let (t1, t2) = (
-            q.bind_text(&scope.institution),
-            q.bind_text(&scope.institution),
-        );
+    let presented = if scope.consent() {
         let preferred = s.keys.iter().find_map(|(a, m)| match (a, m) {
-            (Attr::PatientId, Matcher::Single(v)) => Some(v.clone()),
+            (Attr::PatientId, Matcher::Single(v)) => Some(v.as_str()),
             _ => None,
         });
-        let first = match preferred {
-            Some(v) => format!(
-                "CASE WHEN tl.patient_id = {} THEN 0 ELSE 1 END, ",
-                q.bind_text(&v)
-            ),
-            None => String::new(),
-        };
-        format!(
-            ", CASE WHEN page.institution <> {t1} THEN (SELECT tl.patient_id FROM patient_link sl \
-             JOIN patient_link tl ON tl.record = sl.record WHERE sl.institution = page.institution \
-             AND sl.issuer = page.issuer AND sl.patient_id = page.patient_id AND tl.institution = {t2} \
-             ORDER BY {first}tl.patient_id LIMIT 1) END"
-        )
+        format!(", {}", scope.presented_id(&mut q, "page", preferred))
     } else {
         String::new()
     };
@@ -1342,7 +1288,7 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
         })
         .collect();
     let mut hits = hits;
-    if scope.consent {
+    if scope.consent() {
         // The last column: the caller's own ID for another institution's patient.
         for (h, r) in hits.iter_mut().zip(&rows) {
             if let Some(own) = r.opt_text(r.len() - 1) {
@@ -1434,8 +1380,8 @@ pub struct StoredInstance {
     /// Its patient row: (institution, issuer, patient ID).
     pub patient: PatientKey,
     /// How it is shown to the caller, when it is another institution's
-    /// (filled by the web layer).
-    pub coercion: Option<crate::dicom::coerce::Coercion>,
+    /// patient in one of the caller's identity records.
+    pub coercion: Option<Coercion>,
 }
 
 /// The instances of a study, series or instance (WADO-RS), in series and
@@ -1466,11 +1412,17 @@ pub async fn instances(
     } else {
         "NULL"
     };
+    // Another institution's instances are shown under the caller's ID.
+    let presented = if scope.consent() {
+        scope.presented_id(&mut q, "p", None)
+    } else {
+        "NULL".into()
+    };
     let sql = format!(
         "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax, \
          i.object_key, i.size, i.sha256, {layout}, i.number_of_frames, i.id, i.rows, \
-         i.columns, i.bits_allocated, p.institution, p.issuer, p.patient_id FROM {} WHERE {} \
-         ORDER BY se.series_number, se.id, i.instance_number, i.id",
+         i.columns, i.bits_allocated, p.institution, p.issuer, p.patient_id, {presented} \
+         FROM {} WHERE {} ORDER BY se.series_number, se.id, i.instance_number, i.id",
         from(Level::Instance),
         conds.join(" AND ")
     );
@@ -1493,7 +1445,12 @@ pub async fn instances(
             columns: r.opt_int(12),
             bits_allocated: r.opt_int(13),
             patient: (r.text(14), r.text(15), r.text(16)),
-            coercion: None,
+            coercion: r.opt_text(17).map(|shown| Coercion {
+                patient_id: shown,
+                issuer: scope.issuer.clone(),
+                owner_patient_id: r.text(16),
+                owner_issuer: r.text(15),
+            }),
         })
         .collect())
 }

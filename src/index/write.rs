@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use sqlx::{AnyPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Engine, IndexEntry, IndexError};
+use super::{Engine, IndexEntry, IndexError, access};
 
 /// Most index writes committed in one transaction.
 const MAX_BATCH: usize = 64;
@@ -507,28 +507,6 @@ trait WriteConn {
     ) -> impl Future<Output = Result<(), IndexError>>;
 }
 
-/// The owner's access row of a study.
-const OWN_ACCESS_SQL: &str = "INSERT INTO study_access (study_ref, institution, expires_at, kind, \
-     study_date) VALUES ($1, $2, NULL, 'own', $3) ON CONFLICT (study_ref, institution) \
-     DO UPDATE SET study_date = excluded.study_date";
-
-const FORGET_DISCLOSED_SQL: &str =
-    "DELETE FROM study_access WHERE study_ref = $1 AND kind = 'disclosed'";
-
-/// The access rows the consent rules give study $1 (date $2) of patient row
-/// $3 (as in `access::records::refresh_access`). Placeholders must first
-/// appear in their numbers' order: SQLite numbers `$n` by first appearance.
-const DISCLOSED_ACCESS_SQL: &str = "INSERT INTO study_access (study_ref, institution, expires_at, kind, \
-     study_date) SELECT $1, d.to_institution, \
-     CASE WHEN COUNT(*) > COUNT(d.expires_at) THEN NULL ELSE MAX(d.expires_at) END, 'disclosed', $2 \
-     FROM patient p JOIN patient_link sl ON sl.institution = p.institution AND sl.issuer = p.issuer \
-     AND sl.patient_id = p.patient_id \
-     JOIN disclosure d ON d.record = sl.record AND d.from_institution = sl.institution \
-     AND d.revoked_at IS NULL \
-     WHERE p.id = $3 AND EXISTS (SELECT 1 FROM patient_link tl WHERE tl.record = sl.record \
-     AND tl.institution = d.to_institution) \
-     GROUP BY d.to_institution";
-
 /// Insert or update the patient, study and series of `e`, and who may see
 /// the study; the series id.
 async fn upsert_parents<C: WriteConn>(c: &mut C, e: &IndexEntry) -> Result<i64, IndexError> {
@@ -552,7 +530,7 @@ async fn upsert_parents<C: WriteConn>(c: &mut C, e: &IndexEntry) -> Result<i64, 
             e.summary.study_instance_uid
         )))?;
     c.execute(
-        OWN_ACCESS_SQL,
+        access::OWN_ROW,
         vec![
             Param::Int(Some(study)),
             Param::Text(Some(e.institution.clone())),
@@ -560,16 +538,12 @@ async fn upsert_parents<C: WriteConn>(c: &mut C, e: &IndexEntry) -> Result<i64, 
         ],
     )
     .await?;
-    // The study may have moved to another patient: its grants are redone.
-    c.execute(FORGET_DISCLOSED_SQL, vec![Param::Int(Some(study))])
+    // Derived again from the records (the study may be new, or its date changed).
+    c.execute(access::FORGET_DISCLOSED, vec![Param::Int(Some(study))])
         .await?;
     c.execute(
-        DISCLOSED_ACCESS_SQL,
-        vec![
-            Param::Int(Some(study)),
-            text(&e.summary.study_date),
-            Param::Int(Some(patient)),
-        ],
+        access::DISCLOSED_FOR_STUDY.as_str(),
+        vec![Param::Int(Some(study))],
     )
     .await?;
     c.returning_id(SERIES_SQL, series_params(e, study))

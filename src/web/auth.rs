@@ -34,7 +34,7 @@ impl Caller {
         crate::audit::Actor {
             user: self.user.clone(),
             institution: self.institution.code.clone(),
-            role: crate::audit::chain::enum_text(&self.role),
+            role: crate::audit::serde_name(&self.role),
             client: self.client.clone(),
         }
     }

@@ -23,7 +23,7 @@ use crate::dicom::coerce::{self, Coercion, Provenance, coerce_json_text};
 use crate::dicom::dataset::{BULK_URI_PREFIX, PixelLayout};
 use crate::dicom::transcode;
 use crate::hub::Hub;
-use crate::index::search::{Level, PatientKey, Scope, StoredInstance};
+use crate::index::search::{Level, Scope, StoredInstance};
 use crate::store::Store;
 use serde_json::json;
 
@@ -104,7 +104,7 @@ async fn visible_instances(
         at.series.as_deref(),
         at.instance.as_deref(),
     );
-    let mut found = hub.index.instances(&scope, study, series, sop).await?;
+    let found = hub.index.instances(&scope, study, series, sop).await?;
     let detail = json!({ "study": study, "series": series, "instance": sop });
     if found.is_empty() {
         // Absent and hidden answer alike; the trail tells them apart.
@@ -120,21 +120,6 @@ async fn visible_instances(
         super::audit(hub, caller, action, outcome, audit_objects(&hidden), detail);
         return Err(WebError::NotFound);
     }
-    let mut patients: Vec<PatientKey> = found.iter().map(|i| i.patient.clone()).collect();
-    patients.dedup();
-    let shown = hub.index.presentations(&scope, &patients, None).await?;
-    if !shown.is_empty() {
-        for inst in &mut found {
-            if let Some(pr) = shown.get(&inst.patient) {
-                inst.coercion = Some(Coercion {
-                    patient_id: pr.patient_id.clone(),
-                    issuer: pr.issuer.clone(),
-                    owner_patient_id: inst.patient.2.clone(),
-                    owner_issuer: inst.patient.1.clone(),
-                });
-            }
-        }
-    }
     let mut detail = detail;
     detail["instances"] = json!(found.len());
     super::audit(
@@ -146,6 +131,20 @@ async fn visible_instances(
         detail,
     );
     Ok(found)
+}
+
+/// The one instance a frame, bulk data or WADO-URI request names, if visible
+/// (retrieves are audited as such).
+async fn visible_instance(
+    hub: &Hub,
+    caller: &Caller,
+    study: &str,
+    series: &str,
+    instance: &str,
+) -> Result<StoredInstance, WebError> {
+    let at = Resource::instance(study, series, instance);
+    let mut found = visible_instances(hub, caller, &at, Action::Retrieve).await?;
+    Ok(found.swap_remove(0))
 }
 
 /// The patients (as their owners know them) and studies of `instances`.
@@ -520,14 +519,7 @@ pub async fn frames(
 ) -> Result<Response, WebError> {
     let numbers = parse_frame_list(&list)?;
     let accept = accept_of(&headers);
-    let inst = visible_instances(
-        &hub,
-        &caller,
-        &Resource::instance(&study, &series, &instance),
-        Action::Retrieve,
-    )
-    .await?
-    .remove(0);
+    let inst = visible_instance(&hub, &caller, &study, &series, &instance).await?;
     let layout: PixelLayout = inst
         .pixel_layout
         .as_deref()
@@ -745,14 +737,7 @@ pub async fn bulk(
     headers: HeaderMap,
     Path((study, series, instance, offset, length)): Path<(String, String, String, u64, u64)>,
 ) -> Result<Response, WebError> {
-    let inst = visible_instances(
-        &hub,
-        &caller,
-        &Resource::instance(&study, &series, &instance),
-        Action::Retrieve,
-    )
-    .await?
-    .remove(0);
+    let inst = visible_instance(&hub, &caller, &study, &series, &instance).await?;
     // Only ranges that are bulk data of this instance are served.
     let json = hub
         .index
@@ -897,14 +882,7 @@ pub async fn wado_uri(
         )));
     }
     let requested = get("transferSyntax").map(str::to_string);
-    let inst = visible_instances(
-        &hub,
-        &caller,
-        &Resource::instance(study, series, object),
-        Action::Retrieve,
-    )
-    .await?
-    .remove(0);
+    let inst = visible_instance(&hub, &caller, study, series, object).await?;
     let enc = encoding_for(&inst.transfer_syntax, requested.as_deref()).ok_or_else(|| {
         WebError::NotAcceptable(format!(
             "the object is stored as {} and cannot be sent as {}",
