@@ -86,32 +86,11 @@ pub(crate) async fn get(
     (r.status(), r.bytes().await.unwrap().to_vec())
 }
 
-/// QIDO as a clinician of `inst`: the results and the Warning headers.
+/// QIDO as a clinician of `inst` (which must succeed): the results and the
+/// Warning headers.
 pub(crate) async fn qido(hub: &TestHub, inst: &str, query: &str) -> (Vec<Value>, Vec<String>) {
-    let r = client()
-        .get(format!("{}/dicom-web/{query}", hub.http()))
-        .bearer_auth(hub.token(inst, Role::Clinician))
-        .header(ACCEPT, "application/dicom+json")
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{query}: {}", r.status());
-    let warnings = r
-        .headers()
-        .get_all("warning")
-        .iter()
-        .map(|v| v.to_str().unwrap().to_string())
-        .collect();
-    let body = r.bytes().await.unwrap();
-    let items = if body.is_empty() {
-        Vec::new()
-    } else {
-        serde_json::from_slice::<Value>(&body)
-            .unwrap()
-            .as_array()
-            .cloned()
-            .unwrap()
-    };
+    let (status, items, warnings) = common::qido_as(hub, inst, query).await;
+    assert!(status.is_success(), "{query}: {status}");
     (items, warnings)
 }
 

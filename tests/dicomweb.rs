@@ -288,29 +288,7 @@ async fn another_institutions_objects_are_absent() {
 }
 
 async fn qido(hub: &TestHub, query: &str) -> (StatusCode, Vec<Value>, Vec<String>) {
-    let r = client()
-        .get(format!("{}{query}", hub.dicomweb()))
-        .bearer_auth(hub.token("HOSP1", Role::Clinician))
-        .header(ACCEPT, "application/dicom+json")
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let warnings = r
-        .headers()
-        .get_all("warning")
-        .iter()
-        .map(|v| v.to_str().unwrap().to_string())
-        .collect();
-    let body = r.bytes().await.unwrap();
-    let items = if body.is_empty() {
-        Vec::new()
-    } else {
-        serde_json::from_slice::<Value>(&body)
-            .map(|v| v.as_array().cloned().unwrap_or_default())
-            .unwrap_or_default()
-    };
-    (status, items, warnings)
+    common::qido_as(hub, "HOSP1", query.trim_start_matches('/')).await
 }
 
 fn values(items: &[Value], tag: &str) -> Vec<String> {

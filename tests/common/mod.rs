@@ -64,6 +64,35 @@ pub fn dciodvfy_errors(file: &Path) -> Option<Vec<String>> {
     )
 }
 
+/// QIDO-RS as a clinician of `inst` (`query` below the service root):
+/// status, results (none for an empty body) and Warning headers.
+pub async fn qido_as(
+    hub: &TestHub,
+    inst: &str,
+    query: &str,
+) -> (reqwest::StatusCode, Vec<serde_json::Value>, Vec<String>) {
+    let r = reqwest::Client::new()
+        .get(format!("{}/{query}", hub.dicomweb()))
+        .bearer_auth(hub.token(inst, Role::Clinician))
+        .header(reqwest::header::ACCEPT, "application/dicom+json")
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let warnings = r
+        .headers()
+        .get_all("warning")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    let body = r.bytes().await.unwrap();
+    let items = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default();
+    (status, items, warnings)
+}
+
 /// A Python interpreter that can import `module`.
 pub fn python_with(module: &str) -> Option<String> {
     let py = std::env::var("TSUNAGU_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
