@@ -139,6 +139,11 @@ pub(crate) async fn admin_get(hub: &TestHub, inst: &str, path: &str) -> (StatusC
     admin(hub, inst, reqwest::Method::GET, path, None).await
 }
 
+/// DELETE an admin API path as an admin of `inst`.
+pub(crate) async fn admin_delete(hub: &TestHub, inst: &str, path: &str) -> (StatusCode, Value) {
+    admin(hub, inst, reqwest::Method::DELETE, path, None).await
+}
+
 /// Link `inst`'s `patient_id`, to a new record or joining another's ID.
 pub(crate) async fn link(
     hub: &TestHub,
@@ -546,14 +551,7 @@ async fn network_scenario(backend: Backend) {
     }
 
     // 7. Revocation takes effect at once.
-    let (st, revoked) = admin(
-        &hub,
-        "HOSP2",
-        reqwest::Method::DELETE,
-        &format!("/disclosures/{d23_id}"),
-        None,
-    )
-    .await;
+    let (st, revoked) = admin_delete(&hub, "HOSP2", &format!("/disclosures/{d23_id}")).await;
     assert_eq!(st, 200, "{revoked}");
     assert_eq!(revoked["status"], "revoked");
     assert_eq!(revoked["revoked_by"], "user-of-HOSP2");
@@ -563,14 +561,7 @@ async fn network_scenario(backend: Backend) {
     );
     assert_eq!(get(&hub, "HOSP3", &study_path(&s2), dicom).await.0, 404);
     // Another institution cannot revoke (or see) it.
-    let (st, _) = admin(
-        &hub,
-        "HOSP3",
-        reqwest::Method::DELETE,
-        &format!("/disclosures/{d23_id}"),
-        None,
-    )
-    .await;
+    let (st, _) = admin_delete(&hub, "HOSP3", &format!("/disclosures/{d23_id}")).await;
     assert_eq!(st, 404);
     let (_, given) = admin_get(&hub, "HOSP2", "/disclosures?direction=given").await;
     assert_eq!(
@@ -707,7 +698,7 @@ async fn network_scenario(backend: Backend) {
     assert!(v.events > 30, "{v:?}");
 
     // 10. Unlinking ends the unlinking institution's disclosures.
-    let (st, body) = admin(&hub, "HOSP3", reqwest::Method::DELETE, "/links/A-H3", None).await;
+    let (st, body) = admin_delete(&hub, "HOSP3", "/links/A-H3").await;
     assert_eq!(st, 200, "{body}");
     assert_eq!(body["revoked_disclosures"].as_array().unwrap().len(), 1);
     let (_, given) = admin_get(&hub, "HOSP3", "/disclosures?direction=given").await;
@@ -1280,14 +1271,7 @@ async fn patient_ids_in_paths_are_percent_encoded() {
     let (st, view) = admin_get(&hub, "HOSP2", &format!("/patients/{encoded}")).await;
     assert_eq!(st, 200, "{view}");
     assert_eq!(view["link"]["patient_id"], id);
-    let (st, _) = admin(
-        &hub,
-        "HOSP2",
-        reqwest::Method::DELETE,
-        &format!("/links/{encoded}"),
-        None,
-    )
-    .await;
+    let (st, _) = admin_delete(&hub, "HOSP2", &format!("/links/{encoded}")).await;
     assert_eq!(st, 200);
     assert_eq!(
         admin_get(&hub, "HOSP2", &format!("/patients/{encoded}"))

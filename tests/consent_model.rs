@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::common::{self, Backend, TestHub};
-use crate::consent::{Study, admin, get, make_study, qido, studies_of};
+use crate::consent::{Study, admin, admin_delete, get, make_study, qido, studies_of};
 
 const INSTITUTIONS: usize = 3;
 const PATIENTS: usize = 2;
@@ -264,23 +264,9 @@ async fn apply(hub: &TestHub, m: &mut Model, op: &Op, start: chrono::DateTime<ch
                 (d.id.clone(), d.from, d.revoked)
             };
             let stranger = (from + 1) % INSTITUTIONS;
-            let (st, _) = admin(
-                hub,
-                &code(stranger),
-                Method::DELETE,
-                &format!("/disclosures/{id}"),
-                None,
-            )
-            .await;
+            let (st, _) = admin_delete(hub, &code(stranger), &format!("/disclosures/{id}")).await;
             assert_eq!(st, 404, "only the discloser revokes");
-            let (st, b) = admin(
-                hub,
-                &code(from),
-                Method::DELETE,
-                &format!("/disclosures/{id}"),
-                None,
-            )
-            .await;
+            let (st, b) = admin_delete(hub, &code(from), &format!("/disclosures/{id}")).await;
             assert_eq!(st.as_u16(), if revoked { 409 } else { 200 }, "{op:?}: {b}");
             m.disclosures[n].revoked = true;
         }
