@@ -4,8 +4,11 @@
 //! sends every statement through a worker thread and channel hand-offs,
 //! which dominated the profile of a sub-millisecond query).
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use sqlx::{AnyPool, Row as _};
 
@@ -81,14 +84,60 @@ pub enum Reader {
 pub struct SqliteReaders {
     path: PathBuf,
     idle: Mutex<Vec<rusqlite::Connection>>,
+    /// Recent running time of each statement text (a moving average, µs).
+    costs: Mutex<HashMap<u64, u32>>,
 }
+
+/// Statements that recently ran at most this long run on the async worker
+/// itself; longer ones (or ones not seen yet) in `block_in_place`, which
+/// moves the worker's other tasks to another thread first. That hand-off
+/// wakes a thread and cost a new connection's short search ~0.1 ms, a
+/// quarter of its time; running a 10 ms metadata read inline would instead
+/// hold up every task queued behind it.
+const INLINE_COST_MICROS: u32 = 300;
+
+/// Distinct statement texts whose cost is remembered (their shapes are few;
+/// the bound only keeps a pathological client from growing the map).
+const COSTS_KEPT: usize = 4096;
 
 impl SqliteReaders {
     pub fn new(path: PathBuf) -> Self {
         Self {
             path,
             idle: Mutex::new(Vec::new()),
+            costs: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Run `sql`, inline when it has been cheap, else off the worker.
+    fn run_adaptive(&self, sql: &str, binds: &[Bind]) -> Result<Vec<Row>, IndexError> {
+        let key = {
+            let mut h = std::hash::DefaultHasher::new();
+            sql.hash(&mut h);
+            h.finish()
+        };
+        let known = self
+            .costs
+            .lock()
+            .expect("reader costs lock")
+            .get(&key)
+            .copied();
+        let started = Instant::now();
+        let rows = match known {
+            Some(micros) if micros <= INLINE_COST_MICROS => self.run(sql, binds),
+            _ => tokio::task::block_in_place(|| self.run(sql, binds)),
+        };
+        let took = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+        let mut costs = self.costs.lock().expect("reader costs lock");
+        if costs.len() >= COSTS_KEPT && !costs.contains_key(&key) {
+            costs.clear();
+        }
+        // A moving average: one slow run (a cold page cache) does not send
+        // a cheap statement off the worker for good, nor does one fast run
+        // bring a costly one inline.
+        let avg = known.map_or(took, |m| (m / 4).saturating_mul(3).saturating_add(took / 4));
+        costs.insert(key, avg);
+        rows
     }
 
     fn take(&self) -> Result<rusqlite::Connection, IndexError> {
@@ -101,6 +150,10 @@ impl SqliteReaders {
         )?;
         // LIKE as on PostgreSQL: case-sensitive (and index-usable).
         c.execute_batch("PRAGMA busy_timeout=30000; PRAGMA case_sensitive_like=ON;")?;
+        // Every commit (the audit appender's every 20 ms) empties a reader's
+        // page cache; reading the pages through a mapping spares copying
+        // them in again with a system call each.
+        c.execute_batch("PRAGMA mmap_size=1073741824;")?;
         // Plans never depend on bound values (LIKE patterns are literals, see
         // search.rs): otherwise SQLite re-prepares a statement on every
         // execution whose parameters it might have planned with, which was
@@ -203,9 +256,9 @@ impl Reader {
     pub async fn fetch(&self, sql: String, binds: Vec<Bind>) -> Result<Vec<Row>, IndexError> {
         match self {
             // Index queries take microseconds to a few milliseconds: run them
-            // on this worker thread (its other tasks move to another one)
-            // rather than paying two thread hand-offs on the blocking pool.
-            Reader::Sqlite(r) => tokio::task::block_in_place(|| r.run(&sql, &binds)),
+            // on this worker thread rather than paying two thread hand-offs
+            // on the blocking pool.
+            Reader::Sqlite(r) => r.run_adaptive(&sql, &binds),
             Reader::Pool(pool) => {
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
                 for b in binds {
