@@ -371,6 +371,11 @@ pub struct Placer {
 }
 
 impl Placer {
+    /// Whether placing makes the spool file itself the stored object.
+    pub fn is_local(&self) -> bool {
+        self.local_root.is_some()
+    }
+
     /// Local store: fsync the file, rename it to `key`, fsync the directory
     /// (the object is durable on return). S3: nothing yet; the upload follows.
     pub fn place(&self, file: std::fs::File, path: &Path, key: &str) -> std::io::Result<Placed> {
