@@ -414,14 +414,26 @@ async fn qido_matching(backend: Backend) {
     let mut seen = Vec::new();
     for offset in (0..10).step_by(4) {
         let (_, items, warnings) = qido(&hub, &format!("/studies?limit=4&offset={offset}")).await;
-        if offset == 0 {
-            assert_eq!(
-                warnings,
-                vec!["299 tsunagu: There are 5 additional results that can be requested"]
-            );
-        }
+        // Counted from where the page ends: 9 studies in pages of 4.
+        let expected: Vec<String> = match offset {
+            0 => vec!["299 tsunagu: There are 5 additional results that can be requested".into()],
+            4 => vec!["299 tsunagu: There are 1 additional results that can be requested".into()],
+            _ => vec![],
+        };
+        assert_eq!(warnings, expected, "offset {offset}");
         seen.extend(values(&items, "0020000D"));
     }
+    // The same at the instance level (unordered count after the page).
+    let (_, all, _) = qido(&hub, "/instances?limit=1000").await;
+    let (_, page, warnings) = qido(&hub, "/instances?limit=2&offset=1").await;
+    assert_eq!(page.len(), 2);
+    assert_eq!(
+        warnings,
+        vec![format!(
+            "299 tsunagu: There are {} additional results that can be requested",
+            all.len() - 3
+        )]
+    );
     let mut dedup = seen.clone();
     dedup.sort();
     dedup.dedup();
