@@ -245,16 +245,23 @@ impl Index {
         institution: &str,
         sop_uid: &str,
     ) -> Result<Option<StoredCopy>, IndexError> {
-        let row = sqlx::query(
-            "SELECT object_key, sha256 FROM instance WHERE institution = $1 AND sop_uid = $2",
-        )
-        .bind(institution)
-        .bind(sop_uid)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|r| StoredCopy {
-            object_key: r.get(0),
-            sha256: r.get(1),
+        // Through the reader: on SQLite its own connections answer at once,
+        // where sqlx's driver hands every statement to a worker thread (a
+        // few wake-ups per stored object).
+        let rows = self
+            .reader
+            .fetch(
+                "SELECT object_key, sha256 FROM instance WHERE institution = $1 AND sop_uid = $2"
+                    .into(),
+                vec![
+                    read::Bind::Text(institution.into()),
+                    read::Bind::Text(sop_uid.into()),
+                ],
+            )
+            .await?;
+        Ok(rows.first().map(|r| StoredCopy {
+            object_key: r.text(0),
+            sha256: r.text(1),
         }))
     }
 
