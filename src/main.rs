@@ -2,11 +2,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-// A search or metadata answer is many small allocations (rows, JSON maps,
-// headers): glibc's allocator was a tenth of a short search's server time.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     // The DICOM parser reports the end of every received data set as an
     // error, and its errors capture a backtrace whenever RUST_BACKTRACE is
