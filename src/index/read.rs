@@ -270,21 +270,40 @@ impl Reader {
                 let rows = q.fetch_all(pool).await?;
                 Ok(rows
                     .iter()
-                    .map(|r| {
-                        Row((0..r.len())
-                            .map(|i| {
-                                if let Ok(v) = r.try_get::<Option<i64>, _>(i) {
-                                    v.map_or(SqlValue::Null, SqlValue::Int)
-                                } else if let Ok(v) = r.try_get::<Option<String>, _>(i) {
-                                    v.map_or(SqlValue::Null, SqlValue::Text)
-                                } else {
-                                    SqlValue::Null
-                                }
-                            })
-                            .collect())
-                    })
+                    .map(|r| Row((0..r.len()).map(|i| pool_value(r, i)).collect()))
                     .collect())
             }
         }
+    }
+}
+
+/// Column `i` of a row from the pool, decoded as its type says. (Trying
+/// integer first and text on failure built and formatted an error for every
+/// text value: a tenth of a 1,000-instance metadata answer's server time on
+/// PostgreSQL.)
+fn pool_value(r: &sqlx::any::AnyRow, i: usize) -> SqlValue {
+    use sqlx::ValueRef as _;
+    use sqlx::any::AnyTypeInfoKind as Kind;
+    let Ok(v) = r.try_get_raw(i) else {
+        return SqlValue::Null;
+    };
+    if v.is_null() {
+        return SqlValue::Null;
+    }
+    let kind = v.type_info().kind();
+    match kind {
+        k if k.is_integer() => r.try_get::<i64, _>(i).map_or(SqlValue::Null, SqlValue::Int),
+        Kind::Bool => r
+            .try_get::<bool, _>(i)
+            .map_or(SqlValue::Null, |b| SqlValue::Int(i64::from(b))),
+        Kind::Real | Kind::Double => r
+            .try_get::<f64, _>(i)
+            .map_or(SqlValue::Null, |f| SqlValue::Int(f as i64)),
+        Kind::Blob => r.try_get::<Vec<u8>, _>(i).map_or(SqlValue::Null, |b| {
+            SqlValue::Text(String::from_utf8_lossy(&b).into_owned())
+        }),
+        _ => r
+            .try_get::<String, _>(i)
+            .map_or(SqlValue::Null, SqlValue::Text),
     }
 }
