@@ -122,7 +122,7 @@ impl Default for StorageConfig {
 pub struct IndexConfig {
     /// `sqlite://FILE` or `postgres://user@host:port/db`.
     pub url: String,
-    /// Most pooled connections.
+    /// Most connections of each pool (PostgreSQL has two: reads, and the rest).
     pub max_connections: u32,
 }
 

@@ -184,7 +184,16 @@ impl Index {
             Some(p) => {
                 read::Reader::Sqlite(std::sync::Arc::new(read::SqliteReaders::new(p.clone())))
             }
-            None => read::Reader::Pool(pool.clone()),
+            // PostgreSQL reads through its own driver: the Any driver
+            // converts every row and its column list on the way.
+            None => read::Reader::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(cfg.max_connections.max(1))
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect(&url)
+                    .await?,
+                pool.clone(),
+            ),
         };
         let writer = write::Writer::start(pool.clone(), engine, sqlite_path.clone())?;
         Ok(Self {

@@ -78,7 +78,8 @@ const SQLITE_READERS: usize = 8;
 #[derive(Clone)]
 pub enum Reader {
     Sqlite(Arc<SqliteReaders>),
-    Pool(AnyPool),
+    /// PostgreSQL: its own driver's pool for reads, and the shared pool.
+    Postgres(sqlx::PgPool, AnyPool),
 }
 
 pub struct SqliteReaders {
@@ -218,7 +219,7 @@ impl Reader {
     pub fn distinct_list(&self, column: &str) -> String {
         match self {
             Reader::Sqlite(_) => format!("group_concat(DISTINCT {column})"),
-            Reader::Pool(_) => format!("string_agg(DISTINCT {column}, ',')"),
+            Reader::Postgres(..) => format!("string_agg(DISTINCT {column}, ',')"),
         }
     }
 
@@ -231,7 +232,7 @@ impl Reader {
                     .await?;
                 Ok(rows.iter().map(|r| r.text(3)).collect())
             }
-            Reader::Pool(pool) => {
+            Reader::Postgres(_, pool) => {
                 let mut conn = pool.acquire().await?;
                 sqlx::query("SET enable_seqscan = off")
                     .execute(&mut *conn)
@@ -259,7 +260,7 @@ impl Reader {
             // on this worker thread rather than paying two thread hand-offs
             // on the blocking pool.
             Reader::Sqlite(r) => r.run_adaptive(&sql, &binds),
-            Reader::Pool(pool) => {
+            Reader::Postgres(pool, _) => {
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
                 for b in binds {
                     q = match b {
@@ -270,36 +271,33 @@ impl Reader {
                 let rows = q.fetch_all(pool).await?;
                 Ok(rows
                     .iter()
-                    .map(|r| Row((0..r.len()).map(|i| pool_value(r, i)).collect()))
+                    .map(|r| Row((0..r.len()).map(|i| pg_value(r, i)).collect()))
                     .collect())
             }
         }
     }
 }
 
-/// Column `i` of a row from the pool, decoded as its type says. (Trying
+/// Column `i` of a PostgreSQL row, decoded as its type says. (Trying
 /// integer first and text on failure built and formatted an error for every
-/// text value: a tenth of a 1,000-instance metadata answer's server time on
-/// PostgreSQL.)
-fn pool_value(r: &sqlx::any::AnyRow, i: usize) -> SqlValue {
-    use sqlx::ValueRef as _;
-    use sqlx::any::AnyTypeInfoKind as Kind;
+/// text value: a tenth of a 1,000-instance metadata answer's server time.)
+fn pg_value(r: &sqlx::postgres::PgRow, i: usize) -> SqlValue {
+    use sqlx::{TypeInfo as _, ValueRef as _};
     let Ok(v) = r.try_get_raw(i) else {
         return SqlValue::Null;
     };
     if v.is_null() {
         return SqlValue::Null;
     }
-    let kind = v.type_info().kind();
-    match kind {
-        k if k.is_integer() => r.try_get::<i64, _>(i).map_or(SqlValue::Null, SqlValue::Int),
-        Kind::Bool => r
-            .try_get::<bool, _>(i)
-            .map_or(SqlValue::Null, |b| SqlValue::Int(i64::from(b))),
-        Kind::Real | Kind::Double => r
-            .try_get::<f64, _>(i)
-            .map_or(SqlValue::Null, |f| SqlValue::Int(f as i64)),
-        Kind::Blob => r.try_get::<Vec<u8>, _>(i).map_or(SqlValue::Null, |b| {
+    let int = |n: Result<i64, sqlx::Error>| n.map_or(SqlValue::Null, SqlValue::Int);
+    match v.type_info().name() {
+        "INT8" => int(r.try_get::<i64, _>(i)),
+        "INT4" => int(r.try_get::<i32, _>(i).map(i64::from)),
+        "INT2" => int(r.try_get::<i16, _>(i).map(i64::from)),
+        "BOOL" => int(r.try_get::<bool, _>(i).map(i64::from)),
+        "FLOAT4" => int(r.try_get::<f32, _>(i).map(|f| f as i64)),
+        "FLOAT8" => int(r.try_get::<f64, _>(i).map(|f| f as i64)),
+        "BYTEA" => r.try_get::<Vec<u8>, _>(i).map_or(SqlValue::Null, |b| {
             SqlValue::Text(String::from_utf8_lossy(&b).into_owned())
         }),
         _ => r
