@@ -423,6 +423,18 @@ async fn qido_matching(backend: Backend) {
         assert_eq!(warnings, expected, "offset {offset}");
         seen.extend(values(&items, "0020000D"));
     }
+    // limit=0: nothing shown, everything past the offset counted.
+    for (query, n) in [("limit=0", 9), ("limit=0&offset=4", 5)] {
+        let (_, items, warnings) = qido(&hub, &format!("/studies?{query}")).await;
+        assert!(items.is_empty(), "{query}");
+        assert_eq!(
+            warnings,
+            vec![format!(
+                "299 tsunagu: There are {n} additional results that can be requested"
+            )],
+            "{query}"
+        );
+    }
     // The same at the instance level (unordered count after the page).
     let (_, all, _) = qido(&hub, "/instances?limit=1000").await;
     let (_, page, warnings) = qido(&hub, "/instances?limit=2&offset=1").await;

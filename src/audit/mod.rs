@@ -153,6 +153,9 @@ pub struct Auditor {
 
 /// How long an event waits for others to share its commit.
 const LINGER: Duration = Duration::from_millis(20);
+/// Most events written in one transaction (a backlog after an outage is
+/// written in several, so the database's write lock is not held long).
+const MAX_BATCH: usize = 512;
 /// Empty ticks after which the appender waits on the channel again.
 const QUIET_TICKS: u32 = 50;
 
@@ -320,8 +323,10 @@ fn append_loop(
                 continue;
             }
             quiet_ticks = 0;
-            if !batch.is_empty() {
+            while !batch.is_empty() {
+                let rest = batch.split_off(batch.len().min(MAX_BATCH));
                 write_batch(&mut target, &mut batch, syslog.as_ref());
+                batch = rest;
             }
             for done in waiting.drain(..) {
                 let _ = done.send(());

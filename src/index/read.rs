@@ -85,7 +85,7 @@ pub enum Reader {
 pub struct SqliteReaders {
     path: PathBuf,
     idle: Mutex<Vec<rusqlite::Connection>>,
-    /// Recent running time of each statement text (a moving average, µs).
+    /// Recent running time of each statement text (a decaying maximum, µs).
     costs: Mutex<HashMap<u64, u32>>,
 }
 
@@ -133,11 +133,14 @@ impl SqliteReaders {
         if costs.len() >= COSTS_KEPT && !costs.contains_key(&key) {
             costs.clear();
         }
-        // A moving average: one slow run (a cold page cache) does not send
-        // a cheap statement off the worker for good, nor does one fast run
-        // bring a costly one inline.
-        let avg = known.map_or(took, |m| (m / 4).saturating_mul(3).saturating_add(took / 4));
-        costs.insert(key, avg);
+        // A decaying maximum: one slow run sends the statement off the worker
+        // at once (its binds, an offset or a big study, may make the same text
+        // slow again), and only a long series of fast runs brings it back.
+        let cost = match known {
+            Some(old) if took < old => old - (old - took) / 16,
+            _ => took,
+        };
+        costs.insert(key, cost);
         rows
     }
 

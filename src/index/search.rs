@@ -1310,9 +1310,11 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
         Level::Series => h.series_ref.unwrap_or_default(),
         Level::Instance => h.instance_ref.unwrap_or_default(),
     });
-    let remaining = match last {
-        Some(last) if more => count_after(reader, s, scope, last).await?,
-        _ => 0,
+    let remaining = match (more, last) {
+        (false, _) => 0,
+        (true, Some(last)) => count_after(reader, s, scope, Some(last), 0).await?,
+        // `limit=0`: everything past the offset.
+        (true, None) => count_after(reader, s, scope, None, s.offset).await?,
     };
     Ok(Page { hits, remaining })
 }
@@ -1322,21 +1324,24 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
 pub const COUNT_CAP: u64 = 200;
 
 /// Number of matches of `s` after the one with id `last` in the page's
-/// order (the page's last row), counting no further than `COUNT_CAP`. It
-/// walks on from where the page ended rather than counting the page's
-/// matches again: on PostgreSQL a name search walks some thousand studies
-/// for a page and the count.
+/// order (the page's last row), less the first `skip`, counting no further
+/// than `COUNT_CAP`. It walks on from where the page ended rather than
+/// counting the page's matches again: on PostgreSQL a name search walks some
+/// thousand studies for a page and the count.
 async fn count_after(
     reader: &Reader,
     s: &Search,
     scope: &Scope,
-    last: i64,
+    last: Option<i64>,
+    skip: u64,
 ) -> Result<u64, IndexError> {
     let mut q = Sql::default();
-    let wh = where_clause(&mut q, s, scope);
+    let mut wh = where_clause(&mut q, s, scope);
     let order = walk_order(s, scope);
-    let after = q.bind_int(last);
-    let cap = q.bind_int(COUNT_CAP as i64);
+    if let Some(last) = last {
+        wh = format!("{wh} AND {order} > {}", q.bind_int(last));
+    }
+    let cap = q.bind_int(skip.saturating_add(COUNT_CAP).min(i64::MAX as u64) as i64);
     // Walking the access rows, in their order: knowing it may stop early,
     // SQLite then walks them as for the page. Unordered, it first built a
     // Bloom filter of every patient matching a name wildcard (a scan of the
@@ -1349,12 +1354,12 @@ async fn count_after(
         String::new()
     };
     let sql = format!(
-        "SELECT COUNT(*) FROM (SELECT 1 FROM {} WHERE {wh} AND {order} > {after}{ordered} \
-         LIMIT {cap}) capped",
+        "SELECT COUNT(*) FROM (SELECT 1 FROM {} WHERE {wh}{ordered} LIMIT {cap}) capped",
         from_without_patient(s, scope),
     );
     let rows = q.fetch(reader, sql).await?;
-    Ok(rows.first().map(|r| r.int(0)).unwrap_or(0).max(0) as u64)
+    let counted = rows.first().map(|r| r.int(0)).unwrap_or(0).max(0) as u64;
+    Ok(counted.saturating_sub(skip))
 }
 
 /// The stored DICOM JSON of one instance of each given study or series
