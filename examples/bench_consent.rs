@@ -32,11 +32,7 @@ type Patient = (String, String, String);
 /// 10 % revoked.
 async fn seed_records(index: &Index) {
     let pool = index.pool();
-    let have: i64 = sqlx::query("SELECT COUNT(*) FROM patient_link")
-        .fetch_one(pool)
-        .await
-        .expect("count links")
-        .get(0);
+    let have = count(pool, "SELECT COUNT(*) FROM patient_link").await;
     if have > 0 {
         eprintln!("{have} links present; not seeding records");
         derive_access(index).await;
@@ -152,11 +148,11 @@ async fn seed_records(index: &Index) {
 /// record at a time; records written here directly need them derived).
 async fn derive_access(index: &Index) {
     let pool = index.pool();
-    let disclosed: i64 = sqlx::query("SELECT COUNT(*) FROM study_access WHERE kind = 'disclosed'")
-        .fetch_one(pool)
-        .await
-        .expect("count")
-        .get(0);
+    let disclosed = count(
+        pool,
+        "SELECT COUNT(*) FROM study_access WHERE kind = 'disclosed'",
+    )
+    .await;
     if disclosed > 0 {
         if !config_is_sqlite(pool) {
             // What autovacuum does for a live server (visibility maps for
@@ -178,6 +174,15 @@ async fn derive_access(index: &Index) {
         "ANALYZE study_access"
     };
     sqlx::raw_sql(analyze).execute(pool).await.expect("analyze");
+}
+
+/// The single number `sql` selects.
+async fn count(pool: &sqlx::AnyPool, sql: &'static str) -> i64 {
+    sqlx::query(sql)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
 
 fn config_is_sqlite(pool: &sqlx::AnyPool) -> bool {

@@ -179,6 +179,20 @@ pub(crate) async fn disclose(
 }
 
 /// The first DICOM part of a multipart/related answer.
+/// A retrieved Part-10 object (preamble, meta and data set).
+fn part10(bytes: &[u8]) -> dicom_object::DefaultDicomObject {
+    dicom_object::from_reader(std::io::Cursor::new(&bytes[128..])).unwrap()
+}
+
+fn patient_id(obj: &dicom_object::DefaultDicomObject) -> String {
+    obj.element(tags::PATIENT_ID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
 fn first_part(body: &[u8]) -> Vec<u8> {
     let start = body.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
     let rest = &body[start..];
@@ -398,15 +412,8 @@ async fn network_scenario(backend: Backend) {
     let (st, body) = get(&hub, "HOSP3", &instance_path(&s2), dicom).await;
     assert_eq!(st, 200);
     let part = first_part(&body);
-    let obj = dicom_object::from_reader(std::io::Cursor::new(&part[128..])).unwrap();
-    assert_eq!(
-        obj.element(tags::PATIENT_ID)
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .trim(),
-        "A-H3"
-    );
+    let obj = part10(&part);
+    assert_eq!(patient_id(&obj), "A-H3");
     assert_eq!(
         obj.element(tags::ISSUER_OF_PATIENT_ID)
             .unwrap()
@@ -472,15 +479,7 @@ async fn network_scenario(backend: Backend) {
     // An RLE object of hospital 3, as hospital 2 retrieves it: re-encoded and coerced.
     let (st, body) = get(&hub, "HOSP2", &instance_path(&s3), dicom).await;
     assert_eq!(st, 200);
-    let obj = dicom_object::from_reader(std::io::Cursor::new(&first_part(&body)[128..])).unwrap();
-    assert_eq!(
-        obj.element(tags::PATIENT_ID)
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .trim(),
-        "A-H2"
-    );
+    assert_eq!(patient_id(&part10(&first_part(&body))), "A-H2");
     let f = work.path().join("coerced-rle.dcm");
     std::fs::write(&f, first_part(&body)).unwrap();
     if let Some(errors) = common::dciodvfy_errors(&f) {
@@ -1247,15 +1246,7 @@ async fn an_institution_may_retrieve_others_objects_as_stored() {
     let (found, _) = qido(&hub, "HOSP2", "studies?PatientID=B-H2").await;
     assert_eq!(found.len(), 2);
     let (_, body) = get(&hub, "HOSP3", &path(&s2), dicom).await;
-    let obj = dicom_object::from_reader(std::io::Cursor::new(&first_part(&body)[128..])).unwrap();
-    assert_eq!(
-        obj.element(tags::PATIENT_ID)
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .trim(),
-        "B-H3"
-    );
+    assert_eq!(patient_id(&part10(&first_part(&body))), "B-H3");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

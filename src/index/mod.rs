@@ -192,7 +192,6 @@ impl Index {
                     .acquire_timeout(Duration::from_secs(30))
                     .connect(&url)
                     .await?,
-                pool.clone(),
             ),
         };
         let writer = write::Writer::start(pool.clone(), engine, sqlite_path.clone())?;

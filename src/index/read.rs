@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use sqlx::{AnyPool, Row as _};
+use sqlx::Row as _;
 
 use super::IndexError;
 
@@ -78,8 +78,8 @@ const SQLITE_READERS: usize = 8;
 #[derive(Clone)]
 pub enum Reader {
     Sqlite(Arc<SqliteReaders>),
-    /// PostgreSQL: its own driver's pool for reads, and the shared pool.
-    Postgres(sqlx::PgPool, AnyPool),
+    /// PostgreSQL, through its own driver's pool.
+    Postgres(sqlx::PgPool),
 }
 
 pub struct SqliteReaders {
@@ -238,19 +238,14 @@ impl Reader {
                     .await?;
                 Ok(rows.iter().map(|r| r.text(3)).collect())
             }
-            Reader::Postgres(_, pool) => {
+            Reader::Postgres(pool) => {
                 let mut conn = pool.acquire().await?;
                 sqlx::query("SET enable_seqscan = off")
                     .execute(&mut *conn)
                     .await?;
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")));
-                for b in binds {
-                    q = match b {
-                        Bind::Text(t) => q.bind(t),
-                        Bind::Int(i) => q.bind(i),
-                    };
-                }
-                let rows = q.fetch_all(&mut *conn).await;
+                let rows = pg_query(format!("EXPLAIN {sql}"), binds)
+                    .fetch_all(&mut *conn)
+                    .await;
                 sqlx::query("RESET enable_seqscan")
                     .execute(&mut *conn)
                     .await?;
@@ -266,15 +261,8 @@ impl Reader {
             // on this worker thread rather than paying two thread hand-offs
             // on the blocking pool.
             Reader::Sqlite(r) => r.run_adaptive(&sql, &binds),
-            Reader::Postgres(pool, _) => {
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                for b in binds {
-                    q = match b {
-                        Bind::Text(t) => q.bind(t),
-                        Bind::Int(i) => q.bind(i),
-                    };
-                }
-                let rows = q.fetch_all(pool).await?;
+            Reader::Postgres(pool) => {
+                let rows = pg_query(sql, binds).fetch_all(pool).await?;
                 Ok(rows
                     .iter()
                     .map(|r| Row((0..r.len()).map(|i| pg_value(r, i)).collect()))
@@ -282,6 +270,19 @@ impl Reader {
             }
         }
     }
+}
+
+/// `sql` with its binds, for PostgreSQL.
+fn pg_query(
+    sql: String,
+    binds: Vec<Bind>,
+) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    binds
+        .into_iter()
+        .fold(sqlx::query(sqlx::AssertSqlSafe(sql)), |q, b| match b {
+            Bind::Text(t) => q.bind(t),
+            Bind::Int(i) => q.bind(i),
+        })
 }
 
 /// Column `i` of a PostgreSQL row, decoded as its type says. (Trying

@@ -773,6 +773,17 @@ pub struct Hit {
     pub instance: Option<InstanceRow>,
 }
 
+impl Hit {
+    /// The row id of this result at `level` (its study's, series' or instance's).
+    pub fn id(&self, level: Level) -> i64 {
+        match level {
+            Level::Study => self.study_ref,
+            Level::Series => self.series_ref.unwrap_or_default(),
+            Level::Instance => self.instance_ref.unwrap_or_default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct PatientRow {
     pub institution: String,
@@ -1147,17 +1158,14 @@ fn instance_row(r: &Row, at: usize) -> (i64, InstanceRow) {
 fn page_sql(reader: &Reader, s: &Search, scope: &Scope) -> (String, Sql) {
     let mut q = Sql::default();
     let wh = where_clause(&mut q, s, scope);
-    let (cols, order) = match s.level {
-        Level::Study => (format!("{PATIENT_COLS}, {STUDY_COLS}"), "st.id"),
-        Level::Series => (
-            format!("{PATIENT_COLS}, {STUDY_COLS}, {SERIES_COLS}"),
-            "se.id",
-        ),
-        Level::Instance => (
-            format!("{PATIENT_COLS}, {STUDY_COLS}, {SERIES_COLS}, {INSTANCE_COLS}"),
-            "i.id",
-        ),
+    let cols = match s.level {
+        Level::Study => format!("{PATIENT_COLS}, {STUDY_COLS}"),
+        Level::Series => format!("{PATIENT_COLS}, {STUDY_COLS}, {SERIES_COLS}"),
+        Level::Instance => {
+            format!("{PATIENT_COLS}, {STUDY_COLS}, {SERIES_COLS}, {INSTANCE_COLS}")
+        }
     };
+    let order = id_column(s.level);
     // One row more than asked tells whether anything follows.
     let lim = q.bind_int(i64::from(s.limit) + 1);
     let off = q.bind_int(s.offset.min(i64::MAX as u64) as i64);
@@ -1214,8 +1222,16 @@ fn page_sql(reader: &Reader, s: &Search, scope: &Scope) -> (String, Sql) {
 /// The order in which a search walks its candidates: ids of its level, or,
 /// walking the access rows, theirs (the same study ids).
 fn walk_order(s: &Search, scope: &Scope) -> &'static str {
-    match s.level {
-        Level::Study if walks(s, scope) => "sa.study_ref",
+    if s.level == Level::Study && walks(s, scope) {
+        "sa.study_ref"
+    } else {
+        id_column(s.level)
+    }
+}
+
+/// The id column of a search's level.
+fn id_column(level: Level) -> &'static str {
+    match level {
         Level::Study => "st.id",
         Level::Series => "se.id",
         Level::Instance => "i.id",
@@ -1305,11 +1321,7 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
             }
         }
     }
-    let last = hits.last().map(|h| match s.level {
-        Level::Study => h.study_ref,
-        Level::Series => h.series_ref.unwrap_or_default(),
-        Level::Instance => h.instance_ref.unwrap_or_default(),
-    });
+    let last = hits.last().map(|h| h.id(s.level));
     let remaining = match (more, last) {
         (false, _) => 0,
         (true, Some(last)) => count_after(reader, s, scope, Some(last), 0).await?,

@@ -281,7 +281,7 @@ async fn run(
         .iter()
         .map(|h| {
             let mut m = render(h, level, urls);
-            if let Some(src) = extra.get(&hit_id(h, level)) {
+            if let Some(src) = extra.get(&h.id(level)) {
                 merge_from(&mut m, src, level, &q, urls, h);
             }
             if h.patient.presented {
@@ -318,14 +318,6 @@ fn add_warnings(resp: &mut Response, warnings: &[String]) {
     }
 }
 
-fn hit_id(h: &Hit, level: Level) -> i64 {
-    match level {
-        Level::Study => h.study_ref,
-        Level::Series => h.series_ref.unwrap_or_default(),
-        Level::Instance => h.instance_ref.unwrap_or_default(),
-    }
-}
-
 /// Parsed stored JSON of one instance per result, when the query asks for
 /// attributes beyond the rendered ones.
 async fn extra_attributes(
@@ -342,7 +334,7 @@ async fn extra_attributes(
     if !wanted {
         return Ok(HashMap::new());
     }
-    let ids: Vec<i64> = hits.iter().map(|h| hit_id(h, level)).collect();
+    let ids: Vec<i64> = hits.iter().map(|h| h.id(level)).collect();
     let json = hub.index.dataset_json(level, &ids).await?;
     Ok(json
         .into_iter()
