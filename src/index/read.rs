@@ -19,6 +19,9 @@ use super::IndexError;
 pub enum Bind {
     Text(String),
     Int(i64),
+    /// Row ids, for `Reader::id_in`: one parameter however many, so the
+    /// statement's text (and its prepared plan) stays the same.
+    Ids(Vec<i64>),
 }
 
 /// A column value of a read.
@@ -43,6 +46,25 @@ impl Row {
     pub fn opt_text(&self, i: usize) -> Option<String> {
         match self.0.get(i)? {
             SqlValue::Text(s) if !s.is_empty() => Some(s.clone()),
+            SqlValue::Int(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+
+    /// `text`, moving the value out of the row (the column reads as NULL
+    /// afterwards): large results then copy no value twice.
+    pub fn take_text(&mut self, i: usize) -> String {
+        self.take_opt_text(i).unwrap_or_default()
+    }
+
+    /// `opt_text`, moving the value out of the row.
+    pub fn take_opt_text(&mut self, i: usize) -> Option<String> {
+        match self
+            .0
+            .get_mut(i)
+            .map(|v| std::mem::replace(v, SqlValue::Null))?
+        {
+            SqlValue::Text(s) if !s.is_empty() => Some(s),
             SqlValue::Int(n) => Some(n.to_string()),
             _ => None,
         }
@@ -193,6 +215,11 @@ impl SqliteReaders {
                 match b {
                     Bind::Text(t) => stmt.raw_bind_parameter(at, t)?,
                     Bind::Int(n) => stmt.raw_bind_parameter(at, n)?,
+                    // Read by `json_each` (see `Reader::id_in`).
+                    Bind::Ids(ids) => {
+                        let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+                        stmt.raw_bind_parameter(at, format!("[{}]", list.join(",")))?
+                    }
                 }
             }
             let n = stmt.column_count();
@@ -226,6 +253,15 @@ impl Reader {
         match self {
             Reader::Sqlite(_) => format!("group_concat(DISTINCT {column})"),
             Reader::Postgres(..) => format!("string_agg(DISTINCT {column}, ',')"),
+        }
+    }
+
+    /// The condition "`column` is one of the ids bound as `param`" (a
+    /// `Bind::Ids`).
+    pub fn id_in(&self, column: &str, param: &str) -> String {
+        match self {
+            Reader::Sqlite(_) => format!("{column} IN (SELECT value FROM json_each({param}))"),
+            Reader::Postgres(..) => format!("{column} = ANY({param})"),
         }
     }
 
@@ -282,6 +318,7 @@ fn pg_query(
         .fold(sqlx::query(sqlx::AssertSqlSafe(sql)), |q, b| match b {
             Bind::Text(t) => q.bind(t),
             Bind::Int(i) => q.bind(i),
+            Bind::Ids(ids) => q.bind(ids),
         })
 }
 
@@ -289,26 +326,50 @@ fn pg_query(
 /// integer first and text on failure built and formatted an error for every
 /// text value: a tenth of a 1,000-instance metadata answer's server time.)
 fn pg_value(r: &sqlx::postgres::PgRow, i: usize) -> SqlValue {
+    use sqlx::postgres::PgValueRef;
     use sqlx::{TypeInfo as _, ValueRef as _};
+    fn decode<'r, T: sqlx::Decode<'r, sqlx::Postgres>>(v: PgValueRef<'r>) -> Option<T> {
+        T::decode(v).ok()
+    }
     let Ok(v) = r.try_get_raw(i) else {
         return SqlValue::Null;
     };
     if v.is_null() {
         return SqlValue::Null;
     }
-    let int = |n: Result<i64, sqlx::Error>| n.map_or(SqlValue::Null, SqlValue::Int);
-    match v.type_info().name() {
-        "INT8" => int(r.try_get::<i64, _>(i)),
-        "INT4" => int(r.try_get::<i32, _>(i).map(i64::from)),
-        "INT2" => int(r.try_get::<i16, _>(i).map(i64::from)),
-        "BOOL" => int(r.try_get::<bool, _>(i).map(i64::from)),
-        "FLOAT4" => int(r.try_get::<f32, _>(i).map(|f| f as i64)),
-        "FLOAT8" => int(r.try_get::<f64, _>(i).map(|f| f as i64)),
-        "BYTEA" => r.try_get::<Vec<u8>, _>(i).map_or(SqlValue::Null, |b| {
-            SqlValue::Text(String::from_utf8_lossy(&b).into_owned())
-        }),
-        _ => r
-            .try_get::<String, _>(i)
-            .map_or(SqlValue::Null, SqlValue::Text),
+    // Decoded straight from the raw value: `try_get` would look the column
+    // up and check its type again, per value.
+    enum Kind {
+        Int8,
+        Int4,
+        Int2,
+        Bool,
+        Float4,
+        Float8,
+        Bytes,
+        Text,
     }
+    let kind = match v.type_info().name() {
+        "INT8" => Kind::Int8,
+        "INT4" => Kind::Int4,
+        "INT2" => Kind::Int2,
+        "BOOL" => Kind::Bool,
+        "FLOAT4" => Kind::Float4,
+        "FLOAT8" => Kind::Float8,
+        "BYTEA" => Kind::Bytes,
+        _ => Kind::Text,
+    };
+    let value = match kind {
+        Kind::Int8 => decode::<i64>(v).map(SqlValue::Int),
+        Kind::Int4 => decode::<i32>(v).map(|n| SqlValue::Int(n.into())),
+        Kind::Int2 => decode::<i16>(v).map(|n| SqlValue::Int(n.into())),
+        Kind::Bool => decode::<bool>(v).map(|b| SqlValue::Int(b.into())),
+        Kind::Float4 => decode::<f32>(v).map(|f| SqlValue::Int(f as i64)),
+        Kind::Float8 => decode::<f64>(v).map(|f| SqlValue::Int(f as i64)),
+        Kind::Bytes => {
+            decode::<&[u8]>(v).map(|b| SqlValue::Text(String::from_utf8_lossy(b).into_owned()))
+        }
+        Kind::Text => decode::<&str>(v).map(|t| SqlValue::Text(t.to_owned())),
+    };
+    value.unwrap_or(SqlValue::Null)
 }

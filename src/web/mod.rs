@@ -311,21 +311,18 @@ impl Urls {
         )
     }
 
-    /// The stored bulk data references of an instance's JSON text turned
+    /// What turns the stored bulk data references of instances' JSON texts
     /// into URLs of this server.
-    pub fn rewrite_bulk_text(&self, json: &str, study: &str, series: &str, sop: &str) -> String {
-        let target = format!("\"BulkDataURI\":\"{BULK_URI_PREFIX}");
-        if !json.contains(&target) {
-            return json.to_string();
+    pub fn bulk_rewriter(&self) -> BulkRewriter {
+        // The URL goes inside a JSON string: escape it as one, once.
+        let root = serde_json::to_string(&self.root).unwrap_or_default();
+        BulkRewriter {
+            target: format!("\"BulkDataURI\":\"{BULK_URI_PREFIX}"),
+            root: root[1..root.len() - 1].to_string(),
         }
-        // The URL goes inside a JSON string: escape it as one.
-        let url = serde_json::to_string(&format!("{}/bulk/", self.instance(study, series, sop)))
-            .unwrap_or_default();
-        let url = &url[1..url.len() - 1];
-        json.replace(&target, &format!("\"BulkDataURI\":\"{url}"))
     }
 
-    /// `rewrite_bulk_text` on a parsed element (and its items).
+    /// `BulkRewriter::rewrite` on a parsed element (and its items).
     pub fn rewrite_bulk(&self, el: &mut Value, study: &str, series: &str, sop: &str) {
         match el {
             Value::Object(m) => {
@@ -345,6 +342,52 @@ impl Urls {
             }
             _ => {}
         }
+    }
+}
+
+/// See `Urls::bulk_rewriter`.
+pub struct BulkRewriter {
+    target: String,
+    /// The root URL, escaped for a JSON string.
+    root: String,
+}
+
+impl BulkRewriter {
+    /// `json` with its bulk data references pointing at this server. One
+    /// pass; an instance without bulk data is passed on, not copied.
+    pub fn rewrite(&self, json: String, study: &str, series: &str, sop: &str) -> String {
+        let mut found = json
+            .match_indices(&self.target)
+            .map(|(at, _)| at)
+            .peekable();
+        if found.peek().is_none() {
+            return json;
+        }
+        let mut url = format!(
+            "\"BulkDataURI\":\"{}/studies/{study}/series/{series}/instances/{sop}/bulk/",
+            self.root
+        );
+        if ![study, series, sop]
+            .iter()
+            .all(|u| u.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
+        {
+            // Not a UID as stored keys have them: escape it all.
+            let escaped = serde_json::to_string(&format!(
+                "{}/studies/{study}/series/{series}/instances/{sop}/bulk/",
+                self.root
+            ))
+            .unwrap_or_default();
+            url = format!("\"BulkDataURI\":\"{}", &escaped[1..escaped.len() - 1]);
+        }
+        let mut out = String::with_capacity(json.len() + 2 * url.len());
+        let mut done = 0;
+        for at in found {
+            out.push_str(&json[done..at]);
+            out.push_str(&url);
+            done = at + self.target.len();
+        }
+        out.push_str(&json[done..]);
+        out
     }
 }
 

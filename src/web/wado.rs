@@ -30,6 +30,9 @@ use serde_json::json;
 /// Instances whose metadata is fetched from the index in one query.
 const METADATA_BATCH: usize = 256;
 
+/// Batches of metadata being read at once (memory: this many batches' JSON).
+const METADATA_BATCHES_AHEAD: usize = 2;
+
 /// How a retrieved instance is sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Encoding {
@@ -149,17 +152,26 @@ async fn visible_instance(
 
 /// The patients (as their owners know them) and studies of `instances`.
 fn audit_objects(instances: &[StoredInstance]) -> Vec<AuditObject> {
-    let mut v: Vec<AuditObject> = instances
+    // Distinct first, then copied: a study's thousand instances name one
+    // patient and study.
+    let distinct: std::collections::BTreeSet<(&str, &str, &str)> = instances
         .iter()
-        .map(|i| AuditObject {
-            patient_institution: i.patient.0.clone(),
-            patient_id: i.patient.2.clone(),
-            study_uid: i.study_uid.clone(),
+        .map(|i| {
+            (
+                i.patient.0.as_str(),
+                i.patient.2.as_str(),
+                i.study_uid.as_str(),
+            )
         })
         .collect();
-    v.sort();
-    v.dedup();
-    v
+    distinct
+        .into_iter()
+        .map(|(institution, patient_id, study_uid)| AuditObject {
+            patient_institution: institution.to_string(),
+            patient_id: patient_id.to_string(),
+            study_uid: study_uid.to_string(),
+        })
+        .collect()
 }
 
 /// `GET /studies/{study}`, `…/series/{series}`, `…/instances/{instance}`
@@ -410,15 +422,19 @@ pub async fn metadata(
 
     let hub = hub.clone();
     let urls = urls.clone();
-    let batches: Vec<Vec<StoredInstance>> = found
-        .chunks(METADATA_BATCH)
-        .map(<[StoredInstance]>::to_vec)
-        .collect();
-    // One batch of instances' JSON texts at a time, bulk data URIs resolved.
+    let mut found = found.into_iter();
+    let batches: Vec<Vec<StoredInstance>> = std::iter::from_fn(|| {
+        let batch: Vec<StoredInstance> = found.by_ref().take(METADATA_BATCH).collect();
+        (!batch.is_empty()).then_some(batch)
+    })
+    .collect();
+    let bulk = Arc::new(urls.bulk_rewriter());
+    // Batches of instances' JSON texts, bulk data URIs resolved; the next
+    // batch is read while the one before is encoded and sent.
     let texts = stream::iter(batches)
-        .then(move |batch| {
+        .map(move |batch| {
             let hub = hub.clone();
-            let urls = urls.clone();
+            let bulk = bulk.clone();
             async move {
                 let ids: Vec<i64> = batch.iter().map(|i| i.id).collect();
                 let mut json = hub
@@ -426,14 +442,14 @@ pub async fn metadata(
                     .dataset_json(Level::Instance, &ids)
                     .await
                     .map_err(std::io::Error::other)?;
-                let mut out = Vec::new();
+                let mut out = Vec::with_capacity(batch.len());
                 for inst in &batch {
                     if let Some(mut text) = json.remove(&inst.id) {
                         if let Some(c) = &inst.coercion {
                             text = coerce_json_text(&text, c);
                         }
-                        out.push(urls.rewrite_bulk_text(
-                            &text,
+                        out.push(bulk.rewrite(
+                            text,
                             &inst.study_uid,
                             &inst.series_uid,
                             &inst.sop_uid,
@@ -443,6 +459,7 @@ pub async fn metadata(
                 Ok::<_, std::io::Error>(out)
             }
         })
+        .buffered(METADATA_BATCHES_AHEAD)
         .boxed();
     if format == media::DatasetFormat::Xml {
         let boundary = multipart::boundary();
