@@ -224,18 +224,30 @@ async fn run(
     };
     let scope = super::scope_of(hub, caller).await?;
     let page = hub.index.search(&search, &scope).await?;
-    // Counted after the visibility filter: what the caller was shown.
+    // Counted after the visibility filter: what the caller was shown. The
+    // series or instances of one study are one audited object.
+    let shown: std::collections::BTreeSet<(&str, &str, &str)> = page
+        .hits
+        .iter()
+        .map(|h| {
+            (
+                h.patient.institution.as_str(),
+                h.patient.owner_patient_id.as_str(),
+                h.study.study_uid.as_str(),
+            )
+        })
+        .collect();
     super::audit(
         hub,
         caller,
         Action::Query,
         Outcome::Success,
-        page.hits
-            .iter()
-            .map(|h| AuditObject {
-                patient_institution: h.patient.institution.clone(),
-                patient_id: h.patient.owner_patient_id.clone(),
-                study_uid: h.study.study_uid.clone(),
+        shown
+            .into_iter()
+            .map(|(institution, patient_id, study_uid)| AuditObject {
+                patient_institution: institution.to_string(),
+                patient_id: patient_id.to_string(),
+                study_uid: study_uid.to_string(),
             })
             .collect(),
         json!({
