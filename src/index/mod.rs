@@ -315,8 +315,9 @@ impl Index {
         study_uid: &str,
         series_uid: Option<&str>,
         sop_uid: Option<&str>,
+        reading: search::Reading,
     ) -> Result<Vec<search::StoredInstance>, IndexError> {
-        search::instances(&self.reader, scope, study_uid, series_uid, sop_uid).await
+        search::instances(&self.reader, scope, study_uid, series_uid, sop_uid, reading).await
     }
 
     /// The patients the active break-glass grants of a user open.

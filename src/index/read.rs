@@ -179,10 +179,10 @@ impl SqliteReaders {
         )?;
         // LIKE as on PostgreSQL: case-sensitive (and index-usable).
         c.execute_batch("PRAGMA busy_timeout=30000; PRAGMA case_sensitive_like=ON;")?;
-        // Every commit (the audit appender's every 20 ms) empties a reader's
-        // page cache; reading the pages through a mapping spares copying
-        // them in again with a system call each.
-        c.execute_batch("PRAGMA mmap_size=1073741824;")?;
+        // No memory mapping of the file: every commit (the audit appender's,
+        // every 20 ms under load) makes each reader unmap and map the whole
+        // file again at its next read, which cost a short search more than
+        // the page reads it spares.
         // Plans never depend on bound values (LIKE patterns are literals, see
         // search.rs): otherwise SQLite re-prepares a statement on every
         // execution whose parameters it might have planned with, which was

@@ -23,7 +23,7 @@ use crate::dicom::coerce::{self, Coercion, Provenance, coerce_json_text};
 use crate::dicom::dataset::{BULK_URI_PREFIX, PixelLayout};
 use crate::dicom::transcode;
 use crate::hub::Hub;
-use crate::index::search::{Level, Scope, StoredInstance};
+use crate::index::search::{Level, Reading, Scope, StoredInstance};
 use crate::store::Store;
 use serde_json::json;
 
@@ -107,13 +107,27 @@ async fn visible_instances(
         at.series.as_deref(),
         at.instance.as_deref(),
     );
-    let found = hub.index.instances(&scope, study, series, sop).await?;
+    // Metadata is read from the index alone; everything else reads objects.
+    let reading = match action {
+        Action::Access => Reading::Metadata,
+        _ => Reading::Objects,
+    };
+    let found = hub
+        .index
+        .instances(&scope, study, series, sop, reading)
+        .await?;
     let detail = json!({ "study": study, "series": series, "instance": sop });
     if found.is_empty() {
         // Absent and hidden answer alike; the trail tells them apart.
         let hidden = hub
             .index
-            .instances(&Scope::unrestricted_for_audit(), study, series, sop)
+            .instances(
+                &Scope::unrestricted_for_audit(),
+                study,
+                series,
+                sop,
+                Reading::Metadata,
+            )
             .await?;
         let outcome = if hidden.is_empty() {
             Outcome::Failure
