@@ -931,7 +931,13 @@ fn from_without_patient(s: &Search, scope: &Scope) -> &'static str {
 /// single value picks its studies first (a UID, an ID, an accession
 /// number): then each study found is tested, the caller's own without a probe.
 fn walks(s: &Search, scope: &Scope) -> bool {
-    let picked = s.study_uid.is_some()
+    scope.walks_access() && !picked(s)
+}
+
+/// Whether a single value picks the search's few studies first (a UID, an
+/// ID, an accession number).
+fn picked(s: &Search) -> bool {
+    s.study_uid.is_some()
         || s.keys.iter().any(|(a, m)| {
             matches!(
                 a,
@@ -941,8 +947,7 @@ fn walks(s: &Search, scope: &Scope) -> bool {
                     | Attr::SeriesInstanceUid
                     | Attr::SopInstanceUid
             ) && matches!(m, Matcher::Single(_) | Matcher::UidList(_))
-        });
-    scope.walks_access() && !picked
+        })
 }
 
 /// Whether a study-level search under the consent rule needs nothing of the
@@ -1232,17 +1237,20 @@ fn rows_sql(
     )
 }
 
-/// How a search reads its page, by engine. PostgreSQL plans a statement
-/// for its parameters at every run: a page statement with its computed
-/// columns took ~1.7 ms to plan, and the count of what follows another
-/// ~1 ms and a second walk. There the walk alone (small to plan) chooses the
-/// page and counts up to `COUNT_CAP` past it, and the rows come by id in a
-/// statement whose plan is kept. SQLite keeps its statements prepared and
-/// runs them in-process: one statement walks and reads the page (a second
-/// one cost a short search ~15 %), and the count walks on from the page's
-/// last id only when there is more.
-fn single_statement(reader: &Reader) -> bool {
-    matches!(reader, Reader::Sqlite(_))
+/// Whether a search reads its page in one statement (else: a walk of ids,
+/// then the rows by id). PostgreSQL plans a statement for its parameters at
+/// every run: for a walk (a wildcard, a range, a list) the page statement
+/// with its computed columns took ~1.7 ms to plan, and the count of what
+/// follows another ~1 ms and a second walk. There the walk alone (small to
+/// plan) chooses the page and counts up to `COUNT_CAP` past it, and the rows
+/// come by id in a statement whose plan is kept. A search that a single
+/// value picks (a UID, a patient ID) has a few rows and plans quickly: one
+/// statement, as on SQLite, which keeps its statements prepared and runs them
+/// in-process (a second statement cost a short search ~15 %). In one
+/// statement the count walks on from the page's last id, only when there is
+/// more.
+fn single_statement(reader: &Reader, s: &Search) -> bool {
+    matches!(reader, Reader::Sqlite(_)) || picked(s)
 }
 
 /// The order in which a search walks its candidates: ids of its level, or,
@@ -1273,7 +1281,7 @@ pub async fn explain(
     scope: &Scope,
 ) -> Result<Vec<String>, IndexError> {
     let mut q = Sql::default();
-    if single_statement(reader) {
+    if single_statement(reader, s) {
         let limit = i64::from(s.limit) + 1;
         let sql = rows_sql(reader, s, scope, &mut q, |q, id| {
             format!("{id} IN ({})", walk_sql(q, s, scope, limit))
@@ -1292,7 +1300,7 @@ pub async fn explain(
 
 pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, IndexError> {
     let limit = s.limit as usize;
-    let (rows, remaining) = if single_statement(reader) {
+    let (rows, remaining) = if single_statement(reader, s) {
         let mut q = Sql::default();
         // One row more than asked tells whether anything follows.
         let sql = rows_sql(reader, s, scope, &mut q, |q, id| {
@@ -1408,8 +1416,9 @@ pub const COUNT_CAP: u64 = 200;
 
 /// Number of matches of `s` after the one with id `last` in the page's
 /// order (the page's last row), less the first `skip`, counting no further
-/// than `COUNT_CAP` (SQLite; see `single_statement`). It walks on from where
-/// the page ended rather than counting the page's matches again.
+/// than `COUNT_CAP` (for searches in one statement, see `single_statement`).
+/// It walks on from where the page ended rather than counting the page's
+/// matches again.
 async fn count_after(
     reader: &Reader,
     s: &Search,
