@@ -475,6 +475,60 @@ async fn qido_matching(backend: Backend) {
     assert_eq!(s, 204);
 }
 
+/// The Warning's count of what follows a page stops at 200 ("at least"),
+/// and near the end counts exactly: PostgreSQL counts in the walk that
+/// chose the page, SQLite in a second walk from the page's end.
+async fn warning_count_cap(backend: Backend) {
+    let Some(py) = common::python_with("numpy, pydicom") else {
+        return;
+    };
+    let Some(hub) = TestHub::start(backend).await else {
+        return;
+    };
+    hub.import_bench_corpus(
+        &py,
+        "HOSP1",
+        &[
+            "--sets",
+            "query",
+            "--query-studies",
+            "210",
+            "--query-series",
+            "1",
+            "--query-instances",
+            "1",
+            "--query-size",
+            "8",
+        ],
+    )
+    .await;
+    let (_, all, _) = qido(&hub, "/studies?limit=1000").await;
+    let n = all.len();
+    assert!(n > 205, "{n} studies");
+    let count =
+        |k: &str| format!("299 tsunagu: There are {k} additional results that can be requested");
+    for (query, expected) in [
+        ("limit=5".to_string(), count("at least 200")),
+        (format!("limit=5&offset={}", n - 205), count("at least 200")),
+        (format!("limit=5&offset={}", n - 204), count("199")),
+        (format!("limit=5&offset={}", n - 8), count("3")),
+        ("limit=0".to_string(), count("at least 200")),
+    ] {
+        let (_, _, warnings) = qido(&hub, &format!("/studies?{query}")).await;
+        assert_eq!(warnings, vec![expected], "{backend:?} {query}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warning_count_caps_on_sqlite() {
+    warning_count_cap(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warning_count_caps_on_postgres() {
+    warning_count_cap(Backend::Postgres).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn qido_matching_on_sqlite() {
     qido_matching(Backend::Local).await;
