@@ -323,10 +323,20 @@ impl Store {
         if let Backend::Local { root } = &self.backend {
             let path = root.join(key);
             return tokio::task::spawn_blocking(move || -> Result<Bytes, StoreError> {
-                use std::os::unix::fs::FileExt;
-                let f = std::fs::File::open(path)?;
-                let mut buf = vec![0u8; (range.end - range.start) as usize];
-                f.read_exact_at(&mut buf, range.start)?;
+                use std::io::{Read, Seek, SeekFrom};
+                let mut f = std::fs::File::open(path)?;
+                f.seek(SeekFrom::Start(range.start))?;
+                let len = range.end - range.start;
+                // Read into the buffer's spare capacity: a zero-filled 512 KiB
+                // frame buffer cost 4 % of a frame request's server time.
+                let mut buf = Vec::with_capacity(len as usize);
+                f.take(len).read_to_end(&mut buf)?;
+                if buf.len() as u64 != len {
+                    return Err(StoreError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the object ends after {} of {len} bytes", buf.len()),
+                    )));
+                }
                 Ok(Bytes::from(buf))
             })
             .await
