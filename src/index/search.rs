@@ -1298,6 +1298,8 @@ pub async fn explain(
     Ok(plan)
 }
 
+/// Run `s` under `scope`: its page, and how many matches follow it (at most
+/// `COUNT_CAP`).
 pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, IndexError> {
     let limit = s.limit as usize;
     let (rows, remaining) = if single_statement(reader, s) {
