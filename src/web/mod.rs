@@ -431,3 +431,37 @@ impl FromRequestParts<Arc<Hub>> for Urls {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_references_become_urls_of_this_server() {
+        let urls = Urls {
+            root: "http://hub\"x/dicom-web".into(),
+        };
+        let bulk = urls.bulk_rewriter();
+        // Without bulk data the text passes through.
+        let plain = r#"{"00100020":{"vr":"LO","Value":["P1"]}}"#.to_string();
+        assert_eq!(bulk.rewrite(plain.clone(), "1.2", "1.3", "1.4"), plain);
+        // Every reference is rewritten; the root is escaped for JSON.
+        let json = format!(
+            r#"{{"7FE00010":{{"vr":"OW","BulkDataURI":"{BULK_URI_PREFIX}866/512"}},"00420011":{{"vr":"OB","BulkDataURI":"{BULK_URI_PREFIX}2000/10"}}}}"#
+        );
+        let out = bulk.rewrite(json, "1.2", "1.3", "1.4");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let base = "http://hub\"x/dicom-web/studies/1.2/series/1.3/instances/1.4/bulk/";
+        assert_eq!(v["7FE00010"]["BulkDataURI"], format!("{base}866/512"));
+        assert_eq!(v["00420011"]["BulkDataURI"], format!("{base}2000/10"));
+        // A UID that is not one (never stored so) is escaped too.
+        let odd = format!(r#"{{"7FE00010":{{"vr":"OW","BulkDataURI":"{BULK_URI_PREFIX}1/2"}}}}"#);
+        let v: Value = serde_json::from_str(&bulk.rewrite(odd, "1.2\"", "1.3", "1.4")).unwrap();
+        assert!(
+            v["7FE00010"]["BulkDataURI"]
+                .as_str()
+                .unwrap()
+                .contains("/studies/1.2\"/")
+        );
+    }
+}
