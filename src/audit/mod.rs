@@ -68,6 +68,26 @@ pub struct AuditObject {
     pub study_uid: String,
 }
 
+impl AuditObject {
+    /// One object per distinct (patient institution, patient ID, study UID):
+    /// a study's many series or instances name it once. Distinct first,
+    /// copied after.
+    pub fn distinct<'a>(
+        touched: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+    ) -> Vec<Self> {
+        touched
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|(institution, patient_id, study_uid)| Self {
+                patient_institution: institution.to_string(),
+                patient_id: patient_id.to_string(),
+                study_uid: study_uid.to_string(),
+            })
+            .collect()
+    }
+}
+
 /// One audit event before it is sequenced and chained.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {

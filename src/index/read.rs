@@ -216,10 +216,10 @@ impl SqliteReaders {
                     Bind::Text(t) => stmt.raw_bind_parameter(at, t)?,
                     Bind::Int(n) => stmt.raw_bind_parameter(at, n)?,
                     // Read by `json_each` (see `Reader::id_in`).
-                    Bind::Ids(ids) => {
-                        let list: Vec<String> = ids.iter().map(i64::to_string).collect();
-                        stmt.raw_bind_parameter(at, format!("[{}]", list.join(",")))?
-                    }
+                    Bind::Ids(ids) => stmt.raw_bind_parameter(
+                        at,
+                        serde_json::to_string(ids).expect("integers serialize"),
+                    )?,
                 }
             }
             let n = stmt.column_count();
@@ -339,37 +339,16 @@ fn pg_value(r: &sqlx::postgres::PgRow, i: usize) -> SqlValue {
     }
     // Decoded straight from the raw value: `try_get` would look the column
     // up and check its type again, per value.
-    enum Kind {
-        Int8,
-        Int4,
-        Int2,
-        Bool,
-        Float4,
-        Float8,
-        Bytes,
-        Text,
-    }
-    let kind = match v.type_info().name() {
-        "INT8" => Kind::Int8,
-        "INT4" => Kind::Int4,
-        "INT2" => Kind::Int2,
-        "BOOL" => Kind::Bool,
-        "FLOAT4" => Kind::Float4,
-        "FLOAT8" => Kind::Float8,
-        "BYTEA" => Kind::Bytes,
-        _ => Kind::Text,
-    };
-    let value = match kind {
-        Kind::Int8 => decode::<i64>(v).map(SqlValue::Int),
-        Kind::Int4 => decode::<i32>(v).map(|n| SqlValue::Int(n.into())),
-        Kind::Int2 => decode::<i16>(v).map(|n| SqlValue::Int(n.into())),
-        Kind::Bool => decode::<bool>(v).map(|b| SqlValue::Int(b.into())),
-        Kind::Float4 => decode::<f32>(v).map(|f| SqlValue::Int(f as i64)),
-        Kind::Float8 => decode::<f64>(v).map(|f| SqlValue::Int(f as i64)),
-        Kind::Bytes => {
-            decode::<&[u8]>(v).map(|b| SqlValue::Text(String::from_utf8_lossy(b).into_owned()))
-        }
-        Kind::Text => decode::<&str>(v).map(|t| SqlValue::Text(t.to_owned())),
+    let value = match v.type_info().name() {
+        "INT8" => decode::<i64>(v.clone()).map(SqlValue::Int),
+        "INT4" => decode::<i32>(v.clone()).map(|n| SqlValue::Int(n.into())),
+        "INT2" => decode::<i16>(v.clone()).map(|n| SqlValue::Int(n.into())),
+        "BOOL" => decode::<bool>(v.clone()).map(|b| SqlValue::Int(b.into())),
+        "FLOAT4" => decode::<f32>(v.clone()).map(|f| SqlValue::Int(f as i64)),
+        "FLOAT8" => decode::<f64>(v.clone()).map(|f| SqlValue::Int(f as i64)),
+        "BYTEA" => decode::<&[u8]>(v.clone())
+            .map(|b| SqlValue::Text(String::from_utf8_lossy(b).into_owned())),
+        _ => decode::<&str>(v.clone()).map(|t| SqlValue::Text(t.to_owned())),
     };
     value.unwrap_or(SqlValue::Null)
 }

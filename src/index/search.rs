@@ -1253,6 +1253,35 @@ fn single_statement(reader: &Reader, s: &Search) -> bool {
     matches!(reader, Reader::Sqlite(_)) || picked(s)
 }
 
+/// The one statement of a page: its rows, walked to, and one more if
+/// anything follows.
+fn page_sql(reader: &Reader, s: &Search, scope: &Scope) -> (String, Sql) {
+    let mut q = Sql::default();
+    let sql = rows_sql(reader, s, scope, &mut q, |q, id| {
+        format!(
+            "{id} IN ({})",
+            walk_sql(q, s, scope, i64::from(s.limit) + 1)
+        )
+    });
+    (sql, q)
+}
+
+/// The walk of a page's ids and up to `COUNT_CAP` more.
+fn ids_sql(s: &Search, scope: &Scope) -> (String, Sql) {
+    let mut q = Sql::default();
+    let sql = walk_sql(&mut q, s, scope, i64::from(s.limit) + COUNT_CAP as i64);
+    (sql, q)
+}
+
+/// The rows of the page's `ids`.
+fn rows_by_id_sql(reader: &Reader, s: &Search, scope: &Scope, ids: Vec<i64>) -> (String, Sql) {
+    let mut q = Sql::default();
+    let sql = rows_sql(reader, s, scope, &mut q, |q, id| {
+        reader.id_in(id, &q.bind_ids(ids))
+    });
+    (sql, q)
+}
+
 /// The order in which a search walks its candidates: ids of its level, or,
 /// walking the access rows, theirs (the same study ids).
 fn walk_order(s: &Search, scope: &Scope) -> &'static str {
@@ -1280,20 +1309,13 @@ pub async fn explain(
     s: &Search,
     scope: &Scope,
 ) -> Result<Vec<String>, IndexError> {
-    let mut q = Sql::default();
     if single_statement(reader, s) {
-        let limit = i64::from(s.limit) + 1;
-        let sql = rows_sql(reader, s, scope, &mut q, |q, id| {
-            format!("{id} IN ({})", walk_sql(q, s, scope, limit))
-        });
+        let (sql, q) = page_sql(reader, s, scope);
         return reader.explain(sql, q.binds).await;
     }
-    let walk = walk_sql(&mut q, s, scope, i64::from(s.limit) + COUNT_CAP as i64);
+    let (walk, q) = ids_sql(s, scope);
     let mut plan = reader.explain(walk, q.binds).await?;
-    let mut q = Sql::default();
-    let sql = rows_sql(reader, s, scope, &mut q, |q, id| {
-        reader.id_in(id, &q.bind_ids(vec![1]))
-    });
+    let (sql, q) = rows_by_id_sql(reader, s, scope, vec![1]);
     plan.extend(reader.explain(sql, q.binds).await?);
     Ok(plan)
 }
@@ -1303,22 +1325,14 @@ pub async fn explain(
 pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, IndexError> {
     let limit = s.limit as usize;
     let (rows, remaining) = if single_statement(reader, s) {
-        let mut q = Sql::default();
-        // One row more than asked tells whether anything follows.
-        let sql = rows_sql(reader, s, scope, &mut q, |q, id| {
-            format!(
-                "{id} IN ({})",
-                walk_sql(q, s, scope, i64::from(s.limit) + 1)
-            )
-        });
+        let (sql, q) = page_sql(reader, s, scope);
         let mut rows = q.fetch(reader, sql).await?;
         let more = rows.len() > limit;
         rows.truncate(limit);
         // More: counted below, past the page's last hit.
         (rows, (!more).then_some(0))
     } else {
-        let mut q = Sql::default();
-        let walk = walk_sql(&mut q, s, scope, i64::from(s.limit) + COUNT_CAP as i64);
+        let (walk, q) = ids_sql(s, scope);
         let mut ids: Vec<i64> = q
             .fetch(reader, walk)
             .await?
@@ -1330,10 +1344,7 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
         if ids.is_empty() {
             (Vec::new(), Some(remaining))
         } else {
-            let mut q = Sql::default();
-            let sql = rows_sql(reader, s, scope, &mut q, |q, id| {
-                reader.id_in(id, &q.bind_ids(ids))
-            });
+            let (sql, q) = rows_by_id_sql(reader, s, scope, ids);
             (q.fetch(reader, sql).await?, Some(remaining))
         }
     };

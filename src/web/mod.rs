@@ -314,11 +314,9 @@ impl Urls {
     /// What turns the stored bulk data references of instances' JSON texts
     /// into URLs of this server.
     pub fn bulk_rewriter(&self) -> BulkRewriter {
-        // The URL goes inside a JSON string: escape it as one, once.
-        let root = serde_json::to_string(&self.root).unwrap_or_default();
         BulkRewriter {
             target: format!("\"BulkDataURI\":\"{BULK_URI_PREFIX}"),
-            root: root[1..root.len() - 1].to_string(),
+            root: json_escaped(&self.root).into_owned(),
         }
     }
 
@@ -345,6 +343,18 @@ impl Urls {
     }
 }
 
+/// `text` as it stands inside a JSON string.
+fn json_escaped(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c == '"' || c == '\\' || c.is_control())
+    {
+        return text.into();
+    }
+    let quoted = serde_json::to_string(text).unwrap_or_default();
+    quoted[1..quoted.len() - 1].to_string().into()
+}
+
 /// See `Urls::bulk_rewriter`.
 pub struct BulkRewriter {
     target: String,
@@ -363,22 +373,15 @@ impl BulkRewriter {
         if found.peek().is_none() {
             return json;
         }
-        let mut url = format!(
-            "\"BulkDataURI\":\"{}/studies/{study}/series/{series}/instances/{sop}/bulk/",
-            self.root
+        // The URL goes inside a JSON string (stored UIDs need no escaping;
+        // the root was escaped once).
+        let url = format!(
+            "\"BulkDataURI\":\"{}/studies/{}/series/{}/instances/{}/bulk/",
+            self.root,
+            json_escaped(study),
+            json_escaped(series),
+            json_escaped(sop)
         );
-        if ![study, series, sop]
-            .iter()
-            .all(|u| u.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
-        {
-            // Not a UID as stored keys have them: escape it all.
-            let escaped = serde_json::to_string(&format!(
-                "{}/studies/{study}/series/{series}/instances/{sop}/bulk/",
-                self.root
-            ))
-            .unwrap_or_default();
-            url = format!("\"BulkDataURI\":\"{}", &escaped[1..escaped.len() - 1]);
-        }
         let mut out = String::with_capacity(json.len() + 2 * url.len());
         let mut done = 0;
         for at in found {

@@ -224,32 +224,19 @@ async fn run(
     };
     let scope = super::scope_of(hub, caller).await?;
     let page = hub.index.search(&search, &scope).await?;
-    // Counted after the visibility filter: what the caller was shown. The
-    // series or instances of one study are one audited object.
-    let shown: std::collections::BTreeSet<(&str, &str, &str)> = page
-        .hits
-        .iter()
-        .map(|h| {
-            (
-                h.patient.institution.as_str(),
-                h.patient.owner_patient_id.as_str(),
-                h.study.study_uid.as_str(),
-            )
-        })
-        .collect();
+    // Counted after the visibility filter: what the caller was shown.
     super::audit(
         hub,
         caller,
         Action::Query,
         Outcome::Success,
-        shown
-            .into_iter()
-            .map(|(institution, patient_id, study_uid)| AuditObject {
-                patient_institution: institution.to_string(),
-                patient_id: patient_id.to_string(),
-                study_uid: study_uid.to_string(),
-            })
-            .collect(),
+        AuditObject::distinct(page.hits.iter().map(|h| {
+            (
+                h.patient.institution.as_str(),
+                h.patient.owner_patient_id.as_str(),
+                h.study.study_uid.as_str(),
+            )
+        })),
         json!({
             "level": format!("{level:?}").to_lowercase(),
             "query": raw.as_deref().unwrap_or_default(),

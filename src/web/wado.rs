@@ -166,26 +166,13 @@ async fn visible_instance(
 
 /// The patients (as their owners know them) and studies of `instances`.
 fn audit_objects(instances: &[StoredInstance]) -> Vec<AuditObject> {
-    // Distinct first, then copied: a study's thousand instances name one
-    // patient and study.
-    let distinct: std::collections::BTreeSet<(&str, &str, &str)> = instances
-        .iter()
-        .map(|i| {
-            (
-                i.patient.0.as_str(),
-                i.patient.2.as_str(),
-                i.study_uid.as_str(),
-            )
-        })
-        .collect();
-    distinct
-        .into_iter()
-        .map(|(institution, patient_id, study_uid)| AuditObject {
-            patient_institution: institution.to_string(),
-            patient_id: patient_id.to_string(),
-            study_uid: study_uid.to_string(),
-        })
-        .collect()
+    AuditObject::distinct(instances.iter().map(|i| {
+        (
+            i.patient.0.as_str(),
+            i.patient.2.as_str(),
+            i.study_uid.as_str(),
+        )
+    }))
 }
 
 /// `GET /studies/{study}`, `…/series/{series}`, `…/instances/{instance}`
@@ -435,7 +422,6 @@ pub async fn metadata(
     }
 
     let hub = hub.clone();
-    let urls = urls.clone();
     let mut found = found.into_iter();
     let batches: Vec<Vec<StoredInstance>> = std::iter::from_fn(|| {
         let batch: Vec<StoredInstance> = found.by_ref().take(METADATA_BATCH).collect();
