@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::command::{Command, CommandField};
+use super::pdata::{self, Incoming, Pdv};
 use super::status;
 use crate::access::{Institution, Institutions};
 use crate::dicom::part10::FileMeta;
@@ -173,8 +174,21 @@ async fn run(
 impl Session {
     async fn serve(&mut self) {
         loop {
-            let pdu = match self.assoc.receive().await {
-                Ok(p) => p,
+            let incoming =
+                pdata::receive(&mut self.assoc, self.ctx.max_pdu_length, self.ctx.timeout).await;
+            let pdu = match incoming {
+                Ok(Incoming::Data(values)) => {
+                    for pdv in values {
+                        if let Err(why) = self.on_pdv(pdv).await {
+                            tracing::warn!(reason = why, "protocol error; aborting association");
+                            self.abort(AbortRQServiceProviderReason::UnexpectedPdu)
+                                .await;
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                Ok(Incoming::Other(p)) => p,
                 Err(e) => {
                     tracing::warn!(error = %e, "association ended by a receive error; aborting");
                     self.abort(AbortRQServiceProviderReason::ReasonNotSpecified)
@@ -183,16 +197,6 @@ impl Session {
                 }
             };
             match pdu {
-                Pdu::PData { data } => {
-                    for pdv in data {
-                        if let Err(why) = self.on_pdv(pdv).await {
-                            tracing::warn!(reason = why, "protocol error; aborting association");
-                            self.abort(AbortRQServiceProviderReason::UnexpectedPdu)
-                                .await;
-                            return;
-                        }
-                    }
-                }
                 Pdu::ReleaseRQ => {
                     if self.pending.is_some() {
                         tracing::warn!(
@@ -240,41 +244,38 @@ impl Session {
             .map_err(|_| "cannot send response")
     }
 
-    async fn on_pdv(&mut self, pdv: PDataValue) -> Result<(), ProtocolError> {
+    async fn on_pdv(&mut self, pdv: Pdv) -> Result<(), ProtocolError> {
         let pc = self
             .contexts
             .iter()
             .find(|c| {
-                c.id == pdv.presentation_context_id
-                    && c.reason == PresentationContextResultReason::Acceptance
+                c.id == pdv.context_id && c.reason == PresentationContextResultReason::Acceptance
             })
             .cloned()
             .ok_or("PDV on a presentation context that was not accepted")?;
-        match pdv.value_type {
-            PDataValueType::Command => {
-                if self.pending.is_some() {
-                    return Err("command while a data set is still arriving");
-                }
-                self.command_buf.extend_from_slice(&pdv.data);
-                if self.command_buf.len() > 64 * 1024 {
-                    return Err("command set larger than 64 KiB");
-                }
-                if !pdv.is_last {
-                    return Ok(());
-                }
-                let bytes = std::mem::take(&mut self.command_buf);
-                let command = Command::parse(&bytes).map_err(|_| "unreadable command set")?;
-                self.on_command(&pc, command).await
-            }
-            PDataValueType::Data => self.on_data(pdv).await,
+        if !pdv.command {
+            return self.on_data(pdv).await;
         }
+        if self.pending.is_some() {
+            return Err("command while a data set is still arriving");
+        }
+        self.command_buf.extend_from_slice(&pdv.data);
+        if self.command_buf.len() > 64 * 1024 {
+            return Err("command set larger than 64 KiB");
+        }
+        if !pdv.last {
+            return Ok(());
+        }
+        let bytes = std::mem::take(&mut self.command_buf);
+        let command = Command::parse(&bytes).map_err(|_| "unreadable command set")?;
+        self.on_command(&pc, command).await
     }
 
-    async fn on_data(&mut self, pdv: PDataValue) -> Result<(), ProtocolError> {
+    async fn on_data(&mut self, pdv: Pdv) -> Result<(), ProtocolError> {
         let Some(p) = self.pending.as_mut() else {
             return Err("data set without a command");
         };
-        if p.context_id != pdv.presentation_context_id {
+        if p.context_id != pdv.context_id {
             return Err("data set on another presentation context");
         }
         if let Sink::Spool(spool) = &mut p.sink
@@ -284,7 +285,7 @@ impl Session {
             let (status, comment) = status::of_ingest_error(&e);
             p.sink = Sink::Discard { status, comment };
         }
-        if !pdv.is_last {
+        if !pdv.last {
             return Ok(());
         }
         let p = self.pending.take().expect("checked above");

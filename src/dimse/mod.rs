@@ -5,6 +5,7 @@
 
 pub mod association;
 pub mod command;
+mod pdata;
 pub mod status;
 
 use std::sync::Arc;

@@ -92,7 +92,7 @@ async fn import_one(
         if n == 0 {
             break;
         }
-        spool.write(buf).await?;
+        spool.write(buf.into()).await?;
     }
     let actor = crate::audit::Actor {
         user: "tsunagu import".into(),

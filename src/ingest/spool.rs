@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -41,7 +42,7 @@ pub struct Received {
 pub struct Spool {
     path: PathBuf,
     meta: FileMeta,
-    chunks: Option<mpsc::Sender<Vec<u8>>>,
+    chunks: Option<mpsc::Sender<Bytes>>,
     worker: Option<JoinHandle<Result<Received, IngestError>>>,
     armed: bool,
 }
@@ -70,7 +71,7 @@ impl Spool {
     }
 
     /// Append received data set bytes.
-    pub async fn write(&mut self, bytes: Vec<u8>) -> Result<(), IngestError> {
+    pub async fn write(&mut self, bytes: Bytes) -> Result<(), IngestError> {
         let tx = self.chunks.as_ref().expect("open until finish");
         if tx.send(bytes).await.is_err() {
             // The worker stopped early: only a write failure makes it stop.
@@ -131,7 +132,7 @@ fn run_worker(
     meta: FileMeta,
     institution: &str,
     study: Option<&str>,
-    rx: mpsc::Receiver<Vec<u8>>,
+    rx: mpsc::Receiver<Bytes>,
     placer: &Placer,
 ) -> Result<Received, IngestError> {
     let mut file = File::create(path).map_err(IngestError::Spool)?;
@@ -141,7 +142,7 @@ fn run_worker(
         rx,
         file,
         hasher: Sha256::new(),
-        chunk: Vec::new(),
+        chunk: Bytes::new(),
         at: 0,
         position: offset,
         write_error: None,
@@ -178,10 +179,10 @@ fn run_worker(
 /// it is taken. Seekable only to report its position, which is all the
 /// lazy parser asks of it.
 struct Tee {
-    rx: mpsc::Receiver<Vec<u8>>,
+    rx: mpsc::Receiver<Bytes>,
     file: File,
     hasher: Sha256,
-    chunk: Vec<u8>,
+    chunk: Bytes,
     at: usize,
     position: u64,
     write_error: Option<std::io::Error>,

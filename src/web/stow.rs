@@ -248,7 +248,9 @@ async fn store_part(
     };
     let mut write_error = None;
     if head.len() > offset
-        && let Err(e) = spool.write(head[offset..].to_vec()).await
+        && let Err(e) = spool
+            .write(bytes::Bytes::copy_from_slice(&head[offset..]))
+            .await
     {
         write_error = Some(e);
     }
@@ -256,7 +258,7 @@ async fn store_part(
         match field.chunk().await {
             Ok(Some(c)) => {
                 if write_error.is_none()
-                    && let Err(e) = spool.write(c.to_vec()).await
+                    && let Err(e) = spool.write(c).await
                 {
                     write_error = Some(e);
                 }
