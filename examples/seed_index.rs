@@ -269,6 +269,7 @@ async fn main() {
                             dataset_json: serde_json::Value::Object(parsed.json).to_string(),
                             pixels: parsed.pixels,
                             replaces: None,
+                            unconfirmed: false,
                         }
                     }
                 })

@@ -134,11 +134,12 @@ pub async fn run(cli: Cli) -> ExitCode {
             };
             let stop = running.shutdown.clone();
             tokio::spawn(async move {
-                let _ = tokio::signal::ctrl_c().await;
+                stopped().await;
                 tracing::info!("shutting down");
                 stop.cancel();
             });
             while running.tasks.join_next().await.is_some() {}
+            hub.index.settle().await;
             hub.audit.flush().await;
             ExitCode::SUCCESS
         }
@@ -219,4 +220,20 @@ pub async fn run(cli: Cli) -> ExitCode {
             }
         }
     }
+}
+
+/// Ctrl-C, or SIGTERM (what service managers and container runtimes send).
+async fn stopped() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

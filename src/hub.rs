@@ -32,6 +32,8 @@ pub enum HubError {
     },
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error("checking objects stored before an unclean stop: {0}")]
+    Recovery(#[from] IngestError),
     #[error("{0}")]
     Other(String),
 }
@@ -93,6 +95,21 @@ impl Hub {
         let s = &self.config.server;
         if self.institutions.is_empty() {
             tracing::warn!("no [[institution]] configured: every association will be rejected");
+        }
+        // Before any request: objects a crash caught between their index
+        // commit and their flush are checked (and undone if not whole).
+        let recovered = self.ingest.recover_unconfirmed().await?;
+        if !recovered.rolled_back.is_empty() {
+            tracing::warn!(
+                confirmed = recovered.confirmed,
+                rolled_back = ?recovered.rolled_back,
+                "objects caught by a crash before they were durable were removed (never acknowledged)"
+            );
+        } else if recovered.confirmed > 0 {
+            tracing::info!(
+                confirmed = recovered.confirmed,
+                "objects stored just before the last stop were checked: all whole"
+            );
         }
         let dicom_addr = SocketAddr::new(s.bind, s.dicom_port);
         let http_addr = SocketAddr::new(s.bind, s.http_port);

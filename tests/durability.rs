@@ -191,6 +191,9 @@ async fn kill_9_mid_stream_loses_no_acknowledged_object() {
             "{name}"
         );
     }
+    // Start-up checked what the crash left unconfirmed (whole: the OS kept
+    // its page cache).
+    assert!(index.unconfirmed().await.unwrap().is_empty());
     let rows = index.count_instances().await.unwrap() as usize;
     assert!(
         rows >= acked.len() && rows <= objects.len(),
@@ -262,4 +265,121 @@ async fn reindex_from_s3_gives_the_same_content() {
     let report = hub.hub.reindex(false).await.unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     assert_eq!(hub.hub.index.fingerprint().await.unwrap(), before);
+}
+
+/// A crash between an object's index commit and its flush can leave a row
+/// whose object never reached the disk whole (the two run at once; the store
+/// was not acknowledged). Start-up checks each unconfirmed object: a whole one
+/// is confirmed; a damaged or missing one loses its rows — series, study and
+/// patient too when nothing else is left in them — and its file.
+async fn unconfirmed_objects_are_checked(backend: Backend) {
+    let Some(dir) = common::testdata_dir() else {
+        return;
+    };
+    let Some(hub) = TestHub::start(backend).await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let files = make_instances(
+        &dir.join("files/ct16_explicit_le.dcm"),
+        &tmp.path().join("in"),
+        3,
+    );
+    // The third alone in a study of its own.
+    let mut lone = dicom_object::open_file(&files[2]).unwrap();
+    for (tag, uid) in [
+        (tags::STUDY_INSTANCE_UID, "2.25.4242424242.900"),
+        (tags::SERIES_INSTANCE_UID, "2.25.4242424242.901"),
+    ] {
+        lone.put(DataElement::new(tag, VR::UI, PrimitiveValue::from(uid)));
+    }
+    lone.put(DataElement::new(
+        tags::PATIENT_ID,
+        VR::LO,
+        PrimitiveValue::from("LONE-1"),
+    ));
+    lone.write_to_file(&files[2]).unwrap();
+    hub.import("HOSP1", files.clone()).await;
+    let index = &hub.hub.index;
+    index.settle().await;
+    assert!(
+        index.unconfirmed().await.unwrap().is_empty(),
+        "confirmed once durable"
+    );
+
+    // As a crash would leave them: listed, the first whole, the second
+    // damaged, the third gone.
+    let sops: Vec<String> = files.iter().map(|f| common::sop_instance_uid(f)).collect();
+    let mut keys = Vec::new();
+    for sop in &sops {
+        let copy = index.stored_copy("HOSP1", sop).await.unwrap().unwrap();
+        sqlx::query(
+            "INSERT INTO unconfirmed_object (object_key, institution, sop_uid) VALUES ($1, 'HOSP1', $2)",
+        )
+        .bind(&copy.object_key)
+        .bind(sop)
+        .execute(index.pool())
+        .await
+        .unwrap();
+        keys.push(copy.object_key);
+    }
+    let root = hub.dir.path().join("store");
+    let damaged = root.join(&keys[1]);
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&damaged, bytes).unwrap();
+    std::fs::remove_file(root.join(&keys[2])).unwrap();
+
+    let report = hub.hub.ingest.recover_unconfirmed().await.unwrap();
+    assert_eq!(report.confirmed, 1);
+    assert_eq!(report.rolled_back, vec![keys[1].clone(), keys[2].clone()]);
+    assert!(index.unconfirmed().await.unwrap().is_empty());
+    assert!(
+        index
+            .stored_copy("HOSP1", &sops[0])
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(root.join(&keys[0]).exists());
+    for (sop, key) in sops.iter().zip(&keys).skip(1) {
+        assert!(index.stored_copy("HOSP1", sop).await.unwrap().is_none());
+        assert!(!root.join(key).exists(), "{key} removed");
+    }
+    // The lone study went with its only object; the other stays.
+    let studies = |uid: &'static str| {
+        sqlx::query("SELECT COUNT(*) FROM study WHERE study_uid = $1")
+            .bind(uid)
+            .fetch_one(index.pool())
+    };
+    use sqlx::Row;
+    assert_eq!(
+        studies("2.25.4242424242.900")
+            .await
+            .unwrap()
+            .get::<i64, _>(0),
+        0
+    );
+    for table in ["series", "study_access", "patient"] {
+        let n: i64 = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+            .fetch_one(index.pool())
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            n, 1,
+            "{table}: the rolled-back study's row is gone, the other's stays"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unconfirmed_objects_are_checked_on_sqlite() {
+    unconfirmed_objects_are_checked(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unconfirmed_objects_are_checked_on_postgres() {
+    unconfirmed_objects_are_checked(Backend::Postgres).await;
 }

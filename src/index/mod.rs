@@ -85,6 +85,19 @@ pub struct IndexEntry {
     /// The key of the copy this entry replaces (from the lookup ingest made
     /// before storing), so the writer need not read it back.
     pub replaces: Option<String>,
+    /// The object's flush is still running: the row is listed in
+    /// `unconfirmed_object` until `Index::confirm`.
+    pub unconfirmed: bool,
+}
+
+/// An object indexed before its flush finished and not yet confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unconfirmed {
+    pub object_key: String,
+    pub institution: String,
+    pub sop_uid: String,
+    /// SHA-256 of the data set bytes, as indexed.
+    pub sha256: String,
 }
 
 /// The stored copy of an instance that the index points at.
@@ -354,6 +367,116 @@ impl Index {
     pub async fn upsert(&self, e: &IndexEntry) -> Result<Option<String>, IndexError> {
         self.writer.upsert(e.clone()).await
     }
+
+    /// The object of an entry written `unconfirmed` is durable: its listing
+    /// goes with the writer's next batch (no commit of its own on the way).
+    pub fn confirm(&self, object_key: String) {
+        self.writer.confirm(object_key);
+    }
+
+    /// Write the confirmations still waiting (at shutdown), so that the next
+    /// start has nothing to check.
+    pub async fn settle(&self) {
+        self.writer.sweep().await;
+    }
+
+    /// The objects indexed before their flush finished and not confirmed
+    /// since: after a crash, the ones to check.
+    pub async fn unconfirmed(&self) -> Result<Vec<Unconfirmed>, IndexError> {
+        let rows = sqlx::query(
+            "SELECT u.object_key, u.institution, u.sop_uid, COALESCE(i.sha256, '') \
+             FROM unconfirmed_object u LEFT JOIN instance i \
+             ON i.institution = u.institution AND i.sop_uid = u.sop_uid \
+             AND i.object_key = u.object_key ORDER BY u.object_key",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Unconfirmed {
+                object_key: r.get(0),
+                institution: r.get(1),
+                sop_uid: r.get(2),
+                sha256: r.get(3),
+            })
+            .collect())
+    }
+
+    /// Undo the index rows of an object that never became durable: its
+    /// instance row (if it still names this object), then its series, study
+    /// (with the study's access rows) and patient if nothing else is left in
+    /// them, and its `unconfirmed_object` listing. Values the object wrote
+    /// into parents that stay (a study's description, say) are not undone:
+    /// the sender, never acknowledged, sends the object again.
+    pub async fn roll_back(&self, u: &Unconfirmed) -> Result<(), IndexError> {
+        self.writer.forget_parents();
+        let mut tx = self.pool.begin().await?;
+        let series: Option<i64> = sqlx::query(
+            "DELETE FROM instance WHERE institution = $1 AND sop_uid = $2 AND object_key = $3 \
+             RETURNING series_ref",
+        )
+        .bind(&u.institution)
+        .bind(&u.sop_uid)
+        .bind(&u.object_key)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.get(0));
+        let study: Option<i64> = match series {
+            Some(id) => sqlx::query(
+                "DELETE FROM series WHERE id = $1 AND NOT EXISTS \
+                 (SELECT 1 FROM instance WHERE series_ref = $1) RETURNING study_ref",
+            )
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.get(0)),
+            None => None,
+        };
+        let patient: Option<i64> = match study {
+            Some(id)
+                if sqlx::query("SELECT 1 FROM series WHERE study_ref = $1 LIMIT 1")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_none() =>
+            {
+                sqlx::query("DELETE FROM study_access WHERE study_ref = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM study WHERE id = $1 RETURNING patient_ref")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|r| r.get(0))
+            }
+            _ => None,
+        };
+        if let Some(id) = patient {
+            sqlx::query(
+                "DELETE FROM patient WHERE id = $1 AND NOT EXISTS \
+                 (SELECT 1 FROM study WHERE patient_ref = $1)",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("DELETE FROM unconfirmed_object WHERE object_key = $1")
+            .bind(&u.object_key)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Forget an unconfirmed listing whose object proved durable and whole.
+    pub async fn confirm_now(&self, object_key: &str) -> Result<(), IndexError> {
+        sqlx::query("DELETE FROM unconfirmed_object WHERE object_key = $1")
+            .bind(object_key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
 }
 
 impl Index {
@@ -362,7 +485,14 @@ impl Index {
     pub async fn clear(&self) -> Result<(), IndexError> {
         self.writer.forget_parents();
         let mut tx = self.pool.begin().await?;
-        for table in ["study_access", "instance", "series", "study", "patient"] {
+        for table in [
+            "unconfirmed_object",
+            "study_access",
+            "instance",
+            "series",
+            "study",
+            "patient",
+        ] {
             sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table}")))
                 .execute(&mut *tx)
                 .await?;

@@ -12,8 +12,8 @@
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use sqlx::{AnyPool, Row};
 use tokio::sync::{mpsc, oneshot};
@@ -25,10 +25,18 @@ const MAX_BATCH: usize = 64;
 /// Parent rows remembered (series with their study and patient).
 const MAX_REMEMBERED: usize = 10_000;
 
-struct Job {
-    entry: IndexEntry,
-    done: oneshot::Sender<Result<Option<String>, IndexError>>,
+enum Job {
+    Upsert {
+        entry: Box<IndexEntry>,
+        done: oneshot::Sender<Result<Option<String>, IndexError>>,
+    },
+    /// Write the confirmations waiting, if no upsert came to carry them
+    /// (and say when that is done).
+    Sweep(Option<oneshot::Sender<()>>),
 }
+
+/// Confirmations wait this long for an upsert batch to go with.
+const CONFIRM_SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Handle to the writer thread.
 #[derive(Clone)]
@@ -36,6 +44,8 @@ pub(super) struct Writer {
     jobs: mpsc::Sender<Job>,
     /// Bumped to make the writer forget the parent rows it remembers.
     generation: Arc<AtomicU64>,
+    /// Keys of `unconfirmed_object` rows to delete with the next batch.
+    confirmed: Arc<Mutex<Vec<String>>>,
 }
 
 impl Writer {
@@ -49,21 +59,58 @@ impl Writer {
         let (jobs, rx) = mpsc::channel(MAX_BATCH * 4);
         let generation = Arc::new(AtomicU64::new(0));
         let g = generation.clone();
+        let confirmed = Arc::new(Mutex::new(Vec::new()));
+        let c = confirmed.clone();
         let target = match (engine, sqlite_path) {
             (Engine::Sqlite, Some(path)) => Target::Sqlite(open_sqlite(&path)?),
             _ => Target::Pool(pool, tokio::runtime::Handle::current()),
         };
         std::thread::Builder::new()
             .name("index-writer".into())
-            .spawn(move || run(target, rx, g))
+            .spawn(move || run(target, rx, g, c))
             .map_err(IndexError::Io)?;
-        Ok(Self { jobs, generation })
+        // Confirmations ride with upsert batches; after a quiet second they
+        // go in a batch of their own.
+        let (sweep, waiting) = (jobs.downgrade(), confirmed.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CONFIRM_SWEEP);
+            loop {
+                tick.tick().await;
+                let Some(jobs) = sweep.upgrade() else { return };
+                if !waiting.lock().expect("not poisoned").is_empty() {
+                    let _ = jobs.try_send(Job::Sweep(None));
+                }
+            }
+        });
+        Ok(Self {
+            jobs,
+            generation,
+            confirmed,
+        })
+    }
+
+    pub(super) fn confirm(&self, object_key: String) {
+        self.confirmed
+            .lock()
+            .expect("not poisoned")
+            .push(object_key);
+    }
+
+    /// Write the confirmations waiting now (at shutdown).
+    pub(super) async fn sweep(&self) {
+        let (done, written) = oneshot::channel();
+        if self.jobs.send(Job::Sweep(Some(done))).await.is_ok() {
+            let _ = written.await;
+        }
     }
 
     pub(super) async fn upsert(&self, entry: IndexEntry) -> Result<Option<String>, IndexError> {
         let (done, result) = oneshot::channel();
         self.jobs
-            .send(Job { entry, done })
+            .send(Job::Upsert {
+                entry: Box::new(entry),
+                done,
+            })
             .await
             .map_err(|_| IndexError::WriterGone)?;
         result.await.map_err(|_| IndexError::WriterGone)?
@@ -95,7 +142,12 @@ pub(crate) fn open_sqlite(path: &std::path::Path) -> Result<rusqlite::Connection
 /// every patient, study and series value last written for it.
 type Parents = HashMap<(String, String), (i64, u64)>;
 
-fn run(mut target: Target, mut rx: mpsc::Receiver<Job>, generation: Arc<AtomicU64>) {
+fn run(
+    mut target: Target,
+    mut rx: mpsc::Receiver<Job>,
+    generation: Arc<AtomicU64>,
+    confirmed: Arc<Mutex<Vec<String>>>,
+) {
     let mut parents = Parents::new();
     let mut seen_generation = 0;
     let mut written = 0u64;
@@ -117,30 +169,64 @@ fn run(mut target: Target, mut rx: mpsc::Receiver<Job>, generation: Arc<AtomicU6
             parents.clear();
             seen_generation = g;
         }
+        let mut sweeps = Vec::new();
+        let mut batch: Vec<(IndexEntry, Done)> = batch
+            .into_iter()
+            .filter_map(|j| match j {
+                Job::Upsert { entry, done } => Some((*entry, done)),
+                Job::Sweep(done) => {
+                    sweeps.extend(done);
+                    None
+                }
+            })
+            .collect();
+        // Answered when this batch is over, whatever its outcome.
+        let _sweeps = Swept(sweeps);
+        let confirms = std::mem::take(&mut *confirmed.lock().expect("not poisoned"));
+        if batch.is_empty() && confirms.is_empty() {
+            continue;
+        }
         written += batch.len() as u64;
-        let entries: Vec<&IndexEntry> = batch.iter().map(|j| &j.entry).collect();
-        match commit(&mut target, &entries, &mut parents) {
+        let entries: Vec<&IndexEntry> = batch.iter().map(|(e, _)| e).collect();
+        match commit(&mut target, &entries, &confirms, &mut parents) {
             Ok(results) => {
-                for (job, r) in batch.into_iter().zip(results) {
-                    let _ = job.done.send(Ok(r));
+                for ((_, done), r) in batch.into_iter().zip(results) {
+                    let _ = done.send(Ok(r));
                 }
             }
             Err(e) => {
                 parents.clear();
-                if batch.len() == 1 {
-                    let job = batch.pop().expect("one job");
-                    let _ = job.done.send(Err(e));
+                // The confirmations wait for the next batch (kept, they are
+                // harmless: start-up would find these objects whole).
+                confirmed.lock().expect("not poisoned").extend(confirms);
+                if batch.len() <= 1 {
+                    if let Some((_, done)) = batch.pop() {
+                        let _ = done.send(Err(e));
+                    }
                     continue;
                 }
                 // Retry one by one so one bad entry fails alone.
-                for job in batch {
-                    let r = commit(&mut target, &[&job.entry], &mut parents);
+                for (entry, done) in batch {
+                    let r = commit(&mut target, &[&entry], &[], &mut parents);
                     if r.is_err() {
                         parents.clear();
                     }
-                    let _ = job.done.send(r.map(|mut v| v.pop().flatten()));
+                    let _ = done.send(r.map(|mut v| v.pop().flatten()));
                 }
             }
+        }
+    }
+}
+
+type Done = oneshot::Sender<Result<Option<String>, IndexError>>;
+
+/// Tells the waiting sweeps that their batch is over, when dropped.
+struct Swept(Vec<oneshot::Sender<()>>);
+
+impl Drop for Swept {
+    fn drop(&mut self) {
+        for done in self.0.drain(..) {
+            let _ = done.send(());
         }
     }
 }
@@ -161,10 +247,12 @@ fn refresh_statistics(target: &mut Target) {
     }
 }
 
-/// One transaction for `entries`; `parents` is only updated if it commits.
+/// One transaction for `entries` and the `confirms` (keys leaving
+/// `unconfirmed_object`); `parents` is only updated if it commits.
 fn commit(
     target: &mut Target,
     entries: &[&IndexEntry],
+    confirms: &[String],
     parents: &mut Parents,
 ) -> Result<Vec<Option<String>>, IndexError> {
     let (out, learned) = match target {
@@ -173,7 +261,12 @@ fn commit(
             // another process) queue on busy_timeout instead of failing a lock upgrade.
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             // The statements never wait, so the batch future completes at once.
-            let r = futures::executor::block_on(write_batch(&mut SqliteTx(&tx), entries, parents))?;
+            let r = futures::executor::block_on(write_batch(
+                &mut SqliteTx(&tx),
+                entries,
+                confirms,
+                parents,
+            ))?;
             tx.commit()?;
             r
         }
@@ -187,7 +280,7 @@ fn commit(
             )))
             .execute(&mut *tx)
             .await?;
-            let r = write_batch(&mut PoolTx(&mut tx), entries, parents).await?;
+            let r = write_batch(&mut PoolTx(&mut tx), entries, confirms, parents).await?;
             tx.commit().await?;
             Ok::<_, IndexError>(r)
         })?,
@@ -204,8 +297,13 @@ type Learned = Vec<((String, String), i64, u64)>;
 async fn write_batch<C: WriteConn>(
     c: &mut C,
     entries: &[&IndexEntry],
+    confirms: &[String],
     parents: &Parents,
 ) -> Result<(Vec<Option<String>>, Learned), IndexError> {
+    for key in confirms {
+        c.execute(CONFIRM_SQL, vec![Param::Text(Some(key.clone()))])
+            .await?;
+    }
     let mut learned: Learned = Vec::new();
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
@@ -231,6 +329,17 @@ async fn write_batch<C: WriteConn>(
             }
         };
         upsert_instance(c, e, series).await?;
+        if e.unconfirmed {
+            c.execute(
+                UNCONFIRMED_SQL,
+                vec![
+                    Param::Text(Some(e.object_key.clone())),
+                    Param::Text(Some(e.institution.clone())),
+                    Param::Text(Some(e.summary.sop_instance_uid.clone())),
+                ],
+            )
+            .await?;
+        }
         out.push(e.replaces.clone().filter(|k| k != &e.object_key));
     }
     Ok((out, learned))
@@ -452,6 +561,10 @@ fn series_params(e: &IndexEntry, study: i64) -> Vec<Param> {
         Param::Text(s.request_attributes.as_ref().map(|v| v.to_string())),
     ]
 }
+
+const UNCONFIRMED_SQL: &str = "INSERT INTO unconfirmed_object (object_key, institution, sop_uid) \
+     VALUES ($1, $2, $3) ON CONFLICT (object_key) DO NOTHING";
+const CONFIRM_SQL: &str = "DELETE FROM unconfirmed_object WHERE object_key = $1";
 
 const INSTANCE_SQL: &str = "INSERT INTO instance (series_ref, institution, sop_uid, \
      sop_class_uid, instance_number, transfer_syntax, object_key, size, sha256, number_of_frames, \

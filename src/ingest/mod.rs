@@ -3,6 +3,7 @@
 //! index → acknowledge. A spool that is not committed removes itself.
 
 pub mod import;
+pub mod recover;
 pub mod reindex;
 mod spool;
 
@@ -16,9 +17,9 @@ use crate::access::Institution;
 use crate::dicom::dataset::{self, DatasetError};
 use crate::dicom::part10::{self, FileMeta};
 use crate::dicom::summary::{InstanceSummary, SummaryError};
-use crate::index::{Index, IndexEntry, IndexError};
+use crate::index::{Index, IndexEntry, IndexError, Unconfirmed};
 use crate::store::keys::InstanceKey;
-use crate::store::{Store, StoreError};
+use crate::store::{Placed, Store, StoreError};
 use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
@@ -208,8 +209,15 @@ impl Ingest {
         let received = received?;
         let existing = existing?;
         if let Some(copy) = existing.as_ref().filter(|c| c.sha256 == received.sha256) {
-            // Identical bytes: a local store has just renamed the same content
-            // onto the same key; an S3 spool is dropped without an upload.
+            // Identical bytes: a local store kept the copy at the key (after
+            // flushing it again, so it is durable before we say so); an S3
+            // spool is dropped without an upload.
+            if let Placed::Renamed(flush) = received.placed {
+                spool.disarm();
+                self.store
+                    .complete(&copy.object_key, Placed::Renamed(flush))
+                    .await?;
+            }
             return Ok(Accepted {
                 outcome: Outcome::AlreadyPresent,
                 object_key: copy.object_key.clone(),
@@ -225,8 +233,23 @@ impl Ingest {
             size,
             placed,
         } = received;
-        self.store.complete(&key, placed).await?;
-        spool.disarm(); // the file is now the stored object (or uploaded and removed)
+        // A new local object is indexed while its flush runs: the two waits
+        // overlap (the index's commit and the object's fsyncs). The row is
+        // listed as unconfirmed until the flush is done, so that start-up
+        // after a crash can check the object. A replacement keeps the order
+        // durable-then-indexed: its row would replace the durable copy's.
+        let overlap = matches!(placed, Placed::Renamed(_)) && existing.is_none();
+        let flushing = match placed {
+            Placed::Renamed(flush) if overlap => {
+                spool.disarm(); // the file is at its key now
+                Some(tokio::task::spawn_blocking(move || flush.run()))
+            }
+            placed => {
+                self.store.complete(&key, placed).await?;
+                spool.disarm(); // the file is now the stored object (or uploaded and removed)
+                None
+            }
+        };
 
         let entry = IndexEntry {
             institution: institution.code.clone(),
@@ -241,10 +264,37 @@ impl Ingest {
             dataset_json,
             pixels,
             replaces: existing.map(|c| c.object_key),
+            unconfirmed: overlap,
         };
+        let (indexed, flushed) = match flushing {
+            Some(f) => {
+                let (i, f) = tokio::join!(self.index.upsert(&entry), f);
+                (i, f.map_err(std::io::Error::other).and_then(|r| r))
+            }
+            None => (self.index.upsert(&entry).await, Ok(())),
+        };
+        if let Err(e) = flushed {
+            // Never durable, never acknowledged: nothing of it may stay.
+            if indexed.is_ok() {
+                let listed = Unconfirmed {
+                    object_key: key.clone(),
+                    institution: entry.institution.clone(),
+                    sop_uid: summary.sop_instance_uid.clone(),
+                    sha256: entry.sha256.clone(),
+                };
+                if let Err(r) = self.index.roll_back(&listed).await {
+                    tracing::error!(key = %key, error = %r, "index rows of an object that failed to flush not removed; start-up removes them");
+                }
+            }
+            if let Err(d) = self.store.delete(&key).await {
+                tracing::warn!(key = %key, error = %d, "object that failed to flush not deleted");
+            }
+            return Err(IngestError::Store(e.into()));
+        }
         // An object without an index row is an orphan that reindex adopts;
-        // the reverse never happens because the row is written second.
-        let replaced = match self.index.upsert(&entry).await {
+        // the reverse never happens once acknowledged: the row is confirmed
+        // only after the object is durable.
+        let replaced = match indexed {
             Ok(r) => r,
             Err(e @ IndexError::Conflict(_)) => {
                 // Refused for good: the new copy goes (never the indexed one).
@@ -257,6 +307,9 @@ impl Ingest {
             }
             Err(e) => return Err(e.into()),
         };
+        if overlap {
+            self.index.confirm(key.clone());
+        }
         metrics::counter!(telemetry::INSTANCES_STORED).increment(1);
         metrics::counter!(telemetry::BYTES_STORED).increment(size);
         let outcome = match replaced {

@@ -123,6 +123,7 @@ impl Ingest {
             dataset_json,
             pixels,
             replaces: None,
+            unconfirmed: false,
             summary,
         };
         self.index.upsert(&entry).await.map_err(|e| e.to_string())?;

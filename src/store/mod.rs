@@ -183,10 +183,13 @@ impl Store {
     }
 
     /// Finish what `Placer::place` began: upload to S3 (the spool file is
-    /// removed afterwards); nothing left to do for a local store.
+    /// removed afterwards), or flush a renamed local object.
     pub async fn complete(&self, key: &str, placed: Placed) -> Result<(), StoreError> {
         match placed {
             Placed::Stored => Ok(()),
+            Placed::Renamed(flush) => Ok(tokio::task::spawn_blocking(move || flush.run())
+                .await
+                .map_err(std::io::Error::other)??),
             Placed::ToUpload(spooled) => {
                 let r = self.upload(key, &spooled.0).await;
                 let _ = tokio::fs::remove_file(&spooled.0).await;
@@ -386,17 +389,37 @@ impl Placer {
         self.local_root.is_some()
     }
 
-    /// Local store: fsync the file, rename it to `key`, fsync the directory
-    /// (the object is durable on return). S3: nothing yet; the upload follows.
+    /// Local store: rename the complete file to `key` and hand back its
+    /// flush (`Placed::Renamed`), which the caller runs while it indexes the
+    /// object; a key that already exists holds the same bytes (the key names
+    /// their digest) and is kept, the spool file removed. Where the file
+    /// system cannot rename without replacing, the old order: fsync, rename,
+    /// fsync the directory (`Placed::Stored`). S3: nothing yet; the upload
+    /// follows.
     pub fn place(&self, file: std::fs::File, path: &Path, key: &str) -> std::io::Result<Placed> {
-        match &self.local_root {
-            Some(root) => {
-                file.sync_all()?;
-                commit_local(root, path, &root.join(key))?;
-                Ok(Placed::Stored)
+        let Some(root) = &self.local_root else {
+            return Ok(Placed::ToUpload(Spooled(path.to_path_buf())));
+        };
+        let dest = root.join(key);
+        let created = create_parents(root, &dest)?;
+        let file = match rename_noreplace(path, &dest) {
+            Ok(()) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // Never replaced: it may be durable and acknowledged, this copy
+                // is not. Flushing it again costs nothing if it is.
+                drop(file);
+                std::fs::remove_file(path)?;
+                std::fs::File::open(&dest)?
             }
-            None => Ok(Placed::ToUpload(Spooled(path.to_path_buf()))),
-        }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                file.sync_all()?;
+                std::fs::rename(path, &dest)?;
+                Flush::new(None, &dest, created).run()?;
+                return Ok(Placed::Stored);
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Placed::Renamed(Flush::new(Some(file), &dest, created)))
     }
 }
 
@@ -405,17 +428,50 @@ impl Placer {
 pub enum Placed {
     /// Durable at its key.
     Stored,
+    /// At its key, complete but not yet durable: run the flush.
+    Renamed(Flush),
     /// Still a spool file; `Store::complete` uploads it.
     ToUpload(Spooled),
+}
+
+/// What makes a renamed object durable: fsync of the file, of the directory
+/// naming it, and of the parent of each directory created for it.
+#[derive(Debug)]
+pub struct Flush {
+    file: Option<std::fs::File>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Flush {
+    fn new(file: Option<std::fs::File>, dest: &Path, created: Vec<PathBuf>) -> Self {
+        let mut dirs = vec![dest.parent().expect("keys have directories").to_path_buf()];
+        dirs.extend(
+            created
+                .iter()
+                .filter_map(|d| d.parent().map(Path::to_path_buf)),
+        );
+        dirs.dedup();
+        Self { file, dirs }
+    }
+
+    /// Blocking: the object is durable when this returns `Ok`.
+    pub fn run(self) -> std::io::Result<()> {
+        if let Some(f) = &self.file {
+            f.sync_all()?;
+        }
+        for dir in &self.dirs {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
 }
 
 /// A complete spool file waiting for its upload.
 #[derive(Debug)]
 pub struct Spooled(PathBuf);
 
-/// Rename an fsync'ed file into place, fsync the directory that now names
-/// it, and the parents of every directory this call created.
-fn commit_local(root: &Path, src: &Path, dest: &Path) -> std::io::Result<()> {
+/// Create the directories of `dest` that do not exist yet; the ones created.
+fn create_parents(root: &Path, dest: &Path) -> std::io::Result<Vec<PathBuf>> {
     let parent = dest.parent().expect("keys have directories");
     let mut created = Vec::new();
     let mut probe = parent.to_path_buf();
@@ -426,12 +482,38 @@ fn commit_local(root: &Path, src: &Path, dest: &Path) -> std::io::Result<()> {
         }
     }
     std::fs::create_dir_all(parent)?;
-    std::fs::rename(src, dest)?;
-    std::fs::File::open(parent)?.sync_all()?;
-    for dir in created {
-        if let Some(p) = dir.parent() {
-            std::fs::File::open(p)?.sync_all()?;
-        }
+    Ok(created)
+}
+
+/// `rename(2)` that fails with `AlreadyExists` instead of replacing `to`
+/// (`RENAME_NOREPLACE`); `EINVAL` where the file system cannot do that.
+#[cfg(target_os = "linux")]
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call; no memory of
+    // ours is written.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn rename_noreplace(_from: &Path, _to: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::from_raw_os_error(libc::EINVAL))
 }
