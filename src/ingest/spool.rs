@@ -21,6 +21,11 @@ use crate::store::{Placed, Placer};
 
 /// PDVs buffered between the network and the spool worker.
 const SPOOL_CHUNKS: usize = 8;
+/// Writeback is started for this much received data at a time: each start
+/// is an I/O submission (a VM exit on this project's machine). Once per PDV
+/// (128 KiB) cost a CT slice ~0.24 ms of the spool worker's time; once per
+/// 512 KiB gave 3-8 % more slices per second (ad hoc A/B, benches/README.md).
+const WRITE_BEHIND_MIN: u64 = 512 << 10;
 
 /// A complete, checked object and where it now is.
 pub struct Received {
@@ -147,6 +152,7 @@ fn run_worker(
         position: offset,
         write_error: None,
         write_behind: placer.is_local(),
+        behind_from: 0,
     };
     let parsed = dataset::parse_stream(&mut tee, meta.clone(), offset, None);
     // Take in the rest (the parser may stop early on bad input) so the sender
@@ -186,9 +192,11 @@ struct Tee {
     at: usize,
     position: u64,
     write_error: Option<std::io::Error>,
-    /// Start writing each chunk to the device as it arrives (the file will
-    /// be fsynced), so that the fsync after the last one finds little left.
+    /// Start writing received data to the device as it arrives (the file
+    /// will be fsynced), so that the fsync after the last one finds little left.
     write_behind: bool,
+    /// Where the data not yet handed to writeback begins.
+    behind_from: u64,
 }
 
 impl Read for Tee {
@@ -201,7 +209,11 @@ impl Read for Tee {
                         let start = self.position;
                         match self.file.write_all(&c) {
                             Ok(()) if self.write_behind => {
-                                write_behind(&self.file, start, c.len() as u64)
+                                let end = start + c.len() as u64;
+                                if end - self.behind_from >= WRITE_BEHIND_MIN {
+                                    write_behind(&self.file, self.behind_from, end - self.behind_from);
+                                    self.behind_from = end;
+                                }
                             }
                             Ok(()) => {}
                             Err(e) => self.write_error = Some(e),
