@@ -325,6 +325,12 @@ impl Store {
     ) -> Result<Bytes, StoreError> {
         if let Backend::Local { root } = &self.backend {
             let path = root.join(key);
+            // A frame a viewer asks for is usually in the page cache: read it
+            // here rather than hand it to a blocking thread and back (two
+            // context switches, ~5 % of a frame request).
+            if let Some(bytes) = read_cached(&path, &range) {
+                return Ok(bytes);
+            }
             return tokio::task::spawn_blocking(move || -> Result<Bytes, StoreError> {
                 use std::io::{Read, Seek, SeekFrom};
                 let mut f = std::fs::File::open(path)?;
@@ -421,6 +427,40 @@ impl Placer {
         };
         Ok(Placed::Renamed(Flush::new(Some(file), &dest, created)))
     }
+}
+
+/// The `range` of the file at `path` if the page cache holds all of it,
+/// read without waiting for the device (`preadv2` with `RWF_NOWAIT`); `None`
+/// if any of it would need the device, or on any error (the caller then
+/// reads it the blocking way, which reports errors).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn read_cached(path: &Path, range: &std::ops::Range<u64>) -> Option<Bytes> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).ok()?;
+    let len = usize::try_from(range.end.checked_sub(range.start)?).ok()?;
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let spare = buf.spare_capacity_mut();
+        let iov = libc::iovec {
+            iov_base: spare.as_mut_ptr().cast(),
+            iov_len: spare.len(),
+        };
+        let at = i64::try_from(range.start + buf.len() as u64).ok()?;
+        // SAFETY: `iov` describes the vector's spare capacity, which outlives
+        // the call; the kernel writes at most `iov_len` bytes into it.
+        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        if n <= 0 {
+            return None;
+        }
+        // SAFETY: the kernel initialized the `n` bytes after the current length.
+        unsafe { buf.set_len(buf.len() + n as usize) };
+    }
+    Some(Bytes::from(buf))
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn read_cached(_path: &Path, _range: &std::ops::Range<u64>) -> Option<Bytes> {
+    None
 }
 
 /// How far `Placer::place` got.
