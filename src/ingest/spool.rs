@@ -211,7 +211,11 @@ impl Read for Tee {
                             Ok(()) if self.write_behind => {
                                 let end = start + c.len() as u64;
                                 if end - self.behind_from >= WRITE_BEHIND_MIN {
-                                    write_behind(&self.file, self.behind_from, end - self.behind_from);
+                                    write_behind(
+                                        &self.file,
+                                        self.behind_from,
+                                        end - self.behind_from,
+                                    );
                                     self.behind_from = end;
                                 }
                             }
