@@ -98,11 +98,12 @@ impl Hub {
         }
         // Before any request: objects a crash caught between their index
         // commit and their flush are checked (and undone if not whole).
-        let recovered = self.ingest.recover_unconfirmed().await?;
+        let recovered = self.ingest.recover_unconfirmed(&self.institutions).await?;
         if !recovered.rolled_back.is_empty() {
             tracing::warn!(
                 confirmed = recovered.confirmed,
                 rolled_back = ?recovered.rolled_back,
+                restored = ?recovered.restored,
                 "objects caught by a crash before they were durable were removed (never acknowledged)"
             );
         } else if recovered.confirmed > 0 {

@@ -331,7 +331,12 @@ async fn unconfirmed_objects_are_checked(backend: Backend) {
     std::fs::write(&damaged, bytes).unwrap();
     std::fs::remove_file(root.join(&keys[2])).unwrap();
 
-    let report = hub.hub.ingest.recover_unconfirmed().await.unwrap();
+    let report = hub
+        .hub
+        .ingest
+        .recover_unconfirmed(&hub.hub.institutions)
+        .await
+        .unwrap();
     assert_eq!(report.confirmed, 1);
     assert_eq!(report.rolled_back, vec![keys[1].clone(), keys[2].clone()]);
     assert!(index.unconfirmed().await.unwrap().is_empty());
@@ -372,6 +377,61 @@ async fn unconfirmed_objects_are_checked(backend: Backend) {
             "{table}: the rolled-back study's row is gone, the other's stays"
         );
     }
+
+    // Two versions of one instance stored at once both found no copy before
+    // them; the later row replaced the earlier's and its object was caught
+    // by the crash: the earlier version, left beside it, is indexed again.
+    let earlier_bytes = std::fs::read(root.join(&keys[0])).unwrap();
+    let mut later = dicom_object::open_file(&files[0]).unwrap();
+    later.put(DataElement::new(
+        tags::SERIES_DESCRIPTION,
+        VR::LO,
+        PrimitiveValue::from("a later version"),
+    ));
+    let later_file = tmp.path().join("later.dcm");
+    later.write_to_file(&later_file).unwrap();
+    hub.import("HOSP1", vec![later_file.clone()]).await;
+    let later_key = index
+        .stored_copy("HOSP1", &sops[0])
+        .await
+        .unwrap()
+        .unwrap()
+        .object_key;
+    assert_ne!(later_key, keys[0]);
+    std::fs::write(root.join(&keys[0]), &earlier_bytes).unwrap();
+    sqlx::query(
+        "INSERT INTO unconfirmed_object (object_key, institution, sop_uid) VALUES ($1, 'HOSP1', $2)",
+    )
+    .bind(&later_key)
+    .bind(&sops[0])
+    .execute(index.pool())
+    .await
+    .unwrap();
+    std::fs::write(root.join(&later_key), b"not a whole object").unwrap();
+    let report = hub
+        .hub
+        .ingest
+        .recover_unconfirmed(&hub.hub.institutions)
+        .await
+        .unwrap();
+    assert_eq!(report.rolled_back, vec![later_key.clone()]);
+    assert_eq!(report.restored, vec![keys[0].clone()]);
+    let copy = index.stored_copy("HOSP1", &sops[0]).await.unwrap().unwrap();
+    assert_eq!(copy.object_key, keys[0]);
+
+    // A crash's leftover at a key that nothing lists (renamed, never flushed
+    // nor indexed) is not taken for the object when it is sent again: the
+    // new copy replaces it.
+    std::fs::write(root.join(&later_key), b"cut short").unwrap();
+    hub.import("HOSP1", vec![later_file]).await;
+    let copy = index.stored_copy("HOSP1", &sops[0]).await.unwrap().unwrap();
+    assert_eq!(copy.object_key, later_key);
+    let stored = std::fs::read(root.join(&later_key)).unwrap();
+    assert!(
+        sha(common::dataset_bytes(&stored))
+            .starts_with(&later_key[later_key.len() - 20..later_key.len() - 4]),
+        "the leftover was replaced by the whole object"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -17,7 +17,7 @@ use crate::access::Institution;
 use crate::dicom::dataset::{self, DatasetError};
 use crate::dicom::part10::{self, FileMeta};
 use crate::dicom::summary::{InstanceSummary, SummaryError};
-use crate::index::{Index, IndexEntry, IndexError, Unconfirmed};
+use crate::index::{Index, IndexEntry, IndexError};
 use crate::store::keys::InstanceKey;
 use crate::store::{Placed, Store, StoreError};
 use crate::telemetry;
@@ -274,21 +274,10 @@ impl Ingest {
             None => (self.index.upsert(&entry).await, Ok(())),
         };
         if let Err(e) = flushed {
-            // Never durable, never acknowledged: nothing of it may stay.
-            if indexed.is_ok() {
-                let listed = Unconfirmed {
-                    object_key: key.clone(),
-                    institution: entry.institution.clone(),
-                    sop_uid: summary.sop_instance_uid.clone(),
-                    sha256: entry.sha256.clone(),
-                };
-                if let Err(r) = self.index.roll_back(&listed).await {
-                    tracing::error!(key = %key, error = %r, "index rows of an object that failed to flush not removed; start-up removes them");
-                }
-            }
-            if let Err(d) = self.store.delete(&key).await {
-                tracing::warn!(key = %key, error = %d, "object that failed to flush not deleted");
-            }
+            // Not acknowledged. Nothing is removed: the file at the key may be
+            // another association's identical, acknowledged copy. The row
+            // stays listed as unconfirmed, and start-up checks it.
+            tracing::error!(key = %key, error = %e, "the object store failed to flush an object; the store is refused");
             return Err(IngestError::Store(e.into()));
         }
         // An object without an index row is an orphan that reindex adopts;

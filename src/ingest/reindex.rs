@@ -72,7 +72,7 @@ impl Ingest {
         Ok(report)
     }
 
-    async fn reindex_one(
+    pub(super) async fn reindex_one(
         &self,
         institutions: &Institutions,
         k: &InstanceKey,

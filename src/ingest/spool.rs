@@ -168,7 +168,9 @@ fn run_worker(
     let sha256 = hex::encode(tee.hasher.finalize());
     let (summary, key) = super::identify(&parsed, &meta, institution, study, &sha256)?;
     let placed = placer
-        .place(tee.file, path, &key)
+        .place(tee.file, path, &key, |existing| {
+            dataset::parse_file_hashed(existing).is_ok_and(|(_, d)| hex::encode(d) == sha256)
+        })
         .map_err(|e| IngestError::Store(e.into()))?;
     Ok(Received {
         dataset_json: serde_json::Value::Object(parsed.json).to_string(),

@@ -223,6 +223,20 @@ impl Store {
         Ok(())
     }
 
+    /// Make an object already at its key durable (a no-op on S3, where a
+    /// completed PUT is).
+    pub async fn flush_existing(&self, key: &str) -> Result<(), StoreError> {
+        let Backend::Local { root } = &self.backend else {
+            return Ok(());
+        };
+        let (root, key) = (root.clone(), key.to_string());
+        Ok(
+            tokio::task::spawn_blocking(move || Flush::of_existing(&root, &key)?.run())
+                .await
+                .map_err(std::io::Error::other)??,
+        )
+    }
+
     /// Remove an object (a superseded version). Missing is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self.objects.delete(&ObjectPath::from(key)).await {
@@ -233,7 +247,12 @@ impl Store {
 
     /// Every stored original object (for `reindex`).
     pub fn list_instances(&self) -> BoxStream<'_, Result<ObjectMeta, StoreError>> {
-        let prefix = ObjectPath::from(keys::INSTANCES_PREFIX.trim_end_matches('/'));
+        self.list_under(keys::INSTANCES_PREFIX)
+    }
+
+    /// Every object whose key starts with the folder `prefix`.
+    pub fn list_under(&self, prefix: &str) -> BoxStream<'_, Result<ObjectMeta, StoreError>> {
+        let prefix = ObjectPath::from(prefix.trim_end_matches('/'));
         self.objects
             .list(Some(&prefix))
             .map(|r| r.map_err(StoreError::from))
@@ -397,12 +416,20 @@ impl Placer {
 
     /// Local store: rename the complete file to `key` and hand back its
     /// flush (`Placed::Renamed`), which the caller runs while it indexes the
-    /// object; a key that already exists holds the same bytes (the key names
-    /// their digest) and is kept, the spool file removed. Where the file
-    /// system cannot rename without replacing, the old order: fsync, rename,
-    /// fsync the directory (`Placed::Stored`). S3: nothing yet; the upload
-    /// follows.
-    pub fn place(&self, file: std::fs::File, path: &Path, key: &str) -> std::io::Result<Placed> {
+    /// object. A file already at the key is kept (the spool file removed)
+    /// if `is_whole` finds it holds the same data set — it may be durable and
+    /// acknowledged, this copy is not; one that does not (a crash's leftover,
+    /// renamed but never flushed) is replaced the strict way. Where the file
+    /// system cannot rename without replacing, the strict way too: fsync,
+    /// rename, fsync the directory (`Placed::Stored`). S3: nothing yet; the
+    /// upload follows.
+    pub fn place(
+        &self,
+        file: std::fs::File,
+        path: &Path,
+        key: &str,
+        is_whole: impl FnOnce(&Path) -> bool,
+    ) -> std::io::Result<Placed> {
         let Some(root) = &self.local_root else {
             return Ok(Placed::ToUpload(Spooled(path.to_path_buf())));
         };
@@ -410,14 +437,19 @@ impl Placer {
         let created = create_parents(root, &dest)?;
         let file = match rename_noreplace(path, &dest) {
             Ok(()) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                // Never replaced: it may be durable and acknowledged, this copy
-                // is not. Flushing it again costs nothing if it is.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && is_whole(&dest) => {
+                // Flushing it again costs nothing if it is durable already.
                 drop(file);
                 std::fs::remove_file(path)?;
                 std::fs::File::open(&dest)?
             }
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AlreadyExists
+                    || matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::ENOSYS | libc::EPERM)
+                    ) =>
+            {
                 file.sync_all()?;
                 std::fs::rename(path, &dest)?;
                 Flush::new(None, &dest, created).run()?;
@@ -492,6 +524,23 @@ impl Flush {
         );
         dirs.dedup();
         Self { file, dirs }
+    }
+
+    /// The flush of an object found at `key` under `root` after a restart:
+    /// the file and every directory from its own up to the root.
+    pub fn of_existing(root: &Path, key: &str) -> std::io::Result<Self> {
+        let dest = root.join(key);
+        let file = std::fs::File::open(&dest)?;
+        let dirs = dest
+            .ancestors()
+            .skip(1)
+            .take_while(|d| d.starts_with(root))
+            .map(Path::to_path_buf)
+            .collect();
+        Ok(Self {
+            file: Some(file),
+            dirs,
+        })
     }
 
     /// Blocking: the object is durable when this returns `Ok`.
