@@ -55,6 +55,8 @@ pub enum ReceiveError {
 
 /// Read the next PDU. `max_pdu_length` is the maximum we announced (the
 /// PDU's length field, header excluded, as PS3.8 §9.3.1 counts it).
+/// `timeout` bounds the whole PDU, as dicom-ul's own receive does: a peer
+/// trickling bytes cannot hold a buffer open past it.
 pub async fn receive<S, A>(
     assoc: &mut A,
     max_pdu_length: u32,
@@ -64,12 +66,27 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
     A: AsyncAssociation<S> + Send,
 {
-    let max = max_pdu_length as usize;
+    let framed = tokio::time::timeout(timeout, next_p_data(assoc, max_pdu_length as usize))
+        .await
+        .map_err(|_| ReceiveError::Timeout(timeout))??;
+    match framed {
+        Some(values) => Ok(Incoming::Data(values)),
+        None => Ok(Incoming::Other(AsyncAssociation::receive(assoc).await?)),
+    }
+}
+
+/// The values of the next PDU if it is a P-DATA-TF; `None`, with nothing
+/// consumed, if it is another PDU.
+async fn next_p_data<S, A>(assoc: &mut A, max: usize) -> Result<Option<Vec<Pdv>>, ReceiveError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    A: AsyncAssociation<S> + Send,
+{
     loop {
         let (socket, buffer) = assoc.get_mut();
         if buffer.len() >= PDU_HEADER {
             if buffer[0] != P_DATA_TF {
-                break;
+                return Ok(None);
             }
             let length = u32::from_be_bytes([buffer[2], buffer[3], buffer[4], buffer[5]]) as usize;
             if length > max {
@@ -79,19 +96,15 @@ where
             if buffer.len() >= whole {
                 let mut pdu = buffer.split_to(whole).freeze();
                 pdu.advance(PDU_HEADER);
-                return split_values(pdu).map(Incoming::Data);
+                return split_values(pdu).map(Some);
             }
             // Room for the rest of this PDU, so it arrives in few reads.
             buffer.reserve(whole - buffer.len());
         }
-        let read = tokio::time::timeout(timeout, socket.read_buf(buffer))
-            .await
-            .map_err(|_| ReceiveError::Timeout(timeout))??;
-        if read == 0 {
+        if socket.read_buf(buffer).await? == 0 {
             return Err(ReceiveError::Closed);
         }
     }
-    Ok(Incoming::Other(AsyncAssociation::receive(assoc).await?))
 }
 
 /// The presentation data value items of a P-DATA-TF PDU's variable field
