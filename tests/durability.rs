@@ -267,6 +267,28 @@ async fn reindex_from_s3_gives_the_same_content() {
     assert_eq!(hub.hub.index.fingerprint().await.unwrap(), before);
 }
 
+/// What a crash between index commit and flush leaves: HOSP1's object
+/// listed as unconfirmed.
+async fn list_unconfirmed(index: &Index, key: &str, sop: &str) {
+    sqlx::query(
+        "INSERT INTO unconfirmed_object (object_key, institution, sop_uid) VALUES ($1, 'HOSP1', $2)",
+    )
+    .bind(key)
+    .bind(sop)
+    .execute(index.pool())
+    .await
+    .unwrap();
+}
+
+/// The start-up check, as `serve` runs it.
+async fn recover(hub: &TestHub) -> tsunagu::ingest::recover::Recovered {
+    hub.hub
+        .ingest
+        .recover_unconfirmed(&hub.hub.institutions)
+        .await
+        .unwrap()
+}
+
 /// A crash between an object's index commit and its flush can leave a row
 /// whose object never reached the disk whole (the two run at once; the store
 /// was not acknowledged). Start-up checks each unconfirmed object: a whole one
@@ -313,14 +335,7 @@ async fn unconfirmed_objects_are_checked(backend: Backend) {
     let mut keys = Vec::new();
     for sop in &sops {
         let copy = index.stored_copy("HOSP1", sop).await.unwrap().unwrap();
-        sqlx::query(
-            "INSERT INTO unconfirmed_object (object_key, institution, sop_uid) VALUES ($1, 'HOSP1', $2)",
-        )
-        .bind(&copy.object_key)
-        .bind(sop)
-        .execute(index.pool())
-        .await
-        .unwrap();
+        list_unconfirmed(index, &copy.object_key, sop).await;
         keys.push(copy.object_key);
     }
     let root = hub.dir.path().join("store");
@@ -331,12 +346,7 @@ async fn unconfirmed_objects_are_checked(backend: Backend) {
     std::fs::write(&damaged, bytes).unwrap();
     std::fs::remove_file(root.join(&keys[2])).unwrap();
 
-    let report = hub
-        .hub
-        .ingest
-        .recover_unconfirmed(&hub.hub.institutions)
-        .await
-        .unwrap();
+    let report = recover(&hub).await;
     assert_eq!(report.confirmed, 1);
     assert_eq!(report.rolled_back, vec![keys[1].clone(), keys[2].clone()]);
     assert!(index.unconfirmed().await.unwrap().is_empty());
@@ -399,21 +409,9 @@ async fn unconfirmed_objects_are_checked(backend: Backend) {
         .object_key;
     assert_ne!(later_key, keys[0]);
     std::fs::write(root.join(&keys[0]), &earlier_bytes).unwrap();
-    sqlx::query(
-        "INSERT INTO unconfirmed_object (object_key, institution, sop_uid) VALUES ($1, 'HOSP1', $2)",
-    )
-    .bind(&later_key)
-    .bind(&sops[0])
-    .execute(index.pool())
-    .await
-    .unwrap();
+    list_unconfirmed(index, &later_key, &sops[0]).await;
     std::fs::write(root.join(&later_key), b"not a whole object").unwrap();
-    let report = hub
-        .hub
-        .ingest
-        .recover_unconfirmed(&hub.hub.institutions)
-        .await
-        .unwrap();
+    let report = recover(&hub).await;
     assert_eq!(report.rolled_back, vec![later_key.clone()]);
     assert_eq!(report.restored, vec![keys[0].clone()]);
     let copy = index.stored_copy("HOSP1", &sops[0]).await.unwrap().unwrap();
