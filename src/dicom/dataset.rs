@@ -117,6 +117,12 @@ pub fn parse_file_hashed(path: &Path) -> Result<(ParsedObject, [u8; 32]), Datase
     Ok((parsed, digest))
 }
 
+/// The SHA-256 (lower-case hex) of a Part-10 file's data set bytes, the
+/// digest object keys name; an error if it is not a whole data set.
+pub fn data_set_digest(path: &Path) -> Result<String, DatasetError> {
+    parse_file_hashed(path).map(|(_, d)| hex::encode(d))
+}
+
 /// Hashes what is read through it, as long as reading is linear.
 struct HashingReader<R> {
     inner: R,

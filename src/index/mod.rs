@@ -461,7 +461,7 @@ impl Index {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query("DELETE FROM unconfirmed_object WHERE object_key = $1")
+        sqlx::query(write::CONFIRM_SQL)
             .bind(&u.object_key)
             .execute(&mut *tx)
             .await?;
@@ -471,7 +471,7 @@ impl Index {
 
     /// Forget an unconfirmed listing whose object proved durable and whole.
     pub async fn confirm_now(&self, object_key: &str) -> Result<(), IndexError> {
-        sqlx::query("DELETE FROM unconfirmed_object WHERE object_key = $1")
+        sqlx::query(write::CONFIRM_SQL)
             .bind(object_key)
             .execute(&self.pool)
             .await?;

@@ -564,7 +564,7 @@ fn series_params(e: &IndexEntry, study: i64) -> Vec<Param> {
 
 const UNCONFIRMED_SQL: &str = "INSERT INTO unconfirmed_object (object_key, institution, sop_uid) \
      VALUES ($1, $2, $3) ON CONFLICT (object_key) DO NOTHING";
-const CONFIRM_SQL: &str = "DELETE FROM unconfirmed_object WHERE object_key = $1";
+pub(super) const CONFIRM_SQL: &str = "DELETE FROM unconfirmed_object WHERE object_key = $1";
 
 const INSTANCE_SQL: &str = "INSERT INTO instance (series_ref, institution, sop_uid, \
      sop_class_uid, instance_number, transfer_syntax, object_key, size, sha256, number_of_frames, \

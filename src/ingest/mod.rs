@@ -239,17 +239,13 @@ impl Ingest {
         // after a crash can check the object. A replacement keeps the order
         // durable-then-indexed: its row would replace the durable copy's.
         let overlap = matches!(placed, Placed::Renamed(_)) && existing.is_none();
-        let flushing = match placed {
-            Placed::Renamed(flush) if overlap => {
-                spool.disarm(); // the file is at its key now
-                Some(tokio::task::spawn_blocking(move || flush.run()))
-            }
-            placed => {
-                self.store.complete(&key, placed).await?;
-                spool.disarm(); // the file is now the stored object (or uploaded and removed)
-                None
-            }
+        let flushing = if overlap {
+            Some(placed)
+        } else {
+            self.store.complete(&key, placed).await?;
+            None
         };
+        spool.disarm(); // the file is at its key now (or uploaded and removed)
 
         let entry = IndexEntry {
             institution: institution.code.clone(),
@@ -267,9 +263,8 @@ impl Ingest {
             unconfirmed: overlap,
         };
         let (indexed, flushed) = match flushing {
-            Some(f) => {
-                let (i, f) = tokio::join!(self.index.upsert(&entry), f);
-                (i, f.map_err(std::io::Error::other).and_then(|r| r))
+            Some(placed) => {
+                tokio::join!(self.index.upsert(&entry), self.store.complete(&key, placed))
             }
             None => (self.index.upsert(&entry).await, Ok(())),
         };
@@ -278,7 +273,7 @@ impl Ingest {
             // another association's identical, acknowledged copy. The row
             // stays listed as unconfirmed, and start-up checks it.
             tracing::error!(key = %key, error = %e, "the object store failed to flush an object; the store is refused");
-            return Err(IngestError::Store(e.into()));
+            return Err(e.into());
         }
         // An object without an index row is an orphan that reindex adopts;
         // the reverse never happens once acknowledged: the row is confirmed

@@ -119,14 +119,14 @@ impl Ingest {
             Err(e) => return Err(e.into()),
         };
         let p = path.clone();
-        let parsed = tokio::task::spawn_blocking(move || dataset::parse_file_hashed(&p))
+        let digest = tokio::task::spawn_blocking(move || dataset::data_set_digest(&p))
             .await
             .map_err(|e| IngestError::Internal(e.to_string()))?;
         if temporary {
             let _ = tokio::fs::remove_file(&path).await;
         }
-        match parsed {
-            Ok((_, digest)) => Ok(hex::encode(digest) == u.sha256),
+        match digest {
+            Ok(digest) => Ok(digest == u.sha256),
             Err(DatasetError::Io(e))
                 if !matches!(
                     e.kind(),

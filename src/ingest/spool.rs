@@ -169,7 +169,7 @@ fn run_worker(
     let (summary, key) = super::identify(&parsed, &meta, institution, study, &sha256)?;
     let placed = placer
         .place(tee.file, path, &key, |existing| {
-            dataset::parse_file_hashed(existing).is_ok_and(|(_, d)| hex::encode(d) == sha256)
+            dataset::data_set_digest(existing).is_ok_and(|d| d == sha256)
         })
         .map_err(|e| IngestError::Store(e.into()))?;
     Ok(Received {

@@ -187,9 +187,7 @@ impl Store {
     pub async fn complete(&self, key: &str, placed: Placed) -> Result<(), StoreError> {
         match placed {
             Placed::Stored => Ok(()),
-            Placed::Renamed(flush) => Ok(tokio::task::spawn_blocking(move || flush.run())
-                .await
-                .map_err(std::io::Error::other)??),
+            Placed::Renamed(flush) => off_runtime(move || flush.run()).await,
             Placed::ToUpload(spooled) => {
                 let r = self.upload(key, &spooled.0).await;
                 let _ = tokio::fs::remove_file(&spooled.0).await;
@@ -230,11 +228,7 @@ impl Store {
             return Ok(());
         };
         let (root, key) = (root.clone(), key.to_string());
-        Ok(
-            tokio::task::spawn_blocking(move || Flush::of_existing(&root, &key)?.run())
-                .await
-                .map_err(std::io::Error::other)??,
-        )
+        off_runtime(move || Flush::of_existing(&root, &key)?.run()).await
     }
 
     /// Remove an object (a superseded version). Missing is not an error.
@@ -553,6 +547,15 @@ impl Flush {
         }
         Ok(())
     }
+}
+
+/// Run blocking file-system work (fsyncs) on the blocking pool.
+async fn off_runtime(
+    work: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+) -> Result<(), StoreError> {
+    Ok(tokio::task::spawn_blocking(work)
+        .await
+        .map_err(std::io::Error::other)??)
 }
 
 /// A complete spool file waiting for its upload.
