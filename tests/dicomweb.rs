@@ -1235,3 +1235,179 @@ async fn search_plans_use_indexes_on_sqlite() {
 async fn search_plans_use_indexes_on_postgres() {
     plans_use_indexes(Backend::Postgres).await;
 }
+
+/// Instances of one study in three series, made from a small corpus object:
+/// (series UID, series number, instance number) per instance, in the order
+/// they are stored.
+/// SOP Instance UIDs are numbered from `first`.
+fn study_of_series(
+    dir: &std::path::Path,
+    first: usize,
+    layout: &[(&str, Option<i64>, Option<i64>)],
+) -> Vec<std::path::PathBuf> {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let base = dicom_object::open_file(testfile("sr_basic_text.dcm").unwrap()).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    layout
+        .iter()
+        .enumerate()
+        .map(|(n, (series, series_number, number))| {
+            let n = first + n;
+            let mut obj = base.clone();
+            let sop = format!("2.25.7070707070.3.{n}");
+            for (tag, vr, v) in [
+                (
+                    tags::STUDY_INSTANCE_UID,
+                    VR::UI,
+                    "2.25.7070707070.1".to_string(),
+                ),
+                (tags::SERIES_INSTANCE_UID, VR::UI, series.to_string()),
+                (tags::SOP_INSTANCE_UID, VR::UI, sop.clone()),
+            ] {
+                obj.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
+            }
+            for (tag, v) in [
+                (tags::SERIES_NUMBER, series_number),
+                (tags::INSTANCE_NUMBER, number),
+            ] {
+                match v {
+                    Some(v) => {
+                        obj.put(DataElement::new(
+                            tag,
+                            VR::IS,
+                            PrimitiveValue::from(v.to_string()),
+                        ));
+                    }
+                    None => {
+                        obj.remove_element(tag);
+                    }
+                }
+            }
+            obj.update_meta(|m| m.media_storage_sop_instance_uid = sop.clone());
+            let file = dir.join(format!("i{n:04}.dcm"));
+            obj.write_to_file(&file).unwrap();
+            file
+        })
+        .collect()
+}
+
+/// Metadata comes in the answer's order across the batches it is read in
+/// (series by number, instances by number, unnumbered ones last, ties in
+/// stored order), at study, series and instance level; its validator
+/// changes when an instance of the study does.
+async fn metadata_order_and_validator(backend: Backend) {
+    let Some(hub) = TestHub::start(backend).await else {
+        return;
+    };
+    if testfile("sr_basic_text.dcm").is_none() {
+        return;
+    }
+    let (a, b, c) = (
+        "2.25.7070707070.2.1",
+        "2.25.7070707070.2.2",
+        "2.25.7070707070.2.3",
+    );
+    // Series A (number 2): 270 instances, numbers stored in reverse, then 10
+    // unnumbered; B (number 1): 20; C: no number, 5 instances.
+    let mut layout: Vec<(&str, Option<i64>, Option<i64>)> = Vec::new();
+    layout.extend((1..=270).rev().map(|n| (a, Some(2), Some(n))));
+    layout.extend((0..10).map(|_| (a, Some(2), None)));
+    layout.extend((1..=20).map(|n| (b, Some(1), Some(n))));
+    layout.extend((1..=5).map(|n| (c, None, Some(n))));
+    let dir = tempfile::tempdir().unwrap();
+    let files = study_of_series(dir.path(), 0, &layout);
+    // An import stores its files in parallel: the unnumbered ones, whose
+    // order is the order they were stored in, go one at a time.
+    hub.import("HOSP1", files[..270].to_vec()).await;
+    for f in &files[270..280] {
+        hub.import("HOSP1", vec![f.clone()]).await;
+    }
+    hub.import("HOSP1", files[280..].to_vec()).await;
+    let stored_order = |from: usize, to: usize| -> Vec<String> {
+        (from..to)
+            .map(|n| format!("2.25.7070707070.3.{n}"))
+            .collect()
+    };
+    let mut want: Vec<String> = stored_order(280, 300); // B
+    want.extend(stored_order(0, 270).into_iter().rev()); // A, numbered
+    want.extend(stored_order(270, 280)); // A, unnumbered
+    want.extend(stored_order(300, 305)); // C
+    let token = hub.token("HOSP1", Role::Clinician);
+    let get = |path: String, etag: Option<String>| {
+        let mut r = client()
+            .get(format!(
+                "{}/studies/2.25.7070707070.1{path}",
+                hub.dicomweb()
+            ))
+            .bearer_auth(&token);
+        if let Some(t) = etag {
+            r = r.header("if-none-match", t);
+        }
+        r.send()
+    };
+    let sops = |items: &Value| -> Vec<String> {
+        items
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["00080018"]["Value"][0].as_str().unwrap().to_string())
+            .collect()
+    };
+    let r = get("/metadata".into(), None).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let items: Value = r.json().await.unwrap();
+    assert_eq!(sops(&items), want, "{backend:?} study order");
+    let r = get(format!("/series/{a}/metadata"), None).await.unwrap();
+    let series_etag = r.headers()["etag"].to_str().unwrap().to_string();
+    assert_ne!(series_etag, etag, "another resource, another validator");
+    let items: Value = r.json().await.unwrap();
+    assert_eq!(
+        sops(&items),
+        want[20..300].to_vec(),
+        "{backend:?} series order"
+    );
+    let one = "2.25.7070707070.3.7";
+    let items: Value = get(format!("/series/{a}/instances/{one}/metadata"), None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(sops(&items), vec![one.to_string()]);
+    assert_eq!(
+        get("/metadata".into(), Some(etag.clone()))
+            .await
+            .unwrap()
+            .status(),
+        304
+    );
+    // A new instance in another series of the study: every validator of the
+    // study changes.
+    let more = study_of_series(&dir.path().join("more"), 305, &[(c, None, Some(6))]);
+    hub.import("HOSP1", more).await;
+    let r = get("/metadata".into(), Some(etag.clone())).await.unwrap();
+    assert_eq!(r.status(), 200, "{backend:?}: a stale validator");
+    assert_ne!(r.headers()["etag"].to_str().unwrap(), etag);
+    let items: Value = r.json().await.unwrap();
+    assert_eq!(items.as_array().unwrap().len(), 306);
+    let r = get(format!("/series/{a}/metadata"), Some(series_etag))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "{backend:?}: the series' validator follows its study"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metadata_order_and_validator_on_sqlite() {
+    metadata_order_and_validator(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metadata_order_and_validator_on_postgres() {
+    metadata_order_and_validator(Backend::Postgres).await;
+}

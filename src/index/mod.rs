@@ -13,6 +13,7 @@ use crate::dicom::dataset::PixelLayout;
 use crate::dicom::summary::InstanceSummary;
 
 pub mod access;
+pub mod metadata;
 mod read;
 pub mod search;
 pub(crate) mod write;
@@ -328,9 +329,19 @@ impl Index {
         study_uid: &str,
         series_uid: Option<&str>,
         sop_uid: Option<&str>,
-        reading: search::Reading,
     ) -> Result<Vec<search::StoredInstance>, IndexError> {
-        search::instances(&self.reader, scope, study_uid, series_uid, sop_uid, reading).await
+        search::instances(&self.reader, scope, study_uid, series_uid, sop_uid).await
+    }
+
+    /// The visible studies and instances of a metadata answer, in order.
+    pub async fn metadata_list(
+        &self,
+        scope: &search::Scope,
+        study_uid: &str,
+        series_uid: Option<&str>,
+        sop_uid: Option<&str>,
+    ) -> Result<metadata::MetadataList, IndexError> {
+        metadata::metadata_list(&self.reader, scope, study_uid, series_uid, sop_uid).await
     }
 
     /// The patients the active break-glass grants of a user open.

@@ -89,14 +89,19 @@ impl Scope {
         }
     }
 
+    /// The caller's issuer of patient IDs.
+    pub(super) fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
     /// Whether the consent rule applies (others' objects may be visible,
     /// shown under the caller's IDs).
-    fn consent(&self) -> bool {
+    pub(super) fn consent(&self) -> bool {
         self.reach == Reach::Consent
     }
 
     /// The SQL condition on study alias `st`.
-    fn condition(&self, q: &mut Sql) -> String {
+    pub(super) fn condition(&self, q: &mut Sql) -> String {
         let t = match self.reach {
             Reach::Everything => return "1 = 1".into(),
             Reach::Own => return format!("st.institution = {}", q.bind_text(&self.institution)),
@@ -161,7 +166,7 @@ impl Scope {
     /// searched by) if among them, else the least — or NULL (its own rows,
     /// patients it links no record with). The one definition of how others'
     /// patients are shown, for matching and for answers.
-    fn presented_id(&self, q: &mut Sql, row: &str, preferred: Option<&str>) -> String {
+    pub(super) fn presented_id(&self, q: &mut Sql, row: &str, preferred: Option<&str>) -> String {
         let (t1, t2) = (
             q.bind_text(&self.institution),
             q.bind_text(&self.institution),
@@ -596,12 +601,12 @@ fn like_pattern(wild: &str) -> String {
 
 /// A statement being built: SQL text with `$n` placeholders and its binds.
 #[derive(Default)]
-struct Sql {
+pub(super) struct Sql {
     binds: Vec<Bind>,
 }
 
 impl Sql {
-    fn bind_text(&mut self, v: &str) -> String {
+    pub(super) fn bind_text(&mut self, v: &str) -> String {
         self.binds.push(Bind::Text(v.to_string()));
         format!("${}", self.binds.len())
     }
@@ -619,7 +624,7 @@ impl Sql {
         format!("'{body}'")
     }
 
-    fn bind_int(&mut self, v: i64) -> String {
+    pub(super) fn bind_int(&mut self, v: i64) -> String {
         self.binds.push(Bind::Int(v));
         format!("${}", self.binds.len())
     }
@@ -629,7 +634,7 @@ impl Sql {
         format!("${}", self.binds.len())
     }
 
-    async fn fetch(self, reader: &Reader, sql: String) -> Result<Vec<Row>, IndexError> {
+    pub(super) async fn fetch(self, reader: &Reader, sql: String) -> Result<Vec<Row>, IndexError> {
         reader.fetch(sql, self.binds).await
     }
 }
@@ -1528,16 +1533,6 @@ pub struct StoredInstance {
     pub coercion: Option<Coercion>,
 }
 
-/// What the caller of `instances` goes on to read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reading {
-    /// The stored objects: their keys, sizes, transfer syntaxes and frames.
-    Objects,
-    /// Their metadata only (the index's JSON): those columns stay empty, and
-    /// a 1,000-instance study's list is half as much to send and decode.
-    Metadata,
-}
-
 /// The instances of a study, series or instance (WADO-RS), in series and
 /// instance order, under `scope`. Empty: nothing there, or nothing visible.
 pub async fn instances(
@@ -1546,7 +1541,6 @@ pub async fn instances(
     study_uid: &str,
     series_uid: Option<&str>,
     sop_uid: Option<&str>,
-    reading: Reading,
 ) -> Result<Vec<StoredInstance>, IndexError> {
     let mut q = Sql::default();
     let mut conds = vec![
@@ -1562,14 +1556,10 @@ pub async fn instances(
     // The frame layout is stored after the data set's JSON: reading it for
     // a whole study would walk every JSON's overflow pages. Only a single
     // instance (frames, bulk data) needs it.
-    let layout = if sop_uid.is_some() && reading == Reading::Objects {
+    let layout = if sop_uid.is_some() {
         "i.pixel_layout"
     } else {
         "NULL"
-    };
-    let object = |column: &'static str| match reading {
-        Reading::Objects => column,
-        Reading::Metadata => "NULL",
     };
     // Another institution's instances are shown under the caller's ID.
     let presented = if scope.consent() {
@@ -1581,18 +1571,11 @@ pub async fn instances(
     // 1,000 rows of a study by these integers (their text columns ride along
     // in the sort), three times what reading them took.
     let sql = format!(
-        "SELECT NULL, se.series_uid, i.sop_uid, {}, {}, {}, {}, i.sha256, {layout}, \
-         {}, i.id, {}, {}, {}, p.institution, p.issuer, p.patient_id, {presented}, \
+        "SELECT NULL, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax, \
+         i.object_key, i.size, i.sha256, {layout}, i.number_of_frames, i.id, i.rows, i.columns, \
+         i.bits_allocated, p.institution, p.issuer, p.patient_id, {presented}, \
          se.series_number, se.id, i.instance_number \
          FROM {} WHERE {}",
-        object("i.sop_class_uid"),
-        object("i.transfer_syntax"),
-        object("i.object_key"),
-        object("i.size"),
-        object("i.number_of_frames"),
-        object("i.rows"),
-        object("i.columns"),
-        object("i.bits_allocated"),
         from(Level::Instance),
         conds.join(" AND ")
     );

@@ -23,7 +23,8 @@ use crate::dicom::coerce::{self, Coercion, Provenance, coerce_json_text};
 use crate::dicom::dataset::{BULK_URI_PREFIX, PixelLayout};
 use crate::dicom::transcode;
 use crate::hub::Hub;
-use crate::index::search::{Level, Reading, Scope, StoredInstance};
+use crate::index::metadata::{MetadataInstance, MetadataList};
+use crate::index::search::{Level, Scope, StoredInstance};
 use crate::store::Store;
 use serde_json::json;
 
@@ -98,7 +99,6 @@ async fn visible_instances(
     hub: &Hub,
     caller: &Caller,
     at: &Resource,
-    action: Action,
 ) -> Result<Vec<StoredInstance>, WebError> {
     caller.require(&[Role::Clinician], "retrieve images")?;
     let scope = super::scope_of(hub, caller).await?;
@@ -107,34 +107,10 @@ async fn visible_instances(
         at.series.as_deref(),
         at.instance.as_deref(),
     );
-    // Metadata is read from the index alone; everything else reads objects.
-    let reading = match action {
-        Action::Access => Reading::Metadata,
-        _ => Reading::Objects,
-    };
-    let found = hub
-        .index
-        .instances(&scope, study, series, sop, reading)
-        .await?;
+    let found = hub.index.instances(&scope, study, series, sop).await?;
     let detail = json!({ "study": study, "series": series, "instance": sop });
     if found.is_empty() {
-        // Absent and hidden answer alike; the trail tells them apart.
-        let hidden = hub
-            .index
-            .instances(
-                &Scope::unrestricted_for_audit(),
-                study,
-                series,
-                sop,
-                Reading::Metadata,
-            )
-            .await?;
-        let outcome = if hidden.is_empty() {
-            Outcome::Failure
-        } else {
-            Outcome::Denied
-        };
-        super::audit(hub, caller, action, outcome, audit_objects(&hidden), detail);
+        refused(hub, caller, Action::Retrieve, at, detail).await?;
         return Err(WebError::NotFound);
     }
     let mut detail = detail;
@@ -142,12 +118,57 @@ async fn visible_instances(
     super::audit(
         hub,
         caller,
-        action,
+        Action::Retrieve,
         Outcome::Success,
         audit_objects(&found),
         detail,
     );
     Ok(found)
+}
+
+/// Audit a request that found nothing visible: absent and hidden answer
+/// alike (404), the trail tells them apart.
+async fn refused(
+    hub: &Hub,
+    caller: &Caller,
+    action: Action,
+    at: &Resource,
+    detail: serde_json::Value,
+) -> Result<(), WebError> {
+    let hidden = hub
+        .index
+        .metadata_list(
+            &Scope::unrestricted_for_audit(),
+            at.study.as_deref().unwrap_or_default(),
+            at.series.as_deref(),
+            at.instance.as_deref(),
+        )
+        .await?;
+    let outcome = if hidden.instances.is_empty() {
+        Outcome::Failure
+    } else {
+        Outcome::Denied
+    };
+    super::audit(
+        hub,
+        caller,
+        action,
+        outcome,
+        metadata_objects(&hidden),
+        detail,
+    );
+    Ok(())
+}
+
+/// The patients (as their owners know them) and studies of a metadata list.
+fn metadata_objects(list: &MetadataList) -> Vec<AuditObject> {
+    AuditObject::distinct(list.studies.iter().map(|s| {
+        (
+            s.patient.0.as_str(),
+            s.patient.2.as_str(),
+            s.study_uid.as_str(),
+        )
+    }))
 }
 
 /// The one instance a frame, bulk data or WADO-URI request names, if visible
@@ -160,8 +181,41 @@ async fn visible_instance(
     instance: &str,
 ) -> Result<StoredInstance, WebError> {
     let at = Resource::instance(study, series, instance);
-    let mut found = visible_instances(hub, caller, &at, Action::Retrieve).await?;
+    let mut found = visible_instances(hub, caller, &at).await?;
     Ok(found.swap_remove(0))
+}
+
+/// The visible studies and instances of a metadata request (audited as an
+/// access), or 404.
+async fn visible_metadata(
+    hub: &Hub,
+    caller: &Caller,
+    at: &Resource,
+) -> Result<MetadataList, WebError> {
+    caller.require(&[Role::Clinician], "retrieve images")?;
+    let scope = super::scope_of(hub, caller).await?;
+    let (study, series, sop) = (
+        at.study.as_deref().unwrap_or_default(),
+        at.series.as_deref(),
+        at.instance.as_deref(),
+    );
+    let list = hub.index.metadata_list(&scope, study, series, sop).await?;
+    let detail = json!({ "study": study, "series": series, "instance": sop });
+    if list.instances.is_empty() {
+        refused(hub, caller, Action::Access, at, detail).await?;
+        return Err(WebError::NotFound);
+    }
+    let mut detail = detail;
+    detail["instances"] = json!(list.instances.len());
+    super::audit(
+        hub,
+        caller,
+        Action::Access,
+        Outcome::Success,
+        metadata_objects(&list),
+        detail,
+    );
+    Ok(list)
 }
 
 /// The patients (as their owners know them) and studies of `instances`.
@@ -184,7 +238,7 @@ pub async fn retrieve(
     at: Resource,
 ) -> Result<Response, WebError> {
     let requested = negotiate_instances(&accept_of(&headers))?;
-    let found = visible_instances(&hub, &caller, &at, Action::Retrieve).await?;
+    let found = visible_instances(&hub, &caller, &at).await?;
     let now = hub.clock.now();
     let mut plan = Vec::with_capacity(found.len());
     for inst in found {
@@ -385,17 +439,27 @@ pub async fn metadata(
             "metadata is available as application/dicom+json or multipart/related; type=\"application/dicom+xml\"".into(),
         )
     })?;
-    let found = visible_instances(&hub, &caller, &at, Action::Access).await?;
-    // The answer is a function of the instances' content and of where bulk
-    // data is served from: so is its validator.
+    let list = visible_metadata(&hub, &caller, &at).await?;
+    // The answer is a function of the studies' instances (each study row's
+    // version changes with any of them), of how the caller is shown their
+    // patients, of what was asked and of where bulk data is served from: so
+    // is its validator.
     let mut h = Sha256::new();
     h.update(urls.root.as_bytes());
     h.update([format as u8]);
-    for i in &found {
-        h.update(i.sop_uid.as_bytes());
-        h.update(i.sha256.as_bytes());
+    for uid in [
+        at.study.as_deref(),
+        at.series.as_deref(),
+        at.instance.as_deref(),
+    ] {
+        h.update(uid.unwrap_or_default().as_bytes());
+        h.update([0]);
+    }
+    for st in &list.studies {
+        h.update(st.id.to_le_bytes());
+        h.update(st.content_version.to_le_bytes());
         // Others' objects are shown under the requester's IDs.
-        if let Some(c) = &i.coercion {
+        if let Some(c) = &st.coercion {
             for v in [&c.patient_id, &c.issuer] {
                 h.update(v.as_bytes());
                 h.update([0]);
@@ -420,14 +484,15 @@ pub async fn metadata(
         );
         return Ok(resp);
     }
-
     let hub = hub.clone();
-    let mut found = found.into_iter();
-    let batches: Vec<Vec<StoredInstance>> = std::iter::from_fn(|| {
-        let batch: Vec<StoredInstance> = found.by_ref().take(METADATA_BATCH).collect();
+    let studies = Arc::new(list.studies);
+    let mut found = list.instances.into_iter();
+    let batches: Vec<Vec<MetadataInstance>> = std::iter::from_fn(|| {
+        let batch: Vec<MetadataInstance> = found.by_ref().take(METADATA_BATCH).collect();
         (!batch.is_empty()).then_some(batch)
     })
     .collect();
+    let study_uid = at.study.clone().unwrap_or_default();
     let bulk = Arc::new(urls.bulk_rewriter());
     // Batches of instances' JSON texts, bulk data URIs resolved; the next
     // batch is read while the one before is encoded and sent.
@@ -435,6 +500,8 @@ pub async fn metadata(
         .map(move |batch| {
             let hub = hub.clone();
             let bulk = bulk.clone();
+            let studies = studies.clone();
+            let study_uid = study_uid.clone();
             async move {
                 let ids: Vec<i64> = batch.iter().map(|i| i.id).collect();
                 let mut json = hub
@@ -445,15 +512,10 @@ pub async fn metadata(
                 let mut out = Vec::with_capacity(batch.len());
                 for inst in &batch {
                     if let Some(mut text) = json.remove(&inst.id) {
-                        if let Some(c) = &inst.coercion {
+                        if let Some(c) = &studies[inst.study].coercion {
                             text = coerce_json_text(&text, c);
                         }
-                        out.push(bulk.rewrite(
-                            text,
-                            &inst.study_uid,
-                            &inst.series_uid,
-                            &inst.sop_uid,
-                        ));
+                        out.push(bulk.rewrite(text, &study_uid, &inst.series_uid, &inst.sop_uid));
                     }
                 }
                 Ok::<_, std::io::Error>(out)
