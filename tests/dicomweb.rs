@@ -1400,6 +1400,26 @@ async fn metadata_order_and_validator(backend: Backend) {
         200,
         "{backend:?}: the series' validator follows its study"
     );
+    // The counts QIDO answers with, kept on the rows.
+    let (_, studies, _) = qido(&hub, "/studies?StudyInstanceUID=2.25.7070707070.1").await;
+    assert_eq!(studies[0]["00201206"]["Value"][0], 3, "{backend:?}");
+    assert_eq!(studies[0]["00201208"]["Value"][0], 306, "{backend:?}");
+    let (_, series, _) = qido(&hub, "/studies/2.25.7070707070.1/series").await;
+    let per_series: Vec<(String, i64)> = series
+        .iter()
+        .map(|s| {
+            (
+                s["0020000E"]["Value"][0].as_str().unwrap().to_string(),
+                s["00201209"]["Value"][0].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    for (uid, n) in [(a, 280), (b, 20), (c, 6)] {
+        assert!(
+            per_series.contains(&(uid.to_string(), n)),
+            "{backend:?} {uid}: {per_series:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -387,6 +387,19 @@ async fn unconfirmed_objects_are_checked(backend: Backend) {
             "{table}: the rolled-back study's row is gone, the other's stays"
         );
     }
+    // The counts kept on the rows follow (index triggers): one series of one
+    // instance left.
+    let counts = || async {
+        let r = sqlx::query(
+            "SELECT st.num_series, st.num_instances, se.num_instances FROM study st \
+             JOIN series se ON se.study_ref = st.id",
+        )
+        .fetch_one(index.pool())
+        .await
+        .unwrap();
+        (r.get::<i64, _>(0), r.get::<i64, _>(1), r.get::<i64, _>(2))
+    };
+    assert_eq!(counts().await, (1, 1, 1), "{backend:?}");
 
     // Two versions of one instance stored at once both found no copy before
     // them; the later row replaced the earlier's and its object was caught
@@ -416,6 +429,11 @@ async fn unconfirmed_objects_are_checked(backend: Backend) {
     assert_eq!(report.restored, vec![keys[0].clone()]);
     let copy = index.stored_copy("HOSP1", &sops[0]).await.unwrap().unwrap();
     assert_eq!(copy.object_key, keys[0]);
+    assert_eq!(
+        counts().await,
+        (1, 1, 1),
+        "{backend:?}: replaced, not added"
+    );
 
     // A crash's leftover at a key that nothing lists (renamed, never flushed
     // nor indexed) is not taken for the object when it is sent again: the

@@ -1,6 +1,7 @@
 //! QIDO-RS searches on the index: matching (PS3.4 §C.2.2.2) turned into one
-//! parameterized SQL query per level, always under an access `Scope`, then
-//! one more query per page for the computed attributes (never one per row).
+//! parameterized SQL query per level, always under an access `Scope`; the
+//! computed attributes come with the page's rows (counts kept on the study
+//! and series rows, modalities a subquery per row of the page).
 
 use std::collections::HashMap;
 
@@ -1198,25 +1199,25 @@ fn rows_sql(
             format!("{PATIENT_COLS}, {STUDY_COLS}, {SERIES_COLS}, {INSTANCE_COLS}")
         }
     };
-    // The computed attributes (counts, modalities) are subqueries of the
-    // outer select, so they run for the rows of the page only, in the same
-    // statement.
+    // The counts are kept on the study and series rows (migration 0009) and
+    // ride with the keys; the modalities are a subquery of the outer select,
+    // so it runs for the rows of the page only, in the same statement.
     let computed = match s.level {
         Level::Study => format!(
-            ", (SELECT COUNT(*) FROM series x WHERE x.study_ref = page.k_study), \
-             (SELECT COUNT(*) FROM instance y JOIN series x ON x.id = y.series_ref \
-             WHERE x.study_ref = page.k_study), \
-             (SELECT {} FROM series x WHERE x.study_ref = page.k_study)",
+            ", (SELECT {} FROM series x WHERE x.study_ref = page.k_study)",
             reader.distinct_list("x.modality")
         ),
-        Level::Series => {
-            ", (SELECT COUNT(*) FROM instance y WHERE y.series_ref = page.k_series)".to_string()
-        }
-        Level::Instance => String::new(),
+        Level::Series | Level::Instance => String::new(),
     };
     let (keys, order_key) = match s.level {
-        Level::Study => ("st.id AS k_study", "k_study"),
-        Level::Series => ("st.id AS k_study, se.id AS k_series", "k_series"),
+        Level::Study => (
+            "st.id AS k_study, st.num_series AS c_series, st.num_instances AS c_instances",
+            "k_study",
+        ),
+        Level::Series => (
+            "st.id AS k_study, se.id AS k_series, se.num_instances AS c_instances",
+            "k_series",
+        ),
         Level::Instance => (
             "st.id AS k_study, se.id AS k_series, i.id AS k_instance",
             "k_instance",
@@ -1354,7 +1355,7 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
         }
     };
     // Positions: patient 0..9, study 9..19, series 19..30, instance 30..39,
-    // then the keys, then the computed columns.
+    // then the ids, then the counts, then the computed columns.
     let first_computed = match s.level {
         Level::Study => 19 + 1,
         Level::Series => 30 + 2,
