@@ -11,6 +11,7 @@ pub mod multipart;
 pub mod ops;
 pub mod problem;
 pub mod qido;
+pub mod rendered;
 pub mod stow;
 pub mod wado;
 pub mod xml;

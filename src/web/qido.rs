@@ -1,7 +1,7 @@
 //! QIDO-RS (PS3.18 §10.6): searches at study, series and instance level,
 //! answered in DICOM JSON from the index, with the computed attributes.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use axum::extract::{RawQuery, State};
@@ -14,6 +14,7 @@ use serde_json::{Map, Value, json};
 use super::auth::Caller;
 use super::media::{DatasetFormat, accept_of, dataset_format};
 use super::problem::WebError;
+use super::rendered::{self, Rendered};
 use super::{DICOM_JSON, Resource, Urls};
 use crate::audit::{Action, AuditObject, Outcome};
 use crate::auth::Role;
@@ -275,7 +276,7 @@ async fn run(
     // Attributes the index does not keep come from one stored instance of
     // each result (one query for the page).
     let extra = extra_attributes(hub, level, &q, &page.hits).await?;
-    let items: Vec<BTreeMap<String, Value>> = page
+    let items: Vec<Rendered> = page
         .hits
         .iter()
         .map(|h| {
@@ -292,16 +293,15 @@ async fn run(
         })
         .collect();
     let mut resp = match format {
-        // Serialized straight from the ordered maps (tags sort as keys).
         DatasetFormat::Json => (
             [(header::CONTENT_TYPE, DICOM_JSON)],
-            serde_json::to_string(&items).map_err(|e| WebError::Internal(e.to_string()))?,
+            rendered::json_array(&items),
         )
             .into_response(),
         DatasetFormat::Xml => super::xml_parts_response(
             items
-                .into_iter()
-                .map(|m| super::xml::document(&m.into_iter().collect()))
+                .iter()
+                .map(|m| super::xml::document(&m.to_map()))
                 .collect(),
         ),
     };
@@ -346,7 +346,7 @@ async fn extra_attributes(
 
 /// Copy the requested attributes from stored JSON into a result.
 fn merge_from(
-    out: &mut BTreeMap<String, Value>,
+    out: &mut Rendered,
     src: &Map<String, Value>,
     level: Level,
     q: &Query,
@@ -354,7 +354,7 @@ fn merge_from(
     h: &Hit,
 ) {
     for (tag, el) in src {
-        if out.contains_key(tag) || !belongs(level, tag) {
+        if out.contains(tag) || !belongs(level, tag) {
             continue;
         }
         if q.include_all || q.include.contains(tag) {
@@ -369,14 +369,13 @@ fn merge_from(
             } else if el.get("BulkDataURI").is_some() {
                 continue; // bulk data of some instance makes no sense at this level
             }
-            out.insert(tag.clone(), el);
+            out.value(tag.clone(), &el);
         }
     }
     for tag in q.include.iter().filter(|t| belongs(level, t)) {
-        out.entry(tag.clone()).or_insert_with(|| {
-            let vr = tag_vr(tag);
-            json!({ "vr": vr })
-        });
+        if !out.contains(tag) {
+            out.value(tag.clone(), &json!({ "vr": tag_vr(tag) }));
+        }
     }
 }
 
@@ -424,126 +423,91 @@ fn rendered_tags(level: Level) -> Vec<&'static str> {
     v
 }
 
-fn text_el(vr: &str, v: Option<&str>) -> Value {
-    match v {
-        Some(s) => json!({"vr": vr, "Value": [s]}),
-        None => json!({"vr": vr}),
-    }
-}
-
-fn int_el(vr: &str, v: Option<i64>) -> Value {
-    match v {
-        Some(n) => json!({"vr": vr, "Value": [n]}),
-        None => json!({"vr": vr}),
-    }
-}
-
-/// A PN element with only its non-empty groups.
-pub fn pn_el(groups: &[Option<String>; 3]) -> Value {
-    let mut g = Map::new();
-    for (name, v) in ["Alphabetic", "Ideographic", "Phonetic"].iter().zip(groups) {
-        if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
-            g.insert((*name).into(), Value::String(v.into()));
-        }
-    }
-    if g.is_empty() {
-        json!({"vr": "PN"})
-    } else {
-        json!({"vr": "PN", "Value": [g]})
-    }
-}
-
 /// The default attributes of a result (PS3.18 Tables 6.7.1-2, -2a, -2b).
-fn render(h: &Hit, level: Level, urls: &Urls) -> BTreeMap<String, Value> {
-    let mut m = BTreeMap::new();
-    let mut put = |tag: &str, v: Value| {
-        m.insert(tag.to_string(), v);
-    };
+fn render(h: &Hit, level: Level, urls: &Urls) -> Rendered {
+    let mut m = Rendered::default();
     let p = &h.patient;
     let st = &h.study;
     // Everything is decoded to Unicode at ingest: answers are UTF-8.
-    put("00080005", text_el("CS", Some("ISO_IR 192")));
-    put("00080020", text_el("DA", st.date.as_deref()));
-    put("00080030", text_el("TM", st.time.as_deref()));
-    put("00080050", text_el("SH", st.accession_number.as_deref()));
-    put("00080056", text_el("CS", Some("ONLINE")));
+    m.text("00080005", "CS", Some("ISO_IR 192"));
+    m.text("00080020", "DA", st.date.as_deref());
+    m.text("00080030", "TM", st.time.as_deref());
+    m.text("00080050", "SH", st.accession_number.as_deref());
+    m.text("00080056", "CS", Some("ONLINE"));
     // Study-related counts and modalities belong to study results.
     if level == Level::Study {
-        put(
-            "00080061",
-            if st.modalities.is_empty() {
-                json!({"vr": "CS"})
-            } else {
-                json!({"vr": "CS", "Value": st.modalities})
-            },
-        );
-        put("00201206", int_el("IS", Some(st.series_count)));
-        put("00201208", int_el("IS", Some(st.instance_count)));
+        m.texts("00080061", "CS", &st.modalities);
+        m.int("00201206", "IS", Some(st.series_count));
+        m.int("00201208", "IS", Some(st.instance_count));
     }
-    put("00080090", pn_el(&st.referring));
-    put("00081030", text_el("LO", st.description.as_deref()));
-    put("00100010", pn_el(&p.name));
-    put("00100020", text_el("LO", Some(&p.patient_id)));
-    put("00100021", text_el("LO", Some(&p.issuer)));
-    put("00100030", text_el("DA", p.birth_date.as_deref()));
-    put("00100040", text_el("CS", p.sex.as_deref()));
+    m.person_name("00080090", &st.referring);
+    m.text("00081030", "LO", st.description.as_deref());
+    m.person_name("00100010", &p.name);
+    m.text("00100020", "LO", Some(&p.patient_id));
+    m.text("00100021", "LO", Some(&p.issuer));
+    m.text("00100030", "DA", p.birth_date.as_deref());
+    m.text("00100040", "CS", p.sex.as_deref());
     if !p.other_patient_ids.is_empty() {
         let items: Vec<Value> = p
             .other_patient_ids
             .iter()
             .map(|o| {
+                let text = |vr: &str, v: Option<&str>| match v {
+                    Some(s) => json!({"vr": vr, "Value": [s]}),
+                    None => json!({"vr": vr}),
+                };
                 let mut item = json!({
-                    "00100020": text_el("LO", Some(&o.patient_id)),
-                    "00100021": text_el("LO", o.issuer.as_deref()),
+                    "00100020": text("LO", Some(&o.patient_id)),
+                    "00100021": text("LO", o.issuer.as_deref()),
                 });
                 if let Some(t) = &o.type_of_id {
-                    item["00100022"] = text_el("CS", Some(t));
+                    item["00100022"] = text("CS", Some(t));
                 }
                 item
             })
             .collect();
-        put("00101002", json!({"vr": "SQ", "Value": items}));
+        m.value("00101002", &json!({"vr": "SQ", "Value": items}));
     }
-    put("0020000D", text_el("UI", Some(&st.study_uid)));
-    put("00200010", text_el("SH", st.study_id.as_deref()));
+    m.text("0020000D", "UI", Some(&st.study_uid));
+    m.text("00200010", "SH", st.study_id.as_deref());
     let mut url = urls.study(&st.study_uid);
     if let Some(se) = &h.series {
-        put("00080021", text_el("DA", se.date.as_deref()));
-        put("00080031", text_el("TM", se.time.as_deref()));
-        put("00080060", text_el("CS", se.modality.as_deref()));
-        put("0008103E", text_el("LO", se.description.as_deref()));
-        put("00180015", text_el("CS", se.body_part.as_deref()));
-        put("0020000E", text_el("UI", Some(&se.series_uid)));
-        put("00200011", int_el("IS", se.number));
+        m.text("00080021", "DA", se.date.as_deref());
+        m.text("00080031", "TM", se.time.as_deref());
+        m.text("00080060", "CS", se.modality.as_deref());
+        m.text("0008103E", "LO", se.description.as_deref());
+        m.text("00180015", "CS", se.body_part.as_deref());
+        m.text("0020000E", "UI", Some(&se.series_uid));
+        m.int("00200011", "IS", se.number);
         if level == Level::Series {
-            put("00201209", int_el("IS", Some(se.instance_count)));
+            m.int("00201209", "IS", Some(se.instance_count));
         }
-        put("00400244", text_el("DA", se.pps_start_date.as_deref()));
-        put("00400245", text_el("TM", se.pps_start_time.as_deref()));
+        m.text("00400244", "DA", se.pps_start_date.as_deref());
+        m.text("00400245", "TM", se.pps_start_time.as_deref());
         if let Some(items) = se
             .request_attributes
             .as_deref()
             .and_then(|j| serde_json::from_str::<Value>(j).ok())
         {
-            put("00400275", json!({"vr": "SQ", "Value": items}));
+            m.value("00400275", &json!({"vr": "SQ", "Value": items}));
         }
         url = urls.series(&st.study_uid, &se.series_uid);
         if let Some(i) = &h.instance {
-            put("00080016", text_el("UI", Some(&i.sop_class_uid)));
-            put("00080018", text_el("UI", Some(&i.sop_uid)));
-            put("00083002", text_el("UI", Some(&i.transfer_syntax)));
-            put("00200013", int_el("IS", i.number));
+            m.text("00080016", "UI", Some(&i.sop_class_uid));
+            m.text("00080018", "UI", Some(&i.sop_uid));
+            m.text("00083002", "UI", Some(&i.transfer_syntax));
+            m.int("00200013", "IS", i.number);
             if i.frames.is_some() {
-                put("00280008", int_el("IS", i.frames));
+                m.int("00280008", "IS", i.frames);
             }
             if i.rows.is_some() {
-                put("00280010", int_el("US", i.rows));
-                put("00280011", int_el("US", i.columns));
-                put("00280100", int_el("US", i.bits_allocated));
+                m.int("00280010", "US", i.rows);
+                m.int("00280011", "US", i.columns);
+                m.int("00280100", "US", i.bits_allocated);
             }
             url = urls.instance(&st.study_uid, &se.series_uid, &i.sop_uid);
         }
     }
-    put("00081190", text_el("UR", Some(&url)));
+    m.text("00081190", "UR", Some(&url));
     m
 }
