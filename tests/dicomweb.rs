@@ -1333,6 +1333,18 @@ async fn metadata_order_and_validator(backend: Backend) {
     want.extend(stored_order(0, 270).into_iter().rev()); // A, numbered
     want.extend(stored_order(270, 280)); // A, unnumbered
     want.extend(stored_order(300, 305)); // C
+    // The study's version is never behind the wall clock (µs): a restored
+    // backup or a rebuilt index cannot hand out a version seen before.
+    let version: i64 = {
+        use sqlx::Row;
+        sqlx::query("SELECT content_version FROM study WHERE study_uid = '2.25.7070707070.1'")
+            .fetch_one(hub.hub.index.pool())
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let before_test = (chrono::Utc::now() - chrono::Duration::minutes(10)).timestamp_micros();
+    assert!(version > before_test, "{backend:?}: version {version}");
     let token = hub.token("HOSP1", Role::Clinician);
     let get = |path: String, etag: Option<String>| {
         let mut r = client()
@@ -1400,6 +1412,32 @@ async fn metadata_order_and_validator(backend: Backend) {
         200,
         "{backend:?}: the series' validator follows its study"
     );
+    // An absent series of a present study: 404, audited as a failure that
+    // names no patient (nothing was there to access).
+    let r = get("/series/2.25.7070707070.2.9/metadata".into(), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    hub.hub.audit.flush().await;
+    let trail = tsunagu::audit::trail::query(
+        hub.hub.index.pool(),
+        &tsunagu::audit::trail::Filter {
+            institution: "HOSP1".into(),
+            limit: 10_000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let refused = trail
+        .iter()
+        .find(|e| e.sequenced.event.detail["series"] == "2.25.7070707070.2.9")
+        .expect("the refused request is audited");
+    assert_eq!(
+        refused.sequenced.event.outcome,
+        tsunagu::audit::Outcome::Failure
+    );
+    assert!(refused.sequenced.event.objects.is_empty(), "{backend:?}");
     // The counts QIDO answers with, kept on the rows.
     let (_, studies, _) = qido(&hub, "/studies?StudyInstanceUID=2.25.7070707070.1").await;
     assert_eq!(studies[0]["00201206"]["Value"][0], 3, "{backend:?}");

@@ -40,8 +40,8 @@ pub struct MetadataInstance {
     pub sop_uid: String,
 }
 
-/// A metadata answer's studies and instances; no instance: nothing there,
-/// or nothing the scope shows.
+/// A metadata answer's studies (those it holds instances of) and instances;
+/// no instance: nothing there, or nothing the scope shows.
 #[derive(Debug, Clone, Default)]
 pub struct MetadataList {
     pub studies: Vec<MetadataStudy>,
@@ -88,6 +88,9 @@ pub async fn metadata_list(
             patient: (institution, issuer, patient_id),
         });
     }
+    // (order key, study, row): sorted together, so that two institutions'
+    // copies of a study interleave by series number as one study's would.
+    let mut rows = Vec::new();
     for (at, study) in list.studies.iter().enumerate() {
         let mut q = Sql::default();
         let mut conds = vec![format!("se.study_ref = {}", q.bind_int(study.id))];
@@ -104,23 +107,37 @@ pub async fn metadata_list(
              FROM instance i JOIN series se ON se.id = i.series_ref WHERE {}",
             conds.join(" AND ")
         );
-        let mut rows = q.fetch(reader, sql).await?;
         let last_if_none = |v: Option<i64>| (v.is_none(), v.unwrap_or_default());
-        rows.sort_by_cached_key(|r| {
-            (
+        rows.extend(q.fetch(reader, sql).await?.into_iter().map(|r| {
+            let key = (
                 last_if_none(r.opt_int(3)),
                 r.int(4),
                 last_if_none(r.opt_int(5)),
                 r.int(0),
-            )
-        });
-        list.instances
-            .extend(rows.into_iter().map(|mut r| MetadataInstance {
-                id: r.int(0),
-                study: at,
-                series_uid: r.take_text(1),
-                sop_uid: r.take_text(2),
-            }));
+            );
+            (key, at, r)
+        }));
     }
+    rows.sort_unstable_by_key(|(key, _, _)| *key);
+    // Only the studies the answer holds instances of: they make its
+    // validator and its audit record.
+    let mut kept: Vec<Option<usize>> = vec![None; list.studies.len()];
+    let mut studies = Vec::new();
+    for (_, at, _) in &rows {
+        if kept[*at].is_none() {
+            kept[*at] = Some(studies.len());
+            studies.push(list.studies[*at].clone());
+        }
+    }
+    list.studies = studies;
+    list.instances = rows
+        .into_iter()
+        .map(|(_, at, mut r)| MetadataInstance {
+            id: r.int(0),
+            study: kept[at].expect("kept above"),
+            series_uid: r.take_text(1),
+            sop_uid: r.take_text(2),
+        })
+        .collect();
     Ok(list)
 }
