@@ -266,6 +266,21 @@ impl Resource {
             instance: Some(instance.to_string()),
         }
     }
+
+    /// Study, series and instance UIDs (the study's empty when not named).
+    pub fn uids(&self) -> (&str, Option<&str>, Option<&str>) {
+        (
+            self.study.as_deref().unwrap_or_default(),
+            self.series.as_deref(),
+            self.instance.as_deref(),
+        )
+    }
+
+    /// What an audit record says was asked for.
+    pub fn audit_detail(&self) -> Value {
+        let (study, series, instance) = self.uids();
+        serde_json::json!({ "study": study, "series": series, "instance": instance })
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Resource {

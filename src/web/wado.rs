@@ -102,13 +102,9 @@ async fn visible_instances(
 ) -> Result<Vec<StoredInstance>, WebError> {
     caller.require(&[Role::Clinician], "retrieve images")?;
     let scope = super::scope_of(hub, caller).await?;
-    let (study, series, sop) = (
-        at.study.as_deref().unwrap_or_default(),
-        at.series.as_deref(),
-        at.instance.as_deref(),
-    );
+    let (study, series, sop) = at.uids();
     let found = hub.index.instances(&scope, study, series, sop).await?;
-    let detail = json!({ "study": study, "series": series, "instance": sop });
+    let detail = at.audit_detail();
     if found.is_empty() {
         refused(hub, caller, Action::Retrieve, at, detail).await?;
         return Err(WebError::NotFound);
@@ -135,14 +131,10 @@ async fn refused(
     at: &Resource,
     detail: serde_json::Value,
 ) -> Result<(), WebError> {
+    let (study, series, sop) = at.uids();
     let hidden = hub
         .index
-        .metadata_list(
-            &Scope::unrestricted_for_audit(),
-            at.study.as_deref().unwrap_or_default(),
-            at.series.as_deref(),
-            at.instance.as_deref(),
-        )
+        .metadata_list(&Scope::unrestricted_for_audit(), study, series, sop)
         .await?;
     let outcome = if hidden.instances.is_empty() {
         Outcome::Failure
@@ -194,13 +186,9 @@ async fn visible_metadata(
 ) -> Result<MetadataList, WebError> {
     caller.require(&[Role::Clinician], "retrieve images")?;
     let scope = super::scope_of(hub, caller).await?;
-    let (study, series, sop) = (
-        at.study.as_deref().unwrap_or_default(),
-        at.series.as_deref(),
-        at.instance.as_deref(),
-    );
+    let (study, series, sop) = at.uids();
     let list = hub.index.metadata_list(&scope, study, series, sop).await?;
-    let detail = json!({ "study": study, "series": series, "instance": sop });
+    let detail = at.audit_detail();
     if list.instances.is_empty() {
         refused(hub, caller, Action::Access, at, detail).await?;
         return Err(WebError::NotFound);
