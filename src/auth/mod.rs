@@ -57,7 +57,17 @@ pub struct Verifier {
     issuer: String,
     audience: String,
     leeway: u64,
+    /// Tokens already verified, with their claims: a viewer sends the same
+    /// token with every request, and checking it again (two JSON parses,
+    /// base64, the signature, the validation sets) took more of a short
+    /// search's time than rendering its answer. The keys never change while
+    /// the server runs, so the same bytes verify the same way; only expiry
+    /// is checked again.
+    verified: std::sync::Mutex<std::collections::HashMap<String, Claims>>,
 }
+
+/// Verified tokens remembered at most (the map is emptied when full).
+const VERIFIED_KEPT: usize = 4096;
 
 impl Verifier {
     /// Load the keys named in `[auth]`. No key at all is allowed (every
@@ -136,11 +146,33 @@ impl Verifier {
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
             leeway: cfg.leeway_secs,
+            verified: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
     /// Check signature, algorithm, `exp`, `iss` and `aud`; return the claims.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        let mut verified = self.verified.lock().expect("verified tokens lock");
+        if let Some(claims) = verified.get(token) {
+            // As jsonwebtoken judges expiry.
+            if claims.exp < now.saturating_sub(self.leeway) {
+                verified.remove(token);
+                return Err(TokenError::Expired);
+            }
+            return Ok(claims.clone());
+        }
+        drop(verified);
+        let claims = self.verify_signed(token)?;
+        let mut verified = self.verified.lock().expect("verified tokens lock");
+        if verified.len() >= VERIFIED_KEPT {
+            verified.clear();
+        }
+        verified.insert(token.to_string(), claims.clone());
+        Ok(claims)
+    }
+
+    fn verify_signed(&self, token: &str) -> Result<Claims, TokenError> {
         use jsonwebtoken::errors::ErrorKind;
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         // A token naming a key id is checked against that key only.
@@ -246,6 +278,38 @@ pub fn mint(
 mod tests {
     use super::*;
     use jsonwebtoken::{DecodingKey, Validation};
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let cfg = AuthConfig {
+            hs256_secret: Some("s3cret-for-tests-only".into()),
+            ..AuthConfig::default()
+        };
+        let verifier = Verifier::from_config(&cfg).unwrap();
+        let t = mint(
+            &cfg,
+            "HOSP1",
+            "dr.ito",
+            Role::Clinician,
+            Duration::from_secs(3600),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        let first = verifier.verify(&t).unwrap();
+        assert_eq!(verifier.verify(&t).unwrap(), first, "remembered");
+        // The same token once its expiry (and the leeway) has passed.
+        let mut old = first.clone();
+        old.exp = jsonwebtoken::get_current_timestamp() - cfg.leeway_secs - 1;
+        verifier.verified.lock().unwrap().insert(t.clone(), old);
+        assert_eq!(verifier.verify(&t), Err(TokenError::Expired));
+        // Forgotten, and checked in full again (it is in fact still valid).
+        assert_eq!(verifier.verify(&t).unwrap(), first);
+        // A token differing in one byte of its signature is not taken for it.
+        let at = t.len() - 10;
+        let swapped = if &t[at..at + 1] == "A" { "B" } else { "A" };
+        let forged = format!("{}{swapped}{}", &t[..at], &t[at + 1..]);
+        assert_eq!(verifier.verify(&forged), Err(TokenError::BadSignature));
+    }
 
     #[test]
     fn minted_token_carries_the_claims_and_verifies() {
