@@ -279,22 +279,28 @@ mod tests {
     use super::*;
     use jsonwebtoken::{DecodingKey, Validation};
 
-    #[test]
-    fn a_remembered_token_still_expires() {
+    /// A configuration with a test secret, and a clinician's token valid for an hour.
+    fn config_and_token(institution: &str, user: &str) -> (AuthConfig, String) {
         let cfg = AuthConfig {
             hs256_secret: Some("s3cret-for-tests-only".into()),
             ..AuthConfig::default()
         };
-        let verifier = Verifier::from_config(&cfg).unwrap();
         let t = mint(
             &cfg,
-            "HOSP1",
-            "dr.ito",
+            institution,
+            user,
             Role::Clinician,
             Duration::from_secs(3600),
             std::time::SystemTime::now(),
         )
         .unwrap();
+        (cfg, t)
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let (cfg, t) = config_and_token("HOSP1", "dr.ito");
+        let verifier = Verifier::from_config(&cfg).unwrap();
         let first = verifier.verify(&t).unwrap();
         assert_eq!(verifier.verify(&t).unwrap(), first, "remembered");
         // The same token once its expiry (and the leeway) has passed.
@@ -313,19 +319,7 @@ mod tests {
 
     #[test]
     fn minted_token_carries_the_claims_and_verifies() {
-        let cfg = AuthConfig {
-            hs256_secret: Some("s3cret-for-tests-only".into()),
-            ..AuthConfig::default()
-        };
-        let t = mint(
-            &cfg,
-            "HOSP3",
-            "dr.sato",
-            Role::Clinician,
-            Duration::from_secs(3600),
-            std::time::SystemTime::now(),
-        )
-        .unwrap();
+        let (cfg, t) = config_and_token("HOSP3", "dr.sato");
         let mut v = Validation::new(Algorithm::HS256);
         v.set_issuer(&[&cfg.issuer]);
         v.set_audience(&[&cfg.audience]);
