@@ -13,7 +13,6 @@ fn main() -> ExitCode {
         unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(async_workers())
         .enable_all()
         .build()
     {
@@ -27,25 +26,4 @@ fn main() -> ExitCode {
         tsunagu::telemetry::init_logging();
         tsunagu::cli::run(tsunagu::cli::Cli::parse()).await
     })
-}
-
-/// Async worker threads: one core fewer than the machine has (at least one),
-/// leaving a core to the blocking pool — the spool workers that write, hash
-/// and parse received objects, fsync waits, long index reads — unless
-/// `TOKIO_WORKER_THREADS` says otherwise. On this project's 2-core machine,
-/// two async workers woke each other for every request: one took a short
-/// search's server time from 203-217 to 164-172 µs and let one CT association
-/// store 14 % more per second; four associations stored as many.
-fn async_workers() -> usize {
-    if let Some(n) = std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| *n > 0)
-    {
-        return n;
-    }
-    std::thread::available_parallelism()
-        .map(|n| n.get().saturating_sub(1))
-        .unwrap_or(1)
-        .max(1)
 }

@@ -333,7 +333,8 @@ impl Index {
         search::instances(&self.reader, scope, study_uid, series_uid, sop_uid).await
     }
 
-    /// The visible studies and instances of a metadata answer, in order.
+    /// The studies and instances at a resource that `scope` shows, in order:
+    /// a metadata answer's (and, unrestricted, what a refused request named).
     pub async fn metadata_list(
         &self,
         scope: &search::Scope,

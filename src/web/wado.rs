@@ -93,8 +93,8 @@ fn encoding_for(stored_ts: &str, requested: Option<&str>) -> Option<Encoding> {
 }
 
 /// The instances at `at` the caller may see (404 if none), each with the
-/// coercion it is shown under if it is another institution's. The access
-/// (or its refusal) is audited as `action`.
+/// coercion it is shown under if it is another institution's. The retrieve
+/// (or its refusal) is audited.
 async fn visible_instances(
     hub: &Hub,
     caller: &Caller,
@@ -104,33 +104,35 @@ async fn visible_instances(
     let scope = super::scope_of(hub, caller).await?;
     let (study, series, sop) = at.uids();
     let found = hub.index.instances(&scope, study, series, sop).await?;
-    let detail = at.audit_detail();
-    if found.is_empty() {
-        refused(hub, caller, Action::Retrieve, at, detail).await?;
-        return Err(WebError::NotFound);
-    }
-    let mut detail = detail;
-    detail["instances"] = json!(found.len());
-    super::audit(
+    audit_found(
         hub,
         caller,
         Action::Retrieve,
-        Outcome::Success,
+        at,
+        found.len(),
         audit_objects(&found),
-        detail,
-    );
+    )
+    .await?;
     Ok(found)
 }
 
-/// Audit a request that found nothing visible: absent and hidden answer
-/// alike (404), the trail tells them apart.
-async fn refused(
+/// Audit a request for `at` that found `count` visible instances of the
+/// patients and studies `objects`; none is a 404, absent and hidden alike
+/// (the trail tells them apart).
+async fn audit_found(
     hub: &Hub,
     caller: &Caller,
     action: Action,
     at: &Resource,
-    detail: serde_json::Value,
+    count: usize,
+    objects: Vec<AuditObject>,
 ) -> Result<(), WebError> {
+    let mut detail = at.audit_detail();
+    if count > 0 {
+        detail["instances"] = json!(count);
+        super::audit(hub, caller, action, Outcome::Success, objects, detail);
+        return Ok(());
+    }
     let (study, series, sop) = at.uids();
     let hidden = hub
         .index
@@ -149,7 +151,7 @@ async fn refused(
         metadata_objects(&hidden),
         detail,
     );
-    Ok(())
+    Err(WebError::NotFound)
 }
 
 /// The patients (as their owners know them) and studies of a metadata list.
@@ -188,21 +190,15 @@ async fn visible_metadata(
     let scope = super::scope_of(hub, caller).await?;
     let (study, series, sop) = at.uids();
     let list = hub.index.metadata_list(&scope, study, series, sop).await?;
-    let detail = at.audit_detail();
-    if list.instances.is_empty() {
-        refused(hub, caller, Action::Access, at, detail).await?;
-        return Err(WebError::NotFound);
-    }
-    let mut detail = detail;
-    detail["instances"] = json!(list.instances.len());
-    super::audit(
+    audit_found(
         hub,
         caller,
         Action::Access,
-        Outcome::Success,
+        at,
+        list.instances.len(),
         metadata_objects(&list),
-        detail,
-    );
+    )
+    .await?;
     Ok(list)
 }
 
