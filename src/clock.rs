@@ -37,7 +37,20 @@ impl Clock {
 /// The stored form of a time: UTC, microseconds, fixed width, so that text
 /// order is time order in both index engines.
 pub fn stamp(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    // Written field by field: chrono's `format` parses its pattern on every
+    // call, and every search and audit event takes a stamp.
+    use chrono::{Datelike, Timelike};
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        // A leap second is second 60: chrono keeps it as nanoseconds past 10^9.
+        t.second() + t.nanosecond() / 1_000_000_000,
+        t.nanosecond() % 1_000_000_000 / 1000
+    )
 }
 
 /// Parse an RFC 3339 time from an API request into UTC.
@@ -61,5 +74,13 @@ mod tests {
         c.set(Some(a));
         c.advance(chrono::Duration::hours(4));
         assert_eq!(stamp(c.now()), "2026-11-25T04:00:00.000000Z");
+        // The same text as chrono's pattern, leap second included.
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .and_then(|d| d.and_hms_nano_opt(23, 59, 59, 1_234_567_891))
+            .unwrap()
+            .and_utc();
+        for t in [a, b, leap, Utc::now(), DateTime::UNIX_EPOCH] {
+            assert_eq!(stamp(t), t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string());
+        }
     }
 }

@@ -1101,66 +1101,77 @@ fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
     conds.join(" AND ")
 }
 
-fn patient_row(r: &Row, at: usize) -> PatientRow {
+// The rows' values move into the hits: no value is copied twice.
+fn patient_row(r: &mut Row, at: usize) -> PatientRow {
+    let patient_id = r.take_text(at + 2);
+    let owner_patient_id = patient_id.clone();
     PatientRow {
-        institution: r.text(at),
-        issuer: r.text(at + 1),
-        patient_id: r.text(at + 2),
-        name: [r.opt_text(at + 3), r.opt_text(at + 4), r.opt_text(at + 5)],
-        birth_date: r.opt_text(at + 6),
-        sex: r.opt_text(at + 7),
+        institution: r.take_text(at),
+        issuer: r.take_text(at + 1),
+        patient_id,
+        name: [
+            r.take_opt_text(at + 3),
+            r.take_opt_text(at + 4),
+            r.take_opt_text(at + 5),
+        ],
+        birth_date: r.take_opt_text(at + 6),
+        sex: r.take_opt_text(at + 7),
         other_patient_ids: r
             .opt_text(at + 8)
             .and_then(|j| serde_json::from_str(&j).ok())
             .unwrap_or_default(),
         presented: false,
-        owner_patient_id: r.text(at + 2),
+        owner_patient_id,
     }
 }
 
-fn study_row(r: &Row, at: usize) -> (i64, StudyRow) {
+fn study_row(r: &mut Row, at: usize) -> (i64, StudyRow) {
     (
         r.int(at),
         StudyRow {
-            study_uid: r.text(at + 1),
-            date: r.opt_text(at + 2),
-            time: r.opt_text(at + 3),
-            accession_number: r.opt_text(at + 4),
-            study_id: r.opt_text(at + 5),
-            description: r.opt_text(at + 6),
-            referring: [r.opt_text(at + 7), r.opt_text(at + 8), r.opt_text(at + 9)],
+            study_uid: r.take_text(at + 1),
+            date: r.take_opt_text(at + 2),
+            time: r.take_opt_text(at + 3),
+            accession_number: r.take_opt_text(at + 4),
+            study_id: r.take_opt_text(at + 5),
+            description: r.take_opt_text(at + 6),
+            referring: [
+                r.take_opt_text(at + 7),
+                r.take_opt_text(at + 8),
+                r.take_opt_text(at + 9),
+            ],
             ..StudyRow::default()
         },
     )
 }
 
-fn series_row(r: &Row, at: usize) -> (i64, SeriesRow) {
+fn series_row(r: &mut Row, at: usize) -> (i64, SeriesRow) {
     (
         r.int(at),
         SeriesRow {
-            series_uid: r.text(at + 1),
-            modality: r.opt_text(at + 2),
+            series_uid: r.take_text(at + 1),
+            modality: r.take_opt_text(at + 2),
             number: r.opt_int(at + 3),
-            description: r.opt_text(at + 4),
-            date: r.opt_text(at + 5),
-            time: r.opt_text(at + 6),
-            pps_start_date: r.opt_text(at + 7),
-            pps_start_time: r.opt_text(at + 8),
-            body_part: r.opt_text(at + 9),
-            request_attributes: r.opt_text(at + 10),
+            description: r.take_opt_text(at + 4),
+            date: r.take_opt_text(at + 5),
+            time: r.take_opt_text(at + 6),
+            pps_start_date: r.take_opt_text(at + 7),
+            pps_start_time: r.take_opt_text(at + 8),
+            body_part: r.take_opt_text(at + 9),
+            request_attributes: r.take_opt_text(at + 10),
             instance_count: 0,
         },
     )
 }
 
-fn instance_row(r: &Row, at: usize) -> (i64, InstanceRow) {
+fn instance_row(r: &mut Row, at: usize) -> (i64, InstanceRow) {
     (
         r.int(at),
         InstanceRow {
-            sop_uid: r.text(at + 1),
-            sop_class_uid: r.text(at + 2),
+            sop_uid: r.take_text(at + 1),
+            sop_class_uid: r.take_text(at + 2),
             number: r.opt_int(at + 3),
-            transfer_syntax: r.text(at + 4),
+            transfer_syntax: r.take_text(at + 4),
             frames: r.opt_int(at + 5),
             rows: r.opt_int(at + 6),
             columns: r.opt_int(at + 7),
@@ -1330,7 +1341,7 @@ pub async fn explain(
 /// `COUNT_CAP`).
 pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, IndexError> {
     let limit = s.limit as usize;
-    let (rows, remaining) = if single_statement(reader, s) {
+    let (mut rows, remaining) = if single_statement(reader, s) {
         let (sql, q) = page_sql(reader, s, scope);
         let mut rows = q.fetch(reader, sql).await?;
         let more = rows.len() > limit;
@@ -1362,7 +1373,7 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
         Level::Instance => 39 + 3,
     };
     let hits: Vec<Hit> = rows
-        .iter()
+        .iter_mut()
         .map(|r| {
             let patient = patient_row(r, 0);
             let (study_ref, mut study) = study_row(r, 9);
@@ -1384,7 +1395,7 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
                     study.series_count = r.int(c);
                     study.instance_count = r.int(c + 1);
                     let mut modalities: Vec<String> = r
-                        .opt_text(c + 2)
+                        .take_opt_text(c + 2)
                         .map(|m| m.split(',').map(str::to_string).collect())
                         .unwrap_or_default();
                     modalities.sort();
