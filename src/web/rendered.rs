@@ -33,6 +33,15 @@ impl Rendered {
         self.text.len()
     }
 
+    /// Start an element of `vr`: `{"vr":"VR"`, its values to follow.
+    fn start_vr(&mut self, vr: &str) -> usize {
+        let from = self.start();
+        self.text.push_str("{\"vr\":\"");
+        self.text.push_str(vr);
+        self.text.push('"');
+        from
+    }
+
     /// Keep the text from `from` on as the element `tag`, replacing an
     /// earlier one of the same tag.
     fn finish(&mut self, tag: Cow<'static, str>, from: usize) {
@@ -53,67 +62,54 @@ impl Rendered {
 
     /// A string-valued element (`None`: present without a value).
     pub fn text(&mut self, tag: &'static str, vr: &str, v: Option<&str>) {
-        let from = self.start();
-        let el = &mut self.text;
-        el.push_str("{\"vr\":\"");
-        el.push_str(vr);
-        match v {
-            Some(s) => {
-                el.push_str("\",\"Value\":[");
-                push_json_str(el, s);
-                el.push_str("]}");
-            }
-            None => el.push_str("\"}"),
+        self.texts_of(tag, vr, v.into_iter());
+    }
+
+    /// A code-string element of several values (`[]`: without a value).
+    pub fn texts(&mut self, tag: &'static str, vr: &str, values: &[String]) {
+        self.texts_of(tag, vr, values.iter().map(String::as_str));
+    }
+
+    fn texts_of<'v>(&mut self, tag: &'static str, vr: &str, values: impl Iterator<Item = &'v str>) {
+        let from = self.start_vr(vr);
+        let mut any = false;
+        for v in values {
+            self.text.push_str(if any { "," } else { ",\"Value\":[" });
+            any = true;
+            push_json_str(&mut self.text, v);
         }
+        self.text.push_str(if any { "]}" } else { "}" });
         self.finish(Cow::Borrowed(tag), from);
     }
 
     /// A number-valued element (`None`: present without a value).
     pub fn int(&mut self, tag: &'static str, vr: &str, v: Option<i64>) {
-        let from = self.start();
-        let el = &mut self.text;
-        el.push_str("{\"vr\":\"");
-        el.push_str(vr);
+        let from = self.start_vr(vr);
         match v {
             Some(n) => {
-                let _ = write!(el, "\",\"Value\":[{n}]}}");
+                // Writing into a `String` cannot fail.
+                let _ = write!(self.text, ",\"Value\":[{n}]}}");
             }
-            None => el.push_str("\"}"),
+            None => self.text.push('}'),
         }
         self.finish(Cow::Borrowed(tag), from);
     }
 
     /// A PN element with only its non-empty component groups.
     pub fn person_name(&mut self, tag: &'static str, groups: &[Option<String>; 3]) {
-        let from = self.start();
-        let el = &mut self.text;
-        el.push_str("{\"vr\":\"PN\"");
+        let from = self.start_vr("PN");
         let mut first = true;
         for (name, v) in ["Alphabetic", "Ideographic", "Phonetic"].iter().zip(groups) {
             if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
-                el.push_str(if first { ",\"Value\":[{\"" } else { ",\"" });
+                self.text
+                    .push_str(if first { ",\"Value\":[{\"" } else { ",\"" });
                 first = false;
-                el.push_str(name);
-                el.push_str("\":");
-                push_json_str(el, v);
+                self.text.push_str(name);
+                self.text.push_str("\":");
+                push_json_str(&mut self.text, v);
             }
         }
-        el.push_str(if first { "}" } else { "}]}" });
-        self.finish(Cow::Borrowed(tag), from);
-    }
-
-    /// A code-string element of several values (`[]`: without a value).
-    pub fn texts(&mut self, tag: &'static str, vr: &str, values: &[String]) {
-        let from = self.start();
-        let el = &mut self.text;
-        el.push_str("{\"vr\":\"");
-        el.push_str(vr);
-        el.push('"');
-        for (i, v) in values.iter().enumerate() {
-            el.push_str(if i == 0 { ",\"Value\":[" } else { "," });
-            push_json_str(el, v);
-        }
-        el.push_str(if values.is_empty() { "}" } else { "]}" });
+        self.text.push_str(if first { "}" } else { "}]}" });
         self.finish(Cow::Borrowed(tag), from);
     }
 
