@@ -40,9 +40,19 @@ pub fn stamp(t: DateTime<Utc>) -> String {
     // Written field by field: chrono's `format` parses its pattern on every
     // call, and every search and audit event takes a stamp.
     use chrono::{Datelike, Timelike};
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        t.year(),
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(27);
+    let year = t.year();
+    // Writing into a `String` cannot fail. Outside 0..=9999 the year has a
+    // sign, as chrono writes `%Y`.
+    let _ = if (0..=9999).contains(&year) {
+        write!(out, "{year:04}")
+    } else {
+        write!(out, "{year:+05}")
+    };
+    let _ = write!(
+        out,
+        "-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
         t.month(),
         t.day(),
         t.hour(),
@@ -50,7 +60,8 @@ pub fn stamp(t: DateTime<Utc>) -> String {
         // A leap second is second 60: chrono keeps it as nanoseconds past 10^9.
         t.second() + t.nanosecond() / 1_000_000_000,
         t.nanosecond() % 1_000_000_000 / 1000
-    )
+    );
+    out
 }
 
 /// Parse an RFC 3339 time from an API request into UTC.
@@ -79,7 +90,17 @@ mod tests {
             .and_then(|d| d.and_hms_nano_opt(23, 59, 59, 1_234_567_891))
             .unwrap()
             .and_utc();
-        for t in [a, b, leap, Utc::now(), DateTime::UNIX_EPOCH] {
+        let year = |y| {
+            chrono::NaiveDate::from_ymd_opt(y, 1, 2)
+                .and_then(|d| d.and_hms_opt(3, 4, 5))
+                .unwrap()
+                .and_utc()
+        };
+        let extremes = [year(-1), year(0), year(999), year(10_000)];
+        for t in [a, b, leap, Utc::now(), DateTime::UNIX_EPOCH]
+            .into_iter()
+            .chain(extremes)
+        {
             assert_eq!(stamp(t), t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string());
         }
     }
