@@ -683,6 +683,7 @@ async fn network_scenario(backend: Backend) {
     for bad in [
         "/audit?limit=0",
         "/audit?from=yesterday",
+        "/audit?to=9999-12-31T23:59:59-01:00",
         "/audit?offset=-1",
     ] {
         let (st, problem) = admin_get(&hub, "HOSP2", bad).await;

@@ -180,11 +180,19 @@ pub struct DisclosureRequest {
 }
 
 fn time_field(name: &str, v: &str) -> Result<chrono::DateTime<chrono::Utc>, WebError> {
-    clock::parse(v).ok_or_else(|| {
+    use chrono::Datelike;
+    let t = clock::parse(v).ok_or_else(|| {
         WebError::BadRequest(format!(
             "{name}: {v:?} is not an RFC 3339 date-time (2026-11-25T10:00:00+09:00)"
         ))
-    })
+    })?;
+    // Stored times compare as text, which holds for four-digit years only.
+    if !(1..=9999).contains(&t.year()) {
+        return Err(WebError::BadRequest(format!(
+            "{name}: {v:?} is outside the years 0001-9999 (in UTC)"
+        )));
+    }
+    Ok(t)
 }
 
 /// `POST /api/disclosures`
