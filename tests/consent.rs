@@ -682,13 +682,34 @@ async fn network_scenario(backend: Backend) {
     assert!(events.iter().all(|e| in_window.contains(&&e["seq"])));
     for bad in [
         "/audit?limit=0",
+        "/audit?limit=abc",
         "/audit?from=yesterday",
         "/audit?to=9999-12-31T23:59:59-01:00",
         "/audit?offset=-1",
+        // An unknown filter would otherwise return the whole trail.
+        "/audit?patientId=A-H2",
+        "/audit?patient_id=A%00",
+        "/disclosures?patient=A-H2",
+        "/patients/A%00",
     ] {
         let (st, problem) = admin_get(&hub, "HOSP2", bad).await;
         assert_eq!(st, 400, "{bad}: {problem}");
+        assert_eq!(problem["status"], 400, "{bad}: a problem body");
     }
+    // The filter is trimmed as the trail's objects are.
+    let (_, padded) = admin_get(&hub, "HOSP2", "/audit?limit=1000&patient_id=%20A-H2%20").await;
+    let (_, plain) = admin_get(&hub, "HOSP2", "/audit?limit=1000&patient_id=A-H2").await;
+    // (Each read of the trail is itself in it: compare the others.)
+    let others = |v: &Value| -> Vec<Value> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] != "read-audit")
+            .map(|e| e["seq"].clone())
+            .collect()
+    };
+    assert!(!others(&plain).is_empty());
+    assert_eq!(others(&padded), others(&plain));
     // Verification reads a consistent end even while events are appended.
     let during = tsunagu::audit::chain::verify(&hub.hub.index).await.unwrap();
     assert_eq!(during.broken_at, None);
@@ -927,6 +948,19 @@ async fn break_glass_is_off_unless_configured_time_boxed_and_audited() {
     )
     .await;
     assert_eq!(st, 400, "a reason is required");
+    // A reason is text: control characters or a book are refused.
+    for reason in ["\u{7}\u{7}\u{7}\u{7}".to_string(), "x".repeat(1025)] {
+        let (st, problem) = api(
+            &hub,
+            "HOSP3",
+            Role::Clinician,
+            reqwest::Method::POST,
+            "/break-glass",
+            Some(json!({"patient_id": "A-H1", "institution": "HOSP1", "reason": reason})),
+        )
+        .await;
+        assert_eq!(st, 400, "{problem}");
+    }
     let (st, grant) = api(
         &hub,
         "HOSP3",

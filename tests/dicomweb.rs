@@ -250,6 +250,12 @@ async fn another_institutions_objects_are_absent() {
         let (s, _) = get_as(&hub, "HOSP1", &path, accept).await;
         assert_eq!(s, 200, "{path}");
     }
+    // A one-frame CT: a frame past it, or a list naming more frames than it
+    // has (one frame again and again), is a bad request.
+    for frames in ["2", "1,1"] {
+        let (s, _) = get_as(&hub, "HOSP1", &format!("{i}/frames/{frames}"), octet).await;
+        assert_eq!(s, 400, "frames/{frames}");
+    }
     // Another institution: searches are empty, everything else is 404 with
     // exactly the body of a UID that does not exist.
     for q in [
@@ -459,10 +465,16 @@ async fn qido_matching(backend: Backend) {
         "StudyInstanceUID=1.2.abc",
         "SeriesNumber=one",
         "includefield=NoSuchKeyword",
+        // NUL is in no value (PostgreSQL refuses it in text).
+        "PatientID=%00",
+        "PatientName=A%00*",
+        &format!("PatientName={}", "A*".repeat(9000)),
     ] {
         let (s, _, _) = qido(&hub, &format!("/studies?{q}")).await;
         assert_eq!(s, 400, "{q}");
     }
+    let (s, _, _) = qido(&hub, "/studies/1.2%00/series").await;
+    assert_eq!(s, 400, "NUL in a path");
     // Unsupported attribute as a key: ignored, with a Warning.
     let (s, items, warnings) = qido(&hub, "/studies?PatientAge=050Y").await;
     assert_eq!((s.as_u16(), items.len()), (200, 9));

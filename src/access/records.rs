@@ -49,6 +49,28 @@ pub fn valid_patient_id(id: &str) -> Result<&str, RecordError> {
     Ok(t)
 }
 
+/// Free text an administrator or clinician states (a consent reference, a
+/// break-glass reason): `min` to `max` characters once trimmed, no control
+/// characters (it is stored, audited and shown again).
+fn valid_statement<'a>(
+    what: &str,
+    text: &'a str,
+    min: usize,
+    max: usize,
+) -> Result<&'a str, RecordError> {
+    let t = text.trim();
+    let n = t.chars().count();
+    if n < min || n > max || t.chars().any(char::is_control) {
+        return Err(RecordError::Invalid(format!(
+            "{what} must be {min} to {max} characters without control characters"
+        )));
+    }
+    Ok(t)
+}
+
+/// Longest consent reference or break-glass reason kept.
+pub const STATEMENT_MAX: usize = 1024;
+
 /// A link of the caller's, as the API shows it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Link {
@@ -411,11 +433,7 @@ impl Records<'_> {
                 "an institution does not disclose to itself".into(),
             ));
         }
-        if d.consent_reference.trim().is_empty() {
-            return Err(RecordError::Invalid(
-                "consent_reference must name the patient's consent".into(),
-            ));
-        }
+        valid_statement("consent_reference", d.consent_reference, 1, STATEMENT_MAX)?;
         if d.consented_at > now {
             return Err(RecordError::Invalid(
                 "consented_at lies in the future".into(),
@@ -572,11 +590,7 @@ impl Records<'_> {
                 ))
             })?;
         let patient_id = valid_patient_id(patient_id)?;
-        if reason.trim().len() < 4 {
-            return Err(RecordError::Invalid(
-                "break-glass access needs a stated reason".into(),
-            ));
-        }
+        let reason = valid_statement("a break-glass reason", reason, 4, STATEMENT_MAX)?;
         let grant = Grant {
             id: uuid::Uuid::new_v4().to_string(),
             user: user.to_string(),

@@ -40,8 +40,30 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Self(v)),
+            Err(e) if e.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                Err(WebError::UnsupportedMediaType(e.body_text()))
+            }
             Err(e) => Err(WebError::BadRequest(e.body_text())),
         }
+    }
+}
+
+/// Query parameters whose rejection (a malformed value, an unknown or a
+/// repeated parameter) is a problem body like every other error.
+pub struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S>
+    for Params<T>
+{
+    type Rejection = WebError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Query::<T>::try_from_uri(&parts.uri)
+            .map(|Query(v)| Self(v))
+            .map_err(|e| WebError::BadRequest(e.body_text()))
     }
 }
 
@@ -260,6 +282,7 @@ pub async fn revoke(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DisclosureQuery {
     patient_id: Option<String>,
     direction: Option<String>,
@@ -269,7 +292,7 @@ pub struct DisclosureQuery {
 pub async fn disclosures(
     State(hub): State<Arc<Hub>>,
     caller: Caller,
-    Query(q): Query<DisclosureQuery>,
+    Params(q): Params<DisclosureQuery>,
 ) -> Result<Response, WebError> {
     caller.require(&[Role::Admin], "read disclosures")?;
     let direction = match q.direction.as_deref().unwrap_or("given") {
@@ -286,7 +309,7 @@ pub async fn disclosures(
         .disclosures(
             &caller.institution,
             direction,
-            q.patient_id.as_deref(),
+            q.patient_id.as_deref().map(str::trim),
             hub.clock.now(),
         )
         .await?;
@@ -340,6 +363,7 @@ pub async fn break_glass(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     patient_id: Option<String>,
     user: Option<String>,
@@ -356,7 +380,7 @@ const AUDIT_PAGE_MAX: i64 = 1000;
 pub async fn audit_trail(
     State(hub): State<Arc<Hub>>,
     caller: Caller,
-    Query(q): Query<AuditQuery>,
+    Params(q): Params<AuditQuery>,
 ) -> Result<Response, WebError> {
     caller.require(&[Role::Admin], "read the audit trail")?;
     let stamp = |name: &str, v: &Option<String>| {
@@ -372,8 +396,9 @@ pub async fn audit_trail(
     }
     let filter = crate::audit::trail::Filter {
         institution: caller.institution.code.clone(),
-        patient_id: q.patient_id.clone(),
-        user: q.user.clone(),
+        // Stored as the trail keeps them: trimmed.
+        patient_id: q.patient_id.as_deref().map(|v| v.trim().to_string()),
+        user: q.user.as_deref().map(|v| v.trim().to_string()),
         from: stamp("from", &q.from)?,
         to: stamp("to", &q.to)?,
         limit,

@@ -195,6 +195,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/openapi.json", get(admin::openapi))
         .merge(authenticated)
         .layer(compression)
+        .layer(middleware::from_fn(refuse_nul))
         .with_state(hub);
     // tower-http's CORS layer answers every OPTIONS itself; only real
     // preflights (with Origin and Access-Control-Request-Method) may go to
@@ -222,6 +223,29 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
         ]))
+}
+
+/// A NUL (`%00`) anywhere in the path or query is refused before any
+/// handler sees it: no identifier, UID or matching value holds one, and
+/// PostgreSQL rejects it in text (which would read as the index being
+/// unavailable).
+async fn refuse_nul(
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let raw = req.uri().path_and_query().map_or("", |p| p.as_str());
+    if raw
+        .as_bytes()
+        .windows(3)
+        .any(|w| w.eq_ignore_ascii_case(b"%00"))
+    {
+        return WebError::BadRequest(
+            "a request's path and query must not contain NUL (%00)".into(),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 fn cors_layer(origins: &[String]) -> CorsLayer {

@@ -56,6 +56,11 @@ fn tag_of(key: &str) -> Option<String> {
     Some(format!("{:04X}{:04X}", t.group(), t.element()))
 }
 
+/// Longest matching value accepted (bytes). The longest single DICOM value
+/// matched here is 64 characters; this leaves room for lists of ~250 UIDs
+/// and keeps every wildcard pattern far below SQLite's LIKE limit (50,000).
+const QUERY_VALUE_MAX: usize = 16 * 1024;
+
 fn parse_query(raw: Option<&str>) -> Result<Query, WebError> {
     let pairs: Vec<(String, String)> = url::form_urlencoded::parse(raw.unwrap_or("").as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -102,6 +107,11 @@ fn parse_query(raw: Option<&str>) -> Result<Query, WebError> {
                 if let Some(attr) = Attr::from_key(k) {
                     if !seen.insert(attr) {
                         continue; // the first value of a repeated key counts
+                    }
+                    if v.len() > QUERY_VALUE_MAX {
+                        return Err(WebError::bad_request(format!(
+                            "{k}: a matching value may be at most {QUERY_VALUE_MAX} bytes"
+                        )));
                     }
                     if let Some(tag) = tag_of(k) {
                         q.include.insert(tag);

@@ -600,6 +600,14 @@ pub async fn frames(
             "frame {bad} is out of range: the instance has {count} frame(s)"
         )));
     }
+    // Each listed frame is read (and perhaps decoded) again: a list longer
+    // than the instance's frames repeats some, and a short URL could ask for
+    // one frame tens of thousands of times.
+    if numbers.len() > count {
+        return Err(WebError::bad_request(format!(
+            "a frame list names at most as many frames as the instance has ({count})"
+        )));
+    }
     let bits = inst.bits_allocated.unwrap_or(8).max(1) as usize;
     let part_type = negotiate_frames(&accept, &inst.transfer_syntax, layout.encapsulated, bits)?;
     let boundary = multipart::boundary();
