@@ -696,6 +696,18 @@ async fn network_scenario(backend: Backend) {
         assert_eq!(st, 400, "{bad}: {problem}");
         assert_eq!(problem["status"], 400, "{bad}: a problem body");
     }
+    // A body that is not JSON by its media type: 415, with a problem body.
+    let r = client()
+        .post(format!("{}/api/links", hub.http()))
+        .bearer_auth(hub.token("HOSP2", Role::Admin))
+        .header(reqwest::header::CONTENT_TYPE, "text/plain")
+        .body(r#"{"patient_id": "A-H2"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    let problem: Value = r.json().await.unwrap();
+    assert_eq!(problem["status"], 415);
     // The filter is trimmed as the trail's objects are.
     let (_, padded) = admin_get(&hub, "HOSP2", "/audit?limit=1000&patient_id=%20A-H2%20").await;
     let (_, plain) = admin_get(&hub, "HOSP2", "/audit?limit=1000&patient_id=A-H2").await;
