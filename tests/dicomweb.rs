@@ -1077,6 +1077,36 @@ async fn metadata_validators_compression_and_bulk_ranges() {
         format!("bytes 100-199/{}", pixels.len())
     );
     assert_eq!(r.bytes().await.unwrap().to_vec(), pixels[100..200].to_vec());
+    // Past the end: 416 with the length; several ranges, a reversed one or
+    // another unit: ignored, the whole value (RFC 9110).
+    let past = format!("bytes={}-", pixels.len() + 10);
+    let r = get(
+        path.clone(),
+        vec![
+            ("accept", "application/octet-stream".into()),
+            ("range", past),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes */{}", pixels.len())
+    );
+    for ignored in ["bytes=0-1,5-6", "bytes=200-100", "items=0-1"] {
+        let r = get(
+            path.clone(),
+            vec![
+                ("accept", "application/octet-stream".into()),
+                ("range", ignored.into()),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200, "{ignored}");
+        assert_eq!(r.bytes().await.unwrap().to_vec(), pixels, "{ignored}");
+    }
     // A range that is not bulk data of the instance is not served.
     let r = get(
         format!("/studies/{CT_STUDY}/series/{CT_SERIES}/instances/{CT_SOP}/bulk/0/132"),

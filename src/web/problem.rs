@@ -28,6 +28,9 @@ pub enum WebError {
     UnsupportedMediaType(String),
     #[error("the request body exceeds the limit of {0} bytes")]
     PayloadTooLarge(u64),
+    /// A byte range starting past the end of a value of this many bytes.
+    #[error("the requested range starts beyond the {0} bytes of the value")]
+    RangeNotSatisfiable(u64),
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -45,6 +48,7 @@ impl WebError {
             Self::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -111,6 +115,12 @@ impl IntoResponse for WebError {
             };
             if let Ok(v) = HeaderValue::from_str(&challenge) {
                 resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+        }
+        if let Self::RangeNotSatisfiable(len) = &self {
+            // RFC 9110 §15.5.17: the current length.
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
             }
         }
         resp

@@ -840,14 +840,19 @@ pub async fn bulk(
     let (mut start, mut end) = (offset, offset + length);
     let mut status = StatusCode::OK;
     let mut content_range = None;
-    if single && let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-        let (s, e) = parse_range(range, length).ok_or_else(|| {
-            WebError::bad_request(format!("unsatisfiable or unsupported Range {range:?}"))
-        })?;
-        content_range = Some(format!("bytes {s}-{}/{length}", e - 1));
-        start = offset + s;
-        end = offset + e;
-        status = StatusCode::PARTIAL_CONTENT;
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    if single && let Some(range) = range {
+        match parse_range(range, length) {
+            ByteRange::Within(s, e) => {
+                content_range = Some(format!("bytes {s}-{}/{length}", e - 1));
+                start = offset + s;
+                end = offset + e;
+                status = StatusCode::PARTIAL_CONTENT;
+            }
+            ByteRange::Unsatisfiable => return Err(WebError::RangeNotSatisfiable(length)),
+            // RFC 9110 §14.2: a Range a server does not serve is ignored.
+            ByteRange::Ignored => {}
+        }
     }
     let data = hub
         .store
@@ -880,25 +885,49 @@ pub async fn bulk(
     ))
 }
 
-/// One `bytes=` range of a value of `len` bytes, as a half-open range.
-fn parse_range(v: &str, len: u64) -> Option<(u64, u64)> {
-    let spec = v.trim().strip_prefix("bytes=")?;
-    if spec.contains(',') {
-        return None;
-    }
-    let (a, b) = spec.split_once('-')?;
-    let (s, e) = match (a.trim(), b.trim()) {
-        ("", n) => {
-            let n: u64 = n.parse().ok()?;
-            (len.saturating_sub(n), len)
-        }
-        (s, "") => (s.parse().ok()?, len),
-        (s, e) => (
-            s.parse().ok()?,
-            e.parse::<u64>().ok()?.saturating_add(1).min(len),
-        ),
+/// What a Range header asks of a value.
+#[derive(Debug, PartialEq, Eq)]
+enum ByteRange {
+    /// One range, half-open, within the value.
+    Within(u64, u64),
+    /// One range that starts past the end (or an empty suffix): 416.
+    Unsatisfiable,
+    /// Another unit, several ranges, or not a valid range: the whole value
+    /// is sent (RFC 9110 §14.2 lets a server ignore what it does not serve).
+    Ignored,
+}
+
+/// The `bytes=` range of a value of `len` bytes that header value `v` asks for.
+fn parse_range(v: &str, len: u64) -> ByteRange {
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return ByteRange::Ignored;
     };
-    (s < e && s < len).then_some((s, e))
+    let Some((a, b)) = spec.split_once('-').filter(|_| !spec.contains(',')) else {
+        return ByteRange::Ignored;
+    };
+    let number = |t: &str| t.parse::<u64>().ok();
+    match (a.trim(), b.trim()) {
+        ("", n) => match number(n) {
+            Some(0) => ByteRange::Unsatisfiable,
+            Some(n) if len > 0 => ByteRange::Within(len.saturating_sub(n), len),
+            Some(_) => ByteRange::Unsatisfiable,
+            None => ByteRange::Ignored,
+        },
+        (first, last) => {
+            let Some(first) = number(first) else {
+                return ByteRange::Ignored;
+            };
+            let last = match (last, number(last)) {
+                ("", _) => None,
+                (_, Some(l)) if l >= first => Some(l),
+                _ => return ByteRange::Ignored,
+            };
+            if first >= len {
+                return ByteRange::Unsatisfiable;
+            }
+            ByteRange::Within(first, last.map_or(len, |l| l.saturating_add(1).min(len)))
+        }
+    }
 }
 
 // --------------------------------------------------------------- WADO-URI
@@ -992,11 +1021,19 @@ mod tests {
 
     #[test]
     fn ranges() {
-        assert_eq!(parse_range("bytes=0-99", 1000), Some((0, 100)));
-        assert_eq!(parse_range("bytes=-10", 1000), Some((990, 1000)));
-        assert_eq!(parse_range("bytes=990-", 1000), Some((990, 1000)));
-        assert_eq!(parse_range("bytes=1000-", 1000), None);
-        assert_eq!(parse_range("bytes=0-1,5-6", 1000), None);
+        use ByteRange::*;
+        assert_eq!(parse_range("bytes=0-99", 1000), Within(0, 100));
+        assert_eq!(parse_range("bytes=-10", 1000), Within(990, 1000));
+        assert_eq!(parse_range("bytes=-5000", 1000), Within(0, 1000));
+        assert_eq!(parse_range("bytes=990-", 1000), Within(990, 1000));
+        assert_eq!(parse_range("bytes=990-5000", 1000), Within(990, 1000));
+        assert_eq!(parse_range("bytes=1000-", 1000), Unsatisfiable);
+        assert_eq!(parse_range("bytes=5000-6000", 1000), Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 1000), Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-1,5-6", 1000), Ignored);
+        assert_eq!(parse_range("bytes=200-100", 1000), Ignored);
+        assert_eq!(parse_range("items=0-1", 1000), Ignored);
+        assert_eq!(parse_range("bytes=x-1", 1000), Ignored);
     }
 
     #[test]
