@@ -691,6 +691,7 @@ async fn network_scenario(backend: Backend) {
         "/audit?patient_id=A%00",
         "/disclosures?patient=A-H2",
         "/patients/A%00",
+        "/patients/%FF",
     ] {
         let (st, problem) = admin_get(&hub, "HOSP2", bad).await;
         assert_eq!(st, 400, "{bad}: {problem}");

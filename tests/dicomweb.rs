@@ -256,6 +256,11 @@ async fn another_institutions_objects_are_absent() {
         let (s, _) = get_as(&hub, "HOSP1", &format!("{i}/frames/{frames}"), octet).await;
         assert_eq!(s, 400, "frames/{frames}");
     }
+    // A path parameter of the wrong kind: 400 with a problem body.
+    let (s, body) = get_as(&hub, "HOSP1", &format!("{i}/bulk/abc/10"), octet).await;
+    assert_eq!(s, 400);
+    let problem: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(problem["status"], 400);
     // Another institution: searches are empty, everything else is 404 with
     // exactly the body of a UID that does not exist.
     for q in [

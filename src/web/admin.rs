@@ -6,12 +6,13 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::PathParams;
 use super::auth::Caller;
 use super::problem::WebError;
 use crate::access::records::{Direction, NewDisclosure, RecordError};
@@ -149,7 +150,7 @@ pub async fn link(
 pub async fn unlink(
     State(hub): State<Arc<Hub>>,
     caller: Caller,
-    Path(patient_id): Path<String>,
+    PathParams(patient_id): PathParams<String>,
 ) -> Result<Response, WebError> {
     caller.require(&[Role::Admin], "manage patient ID links")?;
     let r = hub
@@ -181,7 +182,7 @@ pub async fn unlink(
 pub async fn patient(
     State(hub): State<Arc<Hub>>,
     caller: Caller,
-    Path(patient_id): Path<String>,
+    PathParams(patient_id): PathParams<String>,
 ) -> Result<Response, WebError> {
     caller.require(&[Role::Admin, Role::Clinician], "read patient ID links")?;
     let view = hub
@@ -259,7 +260,7 @@ pub async fn disclose(
 pub async fn revoke(
     State(hub): State<Arc<Hub>>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Response, WebError> {
     caller.require(&[Role::Admin], "manage disclosures")?;
     let r = hub

@@ -328,6 +328,21 @@ impl<S: Send + Sync> FromRequestParts<S> for Resource {
     }
 }
 
+/// Path parameters whose rejection (not UTF-8, not a number) is a problem
+/// body like every other error.
+pub struct PathParams<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for PathParams<T> {
+    type Rejection = WebError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, WebError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| Self(v))
+            .map_err(|e| WebError::bad_request(e.body_text()))
+    }
+}
+
 /// The public URLs of resources (RetrieveURL, BulkDataURI, Content-Location).
 #[derive(Debug, Clone)]
 pub struct Urls {

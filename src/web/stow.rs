@@ -5,11 +5,12 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use super::PathParams;
 use super::auth::Caller;
 use super::media::{accept_of, parse_accept};
 use super::problem::WebError;
@@ -53,7 +54,7 @@ pub async fn store_in_study(
     caller: Caller,
     urls: Urls,
     headers: HeaderMap,
-    Path(study): Path<String>,
+    PathParams(study): PathParams<String>,
     body: Body,
 ) -> Result<Response, WebError> {
     run(&hub, &caller, &urls, &headers, body, Some(study)).await

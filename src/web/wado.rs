@@ -5,13 +5,14 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 use sha2::{Digest, Sha256};
 
+use super::PathParams;
 use super::auth::Caller;
 use super::media::{self, MediaRange, accept_of};
 use super::multipart::{self, ByteStream, Part};
@@ -578,7 +579,7 @@ pub async fn frames(
     caller: Caller,
     urls: Urls,
     headers: HeaderMap,
-    Path((study, series, instance, list)): Path<(String, String, String, String)>,
+    PathParams((study, series, instance, list)): PathParams<(String, String, String, String)>,
 ) -> Result<Response, WebError> {
     let numbers = parse_frame_list(&list)?;
     let accept = accept_of(&headers);
@@ -806,7 +807,13 @@ pub async fn bulk(
     State(hub): State<Arc<Hub>>,
     caller: Caller,
     headers: HeaderMap,
-    Path((study, series, instance, offset, length)): Path<(String, String, String, u64, u64)>,
+    PathParams((study, series, instance, offset, length)): PathParams<(
+        String,
+        String,
+        String,
+        u64,
+        u64,
+    )>,
 ) -> Result<Response, WebError> {
     let inst = visible_instance(&hub, &caller, &study, &series, &instance).await?;
     // Only ranges that are bulk data of this instance are served.
