@@ -645,12 +645,50 @@ async fn network_scenario(backend: Backend) {
     // was refused (the owner's admins see it, above).
     let (_, own3) = admin_get(&hub, "HOSP3", "/audit?user=user-of-HOSP3&limit=1000").await;
     let own3 = own3.as_array().unwrap();
-    assert!(own3.iter().any(|e| e["outcome"] == "denied"));
     for e in own3.iter().filter(|e| e["outcome"] != "success") {
         for o in e["objects"].as_array().unwrap() {
             assert_eq!(o["patient_institution"], "HOSP3", "{e}");
         }
     }
+    // Nor whether it was refused or absent: the retrieve refused before the
+    // disclosure shows as the failure a retrieve of nothing is.
+    assert!(
+        own3.iter().any(|e| e["action"] == "retrieve"
+            && e["outcome"] == "failure"
+            && e["objects"].as_array().unwrap().is_empty()),
+        "{own3:?}"
+    );
+    assert!(
+        own3.iter()
+            .filter(|e| e["action"] == "retrieve" || e["action"] == "access")
+            .all(|e| e["outcome"] != "denied"),
+        "{own3:?}"
+    );
+    // Another institution's events show who touched what, not what it asked
+    // or how much it got.
+    for e in events.iter().filter(|e| e["institution"] != "HOSP2") {
+        for k in e["detail"].as_object().unwrap().keys() {
+            assert!(
+                [
+                    "level",
+                    "study",
+                    "series",
+                    "instance",
+                    "joined",
+                    "reason",
+                    "expires_at"
+                ]
+                .contains(&k.as_str()),
+                "{e}"
+            );
+        }
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e["institution"] == "HOSP3" && e["action"] == "query"),
+        "HOSP3's searches are still shown"
+    );
     // By user and time; paged; bad parameters are problems.
     let (_, by_user) = admin_get(&hub, "HOSP2", "/audit?user=user-of-HOSP3&limit=1000").await;
     let by_user = by_user.as_array().unwrap();

@@ -117,8 +117,23 @@ pub async fn read_range(
     Ok(events)
 }
 
+/// Detail of another institution's event an admin is shown (the request's
+/// level and UIDs, whether a link joined a record, a break-glass reason).
+const SHOWN_TO_OTHERS: &[&str] = &[
+    "level",
+    "study",
+    "series",
+    "instance",
+    "joined",
+    "reason",
+    "expires_at",
+];
+
 /// A page of the trail for an admin, newest first. Events show other
-/// institutions' objects only where the admin's own user succeeded.
+/// institutions' objects only where the admin's own user succeeded; its own
+/// users' refused requests show as the failures absent data gives; other
+/// institutions' events show only `SHOWN_TO_OTHERS` of their detail. (What
+/// is shown is derived at reading: the stored chain is unchanged.)
 pub async fn query(pool: &AnyPool, f: &Filter) -> Result<Vec<Shown>, IndexError> {
     let mut conds = vec![
         "(e.institution = $1 OR EXISTS (SELECT 1 FROM audit_object o WHERE o.seq = e.seq \
@@ -167,12 +182,32 @@ pub async fn query(pool: &AnyPool, f: &Filter) -> Result<Vec<Shown>, IndexError>
             // own user was shown them: a refused request names what it was
             // refused (for the owner's admins), which the requester's
             // institution must not learn.
-            let saw_them =
-                s.event.institution == f.institution && s.event.outcome == super::Outcome::Success;
+            let own = s.event.institution == f.institution;
+            let saw_them = own && s.event.outcome == super::Outcome::Success;
             if !saw_them {
+                let named = s.event.objects.len();
                 s.event
                     .objects
                     .retain(|o| o.patient_institution == f.institution);
+                // The user was answered 404, as for something absent: its
+                // own institution sees the failure an absent one is, or it
+                // could tell another institution's hidden data from none.
+                if own
+                    && s.event.outcome == super::Outcome::Denied
+                    && named > 0
+                    && s.event.objects.is_empty()
+                {
+                    s.event.outcome = super::Outcome::Failure;
+                }
+            }
+            if !own {
+                // Another institution's request shows who touched what and
+                // why (a break-glass reason), not what it asked or how much
+                // it got: its query may name its own patients, and counts
+                // include objects this admin may not see.
+                if let serde_json::Value::Object(d) = &mut s.event.detail {
+                    d.retain(|k, _| SHOWN_TO_OTHERS.contains(&k.as_str()));
+                }
             }
             let codes = codes::of(s.event.action, s.event.outcome);
             Shown {
