@@ -169,6 +169,8 @@ pub struct Actor {
 pub struct Auditor {
     tx: std::sync::mpsc::Sender<Message>,
     clock: Arc<Clock>,
+    /// Events still being completed off the request (`record_later`).
+    later: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 /// How long an event waits for others to share its commit.
@@ -204,7 +206,11 @@ impl Auditor {
         {
             tracing::error!(error = %e, "cannot start the audit appender");
         }
-        Self { tx, clock }
+        Self {
+            tx,
+            clock,
+            later: Arc::default(),
+        }
     }
 
     /// Queue an event of `actor` for the trail, stamped now.
@@ -241,8 +247,44 @@ impl Auditor {
         }
     }
 
+    /// Queue an event of `actor` whose outcome and objects `classify` finds
+    /// after the request is answered (stamped now, when asked). A refused
+    /// request's answer must not wait for the lookup that tells the trail
+    /// "hidden" from "absent": the wait itself would tell the requester.
+    pub fn record_later(
+        &self,
+        actor: &Actor,
+        action: Action,
+        detail: serde_json::Value,
+        classify: impl std::future::Future<Output = (Outcome, Vec<AuditObject>)> + Send + 'static,
+    ) {
+        let at = crate::clock::stamp(self.clock.now());
+        let (me, actor) = (self.clone(), actor.clone());
+        let task = tokio::spawn(async move {
+            let (outcome, objects) = classify.await;
+            me.record(Event {
+                at,
+                action,
+                outcome,
+                user: actor.user,
+                institution: actor.institution,
+                role: actor.role,
+                client: actor.client,
+                objects,
+                detail,
+            });
+        });
+        let mut later = self.later.lock().expect("audit tasks lock");
+        later.retain(|t| !t.is_finished());
+        later.push(task);
+    }
+
     /// Wait until everything recorded so far is written.
     pub async fn flush(&self) {
+        let later = std::mem::take(&mut *self.later.lock().expect("audit tasks lock"));
+        for task in later {
+            let _ = task.await;
+        }
         let (done, wait) = oneshot::channel();
         if self.tx.send(Message::Flush(done)).is_ok() {
             let _ = wait.await;

@@ -134,24 +134,26 @@ async fn audit_found(
         super::audit(hub, caller, action, Outcome::Success, objects, detail);
         return Ok(());
     }
-    let (study, series, sop) = at.uids();
-    let hidden = hub
-        .index
-        .metadata_list(&Scope::unrestricted_for_audit(), study, series, sop)
-        .await?;
-    let outcome = if hidden.instances.is_empty() {
-        Outcome::Failure
-    } else {
-        Outcome::Denied
-    };
-    super::audit(
-        hub,
-        caller,
-        action,
-        outcome,
-        metadata_objects(&hidden),
-        detail,
-    );
+    // Hidden or absent: found out after the 404 is sent (see
+    // `Auditor::record_later`).
+    let (index, at) = (hub.index.clone(), at.clone());
+    hub.audit
+        .record_later(&caller.actor(), action, detail, async move {
+            let (study, series, sop) = at.uids();
+            match index
+                .metadata_list(&Scope::unrestricted_for_audit(), study, series, sop)
+                .await
+            {
+                Ok(hidden) if !hidden.instances.is_empty() => {
+                    (Outcome::Denied, metadata_objects(&hidden))
+                }
+                Ok(_) => (Outcome::Failure, Vec::new()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "audit: cannot tell a refused request's objects");
+                    (Outcome::Failure, Vec::new())
+                }
+            }
+        });
     Err(WebError::NotFound)
 }
 
