@@ -664,9 +664,19 @@ async fn network_scenario(backend: Backend) {
             .all(|e| e["outcome"] != "denied"),
         "{own3:?}"
     );
+    // Only events shown as stored carry their chain hashes (a changed one's
+    // hashes would tell that it was changed).
+    for e in own3 {
+        let stored_as_shown = e["outcome"] == "success";
+        assert_eq!(e.get("hash").is_some(), stored_as_shown, "{e}");
+    }
     // Another institution's events show who touched what, not what it asked
     // or how much it got.
     for e in events.iter().filter(|e| e["institution"] != "HOSP2") {
+        assert!(
+            e.get("hash").is_none() && e.get("prev_hash").is_none(),
+            "{e}"
+        );
         for k in e["detail"].as_object().unwrap().keys() {
             assert!(
                 [
@@ -1071,6 +1081,24 @@ async fn break_glass_is_off_unless_configured_time_boxed_and_audited() {
     assert_eq!(bg["user"], "user-of-HOSP3");
     assert_eq!(bg["codes"]["event_type"]["code"], "110127");
     assert_eq!(bg["detail"]["reason"], "unconscious in the ER");
+    // Refused reasons are in the trail too, but no longer than a valid one
+    // and without control characters.
+    let (_, all) = admin_get(&hub, "HOSP1", "/audit?patient_id=A-H1&limit=1000").await;
+    let reasons: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "break-glass" && e["outcome"] != "success")
+        .filter_map(|e| e["detail"]["reason"].as_str())
+        .collect();
+    assert!(
+        reasons.contains(&"\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().all(|r| r.chars().count() <= 1024),
+        "{reasons:?}"
+    );
 }
 
 fn well_formed_xml(xml: &str) -> bool {

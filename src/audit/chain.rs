@@ -21,7 +21,10 @@ pub struct Sequenced {
     pub seq: i64,
     #[serde(flatten)]
     pub event: Event,
+    /// Empty (and not serialized) where a view leaves the chain out.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub prev_hash: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub hash: String,
 }
 

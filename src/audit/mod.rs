@@ -169,8 +169,9 @@ pub struct Actor {
 pub struct Auditor {
     tx: std::sync::mpsc::Sender<Message>,
     clock: Arc<Clock>,
-    /// Events still being completed off the request (`record_later`).
-    later: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// Held (shared) by each event still being completed off its request
+    /// (`record_later`); `flush` takes it exclusively to wait for those.
+    later: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// How long an event waits for others to share its commit.
@@ -260,8 +261,28 @@ impl Auditor {
     ) {
         let at = crate::clock::stamp(self.clock.now());
         let (me, actor) = (self.clone(), actor.clone());
-        let task = tokio::spawn(async move {
-            let (outcome, objects) = classify.await;
+        // Taken now, so that a flush from here on waits for this event; if a
+        // flush is already waiting, after it (the event is newer).
+        let held = self.later.clone().try_read_owned().ok();
+        let later = self.later.clone();
+        tokio::spawn(async move {
+            let _held = match held {
+                Some(h) => h,
+                None => later.read_owned().await,
+            };
+            use futures::FutureExt;
+            let (outcome, objects) = match std::panic::AssertUnwindSafe(classify)
+                .catch_unwind()
+                .await
+            {
+                Ok(found) => found,
+                Err(_) => {
+                    tracing::error!(
+                        "audit: finding a refused request's objects failed; recorded without them"
+                    );
+                    (Outcome::Failure, Vec::new())
+                }
+            };
             me.record(Event {
                 at,
                 action,
@@ -274,17 +295,12 @@ impl Auditor {
                 detail,
             });
         });
-        let mut later = self.later.lock().expect("audit tasks lock");
-        later.retain(|t| !t.is_finished());
-        later.push(task);
     }
 
     /// Wait until everything recorded so far is written.
     pub async fn flush(&self) {
-        let later = std::mem::take(&mut *self.later.lock().expect("audit tasks lock"));
-        for task in later {
-            let _ = task.await;
-        }
+        // Every event `record_later` took on before now has been queued.
+        drop(self.later.write().await);
         let (done, wait) = oneshot::channel();
         if self.tx.send(Message::Flush(done)).is_ok() {
             let _ = wait.await;

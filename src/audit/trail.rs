@@ -132,8 +132,9 @@ const SHOWN_TO_OTHERS: &[&str] = &[
 /// A page of the trail for an admin, newest first. Events show other
 /// institutions' objects only where the admin's own user succeeded; its own
 /// users' refused requests show as the failures absent data gives; other
-/// institutions' events show only `SHOWN_TO_OTHERS` of their detail. (What
-/// is shown is derived at reading: the stored chain is unchanged.)
+/// institutions' events show only `SHOWN_TO_OTHERS` of their detail; only
+/// the admin institution's own successes carry their chain hashes. (What is
+/// shown is derived at reading: the stored chain is unchanged.)
 pub async fn query(pool: &AnyPool, f: &Filter) -> Result<Vec<Shown>, IndexError> {
     let mut conds = vec![
         "(e.institution = $1 OR EXISTS (SELECT 1 FROM audit_object o WHERE o.seq = e.seq \
@@ -184,6 +185,13 @@ pub async fn query(pool: &AnyPool, f: &Filter) -> Result<Vec<Shown>, IndexError>
             // institution must not learn.
             let own = s.event.institution == f.institution;
             let saw_them = own && s.event.outcome == super::Outcome::Success;
+            // An event shown as stored carries its hashes. Every other kind
+            // may be shown changed (below), and its hashes would tell which
+            // were: none of that kind carries them.
+            if !saw_them {
+                s.prev_hash.clear();
+                s.hash.clear();
+            }
             if !saw_them {
                 let named = s.event.objects.len();
                 s.event

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use super::PathParams;
 use super::auth::Caller;
 use super::problem::WebError;
-use crate::access::records::{Direction, NewDisclosure, RecordError};
+use crate::access::records::{Direction, NewDisclosure, RecordError, STATEMENT_MAX};
 use crate::audit::{Action, AuditObject, Outcome};
 use crate::auth::Role;
 use crate::clock;
@@ -356,7 +356,8 @@ pub async fn break_glass(
         study_uid: String::new(),
     }];
     let detail = json!({
-        "reason": req.reason,
+        // A refused reason is kept as far as a valid one could be.
+        "reason": req.reason.chars().take(STATEMENT_MAX).map(|c| if c.is_control() { '\u{FFFD}' } else { c }).collect::<String>(),
         "expires_at": r.as_ref().ok().map(|g| g.expires_at.clone()),
     });
     let g = audited(&hub, &caller, Action::BreakGlass, objects, detail, r)?;
@@ -397,9 +398,9 @@ pub async fn audit_trail(
     }
     let filter = crate::audit::trail::Filter {
         institution: caller.institution.code.clone(),
-        // Stored as the trail keeps them: trimmed.
+        // Patient IDs are kept trimmed (user names as the token gave them).
         patient_id: q.patient_id.as_deref().map(|v| v.trim().to_string()),
-        user: q.user.as_deref().map(|v| v.trim().to_string()),
+        user: q.user.clone(),
         from: stamp("from", &q.from)?,
         to: stamp("to", &q.to)?,
         limit,

@@ -914,13 +914,19 @@ fn parse_range(v: &str, len: u64) -> ByteRange {
     let Some((a, b)) = spec.split_once('-').filter(|_| !spec.contains(',')) else {
         return ByteRange::Ignored;
     };
-    let number = |t: &str| t.parse::<u64>().ok();
+    // Digits only (`parse` would also take a sign).
+    let number = |t: &str| {
+        (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| t.parse::<u64>().ok())
+            .flatten()
+    };
     match (a.trim(), b.trim()) {
         ("", n) => match number(n) {
             Some(0) => ByteRange::Unsatisfiable,
             Some(n) if len > 0 => ByteRange::Within(len.saturating_sub(n), len),
-            Some(_) => ByteRange::Unsatisfiable,
-            None => ByteRange::Ignored,
+            // Not a number; or (RFC 9110 §14.1.1) a suffix of an empty
+            // value, which is the whole of it.
+            _ => ByteRange::Ignored,
         },
         (first, last) => {
             let Some(first) = number(first) else {
@@ -1043,6 +1049,9 @@ mod tests {
         assert_eq!(parse_range("bytes=200-100", 1000), Ignored);
         assert_eq!(parse_range("items=0-1", 1000), Ignored);
         assert_eq!(parse_range("bytes=x-1", 1000), Ignored);
+        assert_eq!(parse_range("bytes=+5-", 1000), Ignored);
+        assert_eq!(parse_range("bytes=-5", 0), Ignored);
+        assert_eq!(parse_range("bytes=0-", 0), Unsatisfiable);
     }
 
     #[test]
