@@ -677,18 +677,14 @@ async fn network_scenario(backend: Backend) {
             e.get("hash").is_none() && e.get("prev_hash").is_none(),
             "{e}"
         );
-        for k in e["detail"].as_object().unwrap().keys() {
+        let detail = e["detail"].as_object().unwrap();
+        assert!(
+            !detail.contains_key("query") && !detail.contains_key("results"),
+            "{e}"
+        );
+        for k in detail.keys() {
             assert!(
-                [
-                    "level",
-                    "study",
-                    "series",
-                    "instance",
-                    "joined",
-                    "reason",
-                    "expires_at"
-                ]
-                .contains(&k.as_str()),
+                tsunagu::audit::trail::SHOWN_TO_OTHERS.contains(&k.as_str()),
                 "{e}"
             );
         }

@@ -119,7 +119,7 @@ pub async fn read_range(
 
 /// Detail of another institution's event an admin is shown (the request's
 /// level and UIDs, whether a link joined a record, a break-glass reason).
-const SHOWN_TO_OTHERS: &[&str] = &[
+pub const SHOWN_TO_OTHERS: &[&str] = &[
     "level",
     "study",
     "series",
