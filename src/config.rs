@@ -261,8 +261,12 @@ fn yes() -> bool {
     true
 }
 
-/// Environment keys that are never configuration keys.
-const RESERVED_ENV: &[&str] = &["CONFIG"];
+/// `TSUNAGU_` environment variables that are not configuration keys: the
+/// configuration file, the log format (read before the configuration) and
+/// the benchmarks' corpus directory (`TSUNAGU_TEST_*` too, below). Any other
+/// is a key, and an unknown one an error: a misspelt override is reported,
+/// not ignored.
+const RESERVED_ENV: &[&str] = &["CONFIG", "LOG_FORMAT", "BENCH_DIR"];
 
 impl Config {
     /// Load defaults, then `path` (if given), then the environment.

@@ -110,6 +110,9 @@ fn config_check_masks_secrets_and_applies_env_overrides() {
         .arg(&cfg)
         .env("TSUNAGU_SERVER__HTTP_PORT", "9191")
         .env("TSUNAGU_STORAGE__SECRET_ACCESS_KEY", "very-secret")
+        // Not keys: the log format and the benchmarks' directory.
+        .env("TSUNAGU_LOG_FORMAT", "json")
+        .env("TSUNAGU_BENCH_DIR", "/nowhere")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -128,6 +131,14 @@ fn config_check_masks_secrets_and_applies_env_overrides() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("server.max_pdu_length"));
+    // A misspelt override is an error, not silently ignored.
+    let typo = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&cfg)
+        .env("TSUNAGU_SERVER_HTTP_PORT", "9191")
+        .output()
+        .unwrap();
+    assert!(!typo.status.success());
 }
 
 #[test]
