@@ -136,7 +136,7 @@ impl Default for IndexConfig {
 }
 
 /// `[auth]`: bearer tokens (JWT) for the HTTP APIs.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Expected (and, for `tsunagu token`, issued) `iss` claim.
@@ -150,8 +150,29 @@ pub struct AuthConfig {
     pub public_key_files: Vec<PathBuf>,
     /// A JWKS file (RFC 7517) of the identity provider's signing keys.
     pub jwks_file: Option<PathBuf>,
-    /// Clock skew tolerated on `exp`, in seconds.
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds (at most
+    /// `LEEWAY_MAX_SECS`).
     pub leeway_secs: u64,
+}
+
+/// Most clock skew accepted: more would keep expired tokens valid.
+pub const LEEWAY_MAX_SECS: u64 = 300;
+
+// By hand: the secret never reaches a log or a panic message.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field(
+                "hs256_secret",
+                &self.hs256_secret.as_ref().map(|_| "********"),
+            )
+            .field("public_key_files", &self.public_key_files)
+            .field("jwks_file", &self.jwks_file)
+            .field("leeway_secs", &self.leeway_secs)
+            .finish()
+    }
 }
 
 impl Default for AuthConfig {
@@ -319,6 +340,12 @@ impl Config {
             return Err(invalid(
                 "auth.hs256_secret",
                 "must be at least 16 characters",
+            ));
+        }
+        if self.auth.leeway_secs > LEEWAY_MAX_SECS {
+            return Err(invalid(
+                "auth.leeway_secs",
+                format!("must be at most {LEEWAY_MAX_SECS} seconds"),
             ));
         }
         if self.dicomweb.qido_max_results == 0 {

@@ -131,6 +131,15 @@ fn config_check_masks_secrets_and_applies_env_overrides() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("server.max_pdu_length"));
+    // More clock skew than 300 s would keep expired tokens valid.
+    let lax = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&cfg)
+        .env("TSUNAGU_AUTH__LEEWAY_SECS", "3600")
+        .output()
+        .unwrap();
+    assert!(!lax.status.success());
+    assert!(String::from_utf8_lossy(&lax.stderr).contains("auth.leeway_secs"));
     // A misspelt override is an error, not silently ignored.
     let typo = Command::new(BIN)
         .args(["config", "check", "--config"])

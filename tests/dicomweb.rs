@@ -856,6 +856,36 @@ async fn identity_provider_keys_rs256_es256_and_jwks() {
     ])
     .unwrap();
     openssl(&["ec", "-in", &p("ec.pem"), "-pubout", "-out", &p("ec.pub")]).unwrap();
+    // A P-384 key after the P-256 one: an ES384 token must reach it.
+    openssl(&[
+        "ecparam",
+        "-name",
+        "secp384r1",
+        "-genkey",
+        "-noout",
+        "-out",
+        &p("ec384.pem"),
+    ])
+    .unwrap();
+    openssl(&[
+        "pkcs8",
+        "-topk8",
+        "-nocrypt",
+        "-in",
+        &p("ec384.pem"),
+        "-out",
+        &p("ec384-8.pem"),
+    ])
+    .unwrap();
+    openssl(&[
+        "ec",
+        "-in",
+        &p("ec384.pem"),
+        "-pubout",
+        "-out",
+        &p("ec384.pub"),
+    ])
+    .unwrap();
     // A second RSA key, published only in the JWKS under a key id.
     openssl(&["genrsa", "-out", &p("jwk.pem"), "2048"]).unwrap();
     let modulus =
@@ -869,31 +899,36 @@ async fn identity_provider_keys_rs256_es256_and_jwks() {
     }]});
     std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).unwrap();
 
-    let (rsa_pub, ec_pub, jwks_path) = (
+    let (rsa_pub, ec_pub, ec384_pub, jwks_path) = (
         dir.path().join("rsa.pub"),
         dir.path().join("ec.pub"),
+        dir.path().join("ec384.pub"),
         dir.path().join("jwks.json"),
     );
     let Some(hub) = TestHub::start_with(Backend::Local, move |c| {
         c.auth.hs256_secret = None;
-        c.auth.public_key_files = vec![rsa_pub, ec_pub];
+        c.auth.public_key_files = vec![rsa_pub, ec_pub, ec384_pub];
         c.auth.jwks_file = Some(jwks_path);
     })
     .await
     else {
         return;
     };
-    let sign = |alg: jsonwebtoken::Algorithm, key: &str, kid: Option<&str>| {
+    let sign_claims = |alg: jsonwebtoken::Algorithm, key: &str, kid: Option<&str>, c: &Value| {
         let pem = std::fs::read(dir.path().join(key)).unwrap();
         let k = match alg {
-            jsonwebtoken::Algorithm::ES256 => jsonwebtoken::EncodingKey::from_ec_pem(&pem),
+            jsonwebtoken::Algorithm::ES256 | jsonwebtoken::Algorithm::ES384 => {
+                jsonwebtoken::EncodingKey::from_ec_pem(&pem)
+            }
             _ => jsonwebtoken::EncodingKey::from_rsa_pem(&pem),
         }
         .unwrap();
         let mut h = jsonwebtoken::Header::new(alg);
         h.kid = kid.map(str::to_string);
-        jsonwebtoken::encode(&h, &claims("HOSP1", Role::Clinician), &k).unwrap()
+        jsonwebtoken::encode(&h, c, &k).unwrap()
     };
+    let valid = serde_json::to_value(claims("HOSP1", Role::Clinician)).unwrap();
+    let sign = |alg, key: &str, kid: Option<&str>| sign_claims(alg, key, kid, &valid);
     let status = |token: String| {
         let url = format!("{}/studies", hub.dicomweb());
         async move {
@@ -907,7 +942,7 @@ async fn identity_provider_keys_rs256_es256_and_jwks() {
                 .as_u16()
         }
     };
-    use jsonwebtoken::Algorithm::{ES256, RS256};
+    use jsonwebtoken::Algorithm::{ES256, ES384, RS256};
     assert_eq!(
         status(sign(RS256, "rsa.pem", None)).await,
         204,
@@ -923,8 +958,37 @@ async fn identity_provider_keys_rs256_es256_and_jwks() {
         204,
         "RS256 by JWKS kid"
     );
+    assert_eq!(
+        status(sign(ES384, "ec384-8.pem", None)).await,
+        204,
+        "ES384 by the PEM key after a P-256 one"
+    );
     // The JWKS key under another kid, and an unknown key: refused.
     assert_eq!(status(sign(RS256, "jwk.pem", Some("other"))).await, 401);
+    // A kid that the JWKS names binds the token to that key alone.
+    assert_eq!(status(sign(RS256, "rsa.pem", Some("idp-2026"))).await, 401);
+    // Not valid before its nbf.
+    let mut early = valid.clone();
+    early["nbf"] = (valid["iat"].as_u64().unwrap() + 3600).into();
+    assert_eq!(
+        status(sign_claims(RS256, "rsa.pem", None, &early)).await,
+        401
+    );
+    // Two Authorization headers, each valid alone: refused.
+    let twice = client()
+        .get(format!("{}/studies", hub.dicomweb()))
+        .header(
+            "authorization",
+            format!("Bearer {}", sign(RS256, "rsa.pem", None)),
+        )
+        .header(
+            "authorization",
+            format!("Bearer {}", sign(ES256, "ec8.pem", None)),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(twice.status(), 401);
     openssl(&["genrsa", "-out", &p("stranger.pem"), "2048"]).unwrap();
     assert_eq!(status(sign(RS256, "stranger.pem", None)).await, 401);
     // With no HS256 secret configured, HS256 tokens are refused outright.

@@ -36,6 +36,8 @@ pub enum TokenError {
     Malformed,
     #[error("the token has expired")]
     Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
     #[error("the token's signature or algorithm is not accepted")]
     BadSignature,
     #[error("the token's issuer or audience is not ours")]
@@ -115,6 +117,20 @@ impl Verifier {
                     reason: e.to_string(),
                 })?;
             for jwk in &set.keys {
+                // Keys published for encryption, or for operations other than
+                // verifying, never verify a token.
+                use jsonwebtoken::jwk::{KeyOperations, PublicKeyUse};
+                let for_signatures = !matches!(
+                    jwk.common.public_key_use,
+                    Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))
+                ) && jwk
+                    .common
+                    .key_operations
+                    .as_ref()
+                    .is_none_or(|ops| ops.contains(&KeyOperations::Verify));
+                if !for_signatures {
+                    continue;
+                }
                 let key = DecodingKey::from_jwk(jwk).map_err(|e| AuthError::KeyFile {
                     path: path.clone(),
                     reason: e.to_string(),
@@ -175,12 +191,18 @@ impl Verifier {
     fn verify_signed(&self, token: &str) -> Result<Claims, TokenError> {
         use jsonwebtoken::errors::ErrorKind;
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-        // A token naming a key id is checked against that key only.
+        // A token naming a key id is checked against the keys of that id
+        // only; against keys without an id (PEM files) only when no key has
+        // it.
+        let named = header
+            .kid
+            .as_ref()
+            .filter(|want| self.keys.iter().any(|k| k.kid.as_ref() == Some(want)));
         let candidates = self.keys.iter().filter(|k| {
             k.algorithms.contains(&header.alg)
-                && match (&header.kid, &k.kid) {
-                    (Some(want), Some(have)) => want == have,
-                    (Some(_), None) | (None, _) => true,
+                && match named {
+                    Some(want) => k.kid.as_ref() == Some(want),
+                    None => header.kid.is_none() || k.kid.is_none(),
                 }
         });
         let mut last = TokenError::BadSignature;
@@ -190,11 +212,20 @@ impl Verifier {
             v.set_audience(&[&self.audience]);
             v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
             v.leeway = self.leeway;
+            // Not valid before `nbf` either (jsonwebtoken checks only `exp` by default).
+            v.validate_nbf = true;
             match jsonwebtoken::decode::<Claims>(token, &k.key, &v) {
                 Ok(data) => return Ok(data.claims),
                 Err(e) => {
                     last = match e.kind() {
-                        ErrorKind::InvalidSignature => continue,
+                        // This key does not verify it (a wrong signature, or a key
+                        // of another curve or kind): another may.
+                        ErrorKind::InvalidSignature
+                        | ErrorKind::InvalidKeyFormat
+                        | ErrorKind::InvalidAlgorithm
+                        | ErrorKind::InvalidEcdsaKey
+                        | ErrorKind::InvalidRsaKey(_) => continue,
+                        ErrorKind::ImmatureSignature => TokenError::NotYetValid,
                         ErrorKind::ExpiredSignature => TokenError::Expired,
                         ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => {
                             TokenError::WrongParty
@@ -206,7 +237,7 @@ impl Verifier {
                         }
                         _ => TokenError::BadSignature,
                     };
-                    // Only a bad signature makes another key worth trying.
+                    // The signature held: the token itself is refused.
                     return Err(last);
                 }
             }

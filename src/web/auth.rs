@@ -136,6 +136,7 @@ fn reason_label(e: &TokenError) -> &'static str {
         TokenError::Missing => "missing",
         TokenError::Malformed => "malformed",
         TokenError::Expired => "expired",
+        TokenError::NotYetValid => "not_yet_valid",
         TokenError::BadSignature => "signature",
         TokenError::WrongParty => "issuer_audience",
         TokenError::Claims(_) => "claims",
@@ -143,11 +144,13 @@ fn reason_label(e: &TokenError) -> &'static str {
 }
 
 fn caller_of(hub: &Hub, headers: &axum::http::HeaderMap, client: &str) -> Result<Caller, WebError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or(TokenError::Missing)?
-        .to_str()
-        .map_err(|_| TokenError::Malformed)?;
+    let mut given = headers.get_all(header::AUTHORIZATION).iter();
+    let value = given.next().ok_or(TokenError::Missing)?;
+    // Two credentials: which one the request means is not ours to guess.
+    if given.next().is_some() {
+        return Err(TokenError::Malformed.into());
+    }
+    let value = value.to_str().map_err(|_| TokenError::Malformed)?;
     let (scheme, token) = value.split_once(' ').ok_or(TokenError::Malformed)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(TokenError::Missing.into());
