@@ -155,6 +155,9 @@ pub struct AuthConfig {
     pub leeway_secs: u64,
 }
 
+/// Longest break-glass grant: an emergency, not a standing permission.
+pub const BREAK_GLASS_HOURS_MAX: u32 = 72;
+
 /// Most clock skew accepted: more would keep expired tokens valid.
 pub const LEEWAY_MAX_SECS: u64 = 300;
 
@@ -346,6 +349,12 @@ impl Config {
             return Err(invalid(
                 "auth.leeway_secs",
                 format!("must be at most {LEEWAY_MAX_SECS} seconds"),
+            ));
+        }
+        if !(1..=BREAK_GLASS_HOURS_MAX).contains(&self.access.break_glass_hours) {
+            return Err(invalid(
+                "access.break_glass_hours",
+                format!("must be 1 to {BREAK_GLASS_HOURS_MAX} hours"),
             ));
         }
         if self.dicomweb.qido_max_results == 0 {

@@ -140,6 +140,14 @@ fn config_check_masks_secrets_and_applies_env_overrides() {
         .unwrap();
     assert!(!lax.status.success());
     assert!(String::from_utf8_lossy(&lax.stderr).contains("auth.leeway_secs"));
+    let standing = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&cfg)
+        .env("TSUNAGU_ACCESS__BREAK_GLASS_HOURS", "720")
+        .output()
+        .unwrap();
+    assert!(!standing.status.success());
+    assert!(String::from_utf8_lossy(&standing.stderr).contains("access.break_glass_hours"));
     // A misspelt override is an error, not silently ignored.
     let typo = Command::new(BIN)
         .args(["config", "check", "--config"])

@@ -1077,6 +1077,18 @@ async fn break_glass_is_off_unless_configured_time_boxed_and_audited() {
     assert_eq!(bg["user"], "user-of-HOSP3");
     assert_eq!(bg["codes"]["event_type"]["code"], "110127");
     assert_eq!(bg["detail"]["reason"], "unconscious in the ER");
+    // And so are the reads made under the grant, marked as such.
+    let under: Vec<&Value> = trail
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["user"] == "user-of-HOSP3" && e["detail"]["break_glass"] == true)
+        .collect();
+    assert!(
+        under.iter().any(|e| e["action"] == "access")
+            && under.iter().any(|e| e["action"] == "query"),
+        "{trail}"
+    );
     // Refused reasons are in the trail too, but no longer than a valid one
     // and without control characters.
     let (_, all) = admin_get(&hub, "HOSP1", "/audit?patient_id=A-H1&limit=1000").await;

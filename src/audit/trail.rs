@@ -127,6 +127,7 @@ pub const SHOWN_TO_OTHERS: &[&str] = &[
     "joined",
     "reason",
     "expires_at",
+    "break_glass",
 ];
 
 /// A page of the trail for an admin, newest first. Events show other

@@ -97,6 +97,12 @@ impl Scope {
 
     /// Whether the consent rule applies (others' objects may be visible,
     /// shown under the caller's IDs).
+    /// Whether the caller holds an active break-glass grant: its reads
+    /// are then audited as made under it.
+    pub fn under_break_glass(&self) -> bool {
+        !self.grants.is_empty()
+    }
+
     pub(super) fn consent(&self) -> bool {
         self.reach == Reach::Consent
     }

@@ -56,6 +56,18 @@ pub async fn scope_of(hub: &Hub, caller: &Caller) -> Result<Scope, WebError> {
     ))
 }
 
+/// The audit detail of a read under `scope`: marked `break_glass` while the
+/// caller holds an active break-glass grant (DESIGN: such access is audited
+/// as such).
+pub fn read_detail(scope: &Scope, mut detail: Value) -> Value {
+    if scope.under_break_glass()
+        && let Value::Object(d) = &mut detail
+    {
+        d.insert("break_glass".into(), Value::Bool(true));
+    }
+    detail
+}
+
 /// Record an audit event of `caller`'s request.
 pub fn audit(
     hub: &Hub,

@@ -250,11 +250,14 @@ async fn run(
                 h.study.study_uid.as_str(),
             )
         })),
-        json!({
-            "level": format!("{level:?}").to_lowercase(),
-            "query": raw.as_deref().unwrap_or_default(),
-            "results": page.hits.len(),
-        }),
+        super::read_detail(
+            &scope,
+            json!({
+                "level": format!("{level:?}").to_lowercase(),
+                "query": raw.as_deref().unwrap_or_default(),
+                "results": page.hits.len(),
+            }),
+        ),
     );
 
     let mut warnings = Vec::new();

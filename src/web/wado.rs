@@ -108,6 +108,7 @@ async fn visible_instances(
     audit_found(
         hub,
         caller,
+        &scope,
         Action::Retrieve,
         at,
         found.len(),
@@ -123,12 +124,13 @@ async fn visible_instances(
 async fn audit_found(
     hub: &Hub,
     caller: &Caller,
+    scope: &Scope,
     action: Action,
     at: &Resource,
     count: usize,
     objects: Vec<AuditObject>,
 ) -> Result<(), WebError> {
-    let mut detail = at.audit_detail();
+    let mut detail = super::read_detail(scope, at.audit_detail());
     if count > 0 {
         detail["instances"] = json!(count);
         super::audit(hub, caller, action, Outcome::Success, objects, detail);
@@ -196,6 +198,7 @@ async fn visible_metadata(
     audit_found(
         hub,
         caller,
+        &scope,
         Action::Access,
         at,
         list.instances.len(),
