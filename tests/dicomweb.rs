@@ -835,57 +835,21 @@ async fn identity_provider_keys_rs256_es256_and_jwks() {
         &p("rsa.pub"),
     ])
     .unwrap();
-    openssl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        &p("ec.pem"),
-    ])
-    .unwrap();
-    openssl(&[
-        "pkcs8",
-        "-topk8",
-        "-nocrypt",
-        "-in",
-        &p("ec.pem"),
-        "-out",
-        &p("ec8.pem"),
-    ])
-    .unwrap();
-    openssl(&["ec", "-in", &p("ec.pem"), "-pubout", "-out", &p("ec.pub")]).unwrap();
+    // An EC key pair on `curve`: `{name}.pem`, its PKCS#8 form
+    // `{name}8.pem` (for signing) and public key `{name}.pub`.
+    let ec_key = |curve: &str, name: &str| {
+        let (key, key8, public) = (
+            p(&format!("{name}.pem")),
+            p(&format!("{name}8.pem")),
+            p(&format!("{name}.pub")),
+        );
+        openssl(&["ecparam", "-name", curve, "-genkey", "-noout", "-out", &key]).unwrap();
+        openssl(&["pkcs8", "-topk8", "-nocrypt", "-in", &key, "-out", &key8]).unwrap();
+        openssl(&["ec", "-in", &key, "-pubout", "-out", &public]).unwrap();
+    };
+    ec_key("prime256v1", "ec");
     // A P-384 key after the P-256 one: an ES384 token must reach it.
-    openssl(&[
-        "ecparam",
-        "-name",
-        "secp384r1",
-        "-genkey",
-        "-noout",
-        "-out",
-        &p("ec384.pem"),
-    ])
-    .unwrap();
-    openssl(&[
-        "pkcs8",
-        "-topk8",
-        "-nocrypt",
-        "-in",
-        &p("ec384.pem"),
-        "-out",
-        &p("ec384-8.pem"),
-    ])
-    .unwrap();
-    openssl(&[
-        "ec",
-        "-in",
-        &p("ec384.pem"),
-        "-pubout",
-        "-out",
-        &p("ec384.pub"),
-    ])
-    .unwrap();
+    ec_key("secp384r1", "ec384");
     // A second RSA key, published only in the JWKS under a key id.
     openssl(&["genrsa", "-out", &p("jwk.pem"), "2048"]).unwrap();
     let modulus =
@@ -959,7 +923,7 @@ async fn identity_provider_keys_rs256_es256_and_jwks() {
         "RS256 by JWKS kid"
     );
     assert_eq!(
-        status(sign(ES384, "ec384-8.pem", None)).await,
+        status(sign(ES384, "ec3848.pem", None)).await,
         204,
         "ES384 by the PEM key after a P-256 one"
     );
