@@ -185,26 +185,33 @@ async fn association_aborted_mid_object_stores_nothing() {
     let Some((sop, ds)) = ct_dataset(|_| {}) else {
         return;
     };
-    let mut a = associate(hub.port()).await;
-    a.send(&pdata(PDataValueType::Command, true, store_rq(CT, &sop)))
-        .await
-        .unwrap();
-    a.send(&pdata(
-        PDataValueType::Data,
-        false,
-        ds[..ds.len() / 2].to_vec(),
-    ))
-    .await
-    .unwrap();
-    a.abort().await.unwrap();
-    // The server notices the abort on its next read.
-    for _ in 0..100 {
-        if spool_is_empty(&hub) {
-            break;
+    // Cut inside the pixel data, and between two elements (just before the
+    // pixel data: what arrived parses as a whole data set, but is not one).
+    let pixel_data = ds
+        .windows(4)
+        .position(|w| w == [0xE0, 0x7F, 0x10, 0x00])
+        .expect("a CT has pixel data");
+    for cut in [ds.len() / 2, pixel_data] {
+        let mut a = associate(hub.port()).await;
+        a.send(&pdata(PDataValueType::Command, true, store_rq(CT, &sop)))
+            .await
+            .unwrap();
+        a.send(&pdata(PDataValueType::Data, false, ds[..cut].to_vec()))
+            .await
+            .unwrap();
+        a.abort().await.unwrap();
+        // The server notices the abort on its next read.
+        for _ in 0..100 {
+            if spool_is_empty(&hub) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            spool_is_empty(&hub),
+            "spool file left behind (cut at {cut})"
+        );
     }
-    assert!(spool_is_empty(&hub), "spool file left behind");
     assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
     assert!(!hub.dir.path().join("store/instances").exists());
     assert!(hub.echo("HOSP1"));

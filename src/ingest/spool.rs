@@ -7,6 +7,8 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -48,6 +50,9 @@ pub struct Spool {
     path: PathBuf,
     meta: FileMeta,
     chunks: Option<mpsc::Sender<Bytes>>,
+    /// Set by `complete` before the channel closes: a channel closed without
+    /// it is a transfer cut off (abort, reset, timeout), never an object.
+    ended: Arc<AtomicBool>,
     worker: Option<JoinHandle<Result<Received, IngestError>>>,
     armed: bool,
 }
@@ -63,13 +68,25 @@ impl Spool {
     ) -> Self {
         let (tx, rx) = mpsc::channel(SPOOL_CHUNKS);
         let (p, m) = (path.clone(), meta.clone());
+        let ended = Arc::new(AtomicBool::new(false));
+        let end = ended.clone();
         let worker = tokio::task::spawn_blocking(move || {
-            run_worker(&p, header, m, &institution, study.as_deref(), rx, &placer)
+            run_worker(
+                &p,
+                header,
+                m,
+                &institution,
+                study.as_deref(),
+                rx,
+                &end,
+                &placer,
+            )
         });
         Self {
             path,
             meta,
             chunks: Some(tx),
+            ended,
             worker: Some(worker),
             armed: true,
         }
@@ -93,6 +110,7 @@ impl Spool {
 
     /// End of data: wait for the worker's result.
     pub(super) async fn complete(&mut self) -> Result<Received, IngestError> {
+        self.ended.store(true, Ordering::SeqCst);
         self.chunks.take();
         let worker = self.worker.take().expect("complete once");
         worker
@@ -131,6 +149,7 @@ impl Drop for Spool {
 
 /// Write, hash and parse as the bytes come; then check the object, name its
 /// key and place it (local store: durable at its key before this returns).
+#[allow(clippy::too_many_arguments)]
 fn run_worker(
     path: &Path,
     header: Vec<u8>,
@@ -138,6 +157,7 @@ fn run_worker(
     institution: &str,
     study: Option<&str>,
     rx: mpsc::Receiver<Bytes>,
+    ended: &AtomicBool,
     placer: &Placer,
 ) -> Result<Received, IngestError> {
     let mut file = File::create(path).map_err(IngestError::Spool)?;
@@ -163,6 +183,14 @@ fn run_worker(
     }
     drained.map_err(IngestError::Spool)?;
     let size = tee.position;
+    // Cut off between two elements, what arrived may still parse as whole:
+    // only the sender's end of data makes it an object (else a later
+    // reindex would adopt the fragment).
+    if !ended.load(Ordering::SeqCst) {
+        return Err(IngestError::Spool(std::io::Error::other(
+            "the transfer ended before its last fragment",
+        )));
+    }
     let parsed = parsed?;
     parsed.check_complete(size)?;
     let sha256 = hex::encode(tee.hasher.finalize());

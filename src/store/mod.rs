@@ -67,6 +67,32 @@ pub struct Store {
     backend: Backend,
     spool_dir: PathBuf,
     description: String,
+    /// Local store: directories whose own entry is known to be on the device.
+    durable_dirs: Arc<DurableDirs>,
+}
+
+/// Directories (of a local store) whose entry in their parent this process
+/// has flushed: an object placed below them needs no flush above them. A
+/// directory that merely exists may have been created by a concurrent store
+/// (or before a crash) and never flushed, so existing is not enough.
+#[derive(Debug, Default)]
+pub struct DurableDirs(std::sync::Mutex<std::collections::HashSet<PathBuf>>);
+
+/// Most directories remembered; forgetting costs only a few extra flushes.
+const DURABLE_DIRS_KEPT: usize = 65_536;
+
+impl DurableDirs {
+    fn contains(&self, dir: &Path) -> bool {
+        self.0.lock().expect("durable dirs lock").contains(dir)
+    }
+
+    fn add(&self, dirs: Vec<PathBuf>) {
+        let mut known = self.0.lock().expect("durable dirs lock");
+        if known.len() + dirs.len() > DURABLE_DIRS_KEPT {
+            known.clear();
+        }
+        known.extend(dirs);
+    }
 }
 
 impl Store {
@@ -81,6 +107,7 @@ impl Store {
                 objects: Arc::new(objects),
                 spool_dir: root.join(SPOOL_DIR),
                 description: format!("file://{}", root.display()),
+                durable_dirs: Arc::default(),
                 backend: Backend::Local { root },
             };
             store.sweep_spool();
@@ -145,6 +172,7 @@ impl Store {
             backend: Backend::S3,
             spool_dir,
             description: format!("s3://{bucket}/{prefix}"),
+            durable_dirs: Arc::default(),
         };
         store.sweep_spool();
         Ok(store)
@@ -179,6 +207,7 @@ impl Store {
                 Backend::Local { root } => Some(root.clone()),
                 Backend::S3 => None,
             },
+            durable_dirs: self.durable_dirs.clone(),
         }
     }
 
@@ -400,6 +429,7 @@ impl Store {
 #[derive(Debug, Clone)]
 pub struct Placer {
     local_root: Option<PathBuf>,
+    durable_dirs: Arc<DurableDirs>,
 }
 
 impl Placer {
@@ -428,7 +458,8 @@ impl Placer {
             return Ok(Placed::ToUpload(Spooled(path.to_path_buf())));
         };
         let dest = root.join(key);
-        let created = create_parents(root, &dest)?;
+        create_parents(&dest)?;
+        let flush = |file| Flush::new(file, root, &dest, &self.durable_dirs);
         let file = match rename_noreplace(path, &dest) {
             Ok(()) => file,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && is_whole(&dest) => {
@@ -446,12 +477,12 @@ impl Placer {
             {
                 file.sync_all()?;
                 std::fs::rename(path, &dest)?;
-                Flush::new(None, &dest, created).run()?;
+                flush(None).run()?;
                 return Ok(Placed::Stored);
             }
             Err(e) => return Err(e),
         };
-        Ok(Placed::Renamed(Flush::new(Some(file), &dest, created)))
+        Ok(Placed::Renamed(flush(Some(file))))
     }
 }
 
@@ -501,23 +532,40 @@ pub enum Placed {
 }
 
 /// What makes a renamed object durable: fsync of the file, of the directory
-/// naming it, and of the parent of each directory created for it.
+/// naming it, and of the parent of each directory on the way up whose own
+/// entry is not known to be durable (created for it, or by a concurrent
+/// store, or before a restart).
 #[derive(Debug)]
 pub struct Flush {
     file: Option<std::fs::File>,
     dirs: Vec<PathBuf>,
+    /// Directories whose entries these fsyncs make durable, to remember.
+    settles: Option<(Vec<PathBuf>, Arc<DurableDirs>)>,
 }
 
 impl Flush {
-    fn new(file: Option<std::fs::File>, dest: &Path, created: Vec<PathBuf>) -> Self {
-        let mut dirs = vec![dest.parent().expect("keys have directories").to_path_buf()];
-        dirs.extend(
-            created
-                .iter()
-                .filter_map(|d| d.parent().map(Path::to_path_buf)),
-        );
-        dirs.dedup();
-        Self { file, dirs }
+    fn new(
+        file: Option<std::fs::File>,
+        root: &Path,
+        dest: &Path,
+        durable: &Arc<DurableDirs>,
+    ) -> Self {
+        let mut dir = dest.parent().expect("keys have directories").to_path_buf();
+        let mut dirs = vec![dir.clone()];
+        let mut settles = Vec::new();
+        while dir != root && dir.starts_with(root) && !durable.contains(&dir) {
+            let Some(parent) = dir.parent().map(Path::to_path_buf) else {
+                break;
+            };
+            dirs.push(parent.clone());
+            settles.push(dir);
+            dir = parent;
+        }
+        Self {
+            file,
+            dirs,
+            settles: Some((settles, durable.clone())),
+        }
     }
 
     /// The flush of an object found at `key` under `root` after a restart:
@@ -534,6 +582,7 @@ impl Flush {
         Ok(Self {
             file: Some(file),
             dirs,
+            settles: None,
         })
     }
 
@@ -544,6 +593,9 @@ impl Flush {
         }
         for dir in &self.dirs {
             std::fs::File::open(dir)?.sync_all()?;
+        }
+        if let Some((settled, durable)) = self.settles {
+            durable.add(settled);
         }
         Ok(())
     }
@@ -562,19 +614,10 @@ async fn off_runtime(
 #[derive(Debug)]
 pub struct Spooled(PathBuf);
 
-/// Create the directories of `dest` that do not exist yet; the ones created.
-fn create_parents(root: &Path, dest: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let parent = dest.parent().expect("keys have directories");
-    let mut created = Vec::new();
-    let mut probe = parent.to_path_buf();
-    while !probe.exists() && probe.starts_with(root) {
-        created.push(probe.clone());
-        if !probe.pop() {
-            break;
-        }
-    }
-    std::fs::create_dir_all(parent)?;
-    Ok(created)
+/// Create the directories of `dest` that do not exist yet (their flush is
+/// `Flush`'s).
+fn create_parents(dest: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dest.parent().expect("keys have directories"))
 }
 
 /// `rename(2)` that fails with `AlreadyExists` instead of replacing `to`
@@ -608,4 +651,38 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
 #[cfg(not(target_os = "linux"))]
 fn rename_noreplace(_from: &Path, _to: &Path) -> std::io::Result<()> {
     Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every directory up to one known durable is flushed, whether this
+    /// store created it or found it (a concurrent store's, or one left by a
+    /// crash); once flushed it is remembered.
+    #[test]
+    fn flush_climbs_to_a_durable_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let durable = Arc::new(DurableDirs::default());
+        let place = |key: &str| {
+            let dest = root.join(key);
+            create_parents(&dest).unwrap();
+            std::fs::write(&dest, b"x").unwrap();
+            Flush::new(None, root, &dest, &durable)
+        };
+        let rel = |f: &Flush| -> Vec<String> {
+            f.dirs
+                .iter()
+                .map(|d| d.strip_prefix(root).unwrap().display().to_string())
+                .collect()
+        };
+        // Found existing but never flushed: flushed all the way up.
+        std::fs::create_dir_all(root.join("a/b/c")).unwrap();
+        let first = place("a/b/c/1");
+        assert_eq!(rel(&first), ["a/b/c", "a/b", "a", ""]);
+        first.run().unwrap();
+        assert_eq!(rel(&place("a/b/c/2")), ["a/b/c"]);
+        assert_eq!(rel(&place("a/b/d/3")), ["a/b/d", "a/b"]);
+    }
 }
