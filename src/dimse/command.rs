@@ -58,8 +58,35 @@ fn u16_of(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Option<u16> {
     obj.get(tag).and_then(|e| e.to_int::<u16>().ok())
 }
 
+/// Check that every element of an Implicit VR Little Endian command set
+/// fits in the bytes received, before the parser sees it: it allocates a
+/// value's declared length up front, so a 20-byte command claiming a 4 GiB
+/// UID would take the process down. Command sets hold no sequences, so an
+/// undefined length is refused too.
+fn check_lengths(bytes: &[u8]) -> Result<(), CommandError> {
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let header = bytes
+            .get(at..at + 8)
+            .ok_or_else(|| CommandError::Unreadable("an element header is cut off".into()))?;
+        let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let end = (at + 8)
+            .checked_add(len as usize)
+            .filter(|end| len != u32::MAX && *end <= bytes.len())
+            .ok_or_else(|| {
+                CommandError::Unreadable(format!(
+                    "element ({:02X}{:02X},{:02X}{:02X}) claims {len} bytes, more than the command set holds",
+                    header[1], header[0], header[3], header[2]
+                ))
+            })?;
+        at = end;
+    }
+    Ok(())
+}
+
 impl Command {
     pub fn parse(bytes: &[u8]) -> Result<Self, CommandError> {
+        check_lengths(bytes)?;
         let obj =
             InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
                 .map_err(|e| CommandError::Unreadable(e.to_string()))?;
@@ -134,4 +161,39 @@ pub fn response(req: &Command, status: u16, error_comment: Option<&str>) -> Vec<
     obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
         .expect("writing a command set to memory");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn element(group: u16, elem: u16, value: &[u8], claimed: Option<u32>) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend(group.to_le_bytes());
+        v.extend(elem.to_le_bytes());
+        v.extend(claimed.unwrap_or(value.len() as u32).to_le_bytes());
+        v.extend(value);
+        v
+    }
+
+    #[test]
+    fn a_length_past_the_command_set_is_refused_before_parsing() {
+        let mut ok = element(0x0000, 0x0100, &0x0030u16.to_le_bytes(), None);
+        ok.extend(element(0x0000, 0x0110, &7u16.to_le_bytes(), None));
+        ok.extend(element(0x0000, 0x0800, &0x0101u16.to_le_bytes(), None));
+        let echo = Command::parse(&ok).unwrap();
+        assert_eq!(
+            (echo.raw_field, echo.message_id, echo.has_data_set),
+            (0x0030, 7, false)
+        );
+        for claimed in [0xFFFF_FFF0, u32::MAX, 3] {
+            let mut bad = ok.clone();
+            bad.extend(element(0x0000, 0x0002, b"1.2\0", Some(claimed)));
+            assert!(
+                matches!(Command::parse(&bad), Err(CommandError::Unreadable(_))),
+                "{claimed:#x}"
+            );
+        }
+        assert!(Command::parse(&ok[..ok.len() - 1]).is_err());
+    }
 }

@@ -31,12 +31,19 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(max_associations));
+    // Rejections in progress (each answers and waits briefly for the peer
+    // to close): bounded, so a flood of connections cannot hold every file
+    // descriptor; beyond it a connection is simply closed.
+    let rejecting = Arc::new(Semaphore::new(max_associations));
     loop {
         let (socket, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
+                    // Out of file descriptors, say: retrying at once would
+                    // spin; give closing connections a moment.
                     tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
             },
@@ -55,7 +62,12 @@ pub async fn serve(
                 metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => "limit")
                     .increment(1);
                 tracing::warn!(%peer, max_associations, "association limit reached; rejecting (transient)");
-                tokio::spawn(reject_busy(socket));
+                if let Ok(permit) = rejecting.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        reject_busy(socket).await;
+                        drop(permit);
+                    });
+                }
             }
         }
     }

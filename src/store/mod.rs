@@ -238,13 +238,24 @@ impl Store {
         let upload = self.objects.put_multipart(&path).await?;
         let mut w = WriteMultipart::new_with_chunk_size(upload, MULTIPART_CHUNK);
         let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).await?;
-            if n == 0 {
-                break;
+        let sent: Result<(), StoreError> = async {
+            loop {
+                let n = f.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                w.wait_for_capacity(2).await?;
+                w.write(&buf[..n]);
             }
-            w.wait_for_capacity(2).await?;
-            w.write(&buf[..n]);
+        }
+        .await;
+        if let Err(e) = sent {
+            // Dropping the writer would leave the upload's parts on the
+            // server (object_store aborts only when asked).
+            if let Err(a) = w.abort().await {
+                tracing::warn!(error = %a, key, "an interrupted multipart upload could not be aborted");
+            }
+            return Err(e);
         }
         w.finish().await?;
         Ok(())
