@@ -22,7 +22,10 @@ pub struct ReindexReport {
 impl Ingest {
     /// Clear the index and index every stored object again. When several
     /// copies of one (institution, SOP Instance UID) exist — a crash between
-    /// storing a replacement and deleting its predecessor — the newest wins.
+    /// storing a replacement and deleting its predecessor — the newest whole
+    /// one wins: a newer copy that fails its check (a replacement cut off
+    /// before its flush) falls back to the one before, as start-up recovery
+    /// does.
     pub async fn reindex(
         &self,
         institutions: &Institutions,
@@ -39,7 +42,7 @@ impl Ingest {
             }
         }
         drop(listing);
-        // Newest first within each (institution, SOP Instance UID), then keep the first.
+        // Newest first within each (institution, SOP Instance UID).
         objects.sort_by(|a, b| {
             (&a.0.institution, &a.0.sop_uid, std::cmp::Reverse(a.2)).cmp(&(
                 &b.0.institution,
@@ -47,7 +50,6 @@ impl Ingest {
                 std::cmp::Reverse(b.2),
             ))
         });
-        objects.dedup_by(|b, a| a.0.institution == b.0.institution && a.0.sop_uid == b.0.sop_uid);
         self.index.clear().await?;
         let bar = if progress {
             indicatif::ProgressBar::new(objects.len() as u64)
@@ -55,13 +57,22 @@ impl Ingest {
             indicatif::ProgressBar::hidden()
         };
         let mut report = ReindexReport::default();
+        // The (institution, SOP Instance UID) whose newest whole copy is indexed.
+        let mut indexed: Option<(String, String)> = None;
         for (k, key, modified, size) in objects {
             bar.inc(1);
+            let instance = (k.institution.clone(), k.sop_uid.clone());
+            if indexed.as_ref() == Some(&instance) {
+                continue; // an older copy of what is indexed already
+            }
             match self
                 .reindex_one(institutions, &k, &key, modified, size)
                 .await
             {
-                Ok(()) => report.indexed += 1,
+                Ok(()) => {
+                    report.indexed += 1;
+                    indexed = Some(instance);
+                }
                 Err(e) => {
                     tracing::warn!(%key, error = %e, "object not indexed");
                     report.failed.push((key, e));
