@@ -212,6 +212,31 @@ async fn association_aborted_mid_object_stores_nothing() {
             "spool file left behind (cut at {cut})"
         );
     }
+    // A release in the middle of an object is answered with an abort: an
+    // orderly release would tell the sender all went well.
+    let mut a = associate(hub.port()).await;
+    a.send(&pdata(PDataValueType::Command, true, store_rq(CT, &sop)))
+        .await
+        .unwrap();
+    a.send(&pdata(
+        PDataValueType::Data,
+        false,
+        ds[..pixel_data].to_vec(),
+    ))
+    .await
+    .unwrap();
+    a.send(&Pdu::ReleaseRQ).await.unwrap();
+    let answer = a.receive().await;
+    assert!(
+        matches!(answer, Ok(Pdu::AbortRQ { .. }) | Err(_)),
+        "{answer:?}"
+    );
+    for _ in 0..100 {
+        if spool_is_empty(&hub) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
     assert!(!hub.dir.path().join("store/instances").exists());
     assert!(hub.echo("HOSP1"));

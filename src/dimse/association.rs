@@ -199,9 +199,14 @@ impl Session {
             match pdu {
                 Pdu::ReleaseRQ => {
                     if self.pending.is_some() {
+                        // An orderly release would read as "all done": the
+                        // sender must learn the object was not stored.
                         tracing::warn!(
-                            "release requested in the middle of an object; the object is discarded"
+                            "release requested in the middle of an object; the object is discarded and the association aborted"
                         );
+                        self.abort(AbortRQServiceProviderReason::UnexpectedPdu)
+                            .await;
+                        return;
                     }
                     let _ = self.assoc.send(&Pdu::ReleaseRP).await;
                     tracing::info!("association released");
@@ -312,6 +317,10 @@ impl Session {
     ) -> Result<(), ProtocolError> {
         let sink = match command.field {
             CommandField::CEchoRq => {
+                // PS3.7 9.3.5: a C-ECHO-RQ carries no data set.
+                if command.has_data_set {
+                    return Err("C-ECHO-RQ with a data set");
+                }
                 metrics::counter!(telemetry::ECHOS).increment(1);
                 let rsp = super::command::response(&command, status::SUCCESS, None);
                 return self.send_response(pc.id, rsp).await;
