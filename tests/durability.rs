@@ -288,6 +288,21 @@ async fn reindex_from_s3_gives_the_same_content() {
     let report = hub.hub.reindex(false).await.unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     assert_eq!(hub.hub.index.fingerprint().await.unwrap(), before);
+    // A fetch that fails leaves no half download in the spool.
+    assert!(
+        hub.hub
+            .store
+            .fetch_to_path("instances/HOSP2/1/2/3.0123456789abcdef.dcm")
+            .await
+            .is_err()
+    );
+    let spool = hub.dir.path().join("spool");
+    let left: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// What a crash between index commit and flush leaves: HOSP1's object

@@ -119,12 +119,11 @@ impl Ingest {
             Err(e) => return Err(e.into()),
         };
         let p = path.clone();
-        let digest = tokio::task::spawn_blocking(move || dataset::data_set_digest(&p))
-            .await
-            .map_err(|e| IngestError::Internal(e.to_string()))?;
+        let digest = tokio::task::spawn_blocking(move || dataset::data_set_digest(&p)).await;
         if temporary {
             let _ = tokio::fs::remove_file(&path).await;
         }
+        let digest = digest.map_err(|e| IngestError::Internal(e.to_string()))?;
         match digest {
             Ok(digest) => Ok(digest == u.sha256),
             Err(DatasetError::Io(e))

@@ -113,12 +113,11 @@ impl Ingest {
                 hex::encode(digest),
             ))
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await;
         if temporary {
             let _ = tokio::fs::remove_file(&path).await;
         }
-        let (meta, pixels, summary, dataset_json, sha256) = parsed?;
+        let (meta, pixels, summary, dataset_json, sha256) = parsed.map_err(|e| e.to_string())??;
         if !sha256.starts_with(&k.digest) {
             return Err("object content does not match the digest in its key".into());
         }

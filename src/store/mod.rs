@@ -302,18 +302,27 @@ impl Store {
         let dest = self
             .spool_dir
             .join(format!("fetch-{}", uuid::Uuid::new_v4()));
-        let mut out = tokio::fs::File::create(&dest).await?;
-        let mut stream = self
-            .objects
-            .get(&ObjectPath::from(key))
-            .await?
-            .into_stream();
-        while let Some(chunk) = stream.next().await {
-            tokio::io::AsyncWriteExt::write_all(&mut out, &chunk?).await?;
+        let fetched: Result<(), StoreError> = async {
+            let mut out = tokio::fs::File::create(&dest).await?;
+            let mut stream = self
+                .objects
+                .get(&ObjectPath::from(key))
+                .await?
+                .into_stream();
+            while let Some(chunk) = stream.next().await {
+                tokio::io::AsyncWriteExt::write_all(&mut out, &chunk?).await?;
+            }
+            // A tokio file completes its last write in the background: wait
+            // for it before anyone reads the file.
+            tokio::io::AsyncWriteExt::flush(&mut out).await?;
+            Ok(())
         }
-        // A tokio file completes its last write in the background: wait for it
-        // before anyone reads the file.
-        tokio::io::AsyncWriteExt::flush(&mut out).await?;
+        .await;
+        if let Err(e) = fetched {
+            // Half a download is of no use to anyone: not left in the spool.
+            let _ = tokio::fs::remove_file(&dest).await;
+            return Err(e);
+        }
         Ok((dest, true))
     }
 
