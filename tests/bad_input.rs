@@ -140,10 +140,7 @@ async fn assert_aborted_or_closed(s: &mut tokio::net::TcpStream) {
 }
 
 fn spool_is_empty(hub: &TestHub) -> bool {
-    std::fs::read_dir(hub.dir.path().join("store/.spool"))
-        .unwrap()
-        .next()
-        .is_none()
+    common::spool_files(&hub.dir.path().join("store/.spool")).is_empty()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

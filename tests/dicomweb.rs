@@ -698,10 +698,7 @@ async fn stow_rs_outcomes() {
     assert_eq!(s, 413);
     assert_eq!(count().await, 2, "nothing half-written became visible");
     // The spool holds nothing from the refused requests.
-    let spool = hub.dir.path().join("store/.spool");
-    let left: Vec<_> = std::fs::read_dir(&spool)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
+    let left = common::spool_files(&hub.dir.path().join("store/.spool"));
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let still: Vec<_> = left.iter().filter(|p| p.exists()).collect();
     assert!(still.is_empty(), "spool leftovers: {still:?}");

@@ -65,7 +65,11 @@ enum Backend {
 pub struct Store {
     objects: Arc<dyn ObjectStore>,
     backend: Backend,
+    /// This process's own folder in the spool (see `Spool::claim`).
     spool_dir: PathBuf,
+    /// Held while the process runs: its lock tells other processes sharing
+    /// the spool that the folder is in use.
+    _spool_lock: std::fs::File,
     description: String,
     /// Local store: directories whose own entry is known to be on the device.
     durable_dirs: Arc<DurableDirs>,
@@ -103,15 +107,15 @@ impl Store {
             std::fs::create_dir_all(root.join(SPOOL_DIR))?;
             let root = root.canonicalize()?;
             let objects = LocalFileSystem::new_with_prefix(&root)?.with_fsync(true);
-            let store = Self {
+            let (spool_dir, lock) = claim_spool(&root.join(SPOOL_DIR))?;
+            return Ok(Self {
                 objects: Arc::new(objects),
-                spool_dir: root.join(SPOOL_DIR),
+                spool_dir,
+                _spool_lock: lock,
                 description: format!("file://{}", root.display()),
                 durable_dirs: Arc::default(),
                 backend: Backend::Local { root },
-            };
-            store.sweep_spool();
-            return Ok(store);
+            });
         }
         let Some(rest) = cfg.url.strip_prefix("s3://") else {
             return Err(StoreError::Config(format!(
@@ -167,15 +171,15 @@ impl Store {
             .clone()
             .unwrap_or_else(|| std::env::temp_dir().join("tsunagu-spool"));
         std::fs::create_dir_all(&spool_dir)?;
-        let store = Self {
+        let (spool_dir, lock) = claim_spool(&spool_dir)?;
+        Ok(Self {
             objects,
             backend: Backend::S3,
             spool_dir,
+            _spool_lock: lock,
             description: format!("s3://{bucket}/{prefix}"),
             durable_dirs: Arc::default(),
-        };
-        store.sweep_spool();
-        Ok(store)
+        })
     }
 
     /// Where ingest writes objects while they arrive.
@@ -186,17 +190,6 @@ impl Store {
     /// Human-readable location, for logs.
     pub fn describe(&self) -> &str {
         &self.description
-    }
-
-    /// Leftovers of a crash: spool files were never acknowledged, so they
-    /// are removed. (Objects are only ever written by renaming a complete
-    /// spool file, so there are no partial files elsewhere to look for.)
-    fn sweep_spool(&self) {
-        if let Ok(rd) = std::fs::read_dir(&self.spool_dir) {
-            for e in rd.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
     }
 
     /// What the spool worker uses to turn a complete spool file into an
@@ -634,6 +627,45 @@ async fn off_runtime(
 #[derive(Debug)]
 pub struct Spooled(PathBuf);
 
+/// The lock file in a process's spool folder.
+const SPOOL_LOCK: &str = ".lock";
+/// The lock file claims of spool folders take turns on.
+const SPOOL_CLAIM: &str = ".claim";
+
+/// A spool folder of this process's own under `base`, locked while it runs;
+/// first the leftovers of processes that no longer run (their folders'
+/// locks are free) are removed: spool files were never acknowledged.
+/// (Objects are only ever written by renaming a complete spool file, so
+/// there are no partial files elsewhere to look for.) Folders of processes
+/// that still run — a `serve` beside an `import` — are left alone.
+fn claim_spool(base: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    // Claims take turns, so that none sees another's folder before its lock.
+    let turn = std::fs::File::create(base.join(SPOOL_CLAIM))?;
+    turn.lock()?;
+    for e in std::fs::read_dir(base)?.flatten() {
+        let path = e.path();
+        if !path.is_dir() {
+            // A spool file of an earlier layout (one folder for all).
+            if e.file_name() != SPOOL_CLAIM {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        }
+        let free = std::fs::File::open(path.join(SPOOL_LOCK))
+            .map(|f| f.try_lock().is_ok())
+            .unwrap_or(true);
+        if free {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+    let own = base.join(uuid::Uuid::new_v4().simple().to_string());
+    std::fs::create_dir_all(&own)?;
+    let lock = std::fs::File::create(own.join(SPOOL_LOCK))?;
+    lock.lock()?;
+    drop(turn);
+    Ok((own, lock))
+}
+
 /// Create the directories of `dest` that do not exist yet (their flush is
 /// `Flush`'s).
 fn create_parents(dest: &Path) -> std::io::Result<()> {
@@ -704,5 +736,27 @@ mod tests {
         first.run().unwrap();
         assert_eq!(rel(&place("a/b/c/2")), ["a/b/c"]);
         assert_eq!(rel(&place("a/b/d/3")), ["a/b/d", "a/b"]);
+    }
+
+    /// A store opened beside a running one (an `import` beside `serve`)
+    /// leaves the other's spool files alone; once that one is gone, its
+    /// leftovers go.
+    #[tokio::test]
+    async fn each_process_spools_in_its_own_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = crate::config::StorageConfig {
+            url: format!("file://{}", tmp.path().display()),
+            ..Default::default()
+        };
+        let serving = Store::open(&cfg).await.unwrap();
+        let arriving = serving.spool_dir().join("arriving");
+        std::fs::write(&arriving, b"half an object").unwrap();
+        let importing = Store::open(&cfg).await.unwrap();
+        assert!(arriving.exists(), "a running store's spool file was swept");
+        assert_ne!(importing.spool_dir(), serving.spool_dir());
+        drop(serving);
+        let _restarted = Store::open(&cfg).await.unwrap();
+        assert!(!arriving.exists(), "a gone store's leftovers stay");
+        assert!(importing.spool_dir().exists());
     }
 }

@@ -494,3 +494,21 @@ pub fn pynetdicom_push(
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad push.py line {l}: {e}")))
         .collect()
 }
+
+/// Spool files below `dir` (each process's folder, recursively), without
+/// the folders' lock files.
+pub fn spool_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(spool_files(&p));
+        } else if !matches!(e.file_name().to_str(), Some(".lock" | ".claim")) {
+            out.push(p);
+        }
+    }
+    out
+}
