@@ -71,6 +71,15 @@ fn valid_statement<'a>(
 /// Longest consent reference or break-glass reason kept.
 pub const STATEMENT_MAX: usize = 1024;
 
+/// A statement as the audit trail keeps it, valid or not: at most
+/// `STATEMENT_MAX` characters, control characters replaced.
+pub fn as_stated(text: &str) -> String {
+    text.chars()
+        .take(STATEMENT_MAX)
+        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+        .collect()
+}
+
 /// A link of the caller's, as the API shows it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Link {

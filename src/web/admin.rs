@@ -6,16 +6,16 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{FromRequest, Query, Request, State};
+use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::PathParams;
 use super::auth::Caller;
 use super::problem::WebError;
-use crate::access::records::{Direction, NewDisclosure, RecordError, STATEMENT_MAX};
+use super::{Params, PathParams};
+use crate::access::records::{self, Direction, NewDisclosure, RecordError};
 use crate::audit::{Action, AuditObject, Outcome};
 use crate::auth::Role;
 use crate::clock;
@@ -46,25 +46,6 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> 
             }
             Err(e) => Err(WebError::BadRequest(e.body_text())),
         }
-    }
-}
-
-/// Query parameters whose rejection (a malformed value, an unknown or a
-/// repeated parameter) is a problem body like every other error.
-pub struct Params<T>(pub T);
-
-impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S>
-    for Params<T>
-{
-    type Rejection = WebError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        _state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        Query::<T>::try_from_uri(&parts.uri)
-            .map(|Query(v)| Self(v))
-            .map_err(|e| WebError::BadRequest(e.body_text()))
     }
 }
 
@@ -357,7 +338,7 @@ pub async fn break_glass(
     }];
     let detail = json!({
         // A refused reason is kept as far as a valid one could be.
-        "reason": req.reason.chars().take(STATEMENT_MAX).map(|c| if c.is_control() { '\u{FFFD}' } else { c }).collect::<String>(),
+        "reason": records::as_stated(&req.reason),
         "expires_at": r.as_ref().ok().map(|g| g.expires_at.clone()),
     });
     let g = audited(&hub, &caller, Action::BreakGlass, objects, detail, r)?;

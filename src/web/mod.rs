@@ -340,6 +340,20 @@ impl<S: Send + Sync> FromRequestParts<S> for Resource {
     }
 }
 
+/// Query parameters whose rejection (a malformed value, an unknown or a
+/// repeated parameter) is a problem body like every other error.
+pub struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = WebError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|axum::extract::Query(v)| Self(v))
+            .map_err(|e| WebError::BadRequest(e.body_text()))
+    }
+}
+
 /// Path parameters whose rejection (not UTF-8, not a number) is a problem
 /// body like every other error.
 pub struct PathParams<T>(pub T);
