@@ -26,6 +26,12 @@ use super::part10::{self, FileMeta};
 const INLINE_BINARY_MAX: u64 = 256;
 /// Text values above this size are left to bulk data rather than held in the index.
 const TEXT_VALUE_MAX: u64 = 1 << 20;
+/// Value bytes one data set may inline in all: past it, every value longer
+/// than `INLINE_BINARY_MAX` becomes bulk data. Each value alone stays under
+/// `TEXT_VALUE_MAX`, but thousands of them (a crafted object, or a huge
+/// structure set) would otherwise all be held in memory at ingest and in the
+/// index's metadata; PS3.18 F.2.6 allows bulk data for any such VR.
+const INLINE_TOTAL_MAX: u64 = 8 << 20;
 /// A Basic Offset Table larger than this is ignored (frames are then found by markers).
 const BOT_MAX: u32 = 16 << 20;
 
@@ -278,6 +284,7 @@ fn walk<R: Read + Seek>(
         cs: CharacterSet::default(),
     }];
     let mut native_pixels: Option<(u64, u64)> = None;
+    let mut inline_left = INLINE_TOTAL_MAX;
     let mut encapsulated: Option<Vec<Vec<(u64, u64)>>> = None;
     // Implicit VR leaves "US or SS" to be settled by Pixel Representation.
     let implicit = ts.uid().trim_end_matches('\0') == "1.2.840.10008.1.2";
@@ -324,6 +331,7 @@ fn walk<R: Read + Seek>(
                     cs,
                     big_endian,
                     tag == tags::SPECIFIC_CHARACTER_SET,
+                    &mut inline_left,
                 )?;
                 if tag == tags::SPECIFIC_CHARACTER_SET
                     && let Some(raw) = entry.1
@@ -582,6 +590,8 @@ fn vr_str(vr: VR) -> &'static str {
 
 /// One primitive element as DICOM JSON; also returns the raw bytes when asked
 /// (for Specific Character Set, which changes how later text is decoded).
+/// Inlined values are taken from the data set's `inline_left`.
+#[allow(clippy::too_many_arguments)]
 fn element_json<D: StatefulDecode>(
     decoder: &mut D,
     vr: VR,
@@ -590,6 +600,7 @@ fn element_json<D: StatefulDecode>(
     cs: &CharacterSet,
     big_endian: bool,
     keep_raw: bool,
+    inline_left: &mut u64,
 ) -> Result<(Value, Option<Vec<u8>>), DatasetError> {
     let vr_name = vr_str(vr);
     if len == 0 {
@@ -603,7 +614,7 @@ fn element_json<D: StatefulDecode>(
     let too_big = if binary {
         len64 > INLINE_BINARY_MAX
     } else {
-        len64 > TEXT_VALUE_MAX
+        len64 > TEXT_VALUE_MAX || (len64 > INLINE_BINARY_MAX && len64 > *inline_left)
     };
     if too_big {
         decoder.skip_bytes(len).map_err(malformed)?;
@@ -612,6 +623,7 @@ fn element_json<D: StatefulDecode>(
             None,
         ));
     }
+    *inline_left = inline_left.saturating_sub(len64);
     let mut raw = Vec::with_capacity(len as usize);
     decoder.read_to_vec(len, &mut raw).map_err(malformed)?;
     if binary {
@@ -743,5 +755,73 @@ fn primitive_values(vr: VR, raw: &[u8], cs: &CharacterSet, big_endian: bool) -> 
                 })
                 .collect()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One explicit VR little endian element with a 4-byte length (UT, UN, ...).
+    fn long_element(group: u16, element: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+        let mut e = Vec::with_capacity(12 + value.len());
+        e.extend_from_slice(&group.to_le_bytes());
+        e.extend_from_slice(&element.to_le_bytes());
+        e.extend_from_slice(vr);
+        e.extend_from_slice(&[0, 0]);
+        e.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        e.extend_from_slice(value);
+        e
+    }
+
+    fn short_element(group: u16, element: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+        let mut e = Vec::with_capacity(8 + value.len());
+        e.extend_from_slice(&group.to_le_bytes());
+        e.extend_from_slice(&element.to_le_bytes());
+        e.extend_from_slice(vr);
+        e.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        e.extend_from_slice(value);
+        e
+    }
+
+    #[test]
+    fn values_past_the_inline_budget_become_bulk_data() {
+        let text = vec![b'A'; TEXT_VALUE_MAX as usize];
+        let mut ds = short_element(0x0011, 0x0010, b"LO", b"TSUNAGU TEST");
+        let mut value_at = Vec::new();
+        for n in 0..12u16 {
+            value_at.push(ds.len() as u64 + 12);
+            ds.extend(long_element(0x0011, 0x1000 + n, b"UT", &text));
+        }
+        ds.extend(short_element(0x0011, 0x1100, b"LO", b"SMALL AFTER"));
+        let meta = FileMeta {
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
+            sop_instance_uid: "2.25.1".into(),
+            transfer_syntax: EXPLICIT_VR_LE.into(),
+            source_ae_title: None,
+        };
+        let total = ds.len() as u64;
+        let parsed = parse_stream(std::io::Cursor::new(ds), meta, 0, Some(total)).expect("parses");
+        // The creator's 12 bytes came first: seven whole values fit after it.
+        let per_budget = ((INLINE_TOTAL_MAX - 12) / TEXT_VALUE_MAX) as usize;
+        assert_eq!(per_budget, 7);
+        for (n, at) in value_at.iter().enumerate() {
+            let el = &parsed.json[&format!("0011{:04X}", 0x1000 + n)];
+            if n < per_budget {
+                assert_eq!(
+                    el["Value"][0].as_str().map(str::len),
+                    Some(text.len()),
+                    "{n}"
+                );
+            } else {
+                assert_eq!(
+                    el["BulkDataURI"],
+                    format!("{BULK_URI_PREFIX}{at}/{}", text.len()),
+                    "{n}"
+                );
+            }
+        }
+        // Short values stay inline whatever the budget.
+        assert_eq!(parsed.json["00111100"]["Value"][0], "SMALL AFTER");
     }
 }
