@@ -618,8 +618,9 @@ pub async fn frames(
     let part_type = negotiate_frames(&accept, &inst.transfer_syntax, layout.encapsulated, bits)?;
     let boundary = multipart::boundary();
     let content_type = multipart::content_type(&boundary, part_type.essence(), None);
-    let store = hub.store.clone();
-    let key = inst.object_key.clone();
+    // Opened once for every frame of the answer: a replacement of the
+    // instance meanwhile does not cut the answer short.
+    let object = hub.store.reader(&inst.object_key).await?;
     let base = urls.instance(&inst.study_uid, &inst.series_uid, &inst.sop_uid);
     let (rows, columns) = (
         inst.rows.unwrap_or(0).max(0) as usize,
@@ -628,8 +629,7 @@ pub async fn frames(
     let parts = stream::iter(numbers)
         .map(move |n| {
             let ranges = layout.frames[n as usize - 1].clone();
-            let store = store.clone();
-            let key = key.clone();
+            let object = object.clone();
             let conversion = part_type.conversion;
             Part {
                 content_type: part_type.header(),
@@ -638,8 +638,8 @@ pub async fn frames(
                     let mut chunks = Vec::with_capacity(ranges.len());
                     for (off, len) in ranges {
                         chunks.push(
-                            store
-                                .read_range(&key, off..off + len)
+                            object
+                                .read_range(off..off + len)
                                 .await
                                 .map_err(std::io::Error::other)?,
                         );
