@@ -69,7 +69,7 @@ pub struct Store {
     spool_dir: PathBuf,
     /// Held while the process runs: its lock tells other processes sharing
     /// the spool that the folder is in use.
-    _spool_lock: std::fs::File,
+    _spool_lock: SpoolLock,
     description: String,
     /// Local store: directories whose own entry is known to be on the device.
     durable_dirs: Arc<DurableDirs>,
@@ -665,13 +665,39 @@ const SPOOL_LOCK: &str = ".lock";
 /// The lock file claims of spool folders take turns on.
 const SPOOL_CLAIM: &str = ".claim";
 
+/// The locks a process holds on its spool folder while it runs: on the
+/// folder itself, which a temporary-files cleaner (`systemd-tmpfiles`, for
+/// a spool under `/tmp`) leaves alone while it is locked and which no
+/// cleaner can take away from under a running process, and on the `.lock`
+/// file inside, which processes of earlier versions look at.
+struct SpoolLock {
+    _folder: Option<std::fs::File>,
+    _file: std::fs::File,
+}
+
+/// Whether the spool folder `path` belongs to no running process: neither
+/// the folder nor its `.lock` file is locked. A folder that cannot be
+/// locked at all (a file system without directory locks) is judged by its
+/// `.lock` file alone; a missing `.lock` file frees nothing by itself.
+fn spool_folder_free(path: &Path) -> bool {
+    let folder_free = match std::fs::File::open(path).map(|d| d.try_lock()) {
+        Ok(Ok(())) => true,
+        Ok(Err(std::fs::TryLockError::WouldBlock)) => return false,
+        _ => false,
+    };
+    match std::fs::File::open(path.join(SPOOL_LOCK)) {
+        Ok(f) => f.try_lock().is_ok(),
+        Err(_) => folder_free,
+    }
+}
+
 /// A spool folder of this process's own under `base`, locked while it runs;
 /// first the leftovers of processes that no longer run (their folders'
 /// locks are free) are removed: spool files were never acknowledged.
 /// (Objects are only ever written by renaming a complete spool file, so
 /// there are no partial files elsewhere to look for.) Folders of processes
 /// that still run — a `serve` beside an `import` — are left alone.
-fn claim_spool(base: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+fn claim_spool(base: &Path) -> std::io::Result<(PathBuf, SpoolLock)> {
     // Claims take turns, so that none sees another's folder before its lock.
     let turn = std::fs::File::create(base.join(SPOOL_CLAIM))?;
     turn.lock()?;
@@ -684,19 +710,25 @@ fn claim_spool(base: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
             }
             continue;
         }
-        let free = std::fs::File::open(path.join(SPOOL_LOCK))
-            .map(|f| f.try_lock().is_ok())
-            .unwrap_or(true);
-        if free {
+        if spool_folder_free(&path) {
             let _ = std::fs::remove_dir_all(&path);
         }
     }
     let own = base.join(uuid::Uuid::new_v4().simple().to_string());
     std::fs::create_dir_all(&own)?;
-    let lock = std::fs::File::create(own.join(SPOOL_LOCK))?;
-    lock.lock()?;
+    let folder = std::fs::File::open(&own)
+        .ok()
+        .filter(|d| d.lock().is_ok());
+    let file = std::fs::File::create(own.join(SPOOL_LOCK))?;
+    file.lock()?;
     drop(turn);
-    Ok((own, lock))
+    Ok((
+        own,
+        SpoolLock {
+            _folder: folder,
+            _file: file,
+        },
+    ))
 }
 
 /// Create the directories of `dest` that do not exist yet (their flush is
@@ -784,6 +816,9 @@ mod tests {
         let serving = Store::open(&cfg).await.unwrap();
         let arriving = serving.spool_dir().join("arriving");
         std::fs::write(&arriving, b"half an object").unwrap();
+        // A cleaner of temporary files took the lock file: the folder's own
+        // lock still says it is in use.
+        std::fs::remove_file(serving.spool_dir().join(SPOOL_LOCK)).unwrap();
         let importing = Store::open(&cfg).await.unwrap();
         assert!(arriving.exists(), "a running store's spool file was swept");
         assert_ne!(importing.spool_dir(), serving.spool_dir());
