@@ -7,8 +7,13 @@
 //! Parent rows (patient, study, series) that a batch would rewrite with the
 //! very values they already hold are skipped, so a typical store costs one
 //! statement; the memory of those rows is dropped whenever a transaction
-//! fails or the index is cleared, and a stale memory (another node changed
-//! the rows) only makes a batch fail once and be retried without it.
+//! fails or the index is cleared. A memory gone stale because another
+//! process removed the rows (a roll-back, a reindex) makes a batch fail once
+//! and be retried without it. One gone stale because another process wrote
+//! other values into them (several nodes on one PostgreSQL, a patient's
+//! name corrected by a store on the other node) is not noticed: this
+//! writer's next store with the values it remembers leaves the other's
+//! values in place, where "the last store wins" would rewrite them.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
