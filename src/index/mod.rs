@@ -83,9 +83,8 @@ pub struct IndexEntry {
     pub received_at: String,
     pub dataset_json: String,
     pub pixels: Option<PixelLayout>,
-    /// The key of the indexed copy ingest's lookup found before storing
-    /// (the write itself returns the copy it really supersedes: another
-    /// store of the instance may commit in between).
+    /// The key of the copy this entry replaces (from the lookup ingest made
+    /// before storing), so the writer need not read it back.
     pub replaces: Option<String>,
     /// The object's flush is still running: the row is listed in
     /// `unconfirmed_object` until `Index::confirm`.
