@@ -27,11 +27,16 @@ const INLINE_BINARY_MAX: u64 = 256;
 /// Text values above this size are left to bulk data rather than held in the index.
 const TEXT_VALUE_MAX: u64 = 1 << 20;
 /// Value bytes one data set may inline in all: past it, every value longer
-/// than `INLINE_BINARY_MAX` becomes bulk data. Each value alone stays under
-/// `TEXT_VALUE_MAX`, but thousands of them (a crafted object, or a huge
-/// structure set) would otherwise all be held in memory at ingest and in the
-/// index's metadata; PS3.18 F.2.6 allows bulk data for any such VR.
+/// than `INLINE_BINARY_MAX` of a VR that may be bulk data becomes bulk data.
+/// Each value alone stays under `TEXT_VALUE_MAX`, but thousands of them (a
+/// crafted object, or a huge structure set) would otherwise all be held in
+/// memory at ingest and in the index's metadata.
 const INLINE_TOTAL_MAX: u64 = 8 << 20;
+/// Elements (items included) one data set may have: the metadata of each is
+/// held in memory and in the index, so a crafted object of millions of tiny
+/// values is refused. Real objects (structure sets, segmentations with their
+/// per-frame groups) stay far below.
+const ELEMENTS_MAX: u64 = 1_000_000;
 /// A Basic Offset Table larger than this is ignored (frames are then found by markers).
 const BOT_MAX: u32 = 16 << 20;
 
@@ -285,12 +290,19 @@ fn walk<R: Read + Seek>(
     }];
     let mut native_pixels: Option<(u64, u64)> = None;
     let mut inline_left = INLINE_TOTAL_MAX;
+    let mut elements = 0u64;
     let mut encapsulated: Option<Vec<Vec<(u64, u64)>>> = None;
     // Implicit VR leaves "US or SS" to be settled by Pixel Representation.
     let implicit = ts.uid().trim_end_matches('\0') == "1.2.840.10008.1.2";
 
     while let Some(token) = reader.advance() {
         let token = token.map_err(malformed)?;
+        elements += 1;
+        if elements > ELEMENTS_MAX {
+            return Err(DatasetError::Malformed(format!(
+                "more than {ELEMENTS_MAX} elements and items"
+            )));
+        }
         match token {
             LazyDataToken::LazyValue { header, decoder } => {
                 let pos = decoder.position();
@@ -611,10 +623,40 @@ fn element_json<D: StatefulDecode>(
         vr,
         VR::OB | VR::OW | VR::OD | VR::OF | VR::OL | VR::OV | VR::UN
     );
+    // PS3.18 §10.4.3.3.2 lets only these VRs be bulk data; values of the
+    // others (names, codes, UIDs, dates) are always inline, and one longer
+    // than `TEXT_VALUE_MAX` is not a value any real object carries.
+    let may_be_bulk = binary
+        || matches!(
+            vr,
+            VR::DS
+                | VR::FL
+                | VR::FD
+                | VR::IS
+                | VR::LT
+                | VR::SL
+                | VR::SS
+                | VR::ST
+                | VR::SV
+                | VR::UC
+                | VR::UL
+                | VR::US
+                | VR::UT
+                | VR::UV
+        );
+    if !may_be_bulk && len64 > TEXT_VALUE_MAX {
+        return Err(DatasetError::Malformed(format!(
+            "a {vr_name} value of {len64} bytes"
+        )));
+    }
+    // Specific Character Set (`keep_raw`) is read whatever the budget: the
+    // text after it is decoded by it.
     let too_big = if binary {
         len64 > INLINE_BINARY_MAX
     } else {
-        len64 > TEXT_VALUE_MAX || (len64 > INLINE_BINARY_MAX && len64 > *inline_left)
+        may_be_bulk
+            && !keep_raw
+            && (len64 > TEXT_VALUE_MAX || (len64 > INLINE_BINARY_MAX && len64 > *inline_left))
     };
     if too_big {
         decoder.skip_bytes(len).map_err(malformed)?;
@@ -794,6 +836,8 @@ mod tests {
             ds.extend(long_element(0x0011, 0x1000 + n, b"UT", &text));
         }
         ds.extend(short_element(0x0011, 0x1100, b"LO", b"SMALL AFTER"));
+        let many_codes = vec!["CODE1234"; 100].join("\\");
+        ds.extend(short_element(0x0011, 0x1101, b"CS", many_codes.as_bytes()));
         let meta = FileMeta {
             sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
             sop_instance_uid: "2.25.1".into(),
@@ -821,7 +865,69 @@ mod tests {
                 );
             }
         }
-        // Short values stay inline whatever the budget.
+        // Short values stay inline whatever the budget, and so do values of
+        // VRs that PS3.18 does not let be bulk data.
         assert_eq!(parsed.json["00111100"]["Value"][0], "SMALL AFTER");
+        let codes = parsed.json["00111101"]["Value"].as_array().unwrap();
+        assert_eq!(codes.len(), 100);
+    }
+
+    #[test]
+    fn a_million_elements_are_refused() {
+        let one = short_element(0x0011, 0x1000, b"LO", b"AB");
+        let ds = one.repeat(ELEMENTS_MAX as usize + 1);
+        let meta = FileMeta {
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
+            sop_instance_uid: "2.25.1".into(),
+            transfer_syntax: EXPLICIT_VR_LE.into(),
+            source_ae_title: None,
+        };
+        let total = ds.len() as u64;
+        let refused = parse_stream(std::io::Cursor::new(ds), meta, 0, Some(total));
+        assert!(
+            matches!(&refused, Err(DatasetError::Malformed(m)) if m.contains("elements")),
+            "{:?}",
+            refused.map(|p| p.json.len())
+        );
+    }
+
+    #[test]
+    fn a_description_longer_than_any_real_one_is_refused() {
+        let meta = |ts: &str| FileMeta {
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
+            sop_instance_uid: "2.25.1".into(),
+            transfer_syntax: ts.into(),
+            source_ae_title: None,
+        };
+        let huge = vec![b'A'; TEXT_VALUE_MAX as usize + 2];
+        // UC may be bulk data: a bulk data reference.
+        let ds = long_element(0x0008, 0x0119, b"UC", &huge);
+        let total = ds.len() as u64;
+        let parsed = parse_stream(
+            std::io::Cursor::new(ds),
+            meta(EXPLICIT_VR_LE),
+            0,
+            Some(total),
+        )
+        .unwrap();
+        assert!(parsed.json["00080119"]["BulkDataURI"].is_string());
+        // Study Description (LO) may not; only implicit VR can make it this long.
+        let mut ds = Vec::new();
+        ds.extend_from_slice(&0x0008u16.to_le_bytes());
+        ds.extend_from_slice(&0x1030u16.to_le_bytes());
+        ds.extend_from_slice(&(huge.len() as u32).to_le_bytes());
+        ds.extend_from_slice(&huge);
+        let total = ds.len() as u64;
+        let refused = parse_stream(
+            std::io::Cursor::new(ds),
+            meta("1.2.840.10008.1.2"),
+            0,
+            Some(total),
+        );
+        assert!(
+            matches!(&refused, Err(DatasetError::Malformed(m)) if m.contains("LO value")),
+            "{:?}",
+            refused.map(|p| p.json)
+        );
     }
 }

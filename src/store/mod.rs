@@ -716,9 +716,7 @@ fn claim_spool(base: &Path) -> std::io::Result<(PathBuf, SpoolLock)> {
     }
     let own = base.join(uuid::Uuid::new_v4().simple().to_string());
     std::fs::create_dir_all(&own)?;
-    let folder = std::fs::File::open(&own)
-        .ok()
-        .filter(|d| d.lock().is_ok());
+    let folder = std::fs::File::open(&own).ok().filter(|d| d.lock().is_ok());
     let file = std::fs::File::create(own.join(SPOOL_LOCK))?;
     file.lock()?;
     drop(turn);
