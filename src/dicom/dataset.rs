@@ -816,6 +816,16 @@ mod tests {
         e
     }
 
+    /// The file meta of a secondary capture in transfer syntax `ts`.
+    fn meta(ts: &str) -> FileMeta {
+        FileMeta {
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
+            sop_instance_uid: "2.25.1".into(),
+            transfer_syntax: ts.into(),
+            source_ae_title: None,
+        }
+    }
+
     fn short_element(group: u16, element: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
         let mut e = Vec::with_capacity(8 + value.len());
         e.extend_from_slice(&group.to_le_bytes());
@@ -838,12 +848,7 @@ mod tests {
         ds.extend(short_element(0x0011, 0x1100, b"LO", b"SMALL AFTER"));
         let many_codes = vec!["CODE1234"; 100].join("\\");
         ds.extend(short_element(0x0011, 0x1101, b"CS", many_codes.as_bytes()));
-        let meta = FileMeta {
-            sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
-            sop_instance_uid: "2.25.1".into(),
-            transfer_syntax: EXPLICIT_VR_LE.into(),
-            source_ae_title: None,
-        };
+        let meta = meta(EXPLICIT_VR_LE);
         let total = ds.len() as u64;
         let parsed = parse_stream(std::io::Cursor::new(ds), meta, 0, Some(total)).expect("parses");
         // The creator's 12 bytes came first: seven whole values fit after it.
@@ -876,12 +881,7 @@ mod tests {
     fn a_million_elements_are_refused() {
         let one = short_element(0x0011, 0x1000, b"LO", b"AB");
         let ds = one.repeat(ELEMENTS_MAX as usize + 1);
-        let meta = FileMeta {
-            sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
-            sop_instance_uid: "2.25.1".into(),
-            transfer_syntax: EXPLICIT_VR_LE.into(),
-            source_ae_title: None,
-        };
+        let meta = meta(EXPLICIT_VR_LE);
         let total = ds.len() as u64;
         let refused = parse_stream(std::io::Cursor::new(ds), meta, 0, Some(total));
         assert!(
@@ -893,12 +893,6 @@ mod tests {
 
     #[test]
     fn a_description_longer_than_any_real_one_is_refused() {
-        let meta = |ts: &str| FileMeta {
-            sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
-            sop_instance_uid: "2.25.1".into(),
-            transfer_syntax: ts.into(),
-            source_ae_title: None,
-        };
         let huge = vec![b'A'; TEXT_VALUE_MAX as usize + 2];
         // UC may be bulk data: a bulk data reference.
         let ds = long_element(0x0008, 0x0119, b"UC", &huge);

@@ -819,16 +819,20 @@ mod tests {
         assert_eq!(rel(&place("a/b/d/3")), ["a/b/d", "a/b"]);
     }
 
+    fn local_config(root: &Path) -> crate::config::StorageConfig {
+        crate::config::StorageConfig {
+            url: format!("file://{}", root.display()),
+            ..Default::default()
+        }
+    }
+
     /// A store opened beside a running one (an `import` beside `serve`)
     /// leaves the other's spool files alone; once that one is gone, its
     /// leftovers go.
     #[tokio::test]
     async fn each_process_spools_in_its_own_folder() {
         let tmp = tempfile::tempdir().unwrap();
-        let cfg = crate::config::StorageConfig {
-            url: format!("file://{}", tmp.path().display()),
-            ..Default::default()
-        };
+        let cfg = local_config(tmp.path());
         let serving = Store::open(&cfg).await.unwrap();
         let arriving = serving.spool_dir().join("arriving");
         std::fs::write(&arriving, b"half an object").unwrap();
@@ -850,10 +854,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn an_opened_object_outlives_its_deletion() {
         let tmp = tempfile::tempdir().unwrap();
-        let cfg = crate::config::StorageConfig {
-            url: format!("file://{}", tmp.path().display()),
-            ..Default::default()
-        };
+        let cfg = local_config(tmp.path());
         let store = Store::open(&cfg).await.unwrap();
         let key = "instances/H/1/2/3.0.dcm";
         let path = tmp.path().join(key);
