@@ -341,11 +341,160 @@ async fn duplicates_follow_the_documented_policy() {
         sha(common::dataset_bytes(&stored)),
         sha(common::dataset_bytes(&bytes))
     );
-    assert!(
-        hub.hub.store.get_bytes(&first_key).await.is_err(),
-        "superseded copy removed"
-    );
-    assert_eq!(count_objects(&hub), 2);
+    assert_eq!(settled_count(&hub, 2).await, 2, "superseded copy removed");
+    assert!(hub.hub.store.get_bytes(&first_key).await.is_err());
+}
+
+/// Two versions of one instance stored at once: whichever commits last is
+/// current, and the copy it superseded is deleted, even when both looked up
+/// the same predecessor before either was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_versions_leave_one_copy_on_sqlite() {
+    concurrent_versions_leave_one_copy(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_versions_leave_one_copy_on_postgres() {
+    concurrent_versions_leave_one_copy(Backend::Postgres).await;
+}
+
+async fn concurrent_versions_leave_one_copy(backend: Backend) {
+    let Some(hub) = TestHub::start(backend).await else {
+        return;
+    };
+    let Some(dir) = common::testdata_dir() else {
+        return;
+    };
+    let file = dir.join("files/ct16_explicit_le.dcm");
+    let sop = common::sop_instance_uid(&file);
+    let original = std::fs::read(&file).unwrap();
+    let marker = b"CT 16-bit with transfer syntax variants";
+    let at = original
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("study description present");
+    let version = |n: usize| {
+        let mut bytes = original.clone();
+        bytes[at..at + 2].copy_from_slice(format!("{n:02}").as_bytes());
+        let path = hub.dir.path().join(format!("v{n}.dcm"));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let (ok, log) = common::storescu(hub.port(), "HOSP1", "-xe", std::slice::from_ref(&file));
+    assert!(ok && log.contains("Success"), "{log}");
+    for round in 0..6 {
+        let pair = [version(2 * round), version(2 * round + 1)];
+        let children: Vec<_> = pair
+            .iter()
+            .map(|p| {
+                std::process::Command::new(common::dcmtk("storescu").unwrap())
+                    .args(["-xe", "-aet", "HOSP1", "-aec", "TSUNAGU", "127.0.0.1"])
+                    .arg(hub.port().to_string())
+                    .arg(p)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let (key, _) = hub.stored("HOSP1", &sop).await.unwrap();
+        assert_eq!(
+            settled_count(&hub, 1).await,
+            1,
+            "round {round}: superseded copies left"
+        );
+        assert!(hub.dir.path().join("store").join(&key).exists());
+    }
+}
+/// A resend of the bytes of a copy being superseded, stored at once with
+/// the version superseding it (A, B, A): the indexed copy is never the one
+/// deleted, whatever the order the three commit in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resend_beside_its_replacement_keeps_the_indexed_copy() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some(dir) = common::testdata_dir() else {
+        return;
+    };
+    let file = dir.join("files/ct16_explicit_le.dcm");
+    let sop = common::sop_instance_uid(&file);
+    let original = std::fs::read(&file).unwrap();
+    let marker = b"CT 16-bit with transfer syntax variants";
+    let at = original
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("study description present");
+    let (ok, log) = common::storescu(hub.port(), "HOSP1", "-xe", std::slice::from_ref(&file));
+    assert!(ok && log.contains("Success"), "{log}");
+    for round in 0..30 {
+        let version = |n: usize| {
+            let mut bytes = original.clone();
+            bytes[at..at + 2].copy_from_slice(format!("{n:02}").as_bytes());
+            let path = hub.dir.path().join(format!("r{n}.dcm"));
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let (a, b) = (version(2 * round), version(2 * round + 1));
+        let children: Vec<_> = [&a, &b, &a]
+            .iter()
+            .map(|p| {
+                std::process::Command::new(common::dcmtk("storescu").unwrap())
+                    .args(["-xe", "-aet", "HOSP1", "-aec", "TSUNAGU", "127.0.0.1"])
+                    .arg(hub.port().to_string())
+                    .arg(p)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(
+            settled_count(&hub, 1).await,
+            1,
+            "round {round}: {:?} indexed {:?}",
+            walkdir::WalkDir::new(hub.dir.path().join("store/instances"))
+                .into_iter()
+                .flatten()
+                .filter(|e| e.file_type().is_file())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>(),
+            hub.stored("HOSP1", &sop).await.map(|s| s.0)
+        );
+        let (key, _) = hub.stored("HOSP1", &sop).await.unwrap();
+        assert!(
+            hub.dir.path().join("store").join(&key).exists(),
+            "round {round}: the indexed copy {key} was deleted"
+        );
+    }
+}
+
+/// The number of stored objects once copies no row names (deleted in the
+/// background) are gone: waits up to ten seconds for `want`.
+async fn settled_count(hub: &TestHub, want: usize) -> usize {
+    for _ in 0..100 {
+        if count_objects(hub) == want {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    count_objects(hub)
 }
 
 fn count_objects(hub: &TestHub) -> usize {

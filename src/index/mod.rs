@@ -83,8 +83,9 @@ pub struct IndexEntry {
     pub received_at: String,
     pub dataset_json: String,
     pub pixels: Option<PixelLayout>,
-    /// The key of the copy this entry replaces (from the lookup ingest made
-    /// before storing), so the writer need not read it back.
+    /// The key of the indexed copy ingest's lookup found before storing
+    /// (the write itself returns the copy it really supersedes: another
+    /// store of the instance may commit in between).
     pub replaces: Option<String>,
     /// The object's flush is still running: the row is listed in
     /// `unconfirmed_object` until `Index::confirm`.
@@ -488,6 +489,24 @@ impl Index {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Whether the row of instance (`institution`, `sop_uid`) names `object_key`.
+    pub async fn names(
+        &self,
+        institution: &str,
+        sop_uid: &str,
+        object_key: &str,
+    ) -> Result<bool, IndexError> {
+        Ok(sqlx::query(
+            "SELECT 1 FROM instance WHERE institution = $1 AND sop_uid = $2 AND object_key = $3",
+        )
+        .bind(institution)
+        .bind(sop_uid)
+        .bind(object_key)
+        .fetch_optional(&self.pool)
+        .await?
+        .is_some())
     }
 }
 

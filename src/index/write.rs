@@ -333,7 +333,7 @@ async fn write_batch<C: WriteConn>(
                 id
             }
         };
-        upsert_instance(c, e, series).await?;
+        let superseded = upsert_instance(c, e, series).await?;
         if e.unconfirmed {
             c.execute(
                 UNCONFIRMED_SQL,
@@ -345,7 +345,7 @@ async fn write_batch<C: WriteConn>(
             )
             .await?;
         }
-        out.push(e.replaces.clone().filter(|k| k != &e.object_key));
+        out.push(superseded.filter(|k| k != &e.object_key));
     }
     Ok((out, learned))
 }
@@ -367,6 +367,15 @@ impl WriteConn for SqliteTx<'_> {
         sql: &'static str,
         params: Vec<Param>,
     ) -> Result<i64, IndexError> {
+        let mut stmt = self.0.prepare_cached(sql)?;
+        Ok(stmt.query_row(rusqlite::params_from_iter(params.iter()), |r| r.get(0))?)
+    }
+
+    async fn returning_text(
+        &mut self,
+        sql: &'static str,
+        params: Vec<Param>,
+    ) -> Result<Option<String>, IndexError> {
         let mut stmt = self.0.prepare_cached(sql)?;
         Ok(stmt.query_row(rusqlite::params_from_iter(params.iter()), |r| r.get(0))?)
     }
@@ -399,6 +408,17 @@ impl WriteConn for PoolTx<'_> {
         sql: &'static str,
         params: Vec<Param>,
     ) -> Result<i64, IndexError> {
+        Ok(bind_all(sqlx::query(sql), params)
+            .fetch_one(&mut **self.0)
+            .await?
+            .get(0))
+    }
+
+    async fn returning_text(
+        &mut self,
+        sql: &'static str,
+        params: Vec<Param>,
+    ) -> Result<Option<String>, IndexError> {
         Ok(bind_all(sqlx::query(sql), params)
             .fetch_one(&mut **self.0)
             .await?
@@ -581,7 +601,8 @@ const INSTANCE_SQL: &str = "INSERT INTO instance (series_ref, institution, sop_u
      size = excluded.size, sha256 = excluded.sha256, number_of_frames = excluded.number_of_frames, \
      rows = excluded.rows, columns = excluded.columns, bits_allocated = excluded.bits_allocated, \
      sender_ae = excluded.sender_ae, received_at = excluded.received_at, \
-     dataset_json = excluded.dataset_json, pixel_layout = excluded.pixel_layout";
+     dataset_json = excluded.dataset_json, pixel_layout = excluded.pixel_layout, \
+     superseded_key = instance.object_key RETURNING superseded_key";
 
 fn instance_params(e: &IndexEntry, series: i64) -> Vec<Param> {
     let s = &e.summary;
@@ -618,6 +639,12 @@ trait WriteConn {
         sql: &'static str,
         params: Vec<Param>,
     ) -> impl Future<Output = Result<i64, IndexError>>;
+    /// Run a statement that returns one row of one text column (or NULL).
+    fn returning_text(
+        &mut self,
+        sql: &'static str,
+        params: Vec<Param>,
+    ) -> impl Future<Output = Result<Option<String>, IndexError>>;
     fn execute(
         &mut self,
         sql: &'static str,
@@ -672,10 +699,13 @@ async fn upsert_parents<C: WriteConn>(c: &mut C, e: &IndexEntry) -> Result<i64, 
         )))
 }
 
+/// Insert or update the instance row of `e`; the key of the copy it named
+/// before (the one this write supersedes), if it was updated.
 async fn upsert_instance<C: WriteConn>(
     c: &mut C,
     e: &IndexEntry,
     series: i64,
-) -> Result<(), IndexError> {
-    c.execute(INSTANCE_SQL, instance_params(e, series)).await
+) -> Result<Option<String>, IndexError> {
+    c.returning_text(INSTANCE_SQL, instance_params(e, series))
+        .await
 }

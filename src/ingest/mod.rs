@@ -19,7 +19,7 @@ use crate::dicom::part10::{self, FileMeta};
 use crate::dicom::summary::{InstanceSummary, SummaryError};
 use crate::index::{Index, IndexEntry, IndexError};
 use crate::store::keys::InstanceKey;
-use crate::store::{Placed, Store, StoreError};
+use crate::store::{Placed, Store, StoreError, Unused};
 use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
@@ -208,22 +208,6 @@ impl Ingest {
         );
         let received = received?;
         let existing = existing?;
-        if let Some(copy) = existing.as_ref().filter(|c| c.sha256 == received.sha256) {
-            // Identical bytes: a local store kept the copy at the key (after
-            // flushing it again, so it is durable before we say so); an S3
-            // spool is dropped without an upload.
-            if let Placed::Renamed(flush) = received.placed {
-                spool.disarm();
-                self.store
-                    .complete(&copy.object_key, Placed::Renamed(flush))
-                    .await?;
-            }
-            return Ok(Accepted {
-                outcome: Outcome::AlreadyPresent,
-                object_key: copy.object_key.clone(),
-                summary: received.summary,
-            });
-        }
         let Received {
             dataset_json,
             pixels,
@@ -232,18 +216,53 @@ impl Ingest {
             sha256,
             size,
             placed,
+            hold,
         } = received;
+        let mut placed = Some(placed);
+        if let Some(copy) = existing.as_ref().filter(|c| c.sha256 == sha256) {
+            // Identical bytes: a local store kept the copy at the key (after
+            // flushing it again, so it is durable before we say so); an S3
+            // spool is dropped without an upload.
+            let Some(Placed::Renamed(flush)) = placed.take_if(|p| matches!(p, Placed::Renamed(_)))
+            else {
+                return Ok(Accepted {
+                    outcome: Outcome::AlreadyPresent,
+                    object_key: copy.object_key.clone(),
+                    summary,
+                });
+            };
+            spool.disarm();
+            self.store
+                .complete(&copy.object_key, Placed::Renamed(flush))
+                .await?;
+            // The lookup may be stale: if another version was indexed since
+            // (and this key's copy deleted, and placed again by this store),
+            // the object is indexed below like any other.
+            if self
+                .index
+                .names(&institution.code, &sop_uid, &copy.object_key)
+                .await?
+            {
+                return Ok(Accepted {
+                    outcome: Outcome::AlreadyPresent,
+                    object_key: copy.object_key.clone(),
+                    summary,
+                });
+            }
+        }
         // A new local object is indexed while its flush runs: the two waits
         // overlap (the index's commit and the object's fsyncs). The row is
         // listed as unconfirmed until the flush is done, so that start-up
         // after a crash can check the object. A replacement keeps the order
         // durable-then-indexed: its row would replace the durable copy's.
-        let overlap = matches!(placed, Placed::Renamed(_)) && existing.is_none();
-        let flushing = if overlap {
-            Some(placed)
-        } else {
-            self.store.complete(&key, placed).await?;
-            None
+        let overlap = matches!(placed, Some(Placed::Renamed(_))) && existing.is_none();
+        let flushing = match placed {
+            Some(placed) if overlap => Some(placed),
+            Some(placed) => {
+                self.store.complete(&key, placed).await?;
+                None
+            }
+            None => None, // made durable above
         };
         spool.disarm(); // the file is at its key now (or uploaded and removed)
 
@@ -281,12 +300,11 @@ impl Ingest {
         let replaced = match indexed {
             Ok(r) => r,
             Err(e @ IndexError::Conflict(_)) => {
-                // Refused for good: the new copy goes (never the indexed one).
-                if entry.replaces.as_deref() != Some(key.as_str())
-                    && let Err(d) = self.store.delete(&key).await
-                {
-                    tracing::warn!(key = %key, error = %d, "refused object not deleted");
-                }
+                // Refused for good: the new copy goes (never the indexed one,
+                // nor one that another store of the same bytes indexes).
+                drop(hold);
+                self.delete_unnamed(key, &institution.code, &summary.sop_instance_uid)
+                    .await;
                 return Err(e.into());
             }
             Err(e) => return Err(e.into()),
@@ -296,12 +314,15 @@ impl Ingest {
         }
         metrics::counter!(telemetry::INSTANCES_STORED).increment(1);
         metrics::counter!(telemetry::BYTES_STORED).increment(size);
+        drop(hold);
         let outcome = match replaced {
             Some(old) => {
-                // Only now, with the new copy durable and indexed, may the old go.
-                if let Err(e) = self.store.delete(&old).await {
-                    tracing::warn!(key = %old, error = %e, "superseded object not deleted; reindex keeps the newest");
-                }
+                // Only now, with the new copy durable and indexed, may the
+                // old go: the one the row named just before this write
+                // (another store of the instance may have come between the
+                // lookup and the write).
+                self.delete_unnamed(old, &institution.code, &summary.sop_instance_uid)
+                    .await;
                 Outcome::Replaced
             }
             None => Outcome::Stored,
@@ -313,6 +334,56 @@ impl Ingest {
         })
     }
 }
+
+impl Ingest {
+    /// Delete the copy at `key` of instance (`institution`, `sop_uid`),
+    /// which no index row names any more: not while a store of this process
+    /// is placing the same bytes there (then it is asked again in the
+    /// background until that store is done), and not if a row names it
+    /// again.
+    async fn delete_unnamed(&self, key: String, institution: &str, sop_uid: &str) {
+        let attempt = {
+            let (store, index) = (self.store.clone(), self.index.clone());
+            let (institution, sop_uid) = (institution.to_string(), sop_uid.to_string());
+            move |key: String| {
+                let (store, index) = (store.clone(), index.clone());
+                let (institution, sop_uid) = (institution.clone(), sop_uid.clone());
+                async move {
+                    let done = store
+                        .delete_unless_in_use(&key, || async {
+                            Ok::<_, IngestError>(index.names(&institution, &sop_uid, &key).await?)
+                        })
+                        .await;
+                    match done {
+                        Ok(Unused::InUse) => false,
+                        Ok(Unused::Deleted | Unused::Named) => true,
+                        Err(e) => {
+                            tracing::warn!(%key, error = %e, "a copy no index row names was not deleted; reindex leaves it aside");
+                            true
+                        }
+                    }
+                }
+            }
+        };
+        if attempt(key.clone()).await {
+            return;
+        }
+        tokio::spawn(async move {
+            for _ in 0..DELETE_ATTEMPTS {
+                tokio::time::sleep(DELETE_RETRY).await;
+                if attempt(key.clone()).await {
+                    return;
+                }
+            }
+            tracing::warn!(%key, "a copy no index row names stayed in use and was not deleted; reindex leaves it aside");
+        });
+    }
+}
+
+/// How often, and how far apart, `Ingest::delete_unnamed` asks again while
+/// a store of the same bytes is under way (a store takes milliseconds).
+const DELETE_ATTEMPTS: usize = 600;
+const DELETE_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Check a parsed object against its command (or file meta) and name its
 /// key: the part of ingest that needs no I/O, run by the spool worker.

@@ -42,6 +42,8 @@ pub struct Received {
     /// Size of the whole Part-10 file.
     pub size: u64,
     pub placed: Placed,
+    /// The key held from before its placing until the store is done.
+    pub hold: crate::store::KeyHold,
 }
 
 /// The async handle of an object being received. Dropping it before
@@ -195,6 +197,7 @@ fn run_worker(
     parsed.check_complete(size)?;
     let sha256 = hex::encode(tee.hasher.finalize());
     let (summary, key) = super::identify(&parsed, &meta, institution, study, &sha256)?;
+    let hold = placer.hold(&key);
     let placed = placer
         .place(tee.file, path, &key, |existing| {
             dataset::data_set_digest(existing).is_ok_and(|d| d == sha256)
@@ -208,6 +211,7 @@ fn run_worker(
         sha256,
         size,
         placed,
+        hold,
     })
 }
 

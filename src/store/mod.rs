@@ -73,6 +73,8 @@ pub struct Store {
     description: String,
     /// Local store: directories whose own entry is known to be on the device.
     durable_dirs: Arc<DurableDirs>,
+    /// Keys this process is placing or deleting.
+    keys: Arc<KeysInUse>,
 }
 
 /// Directories (of a local store) whose entry in their parent this process
@@ -114,6 +116,7 @@ impl Store {
                 _spool_lock: lock,
                 description: format!("file://{}", root.display()),
                 durable_dirs: Arc::default(),
+                keys: Arc::default(),
                 backend: Backend::Local { root },
             });
         }
@@ -179,6 +182,7 @@ impl Store {
             _spool_lock: lock,
             description: format!("s3://{bucket}/{prefix}"),
             durable_dirs: Arc::default(),
+            keys: Arc::default(),
         })
     }
 
@@ -201,7 +205,32 @@ impl Store {
                 Backend::S3 => None,
             },
             durable_dirs: self.durable_dirs.clone(),
+            keys: self.keys.clone(),
         }
+    }
+
+    /// Delete `key`, a copy the index no longer names (superseded, or
+    /// refused), unless a store of this process is placing the same bytes
+    /// at it: `still_named` is asked once placing it is barred, so that a
+    /// store that placed and indexed it in the meantime is seen.
+    pub async fn delete_unless_in_use<F, Fut, E>(
+        &self,
+        key: &str,
+        still_named: F,
+    ) -> Result<Unused, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<bool, E>>,
+        E: From<StoreError>,
+    {
+        let Some(_barred) = self.keys.bar(key) else {
+            return Ok(Unused::InUse);
+        };
+        if still_named().await? {
+            return Ok(Unused::Named);
+        }
+        self.delete(key).await?;
+        Ok(Unused::Deleted)
     }
 
     /// Finish what `Placer::place` began: upload to S3 (the spool file is
@@ -421,9 +450,17 @@ impl Store {
 pub struct Placer {
     local_root: Option<PathBuf>,
     durable_dirs: Arc<DurableDirs>,
+    keys: Arc<KeysInUse>,
 }
 
 impl Placer {
+    /// Hold `key` while its object is placed and indexed: no deletion of a
+    /// superseded or refused copy at the same key (the same bytes) runs
+    /// meanwhile. Waits while one is running.
+    pub fn hold(&self, key: &str) -> KeyHold {
+        self.keys.hold(key)
+    }
+
     /// Whether placing makes the spool file itself the stored object.
     pub fn is_local(&self) -> bool {
         self.local_root.is_some()
@@ -672,6 +709,105 @@ async fn off_runtime(
     Ok(tokio::task::spawn_blocking(work)
         .await
         .map_err(std::io::Error::other)??)
+}
+
+/// Object keys a store of this process is placing and indexing (held), or
+/// deleting (barred). Keys name content, so a store of the same bytes as a
+/// copy being deleted places its object at that very key: without this, a
+/// deletion decided before such a store was indexed could take its file.
+/// (Processes sharing one store do not see each other's keys.)
+#[derive(Debug, Default)]
+pub struct KeysInUse {
+    keys: std::sync::Mutex<std::collections::HashMap<String, KeyUse>>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct KeyUse {
+    holds: usize,
+    barred: bool,
+}
+
+impl KeysInUse {
+    fn hold(self: &Arc<Self>, key: &str) -> KeyHold {
+        let mut keys = self.keys.lock().expect("keys in use lock");
+        while keys.get(key).is_some_and(|u| u.barred) {
+            keys = self.changed.wait(keys).expect("keys in use lock");
+        }
+        keys.entry(key.to_string()).or_default().holds += 1;
+        KeyHold {
+            keys: self.clone(),
+            key: key.to_string(),
+        }
+    }
+
+    /// Bar `key` from being placed, unless it is held or barred already.
+    fn bar(self: &Arc<Self>, key: &str) -> Option<KeyBar> {
+        let mut keys = self.keys.lock().expect("keys in use lock");
+        let u = keys.entry(key.to_string()).or_default();
+        if u.barred || u.holds > 0 {
+            if u.holds == 0 && !u.barred {
+                keys.remove(key);
+            }
+            return None;
+        }
+        u.barred = true;
+        Some(KeyBar {
+            keys: self.clone(),
+            key: key.to_string(),
+        })
+    }
+
+    fn release(&self, key: &str, hold: bool) {
+        let mut keys = self.keys.lock().expect("keys in use lock");
+        if let Some(u) = keys.get_mut(key) {
+            if hold {
+                u.holds = u.holds.saturating_sub(1);
+            } else {
+                u.barred = false;
+            }
+            if u.holds == 0 && !u.barred {
+                keys.remove(key);
+            }
+        }
+        drop(keys);
+        self.changed.notify_all();
+    }
+}
+
+/// What `Store::delete_unless_in_use` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unused {
+    Deleted,
+    /// An instance row names it again (the same bytes stored anew).
+    Named,
+    /// A store of this process is placing it: ask again once it is done.
+    InUse,
+}
+
+/// A key held by a store while it is placed and indexed (`Placer::hold`).
+#[derive(Debug)]
+pub struct KeyHold {
+    keys: Arc<KeysInUse>,
+    key: String,
+}
+
+impl Drop for KeyHold {
+    fn drop(&mut self) {
+        self.keys.release(&self.key, true);
+    }
+}
+
+/// A key barred from placing while its copy is deleted.
+struct KeyBar {
+    keys: Arc<KeysInUse>,
+    key: String,
+}
+
+impl Drop for KeyBar {
+    fn drop(&mut self) {
+        self.keys.release(&self.key, false);
+    }
 }
 
 /// A complete spool file waiting for its upload.
