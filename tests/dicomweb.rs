@@ -1012,6 +1012,66 @@ async fn wado_uri_returns_the_instance() {
     assert_eq!(r.status(), 404, "another institution's object is absent");
 }
 
+/// Bulk data positions of a Deflated object count in its inflated data set
+/// (it is stored as received): its Pixel Data comes back whole and exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bulk_data_of_a_deflated_object() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some(file) = testfile("ct16_deflated_le.dcm") else {
+        return;
+    };
+    hub.import("HOSP1", vec![file.clone()]).await;
+    let object = dicom_object::open_file(&file).unwrap();
+    let text = |tag| {
+        object
+            .element(tag)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_end_matches('\0')
+            .to_string()
+    };
+    use dicom_dictionary_std::tags;
+    let (study, series, sop) = (
+        text(tags::STUDY_INSTANCE_UID),
+        text(tags::SERIES_INSTANCE_UID),
+        text(tags::SOP_INSTANCE_UID),
+    );
+    let pixels = object
+        .element(tags::PIXEL_DATA)
+        .unwrap()
+        .to_bytes()
+        .unwrap()
+        .to_vec();
+    let token = hub.token("HOSP1", Role::Clinician);
+    let items: Value = client()
+        .get(format!(
+            "{}/studies/{study}/series/{series}/instances/{sop}/metadata",
+            hub.dicomweb()
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let uri = items[0]["7FE00010"]["BulkDataURI"].as_str().unwrap();
+    let r = client()
+        .get(uri)
+        .bearer_auth(&token)
+        .header(ACCEPT, "application/octet-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.unwrap();
+    assert_eq!(body.len(), pixels.len());
+    assert!(body.to_vec() == pixels, "the inflated Pixel Data");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metadata_validators_compression_and_bulk_ranges() {
     let Some(hub) = TestHub::start(Backend::Local).await else {

@@ -85,6 +85,31 @@ pub fn to_explicit_le<R: Read + Seek, W: Write>(
     Ok(())
 }
 
+/// Whether `ts` is Deflated Explicit VR Little Endian, whose bulk data
+/// positions (see `dataset::parse_stream`) count in the inflated data set.
+pub fn is_deflated(ts: &str) -> bool {
+    ts == DEFLATED
+}
+
+/// Bytes `range` of the inflated data set of the Deflated Part-10 object
+/// `src`: what a bulk data position of such an object names.
+pub fn inflated_range<R: Read + Seek>(
+    mut src: R,
+    range: std::ops::Range<u64>,
+) -> Result<Vec<u8>, TranscodeError> {
+    let (_, offset) = part10::read_meta(&mut src).map_err(malformed)?;
+    src.seek(SeekFrom::Start(offset))?;
+    let mut inflated = flate2::read::DeflateDecoder::new(std::io::BufReader::new(src));
+    let skipped = std::io::copy(&mut (&mut inflated).take(range.start), &mut std::io::sink())?;
+    let len = range.end.saturating_sub(range.start);
+    let mut out = Vec::with_capacity(usize::try_from(len).map_err(malformed)?);
+    inflated.take(len).read_to_end(&mut out)?;
+    if skipped != range.start || out.len() as u64 != len {
+        return Err(malformed("the inflated data set ends before the range"));
+    }
+    Ok(out)
+}
+
 pub(crate) fn header(out: &mut impl Write, tag: Tag, vr: VR, len: u32) -> std::io::Result<()> {
     out.write_all(&tag.group().to_le_bytes())?;
     out.write_all(&tag.element().to_le_bytes())?;

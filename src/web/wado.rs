@@ -866,12 +866,18 @@ pub async fn bulk(
             ByteRange::Ignored => {}
         }
     }
-    let data = hub
-        .store
-        .read(&inst.object_key, Some(start..end))
-        .await?
-        .map(|r| r.map_err(std::io::Error::other))
-        .boxed();
+    let data = if crate::dicom::transcode::is_deflated(&inst.transfer_syntax) {
+        // Positions count in the inflated data set (a Deflated object is
+        // stored as received): inflated up to the value.
+        let bytes = inflated_range(&hub, &inst.object_key, start..end).await?;
+        stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(bytes)) }).boxed()
+    } else {
+        hub.store
+            .read(&inst.object_key, Some(start..end))
+            .await?
+            .map(|r| r.map_err(std::io::Error::other))
+            .boxed()
+    };
     if single {
         let mut resp = stream_response(status, "application/octet-stream", data);
         resp.headers_mut()
@@ -895,6 +901,25 @@ pub async fn bulk(
         &content_type,
         multipart::body(boundary, stream::iter([part]).boxed()),
     ))
+}
+
+/// Bytes `range` of the inflated data set of the Deflated object at `key`.
+async fn inflated_range(
+    hub: &Hub,
+    key: &str,
+    range: std::ops::Range<u64>,
+) -> Result<Vec<u8>, WebError> {
+    let (path, temporary) = hub.store.fetch_to_path(key).await?;
+    let p = path.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        crate::dicom::transcode::inflated_range(std::fs::File::open(&p)?, range)
+    })
+    .await;
+    if temporary {
+        let _ = tokio::fs::remove_file(&path).await;
+    }
+    read.map_err(|e| WebError::Internal(e.to_string()))?
+        .map_err(|e| WebError::Internal(format!("bulk data of a Deflated object: {e}")))
 }
 
 /// What a Range header asks of a value.
