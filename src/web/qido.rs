@@ -383,6 +383,8 @@ fn merge_from(
                 );
             } else if el.get("BulkDataURI").is_some() {
                 continue; // bulk data of some instance makes no sense at this level
+            } else {
+                drop_bulk(&mut el);
             }
             out.value(tag.clone(), &el);
         }
@@ -391,6 +393,26 @@ fn merge_from(
         if !out.contains(tag) {
             out.value(tag.clone(), &json!({ "vr": tag_vr(tag) }));
         }
+    }
+}
+
+/// Remove, at any depth of sequence items, the elements that are bulk data
+/// of one instance: a study or series result has no instance to point at,
+/// and the stored form of the reference is internal.
+fn drop_bulk(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|_, el| el.get("BulkDataURI").is_none());
+            for el in m.values_mut() {
+                drop_bulk(el);
+            }
+        }
+        Value::Array(a) => {
+            for item in a {
+                drop_bulk(item);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -499,11 +521,12 @@ fn render(h: &Hit, level: Level, urls: &Urls) -> Rendered {
         }
         m.text("00400244", "DA", se.pps_start_date.as_deref());
         m.text("00400245", "TM", se.pps_start_time.as_deref());
-        if let Some(items) = se
+        if let Some(mut items) = se
             .request_attributes
             .as_deref()
             .and_then(|j| serde_json::from_str::<Value>(j).ok())
         {
+            drop_bulk(&mut items);
             m.value("00400275", &json!({"vr": "SQ", "Value": items}));
         }
         url = urls.series(&st.study_uid, &se.series_uid);
@@ -525,4 +548,26 @@ fn render(h: &Hit, level: Level, urls: &Urls) -> Rendered {
     }
     m.text("00081190", "UR", Some(&url));
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_data_inside_items_leaves_study_and_series_results() {
+        let bulk = json!({"vr": "OB", "BulkDataURI": "tsunagu:bulk/100/300"});
+        let mut items = json!([{
+            "00401001": {"vr": "SH", "Value": ["RP1"]},
+            "00091010": bulk,
+            "00400008": {"vr": "SQ", "Value": [{"00091011": bulk, "00080100": {"vr": "SH", "Value": ["X"]}}]}
+        }]);
+        drop_bulk(&mut items);
+        assert!(!items.to_string().contains("BulkDataURI"), "{items}");
+        assert_eq!(items[0]["00401001"]["Value"][0], "RP1");
+        assert_eq!(
+            items[0]["00400008"]["Value"][0]["00080100"]["Value"][0],
+            "X"
+        );
+    }
 }
