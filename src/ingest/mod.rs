@@ -223,18 +223,22 @@ impl Ingest {
             // Identical bytes: a local store kept the copy at the key (after
             // flushing it again, so it is durable before we say so); an S3
             // spool is dropped without an upload.
-            let Some(Placed::Renamed(flush)) = placed.take_if(|p| matches!(p, Placed::Renamed(_)))
-            else {
-                return Ok(Accepted {
-                    outcome: Outcome::AlreadyPresent,
-                    object_key: copy.object_key.clone(),
-                    summary,
-                });
-            };
-            spool.disarm();
-            self.store
-                .complete(&copy.object_key, Placed::Renamed(flush))
-                .await?;
+            match placed.take_if(|p| !matches!(p, Placed::ToUpload(_))) {
+                Some(Placed::Renamed(flush)) => {
+                    spool.disarm();
+                    self.store
+                        .complete(&copy.object_key, Placed::Renamed(flush))
+                        .await?;
+                }
+                Some(_) => spool.disarm(), // durable at the key already
+                None => {
+                    return Ok(Accepted {
+                        outcome: Outcome::AlreadyPresent,
+                        object_key: copy.object_key.clone(),
+                        summary,
+                    });
+                }
+            }
             // The lookup may be stale: if another version was indexed since
             // (and this key's copy deleted, and placed again by this store),
             // the object is indexed below like any other.
@@ -358,7 +362,7 @@ impl Ingest {
                         Ok(Unused::InUse) => false,
                         Ok(Unused::Deleted | Unused::Named) => true,
                         Err(e) => {
-                            tracing::warn!(%key, error = %e, "a copy no index row names was not deleted; reindex leaves it aside");
+                            tracing::warn!(%key, error = %e, "a copy no index row names was not deleted; it stays in the store");
                             true
                         }
                     }
@@ -375,7 +379,7 @@ impl Ingest {
                     return;
                 }
             }
-            tracing::warn!(%key, "a copy no index row names stayed in use and was not deleted; reindex leaves it aside");
+            tracing::warn!(%key, "a copy no index row names stayed in use and was not deleted; it stays in the store");
         });
     }
 }

@@ -746,9 +746,6 @@ impl KeysInUse {
         let mut keys = self.keys.lock().expect("keys in use lock");
         let u = keys.entry(key.to_string()).or_default();
         if u.barred || u.holds > 0 {
-            if u.holds == 0 && !u.barred {
-                keys.remove(key);
-            }
             return None;
         }
         u.barred = true;
@@ -1009,5 +1006,36 @@ mod tests {
         let err = object.read_range(199_990..200_010).await.unwrap_err();
         assert!(err.to_string().contains("ends after 10 of 20"), "{err}");
         assert!(store.reader(key).await.is_err(), "a deleted object opens");
+    }
+
+    /// A held key cannot be barred (its copy is being placed); a barred key
+    /// is held only once the deletion is over; nothing is remembered after.
+    #[test]
+    fn a_key_is_held_or_barred_never_both() {
+        let keys = Arc::new(KeysInUse::default());
+        let hold = keys.hold("k");
+        assert!(keys.bar("k").is_none(), "barred while held");
+        drop(hold);
+        let bar = keys.bar("k").expect("free once released");
+        assert!(keys.bar("k").is_none(), "barred twice");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiting = {
+            let keys = keys.clone();
+            std::thread::spawn(move || {
+                let hold = keys.hold("k");
+                tx.send(()).unwrap();
+                drop(hold);
+            })
+        };
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "held while barred"
+        );
+        drop(bar);
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("held once the bar is gone");
+        waiting.join().unwrap();
+        assert!(keys.keys.lock().unwrap().is_empty());
     }
 }

@@ -272,11 +272,19 @@ async fn store_part(
     if let Some(e) = write_error {
         return failed(class, instance, failure_reason(&e));
     }
-    match hub
-        .ingest
-        .finish(spool, institution, None, &caller.actor())
-        .await
-    {
+    // Finished in a task of its own: a client that goes away must not cut
+    // a store short between its index commit and what follows it.
+    let (ingest, institution_owned, actor) =
+        (hub.ingest.clone(), institution.clone(), caller.actor());
+    let finished =
+        tokio::spawn(async move { ingest.finish(spool, &institution_owned, None, &actor).await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::ingest::IngestError::Spool(std::io::Error::other(
+                    e.to_string(),
+                )))
+            });
+    match finished {
         Ok(a) => Ok(PartResult::Stored(Box::new(a))),
         Err(e) => {
             tracing::warn!(sop_instance_uid = ?instance, error = %e, "STOW-RS part refused");
