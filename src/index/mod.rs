@@ -423,7 +423,9 @@ impl Index {
     /// the sender, never acknowledged, sends the object again.
     pub async fn roll_back(&self, u: &Unconfirmed) -> Result<(), IndexError> {
         self.writer.forget_parents();
-        let mut tx = self.pool.begin().await?;
+        // Apart from consent changes, which write the access rows of the
+        // study this may remove (another node's, on a shared PostgreSQL).
+        let mut tx = self.begin_records(RecordLock::Consent).await?;
         let series: Option<i64> = sqlx::query(
             "DELETE FROM instance WHERE institution = $1 AND sop_uid = $2 AND object_key = $3 \
              RETURNING series_ref",
@@ -498,15 +500,21 @@ impl Index {
         sop_uid: &str,
         object_key: &str,
     ) -> Result<bool, IndexError> {
-        Ok(sqlx::query(
-            "SELECT 1 FROM instance WHERE institution = $1 AND sop_uid = $2 AND object_key = $3",
-        )
-        .bind(institution)
-        .bind(sop_uid)
-        .bind(object_key)
-        .fetch_optional(&self.pool)
-        .await?
-        .is_some())
+        // Through the reader, as `stored_copy`: every identical resend asks.
+        let rows = self
+            .reader
+            .fetch(
+                "SELECT 1 FROM instance WHERE institution = $1 AND sop_uid = $2 \
+                 AND object_key = $3"
+                    .into(),
+                vec![
+                    read::Bind::Text(institution.into()),
+                    read::Bind::Text(sop_uid.into()),
+                    read::Bind::Text(object_key.into()),
+                ],
+            )
+            .await?;
+        Ok(!rows.is_empty())
     }
 }
 
