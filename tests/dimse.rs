@@ -362,49 +362,11 @@ async fn concurrent_versions_leave_one_copy(backend: Backend) {
     let Some(hub) = TestHub::start(backend).await else {
         return;
     };
-    let Some(dir) = common::testdata_dir() else {
+    let Some((sop, version)) = versions(&hub) else {
         return;
     };
-    let file = dir.join("files/ct16_explicit_le.dcm");
-    let sop = common::sop_instance_uid(&file);
-    let original = std::fs::read(&file).unwrap();
-    let marker = b"CT 16-bit with transfer syntax variants";
-    let at = original
-        .windows(marker.len())
-        .position(|w| w == marker)
-        .expect("study description present");
-    let version = |n: usize| {
-        let mut bytes = original.clone();
-        bytes[at..at + 2].copy_from_slice(format!("{n:02}").as_bytes());
-        let path = hub.dir.path().join(format!("v{n}.dcm"));
-        std::fs::write(&path, bytes).unwrap();
-        path
-    };
-    let (ok, log) = common::storescu(hub.port(), "HOSP1", "-xe", std::slice::from_ref(&file));
-    assert!(ok && log.contains("Success"), "{log}");
     for round in 0..6 {
-        let pair = [version(2 * round), version(2 * round + 1)];
-        let children: Vec<_> = pair
-            .iter()
-            .map(|p| {
-                std::process::Command::new(common::dcmtk("storescu").unwrap())
-                    .args(["-xe", "-aet", "HOSP1", "-aec", "TSUNAGU", "127.0.0.1"])
-                    .arg(hub.port().to_string())
-                    .arg(p)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
-        for c in children {
-            let out = c.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        store_at_once(&hub, &[version(2 * round), version(2 * round + 1)], round);
         let (key, _) = hub.stored("HOSP1", &sop).await.unwrap();
         assert_eq!(
             settled_count(&hub, 1).await,
@@ -414,6 +376,7 @@ async fn concurrent_versions_leave_one_copy(backend: Backend) {
         assert!(hub.dir.path().join("store").join(&key).exists());
     }
 }
+
 /// A resend of the bytes of a copy being superseded, stored at once with
 /// the version superseding it (A, B, A): the indexed copy is never the one
 /// deleted, whatever the order the three commit in.
@@ -422,10 +385,26 @@ async fn a_resend_beside_its_replacement_keeps_the_indexed_copy() {
     let Some(hub) = TestHub::start(Backend::Local).await else {
         return;
     };
-    let Some(dir) = common::testdata_dir() else {
+    let Some((sop, version)) = versions(&hub) else {
         return;
     };
-    let file = dir.join("files/ct16_explicit_le.dcm");
+    for round in 0..30 {
+        let (a, b) = (version(2 * round), version(2 * round + 1));
+        store_at_once(&hub, &[a.clone(), b, a], round);
+        let left = settled_count(&hub, 1).await;
+        let (key, _) = hub.stored("HOSP1", &sop).await.unwrap();
+        assert_eq!(left, 1, "round {round}: copies besides the indexed {key}");
+        assert!(
+            hub.dir.path().join("store").join(&key).exists(),
+            "round {round}: the indexed copy {key} was deleted"
+        );
+    }
+}
+
+/// The CT test file stored by HOSP1, its SOP Instance UID, and a maker of
+/// its versions (the same UIDs, study description changed by `n`).
+fn versions(hub: &TestHub) -> Option<(String, impl Fn(usize) -> PathBuf + '_)> {
+    let file = common::testdata_dir()?.join("files/ct16_explicit_le.dcm");
     let sop = common::sop_instance_uid(&file);
     let original = std::fs::read(&file).unwrap();
     let marker = b"CT 16-bit with transfer syntax variants";
@@ -435,52 +414,37 @@ async fn a_resend_beside_its_replacement_keeps_the_indexed_copy() {
         .expect("study description present");
     let (ok, log) = common::storescu(hub.port(), "HOSP1", "-xe", std::slice::from_ref(&file));
     assert!(ok && log.contains("Success"), "{log}");
-    for round in 0..30 {
-        let version = |n: usize| {
-            let mut bytes = original.clone();
-            bytes[at..at + 2].copy_from_slice(format!("{n:02}").as_bytes());
-            let path = hub.dir.path().join(format!("r{n}.dcm"));
-            std::fs::write(&path, bytes).unwrap();
-            path
-        };
-        let (a, b) = (version(2 * round), version(2 * round + 1));
-        let children: Vec<_> = [&a, &b, &a]
-            .iter()
-            .map(|p| {
-                std::process::Command::new(common::dcmtk("storescu").unwrap())
-                    .args(["-xe", "-aet", "HOSP1", "-aec", "TSUNAGU", "127.0.0.1"])
-                    .arg(hub.port().to_string())
-                    .arg(p)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
-        for c in children {
-            let out = c.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "round {round}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        assert_eq!(
-            settled_count(&hub, 1).await,
-            1,
-            "round {round}: {:?} indexed {:?}",
-            walkdir::WalkDir::new(hub.dir.path().join("store/instances"))
-                .into_iter()
-                .flatten()
-                .filter(|e| e.file_type().is_file())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect::<Vec<_>>(),
-            hub.stored("HOSP1", &sop).await.map(|s| s.0)
-        );
-        let (key, _) = hub.stored("HOSP1", &sop).await.unwrap();
+    let version = move |n: usize| {
+        let mut bytes = original.clone();
+        bytes[at..at + 2].copy_from_slice(format!("{n:02}").as_bytes());
+        let path = hub.dir.path().join(format!("v{n}.dcm"));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    Some((sop, version))
+}
+
+/// Store `files` as HOSP1, each on an association of its own, all at once.
+fn store_at_once(hub: &TestHub, files: &[PathBuf], round: usize) {
+    let children: Vec<_> = files
+        .iter()
+        .map(|p| {
+            std::process::Command::new(common::dcmtk("storescu").unwrap())
+                .args(["-xe", "-aet", "HOSP1", "-aec", "TSUNAGU", "127.0.0.1"])
+                .arg(hub.port().to_string())
+                .arg(p)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
         assert!(
-            hub.dir.path().join("store").join(&key).exists(),
-            "round {round}: the indexed copy {key} was deleted"
+            out.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
     }
 }
