@@ -112,6 +112,17 @@ impl Hub {
                 "objects stored just before the last stop were checked: all whole"
             );
         }
+        // Not a reason to refuse to start: the copies are only not deleted yet.
+        match self.ingest.delete_superseded_left().await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(
+                deleted,
+                "superseded copies whose deletion the last stop cut off were deleted"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "superseded copies not deleted; the next start tries again")
+            }
+        }
         let dicom_addr = SocketAddr::new(s.bind, s.dicom_port);
         let http_addr = SocketAddr::new(s.bind, s.http_port);
         let dicom = TcpListener::bind(dicom_addr)

@@ -493,6 +493,27 @@ impl Index {
         Ok(())
     }
 
+    /// Superseded copies not deleted yet: (key, institution, SOP Instance UID).
+    pub async fn superseded(&self) -> Result<Vec<(String, String, String)>, IndexError> {
+        Ok(sqlx::query(
+            "SELECT object_key, institution, sop_uid FROM superseded_object ORDER BY object_key",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+    }
+
+    /// A superseded copy is deleted (or named again): no longer listed.
+    pub async fn forget_superseded(&self, object_key: &str) -> Result<(), IndexError> {
+        sqlx::query("DELETE FROM superseded_object WHERE object_key = $1")
+            .bind(object_key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Whether the row of instance (`institution`, `sop_uid`) names `object_key`.
     pub async fn names(
         &self,

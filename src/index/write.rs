@@ -333,7 +333,20 @@ async fn write_batch<C: WriteConn>(
                 id
             }
         };
-        let superseded = upsert_instance(c, e, series).await?;
+        let superseded = upsert_instance(c, e, series)
+            .await?
+            .filter(|k| k != &e.object_key);
+        if let Some(old) = &superseded {
+            c.execute(
+                SUPERSEDED_SQL,
+                vec![
+                    Param::Text(Some(old.clone())),
+                    Param::Text(Some(e.institution.clone())),
+                    Param::Text(Some(e.summary.sop_instance_uid.clone())),
+                ],
+            )
+            .await?;
+        }
         if e.unconfirmed {
             c.execute(
                 UNCONFIRMED_SQL,
@@ -345,7 +358,7 @@ async fn write_batch<C: WriteConn>(
             )
             .await?;
         }
-        out.push(superseded.filter(|k| k != &e.object_key));
+        out.push(superseded);
     }
     Ok((out, learned))
 }
@@ -590,6 +603,9 @@ fn series_params(e: &IndexEntry, study: i64) -> Vec<Param> {
 const UNCONFIRMED_SQL: &str = "INSERT INTO unconfirmed_object (object_key, institution, sop_uid) \
      VALUES ($1, $2, $3) ON CONFLICT (object_key) DO NOTHING";
 pub(super) const CONFIRM_SQL: &str = "DELETE FROM unconfirmed_object WHERE object_key = $1";
+/// List a superseded copy until it is deleted (`superseded_object`).
+const SUPERSEDED_SQL: &str = "INSERT INTO superseded_object (object_key, institution, sop_uid) \
+     VALUES ($1, $2, $3) ON CONFLICT (object_key) DO NOTHING";
 
 const INSTANCE_SQL: &str = "INSERT INTO instance (series_ref, institution, sop_uid, \
      sop_class_uid, instance_number, transfer_syntax, object_key, size, sha256, number_of_frames, \

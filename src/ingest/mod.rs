@@ -360,9 +360,14 @@ impl Ingest {
                         .await;
                     match done {
                         Ok(Unused::InUse) => false,
-                        Ok(Unused::Deleted | Unused::Named) => true,
+                        Ok(Unused::Deleted | Unused::Named) => {
+                            if let Err(e) = index.forget_superseded(&key).await {
+                                tracing::warn!(%key, error = %e, "a deleted copy stays listed as superseded");
+                            }
+                            true
+                        }
                         Err(e) => {
-                            tracing::warn!(%key, error = %e, "a copy no index row names was not deleted; it stays in the store");
+                            tracing::warn!(%key, error = %e, "a superseded copy was not deleted; the next start tries again");
                             true
                         }
                     }
@@ -379,8 +384,31 @@ impl Ingest {
                     return;
                 }
             }
-            tracing::warn!(%key, "a copy no index row names stayed in use and was not deleted; it stays in the store");
+            tracing::warn!(%key, "a superseded copy stayed in use and was not deleted; the next start tries again");
         });
+    }
+}
+
+impl Ingest {
+    /// Delete the superseded copies a stop or a crash left listed (run at
+    /// start-up, before any store): those no row names again. Returns how
+    /// many were deleted.
+    pub async fn delete_superseded_left(&self) -> Result<usize, IngestError> {
+        let mut deleted = 0;
+        for (key, institution, sop_uid) in self.index.superseded().await? {
+            let done = self
+                .store
+                .delete_unless_in_use(&key, || async {
+                    Ok::<_, IngestError>(self.index.names(&institution, &sop_uid, &key).await?)
+                })
+                .await?;
+            if done == Unused::InUse {
+                continue; // a store has begun already: asked again next start
+            }
+            deleted += usize::from(done == Unused::Deleted);
+            self.index.forget_superseded(&key).await?;
+        }
+        Ok(deleted)
     }
 }
 
