@@ -19,6 +19,9 @@ use crate::ingest::{Ingest, IngestError};
 use crate::store::{Store, StoreError};
 use crate::{telemetry, web};
 
+/// How often superseded copies left over are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
+
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     #[error(transparent)]
@@ -112,17 +115,6 @@ impl Hub {
                 "objects stored just before the last stop were checked: all whole"
             );
         }
-        // Not a reason to refuse to start: the copies are only not deleted yet.
-        match self.ingest.delete_superseded_left().await {
-            Ok(0) => {}
-            Ok(deleted) => tracing::info!(
-                deleted,
-                "superseded copies whose deletion the last stop cut off were deleted"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, "superseded copies not deleted; the next start tries again")
-            }
-        }
         let dicom_addr = SocketAddr::new(s.bind, s.dicom_port);
         let http_addr = SocketAddr::new(s.bind, s.http_port);
         let dicom = TcpListener::bind(dicom_addr)
@@ -160,6 +152,26 @@ impl Hub {
             s.max_associations,
             shutdown.clone(),
         ));
+
+        // Superseded copies whose deletion was cut off (a stop, a crash, a
+        // failing store): swept now and then, beside the stores.
+        let hub = self.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            loop {
+                let deleted = hub
+                    .ingest
+                    .sweep_superseded(crate::ingest::SUPERSEDED_SWEEP_AGE)
+                    .await;
+                if deleted > 0 {
+                    tracing::info!(deleted, "superseded copies left over were deleted");
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(SWEEP_EVERY) => {}
+                }
+            }
+        });
 
         let app = web::router(self.clone());
         let stop = shutdown.clone();

@@ -493,11 +493,17 @@ impl Index {
         Ok(())
     }
 
-    /// Superseded copies not deleted yet: (key, institution, SOP Instance UID).
-    pub async fn superseded(&self) -> Result<Vec<(String, String, String)>, IndexError> {
+    /// Superseded copies not deleted yet, listed at or before `cutoff`
+    /// (RFC 3339): (key, institution, SOP Instance UID), oldest first.
+    pub async fn superseded(
+        &self,
+        cutoff: &str,
+    ) -> Result<Vec<(String, String, String)>, IndexError> {
         Ok(sqlx::query(
-            "SELECT object_key, institution, sop_uid FROM superseded_object ORDER BY object_key",
+            "SELECT object_key, institution, sop_uid FROM superseded_object \
+             WHERE listed_at <= $1 ORDER BY listed_at, object_key",
         )
+        .bind(cutoff)
         .fetch_all(&self.pool)
         .await?
         .iter()
@@ -505,12 +511,33 @@ impl Index {
         .collect())
     }
 
-    /// A superseded copy is deleted (or named again): no longer listed.
+    /// A superseded copy is deleted: no longer listed.
     pub async fn forget_superseded(&self, object_key: &str) -> Result<(), IndexError> {
         sqlx::query("DELETE FROM superseded_object WHERE object_key = $1")
             .bind(object_key)
             .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+
+    /// A superseded copy is current again: no longer listed, if the row of
+    /// its instance still names it (else another version replaced it since,
+    /// and the listing is that replacement's).
+    pub async fn forget_named(
+        &self,
+        object_key: &str,
+        institution: &str,
+        sop_uid: &str,
+    ) -> Result<(), IndexError> {
+        sqlx::query(
+            "DELETE FROM superseded_object WHERE object_key = $1 AND EXISTS \
+             (SELECT 1 FROM instance WHERE institution = $2 AND sop_uid = $3 AND object_key = $1)",
+        )
+        .bind(object_key)
+        .bind(institution)
+        .bind(sop_uid)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

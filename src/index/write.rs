@@ -343,6 +343,7 @@ async fn write_batch<C: WriteConn>(
                     Param::Text(Some(old.clone())),
                     Param::Text(Some(e.institution.clone())),
                     Param::Text(Some(e.summary.sop_instance_uid.clone())),
+                    Param::Text(Some(e.received_at.clone())),
                 ],
             )
             .await?;
@@ -604,8 +605,8 @@ const UNCONFIRMED_SQL: &str = "INSERT INTO unconfirmed_object (object_key, insti
      VALUES ($1, $2, $3) ON CONFLICT (object_key) DO NOTHING";
 pub(super) const CONFIRM_SQL: &str = "DELETE FROM unconfirmed_object WHERE object_key = $1";
 /// List a superseded copy until it is deleted (`superseded_object`).
-const SUPERSEDED_SQL: &str = "INSERT INTO superseded_object (object_key, institution, sop_uid) \
-     VALUES ($1, $2, $3) ON CONFLICT (object_key) DO NOTHING";
+const SUPERSEDED_SQL: &str = "INSERT INTO superseded_object (object_key, institution, sop_uid, \
+     listed_at) VALUES ($1, $2, $3, $4) ON CONFLICT (object_key) DO UPDATE SET listed_at = excluded.listed_at";
 
 const INSTANCE_SQL: &str = "INSERT INTO instance (series_ref, institution, sop_uid, \
      sop_class_uid, instance_number, transfer_syntax, object_key, size, sha256, number_of_frames, \

@@ -353,19 +353,10 @@ impl Ingest {
                 let (store, index) = (store.clone(), index.clone());
                 let (institution, sop_uid) = (institution.clone(), sop_uid.clone());
                 async move {
-                    let done = store
-                        .delete_unless_in_use(&key, || async {
-                            Ok::<_, IngestError>(index.names(&institution, &sop_uid, &key).await?)
-                        })
-                        .await;
+                    let done = sweep_one(&store, &index, &key, &institution, &sop_uid).await;
                     match done {
                         Ok(Unused::InUse) => false,
-                        Ok(Unused::Deleted | Unused::Named) => {
-                            if let Err(e) = index.forget_superseded(&key).await {
-                                tracing::warn!(%key, error = %e, "a deleted copy stays listed as superseded");
-                            }
-                            true
-                        }
+                        Ok(Unused::Deleted | Unused::Named) => true,
                         Err(e) => {
                             tracing::warn!(%key, error = %e, "a superseded copy was not deleted; the next start tries again");
                             true
@@ -390,26 +381,57 @@ impl Ingest {
 }
 
 impl Ingest {
-    /// Delete the superseded copies a stop or a crash left listed (run at
-    /// start-up, before any store): those no row names again. Returns how
-    /// many were deleted.
-    pub async fn delete_superseded_left(&self) -> Result<usize, IngestError> {
-        let mut deleted = 0;
-        for (key, institution, sop_uid) in self.index.superseded().await? {
-            let done = self
-                .store
-                .delete_unless_in_use(&key, || async {
-                    Ok::<_, IngestError>(self.index.names(&institution, &sop_uid, &key).await?)
-                })
-                .await?;
-            if done == Unused::InUse {
-                continue; // a store has begun already: asked again next start
+    /// Delete the superseded copies listed more than `SUPERSEDED_SWEEP_AGE`
+    /// ago (a deletion a stop or a crash cut off, or one that failed), those
+    /// no row names again. One that cannot be deleted now is left for the
+    /// next sweep; the others go on. Returns how many were deleted.
+    pub async fn sweep_superseded(&self, older_than: chrono::TimeDelta) -> usize {
+        let cutoff = rfc3339(chrono::Utc::now() - older_than);
+        let listed = match self.index.superseded(&cutoff).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "superseded copies not listed; the next sweep tries again");
+                return 0;
             }
-            deleted += usize::from(done == Unused::Deleted);
-            self.index.forget_superseded(&key).await?;
+        };
+        let mut deleted = 0;
+        for (key, institution, sop_uid) in listed {
+            match sweep_one(&self.store, &self.index, &key, &institution, &sop_uid).await {
+                Ok(done) => deleted += usize::from(done == Unused::Deleted),
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "a superseded copy was not deleted; the next sweep tries again");
+                }
+            }
         }
-        Ok(deleted)
+        deleted
     }
+}
+
+/// Listed superseded copies younger than this are left to the store that
+/// listed them (on another node, a store of the same bytes may be under way,
+/// which this node cannot see).
+pub const SUPERSEDED_SWEEP_AGE: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
+/// Delete the superseded copy `key` unless in use or named again, and
+/// unlist it accordingly.
+async fn sweep_one(
+    store: &Store,
+    index: &Index,
+    key: &str,
+    institution: &str,
+    sop_uid: &str,
+) -> Result<Unused, IngestError> {
+    let done = store
+        .delete_unless_in_use(
+            key,
+            || async { Ok::<_, IngestError>(index.names(institution, sop_uid, key).await?) },
+            || async { Ok::<_, IngestError>(index.forget_superseded(key).await?) },
+        )
+        .await?;
+    if done == Unused::Named {
+        index.forget_named(key, institution, sop_uid).await?;
+    }
+    Ok(done)
 }
 
 /// How often, and how far apart, `Ingest::delete_unnamed` asks again while

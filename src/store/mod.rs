@@ -212,15 +212,20 @@ impl Store {
     /// Delete `key`, a copy the index no longer names (superseded, or
     /// refused), unless a store of this process is placing the same bytes
     /// at it: `still_named` is asked once placing it is barred, so that a
-    /// store that placed and indexed it in the meantime is seen.
-    pub async fn delete_unless_in_use<F, Fut, E>(
+    /// store that placed and indexed it in the meantime is seen; `deleted`
+    /// runs after the deletion, still barred (no store of the same bytes can
+    /// come in between).
+    pub async fn delete_unless_in_use<N, NF, D, DF, E>(
         &self,
         key: &str,
-        still_named: F,
+        still_named: N,
+        deleted: D,
     ) -> Result<Unused, E>
     where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<bool, E>>,
+        N: FnOnce() -> NF,
+        NF: std::future::Future<Output = Result<bool, E>>,
+        D: FnOnce() -> DF,
+        DF: std::future::Future<Output = Result<(), E>>,
         E: From<StoreError>,
     {
         let Some(_barred) = self.keys.bar(key) else {
@@ -230,6 +235,7 @@ impl Store {
             return Ok(Unused::Named);
         }
         self.delete(key).await?;
+        deleted().await?;
         Ok(Unused::Deleted)
     }
 

@@ -280,8 +280,8 @@ async fn store_part(
         tokio::spawn(async move { ingest.finish(spool, &institution_owned, None, &actor).await })
             .await
             .unwrap_or_else(|e| {
-                Err(crate::ingest::IngestError::Spool(std::io::Error::other(
-                    e.to_string(),
+                Err(crate::ingest::IngestError::Internal(format!(
+                    "the store's task ended: {e}"
                 )))
             });
     match finished {
