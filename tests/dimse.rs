@@ -237,40 +237,20 @@ async fn sixty_four_concurrent_associations_all_succeed() {
     let Some(corpus) = common::corpus() else {
         return;
     };
-    let Some(storescu) = common::dcmtk("storescu") else {
+    if common::dcmtk("storescu").is_none() {
         return;
-    };
+    }
     let uncompressed: Vec<PathBuf> = corpus
         .iter()
         .filter(|(_, m)| m.transfer_syntax_uid == "1.2.840.10008.1.2.1")
         .map(|(p, _)| p.clone())
         .collect();
     // 64 storescu processes, each its own association, started together.
-    let children: Vec<_> = (0..64)
-        .map(|i| {
-            let file = &uncompressed[i % uncompressed.len()];
-            std::process::Command::new(&storescu)
-                .env("TCP_NODELAY", "1")
-                .args([
-                    "-R",
-                    "-xe",
-                    "-aet",
-                    "HOSP2",
-                    "-aec",
-                    "TSUNAGU",
-                    "127.0.0.1",
-                    &hub.port().to_string(),
-                ])
-                .arg(file)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
+    let files: Vec<PathBuf> = (0..64)
+        .map(|i| uncompressed[i % uncompressed.len()].clone())
         .collect();
-    let failures: Vec<String> = children
+    let failures: Vec<String> = each_at_once(&hub, "HOSP2", &files)
         .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
         .filter(|o| !o.status.success() || !o.stderr.is_empty())
         .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
         .collect();
@@ -343,14 +323,7 @@ async fn duplicates_follow_the_documented_policy() {
     );
     assert_eq!(settled_count(&hub, 2).await, 2, "superseded copy removed");
     assert!(hub.hub.store.get_bytes(&first_key).await.is_err());
-    assert!(
-        hub.hub
-            .index
-            .superseded("9999-12-31T23:59:59.999Z")
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(nothing_listed(&hub).await, "no superseded copy listed");
 
     // A deletion a stop cut off: the copy is still listed, and the next
     // start deletes it, unless a row names it again.
@@ -381,14 +354,7 @@ async fn duplicates_follow_the_documented_policy() {
         hub.hub.store.get_bytes(&new_key).await.is_ok(),
         "named: kept"
     );
-    assert!(
-        hub.hub
-            .index
-            .superseded("9999-12-31T23:59:59.999Z")
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(nothing_listed(&hub).await, "no superseded copy listed");
     assert_eq!(count_objects(&hub), 2);
 }
 
@@ -471,29 +437,41 @@ fn versions(hub: &TestHub) -> Option<(String, impl Fn(usize) -> PathBuf + '_)> {
     Some((sop, version))
 }
 
-/// Store `files` as HOSP1, each on an association of its own, all at once.
-fn store_at_once(hub: &TestHub, files: &[PathBuf], round: usize) {
+/// Store `files` as `calling`, each on an association (a storescu process)
+/// of its own, all started together; their outputs.
+fn each_at_once(hub: &TestHub, calling: &str, files: &[PathBuf]) -> Vec<std::process::Output> {
     let children: Vec<_> = files
         .iter()
         .map(|p| {
-            std::process::Command::new(common::dcmtk("storescu").unwrap())
-                .args(["-xe", "-aet", "HOSP1", "-aec", "TSUNAGU", "127.0.0.1"])
-                .arg(hub.port().to_string())
-                .arg(p)
+            common::storescu_command(hub.port(), calling, &["-xe"], std::slice::from_ref(p))
+                .unwrap()
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .unwrap()
         })
         .collect();
-    for c in children {
-        let out = c.wait_with_output().unwrap();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+/// Store `files` as HOSP1 at once (`each_at_once`); every store succeeds.
+fn store_at_once(hub: &TestHub, files: &[PathBuf], round: usize) {
+    for out in each_at_once(hub, "HOSP1", files) {
         assert!(
             out.status.success(),
             "round {round}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// Whether no superseded copy is listed for deletion.
+async fn nothing_listed(hub: &TestHub) -> bool {
+    let all = "9999-12-31T23:59:59.999Z";
+    hub.hub.index.superseded(all).await.unwrap().is_empty()
 }
 
 /// The number of stored objects once copies no row names (deleted in the

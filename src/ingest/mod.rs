@@ -6,6 +6,9 @@ pub mod import;
 pub mod recover;
 pub mod reindex;
 mod spool;
+mod superseded;
+
+pub use superseded::SUPERSEDED_SWEEP_AGE;
 
 use spool::Received;
 pub use spool::Spool;
@@ -19,7 +22,7 @@ use crate::dicom::part10::{self, FileMeta};
 use crate::dicom::summary::{InstanceSummary, SummaryError};
 use crate::index::{Index, IndexEntry, IndexError};
 use crate::store::keys::InstanceKey;
-use crate::store::{Placed, Store, StoreError, Unused};
+use crate::store::{Placed, Store, StoreError};
 use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +223,11 @@ impl Ingest {
         } = received;
         let mut placed = Some(placed);
         if let Some(copy) = existing.as_ref().filter(|c| c.sha256 == sha256) {
+            let already_present = || Accepted {
+                outcome: Outcome::AlreadyPresent,
+                object_key: copy.object_key.clone(),
+                summary: summary.clone(),
+            };
             // Identical bytes: a local store kept the copy at the key (after
             // flushing it again, so it is durable before we say so); an S3
             // spool is dropped without an upload.
@@ -231,13 +239,7 @@ impl Ingest {
                         .await?;
                 }
                 Some(_) => spool.disarm(), // durable at the key already
-                None => {
-                    return Ok(Accepted {
-                        outcome: Outcome::AlreadyPresent,
-                        object_key: copy.object_key.clone(),
-                        summary,
-                    });
-                }
+                None => return Ok(already_present()),
             }
             // The lookup may be stale: if another version was indexed since
             // (and this key's copy deleted, and placed again by this store),
@@ -247,11 +249,7 @@ impl Ingest {
                 .names(&institution.code, &sop_uid, &copy.object_key)
                 .await?
             {
-                return Ok(Accepted {
-                    outcome: Outcome::AlreadyPresent,
-                    object_key: copy.object_key.clone(),
-                    summary,
-                });
+                return Ok(already_present());
             }
         }
         // A new local object is indexed while its flush runs: the two waits
@@ -338,106 +336,6 @@ impl Ingest {
         })
     }
 }
-
-impl Ingest {
-    /// Delete the copy at `key` of instance (`institution`, `sop_uid`),
-    /// which no index row names any more: not while a store of this process
-    /// is placing the same bytes there (then it is asked again in the
-    /// background until that store is done), and not if a row names it
-    /// again.
-    async fn delete_unnamed(&self, key: String, institution: &str, sop_uid: &str) {
-        let attempt = {
-            let (store, index) = (self.store.clone(), self.index.clone());
-            let (institution, sop_uid) = (institution.to_string(), sop_uid.to_string());
-            move |key: String| {
-                let (store, index) = (store.clone(), index.clone());
-                let (institution, sop_uid) = (institution.clone(), sop_uid.clone());
-                async move {
-                    let done = sweep_one(&store, &index, &key, &institution, &sop_uid).await;
-                    match done {
-                        Ok(Unused::InUse) => false,
-                        Ok(Unused::Deleted | Unused::Named) => true,
-                        Err(e) => {
-                            tracing::warn!(%key, error = %e, "a superseded copy was not deleted; the next start tries again");
-                            true
-                        }
-                    }
-                }
-            }
-        };
-        if attempt(key.clone()).await {
-            return;
-        }
-        tokio::spawn(async move {
-            for _ in 0..DELETE_ATTEMPTS {
-                tokio::time::sleep(DELETE_RETRY).await;
-                if attempt(key.clone()).await {
-                    return;
-                }
-            }
-            tracing::warn!(%key, "a superseded copy stayed in use and was not deleted; the next start tries again");
-        });
-    }
-}
-
-impl Ingest {
-    /// Delete the superseded copies listed more than `SUPERSEDED_SWEEP_AGE`
-    /// ago (a deletion a stop or a crash cut off, or one that failed), those
-    /// no row names again. One that cannot be deleted now is left for the
-    /// next sweep; the others go on. Returns how many were deleted.
-    pub async fn sweep_superseded(&self, older_than: chrono::TimeDelta) -> usize {
-        let cutoff = rfc3339(chrono::Utc::now() - older_than);
-        let listed = match self.index.superseded(&cutoff).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "superseded copies not listed; the next sweep tries again");
-                return 0;
-            }
-        };
-        let mut deleted = 0;
-        for (key, institution, sop_uid) in listed {
-            match sweep_one(&self.store, &self.index, &key, &institution, &sop_uid).await {
-                Ok(done) => deleted += usize::from(done == Unused::Deleted),
-                Err(e) => {
-                    tracing::warn!(%key, error = %e, "a superseded copy was not deleted; the next sweep tries again");
-                }
-            }
-        }
-        deleted
-    }
-}
-
-/// Listed superseded copies younger than this are left to the store that
-/// listed them (on another node, a store of the same bytes may be under way,
-/// which this node cannot see).
-pub const SUPERSEDED_SWEEP_AGE: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
-
-/// Delete the superseded copy `key` unless in use or named again, and
-/// unlist it accordingly.
-async fn sweep_one(
-    store: &Store,
-    index: &Index,
-    key: &str,
-    institution: &str,
-    sop_uid: &str,
-) -> Result<Unused, IngestError> {
-    let done = store
-        .delete_unless_in_use(
-            key,
-            || async { Ok::<_, IngestError>(index.names(institution, sop_uid, key).await?) },
-            || async { Ok::<_, IngestError>(index.forget_superseded(key).await?) },
-        )
-        .await?;
-    if done == Unused::Named {
-        index.forget_named(key, institution, sop_uid).await?;
-    }
-    Ok(done)
-}
-
-/// How often, and how far apart, `Ingest::delete_unnamed` asks again while
-/// a store of the same bytes is under way (a store takes milliseconds).
-const DELETE_ATTEMPTS: usize = 600;
-const DELETE_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Check a parsed object against its command (or file meta) and name its
 /// key: the part of ingest that needs no I/O, run by the spool worker.

@@ -111,19 +111,17 @@ impl Ingest {
         if u.sha256.is_empty() {
             return Ok(true);
         }
-        let (path, temporary) = match self.store.fetch_to_path(&u.object_key).await {
-            Ok(p) => p,
+        let digest = match self
+            .store
+            .on_local_copy(&u.object_key, dataset::data_set_digest)
+            .await
+        {
+            Ok(d) => d.map_err(|e| IngestError::Internal(e.to_string()))?,
             Err(crate::store::StoreError::Backend(object_store::Error::NotFound { .. })) => {
                 return Ok(false);
             }
             Err(e) => return Err(e.into()),
         };
-        let p = path.clone();
-        let digest = tokio::task::spawn_blocking(move || dataset::data_set_digest(&p)).await;
-        if temporary {
-            let _ = tokio::fs::remove_file(&path).await;
-        }
-        let digest = digest.map_err(|e| IngestError::Internal(e.to_string()))?;
         match digest {
             Ok(digest) => Ok(digest == u.sha256),
             Err(DatasetError::Io(e))

@@ -94,15 +94,9 @@ impl Ingest {
         let Some(inst) = institutions.by_code(&k.institution) else {
             return Err(format!("institution {} is not configured", k.institution));
         };
-        let (path, temporary) = self
-            .store
-            .fetch_to_path(key)
-            .await
-            .map_err(|e| e.to_string())?;
-        let p = path.clone();
         // Parsing, hashing and serializing are CPU work: off the async threads.
-        let parsed = tokio::task::spawn_blocking(move || {
-            let (parsed, digest) = dataset::parse_file_hashed(&p).map_err(|e| e.to_string())?;
+        let parsed = self.store.on_local_copy(key, |path| {
+            let (parsed, digest) = dataset::parse_file_hashed(path).map_err(|e| e.to_string())?;
             let summary = InstanceSummary::from_parsed(&parsed).map_err(|e| e.to_string())?;
             let json = serde_json::Value::Object(parsed.json).to_string();
             Ok::<_, String>((
@@ -112,12 +106,11 @@ impl Ingest {
                 json,
                 hex::encode(digest),
             ))
-        })
-        .await;
-        if temporary {
-            let _ = tokio::fs::remove_file(&path).await;
-        }
-        let (meta, pixels, summary, dataset_json, sha256) = parsed.map_err(|e| e.to_string())??;
+        });
+        let (meta, pixels, summary, dataset_json, sha256) = parsed
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())??;
         if !sha256.starts_with(&k.digest) {
             return Err("object content does not match the digest in its key".into());
         }

@@ -354,6 +354,23 @@ impl Store {
         Ok((dest, true))
     }
 
+    /// Run blocking `work` on a local path of `key` (`fetch_to_path`), off
+    /// the async threads; a download is removed afterwards. The inner error
+    /// is `work`'s panic.
+    pub async fn on_local_copy<T: Send + 'static>(
+        &self,
+        key: &str,
+        work: impl FnOnce(&Path) -> T + Send + 'static,
+    ) -> Result<Result<T, tokio::task::JoinError>, StoreError> {
+        let (path, temporary) = self.fetch_to_path(key).await?;
+        let p = path.clone();
+        let done = tokio::task::spawn_blocking(move || work(&p)).await;
+        if temporary {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        Ok(done)
+    }
+
     /// Stream `key`, or the byte `range` of it, in large chunks. Errors that
     /// can be known before the first byte (a missing object) come here, not
     /// in the stream, so an HTTP answer can still turn into an error status.
@@ -533,21 +550,18 @@ pub enum ObjectReader {
 impl ObjectReader {
     /// The bytes of `range`; an error if the object ends before it does.
     pub async fn read_range(&self, range: std::ops::Range<u64>) -> Result<Bytes, StoreError> {
-        let want = range.end.saturating_sub(range.start);
-        let short = move |got: usize| {
-            StoreError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("the object ends after {got} of {want} bytes"),
-            ))
-        };
         let file = match self {
             ObjectReader::Local(file) => file.clone(),
             ObjectReader::Remote { objects, key } => {
                 // object_store cuts a range running past the end short, with
                 // no error.
+                let want = range.end.saturating_sub(range.start);
                 let bytes = objects.get_range(key, range).await?;
                 if bytes.len() as u64 != want {
-                    return Err(short(bytes.len()));
+                    return Err(StoreError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the object ends after {} of {want} bytes", bytes.len()),
+                    )));
                 }
                 return Ok(bytes);
             }
@@ -555,76 +569,91 @@ impl ObjectReader {
         // A frame a viewer asks for is usually in the page cache: read it
         // here rather than hand it to a blocking thread and back (two
         // context switches, ~5 % of a frame request).
-        if let Some(bytes) = read_cached(&file, &range) {
+        if let Ok(Some(bytes)) = read_at(&file, &range, true) {
             return Ok(bytes);
         }
         tokio::task::spawn_blocking(move || -> Result<Bytes, StoreError> {
-            use std::os::fd::AsRawFd;
-            let len =
-                usize::try_from(want).map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
-            // Read into the buffer's spare capacity: a zero-filled 512 KiB
-            // frame buffer cost 4 % of a frame request's server time.
-            let mut buf: Vec<u8> = Vec::with_capacity(len);
-            while buf.len() < len {
-                let at = i64::try_from(range.start + buf.len() as u64)
-                    .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
-                let spare = buf.spare_capacity_mut();
-                // SAFETY: the kernel writes at most `spare.len()` bytes into
-                // the vector's spare capacity, which outlives the call.
-                let n = unsafe {
-                    libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), at)
-                };
-                if n < 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(StoreError::Io(e));
-                }
-                if n == 0 {
-                    return Err(short(buf.len()));
-                }
-                // SAFETY: the kernel initialized the `n` bytes after the current length.
-                unsafe { buf.set_len(buf.len() + n as usize) };
-            }
-            Ok(Bytes::from(buf))
+            Ok(read_at(&file, &range, false)?.expect("a blocking read always reads"))
         })
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
     }
 }
 
-/// The `range` of `file` if the page cache holds all of it, read without
-/// waiting for the device (`preadv2` with `RWF_NOWAIT`); `None` if any of
-/// it would need the device, or on any error (the caller then reads it the
-/// blocking way, which reports errors).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn read_cached(file: &std::fs::File, range: &std::ops::Range<u64>) -> Option<Bytes> {
+/// Bytes `range` of `file`, read into one buffer's spare capacity (a
+/// zero-filled 512 KiB frame buffer cost 4 % of a frame request's server
+/// time). `nowait`: only if the page cache holds all of it (`preadv2` with
+/// `RWF_NOWAIT`), `Ok(None)` if any of it would need the device or the
+/// file system cannot tell. An object ending before the range is an error.
+fn read_at(
+    file: &std::fs::File,
+    range: &std::ops::Range<u64>,
+    nowait: bool,
+) -> std::io::Result<Option<Bytes>> {
     use std::os::fd::AsRawFd;
-    let len = usize::try_from(range.end.checked_sub(range.start)?).ok()?;
+    let want = range.end.saturating_sub(range.start);
+    let len = usize::try_from(want).map_err(std::io::Error::other)?;
     let mut buf: Vec<u8> = Vec::with_capacity(len);
     while buf.len() < len {
+        let at = i64::try_from(range.start + buf.len() as u64).map_err(std::io::Error::other)?;
         let spare = buf.spare_capacity_mut();
-        let iov = libc::iovec {
-            iov_base: spare.as_mut_ptr().cast(),
-            iov_len: spare.len(),
+        // SAFETY: the kernel writes at most `spare.len()` bytes into the
+        // vector's spare capacity, which outlives the call.
+        let n = unsafe {
+            pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                at,
+                nowait,
+            )
         };
-        let at = i64::try_from(range.start + buf.len() as u64).ok()?;
-        // SAFETY: `iov` describes the vector's spare capacity, which outlives
-        // the call; the kernel writes at most `iov_len` bytes into it.
-        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
-        if n <= 0 {
-            return None;
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                _ if nowait => return Ok(None),
+                std::io::ErrorKind::Interrupted => continue,
+                _ => return Err(e),
+            }
+        }
+        if n == 0 {
+            if nowait {
+                return Ok(None);
+            }
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the object ends after {} of {want} bytes", buf.len()),
+            ));
         }
         // SAFETY: the kernel initialized the `n` bytes after the current length.
         unsafe { buf.set_len(buf.len() + n as usize) };
     }
-    Some(Bytes::from(buf))
+    Ok(Some(Bytes::from(buf)))
+}
+
+/// `pread(2)`; with `nowait`, `preadv2(2)` with `RWF_NOWAIT` where glibc has
+/// it (elsewhere a `nowait` read reads nothing).
+///
+/// # Safety
+/// `buf` must be valid for writes of `len` bytes.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+unsafe fn pread(fd: i32, buf: *mut libc::c_void, len: usize, at: i64, nowait: bool) -> isize {
+    let iov = libc::iovec {
+        iov_base: buf,
+        iov_len: len,
+    };
+    let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
+    // SAFETY: the caller's buffer, described by `iov`, outlives the call.
+    unsafe { libc::preadv2(fd, &iov, 1, at, flags) }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn read_cached(_file: &std::fs::File, _range: &std::ops::Range<u64>) -> Option<Bytes> {
-    None
+unsafe fn pread(fd: i32, buf: *mut libc::c_void, len: usize, at: i64, nowait: bool) -> isize {
+    if nowait {
+        return -1;
+    }
+    // SAFETY: the caller's buffer outlives the call.
+    unsafe { libc::pread(fd, buf, len, at) }
 }
 
 /// How far `Placer::place` got.

@@ -909,16 +909,12 @@ async fn inflated_range(
     key: &str,
     range: std::ops::Range<u64>,
 ) -> Result<Vec<u8>, WebError> {
-    let (path, temporary) = hub.store.fetch_to_path(key).await?;
-    let p = path.clone();
-    let read = tokio::task::spawn_blocking(move || {
-        crate::dicom::transcode::inflated_range(std::fs::File::open(&p)?, range)
-    })
-    .await;
-    if temporary {
-        let _ = tokio::fs::remove_file(&path).await;
-    }
-    read.map_err(|e| WebError::Internal(e.to_string()))?
+    hub.store
+        .on_local_copy(key, move |path| {
+            crate::dicom::transcode::inflated_range(std::fs::File::open(path)?, range)
+        })
+        .await?
+        .map_err(|e| WebError::Internal(e.to_string()))?
         .map_err(|e| WebError::Internal(format!("bulk data of a Deflated object: {e}")))
 }
 

@@ -438,17 +438,20 @@ pub fn storescu_flag(ts: &str) -> Option<&'static str> {
     })
 }
 
-/// Run DCMTK storescu with `flag` on `files`; returns (success, stderr+stdout).
-pub fn storescu(port: u16, calling: &str, flag: &str, files: &[PathBuf]) -> (bool, String) {
-    let Some(bin) = dcmtk("storescu") else {
-        return (false, String::new());
-    };
-    let out = Command::new(bin)
-        .env("TCP_NODELAY", "1")
+/// DCMTK storescu sending `files` as `calling` to the hub on `port`, one
+/// association, with `options` (a transfer syntax flag, `-v`); `None` (a
+/// skip) where DCMTK is missing.
+pub fn storescu_command(
+    port: u16,
+    calling: &str,
+    options: &[&str],
+    files: &[PathBuf],
+) -> Option<Command> {
+    let mut c = Command::new(dcmtk("storescu")?);
+    c.env("TCP_NODELAY", "1")
+        .arg("-R")
+        .args(options)
         .args([
-            "-v",
-            "-R",
-            flag,
             "-aet",
             calling,
             "-aec",
@@ -456,9 +459,16 @@ pub fn storescu(port: u16, calling: &str, flag: &str, files: &[PathBuf]) -> (boo
             "127.0.0.1",
             &port.to_string(),
         ])
-        .args(files)
-        .output()
-        .unwrap();
+        .args(files);
+    Some(c)
+}
+
+/// Run DCMTK storescu with `flag` on `files`; returns (success, stderr+stdout).
+pub fn storescu(port: u16, calling: &str, flag: &str, files: &[PathBuf]) -> (bool, String) {
+    let Some(mut c) = storescu_command(port, calling, &["-v", flag], files) else {
+        return (false, String::new());
+    };
+    let out = c.output().unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
