@@ -1014,16 +1014,10 @@ async fn wado_uri_returns_the_instance() {
 
 /// Bulk data positions of a Deflated object count in its inflated data set
 /// (it is stored as received): its Pixel Data comes back whole and exact.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bulk_data_of_a_deflated_object() {
-    let Some(hub) = TestHub::start(Backend::Local).await else {
-        return;
-    };
-    let Some(file) = testfile("ct16_deflated_le.dcm") else {
-        return;
-    };
-    hub.import("HOSP1", vec![file.clone()]).await;
-    let object = dicom_object::open_file(&file).unwrap();
+/// The BulkDataURI of the Pixel Data of `file` (imported as HOSP1's), as its
+/// metadata names it.
+async fn pixel_data_uri(hub: &TestHub, token: &str, file: &std::path::Path) -> String {
+    let object = dicom_object::open_file(file).unwrap();
     let text = |tag| {
         object
             .element(tag)
@@ -1039,37 +1033,110 @@ async fn bulk_data_of_a_deflated_object() {
         text(tags::SERIES_INSTANCE_UID),
         text(tags::SOP_INSTANCE_UID),
     );
-    let pixels = object
-        .element(tags::PIXEL_DATA)
-        .unwrap()
-        .to_bytes()
-        .unwrap()
-        .to_vec();
-    let token = hub.token("HOSP1", Role::Clinician);
     let items: Value = client()
         .get(format!(
             "{}/studies/{study}/series/{series}/instances/{sop}/metadata",
             hub.dicomweb()
         ))
-        .bearer_auth(&token)
+        .bearer_auth(token)
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    let uri = items[0]["7FE00010"]["BulkDataURI"].as_str().unwrap();
-    let r = client()
-        .get(uri)
-        .bearer_auth(&token)
-        .header(ACCEPT, "application/octet-stream")
-        .send()
-        .await
-        .unwrap();
+    items[0]["7FE00010"]["BulkDataURI"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Pixel Data of `file` as little-endian bytes (dicom-object decodes them).
+fn pixel_data_le(file: &std::path::Path) -> Vec<u8> {
+    let object = dicom_object::open_file(file).unwrap();
+    object
+        .element(dicom_dictionary_std::tags::PIXEL_DATA)
+        .unwrap()
+        .to_bytes()
+        .unwrap()
+        .to_vec()
+}
+
+async fn get_bulk(uri: &str, token: &str, accept: &str, range: Option<&str>) -> reqwest::Response {
+    let mut r = client().get(uri).bearer_auth(token).header(ACCEPT, accept);
+    if let Some(range) = range {
+        r = r.header(reqwest::header::RANGE, range);
+    }
+    r.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bulk_data_of_a_deflated_object() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some(file) = testfile("ct16_deflated_le.dcm") else {
+        return;
+    };
+    hub.import("HOSP1", vec![file.clone()]).await;
+    let pixels = pixel_data_le(&file);
+    let token = hub.token("HOSP1", Role::Clinician);
+    let uri = pixel_data_uri(&hub, &token, &file).await;
+    let r = get_bulk(&uri, &token, "application/octet-stream", None).await;
     assert_eq!(r.status(), 200);
     let body = r.bytes().await.unwrap();
     assert_eq!(body.len(), pixels.len());
     assert!(body.to_vec() == pixels, "the inflated Pixel Data");
+}
+
+/// Bulk data is sent in Explicit VR Little Endian (PS3.18 §8.7.3.5): the
+/// 16-bit pixels of a Big Endian object come out swapped, whole, by ranges
+/// that split a word, and in a multipart answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bulk_data_of_a_big_endian_object() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let (Some(be), Some(le)) = (
+        testfile("ct16_explicit_be.dcm"),
+        testfile("ct16_explicit_le.dcm"),
+    ) else {
+        return;
+    };
+    hub.import("HOSP1", vec![be.clone()]).await;
+    // The corpus' Big Endian file holds the Little Endian file's pixels.
+    let pixels = pixel_data_le(&le);
+    let token = hub.token("HOSP1", Role::Clinician);
+    let uri = pixel_data_uri(&hub, &token, &be).await;
+    let r = get_bulk(&uri, &token, "application/octet-stream", None).await;
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.unwrap();
+    assert_eq!(body.len(), pixels.len());
+    assert!(body.to_vec() == pixels, "Pixel Data in little-endian order");
+    for (range, from, to) in [
+        ("bytes=1-4", 1, 5),
+        ("bytes=-3", pixels.len() - 3, pixels.len()),
+    ] {
+        let r = get_bulk(&uri, &token, "application/octet-stream", Some(range)).await;
+        assert_eq!(r.status(), 206, "{range}");
+        assert!(
+            r.bytes().await.unwrap().to_vec() == pixels[from..to],
+            "{range}"
+        );
+    }
+    let r = get_bulk(
+        &uri,
+        &token,
+        "multipart/related; type=\"application/octet-stream\"",
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.unwrap();
+    assert!(
+        body.windows(pixels.len()).any(|w| w == pixels.as_slice()),
+        "the multipart part holds the swapped Pixel Data"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

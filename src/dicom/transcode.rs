@@ -150,7 +150,7 @@ pub(crate) fn delimiter(out: &mut impl Write, element: u16, len: u32) -> std::io
 }
 
 /// Width of the binary numbers of `vr` (for byte swapping), 0 for text.
-fn swap_width(vr: VR) -> usize {
+pub(crate) fn swap_width(vr: VR) -> usize {
     match vr {
         VR::US | VR::SS | VR::OW | VR::AT => 2,
         VR::UL | VR::SL | VR::FL | VR::OF | VR::OL => 4,

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bulk;
 pub mod capabilities;
 pub mod media;
 pub mod multipart;
@@ -160,7 +161,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/bulk/{offset}/{length}",
-            get(wado::bulk).options(capabilities::options),
+            get(bulk::bulk).options(capabilities::options),
         )
         .fallback(|| async { WebError::NotFound });
     let api = Router::new()

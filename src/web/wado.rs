@@ -21,7 +21,7 @@ use super::{DICOM_JSON, Resource, Urls};
 use crate::audit::{Action, AuditObject, Outcome};
 use crate::auth::Role;
 use crate::dicom::coerce::{self, Coercion, Provenance, coerce_json_text};
-use crate::dicom::dataset::{BULK_URI_PREFIX, PixelLayout};
+use crate::dicom::dataset::PixelLayout;
 use crate::dicom::transcode;
 use crate::hub::Hub;
 use crate::index::metadata::{MetadataInstance, MetadataList};
@@ -172,7 +172,7 @@ fn metadata_objects(list: &MetadataList) -> Vec<AuditObject> {
 
 /// The one instance a frame, bulk data or WADO-URI request names, if visible
 /// (retrieves are audited as such).
-async fn visible_instance(
+pub(super) async fn visible_instance(
     hub: &Hub,
     caller: &Caller,
     study: &str,
@@ -266,7 +266,11 @@ pub async fn retrieve(
     Ok(stream_response(StatusCode::OK, &content_type, body))
 }
 
-fn stream_response(status: StatusCode, content_type: &str, body: ByteStream) -> Response {
+pub(super) fn stream_response(
+    status: StatusCode,
+    content_type: &str,
+    body: ByteStream,
+) -> Response {
     let mut resp = Response::new(Body::from_stream(body));
     *resp.status_mut() = status;
     if let Ok(v) = HeaderValue::from_str(content_type) {
@@ -806,169 +810,6 @@ fn negotiate_frames(
 
 // --------------------------------------------------------------- bulk data
 
-/// `GET /studies/{s}/series/{r}/instances/{i}/bulk/{offset}/{length}`: a
-/// BulkDataURI of this instance's metadata.
-pub async fn bulk(
-    State(hub): State<Arc<Hub>>,
-    caller: Caller,
-    headers: HeaderMap,
-    PathParams((study, series, instance, offset, length)): PathParams<(
-        String,
-        String,
-        String,
-        u64,
-        u64,
-    )>,
-) -> Result<Response, WebError> {
-    let inst = visible_instance(&hub, &caller, &study, &series, &instance).await?;
-    // Only ranges that are bulk data of this instance are served.
-    let json = hub
-        .index
-        .dataset_json(Level::Instance, &[inst.id])
-        .await?
-        .remove(&inst.id)
-        .unwrap_or_default();
-    if !json.contains(&format!("\"{BULK_URI_PREFIX}{offset}/{length}\"")) {
-        return Err(WebError::NotFound);
-    }
-    let accept = accept_of(&headers);
-    let single = accept.iter().find_map(|m| match m.essence.as_str() {
-        "application/octet-stream" => Some(true),
-        "multipart/related"
-            if m.part_type
-                .as_deref()
-                .is_none_or(|t| t == "application/octet-stream" || t == "*/*") =>
-        {
-            Some(false)
-        }
-        "*/*" | "multipart/*" => Some(false),
-        _ => None,
-    });
-    let Some(single) = single else {
-        return Err(WebError::NotAcceptable(
-            "bulk data is available as multipart/related; type=\"application/octet-stream\" or application/octet-stream".into(),
-        ));
-    };
-    let (mut start, mut end) = (offset, offset + length);
-    let mut status = StatusCode::OK;
-    let mut content_range = None;
-    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-    if single && let Some(range) = range {
-        match parse_range(range, length) {
-            ByteRange::Within(s, e) => {
-                content_range = Some(format!("bytes {s}-{}/{length}", e - 1));
-                start = offset + s;
-                end = offset + e;
-                status = StatusCode::PARTIAL_CONTENT;
-            }
-            ByteRange::Unsatisfiable => return Err(WebError::RangeNotSatisfiable(length)),
-            // RFC 9110 §14.2: a Range a server does not serve is ignored.
-            ByteRange::Ignored => {}
-        }
-    }
-    let data = if crate::dicom::transcode::is_deflated(&inst.transfer_syntax) {
-        // Positions count in the inflated data set (a Deflated object is
-        // stored as received): inflated up to the value.
-        let bytes = inflated_range(&hub, &inst.object_key, start..end).await?;
-        stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(bytes)) }).boxed()
-    } else {
-        hub.store
-            .read(&inst.object_key, Some(start..end))
-            .await?
-            .map(|r| r.map_err(std::io::Error::other))
-            .boxed()
-    };
-    if single {
-        let mut resp = stream_response(status, "application/octet-stream", data);
-        resp.headers_mut()
-            .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-        resp.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
-        if let Some(cr) = content_range.and_then(|c| HeaderValue::from_str(&c).ok()) {
-            resp.headers_mut().insert(header::CONTENT_RANGE, cr);
-        }
-        return Ok(resp);
-    }
-    let boundary = multipart::boundary();
-    let content_type = multipart::content_type(&boundary, "application/octet-stream", None);
-    let part = Part {
-        content_type: "application/octet-stream".into(),
-        location: None,
-        body: data,
-    };
-    Ok(stream_response(
-        StatusCode::OK,
-        &content_type,
-        multipart::body(boundary, stream::iter([part]).boxed()),
-    ))
-}
-
-/// Bytes `range` of the inflated data set of the Deflated object at `key`.
-async fn inflated_range(
-    hub: &Hub,
-    key: &str,
-    range: std::ops::Range<u64>,
-) -> Result<Vec<u8>, WebError> {
-    hub.store
-        .on_local_copy(key, move |path| {
-            crate::dicom::transcode::inflated_range(std::fs::File::open(path)?, range)
-        })
-        .await?
-        .map_err(|e| WebError::Internal(e.to_string()))?
-        .map_err(|e| WebError::Internal(format!("bulk data of a Deflated object: {e}")))
-}
-
-/// What a Range header asks of a value.
-#[derive(Debug, PartialEq, Eq)]
-enum ByteRange {
-    /// One range, half-open, within the value.
-    Within(u64, u64),
-    /// One range that starts past the end (or an empty suffix): 416.
-    Unsatisfiable,
-    /// Another unit, several ranges, or not a valid range: the whole value
-    /// is sent (RFC 9110 §14.2 lets a server ignore what it does not serve).
-    Ignored,
-}
-
-/// The `bytes=` range of a value of `len` bytes that header value `v` asks for.
-fn parse_range(v: &str, len: u64) -> ByteRange {
-    let Some(spec) = v.trim().strip_prefix("bytes=") else {
-        return ByteRange::Ignored;
-    };
-    let Some((a, b)) = spec.split_once('-').filter(|_| !spec.contains(',')) else {
-        return ByteRange::Ignored;
-    };
-    // Digits only (`parse` would also take a sign).
-    let number = |t: &str| {
-        (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| t.parse::<u64>().ok())
-            .flatten()
-    };
-    match (a.trim(), b.trim()) {
-        ("", n) => match number(n) {
-            Some(0) => ByteRange::Unsatisfiable,
-            Some(n) if len > 0 => ByteRange::Within(len.saturating_sub(n), len),
-            // Not a number; or (RFC 9110 §14.1.1) a suffix of an empty
-            // value, which is the whole of it.
-            _ => ByteRange::Ignored,
-        },
-        (first, last) => {
-            let Some(first) = number(first) else {
-                return ByteRange::Ignored;
-            };
-            let last = match (last, number(last)) {
-                ("", _) => None,
-                (_, Some(l)) if l >= first => Some(l),
-                _ => return ByteRange::Ignored,
-            };
-            if first >= len {
-                return ByteRange::Unsatisfiable;
-            }
-            ByteRange::Within(first, last.map_or(len, |l| l.saturating_add(1).min(len)))
-        }
-    }
-}
-
 // --------------------------------------------------------------- WADO-URI
 
 /// `GET /wado?requestType=WADO&studyUID=…&seriesUID=…&objectUID=…` (PS3.18
@@ -1056,26 +897,6 @@ mod tests {
         assert_eq!(encoding_for(jpeg, Some("*")), Some(Encoding::AsStored));
         assert_eq!(encoding_for(jpeg, Some(media::EXPLICIT_VR_LE)), None);
         assert_eq!(encoding_for(jpeg, Some("1.2.840.10008.1.2.4.90")), None);
-    }
-
-    #[test]
-    fn ranges() {
-        use ByteRange::*;
-        assert_eq!(parse_range("bytes=0-99", 1000), Within(0, 100));
-        assert_eq!(parse_range("bytes=-10", 1000), Within(990, 1000));
-        assert_eq!(parse_range("bytes=-5000", 1000), Within(0, 1000));
-        assert_eq!(parse_range("bytes=990-", 1000), Within(990, 1000));
-        assert_eq!(parse_range("bytes=990-5000", 1000), Within(990, 1000));
-        assert_eq!(parse_range("bytes=1000-", 1000), Unsatisfiable);
-        assert_eq!(parse_range("bytes=5000-6000", 1000), Unsatisfiable);
-        assert_eq!(parse_range("bytes=-0", 1000), Unsatisfiable);
-        assert_eq!(parse_range("bytes=0-1,5-6", 1000), Ignored);
-        assert_eq!(parse_range("bytes=200-100", 1000), Ignored);
-        assert_eq!(parse_range("items=0-1", 1000), Ignored);
-        assert_eq!(parse_range("bytes=x-1", 1000), Ignored);
-        assert_eq!(parse_range("bytes=+5-", 1000), Ignored);
-        assert_eq!(parse_range("bytes=-5", 0), Ignored);
-        assert_eq!(parse_range("bytes=0-", 0), Unsatisfiable);
     }
 
     #[test]
