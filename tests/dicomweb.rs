@@ -1655,3 +1655,126 @@ async fn metadata_order_and_validator_on_sqlite() {
 async fn metadata_order_and_validator_on_postgres() {
     metadata_order_and_validator(Backend::Postgres).await;
 }
+
+/// A study retrieve lists its instances first and opens each when the
+/// answer reaches it: one replaced meanwhile (its old copy deleted) is sent
+/// in its new version, and the answer ends whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retrieve_sends_the_new_version_of_an_instance_replaced_while_it_is_sent() {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some(ct) = testfile("ct16_explicit_le.dcm") else {
+        return;
+    };
+    // First in the study: 8 MiB of pixels, which a slow reader holds back.
+    let mut big = dicom_object::open_file(&ct).unwrap().into_inner();
+    let big_uid = "2.25.4718830021945567203".to_string();
+    big.put(DataElement::new(
+        tags::SOP_INSTANCE_UID,
+        VR::UI,
+        big_uid.as_str(),
+    ));
+    big.put(DataElement::new(tags::INSTANCE_NUMBER, VR::IS, "0"));
+    big.put(DataElement::new(
+        tags::ROWS,
+        VR::US,
+        PrimitiveValue::from(2048u16),
+    ));
+    big.put(DataElement::new(
+        tags::COLUMNS,
+        VR::US,
+        PrimitiveValue::from(2048u16),
+    ));
+    big.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OW,
+        PrimitiveValue::from(vec![0x5au8; 2048 * 2048 * 2]),
+    ));
+    let big_path = hub.dir.path().join("big.dcm");
+    big.with_meta(
+        dicom_object::meta::FileMetaTableBuilder::new().transfer_syntax("1.2.840.10008.1.2.1"),
+    )
+    .unwrap()
+    .write_to_file(&big_path)
+    .unwrap();
+    // Two versions of the CT instance: the study description differs.
+    let original = std::fs::read(&ct).unwrap();
+    let marker = b"CT 16-bit with transfer syntax variants";
+    let at = original
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .unwrap();
+    let mut second = original.clone();
+    second[at..at + 2].copy_from_slice(b"V2");
+    let second_path = hub.dir.path().join("second.dcm");
+    std::fs::write(&second_path, &second).unwrap();
+    hub.import("HOSP1", vec![big_path, ct.clone()]).await;
+    let sop = common::sop_instance_uid(&ct);
+    let (first_key, _) = hub.stored("HOSP1", &sop).await.unwrap();
+    let study = dicom_object::open_file(&ct)
+        .unwrap()
+        .element(tags::STUDY_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string();
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(hub.running.http_addr).await.unwrap();
+    let token = hub.token("HOSP1", Role::Clinician);
+    s.write_all(
+        format!(
+            "GET /dicom-web/studies/{study} HTTP/1.0\r\nHost: x\r\n\
+             Accept: multipart/related; type=\"application/dicom\"; transfer-syntax=*\r\n\
+             Authorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = vec![0u8; 64 * 1024];
+    s.read_exact(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.0 200") || answer.starts_with(b"HTTP/1.1 200"));
+
+    hub.import("HOSP1", vec![second_path]).await;
+    let (key, _) = hub.stored("HOSP1", &sop).await.unwrap();
+    assert_ne!(key, first_key);
+    assert!(
+        hub.hub.store.get_bytes(&first_key).await.is_err(),
+        "the replaced copy is deleted"
+    );
+
+    s.read_to_end(&mut answer).await.unwrap();
+    let data_set = common::dataset_bytes(&second);
+    assert!(
+        answer.windows(data_set.len()).any(|w| w == data_set),
+        "the new version is sent"
+    );
+    let text = String::from_utf8_lossy(&answer[..1024]).to_string();
+    let boundary = text
+        .split("boundary=")
+        .nth(1)
+        .and_then(|b| b.split(['\r', ';']).next())
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    assert!(
+        answer.ends_with(format!("--{boundary}--").as_bytes())
+            || answer.ends_with(format!("--{boundary}--\r\n").as_bytes()),
+        "the answer ends whole"
+    );
+    assert_eq!(
+        answer
+            .windows(b"Content-Type: application/dicom".len())
+            .filter(|w| w == b"Content-Type: application/dicom")
+            .count(),
+        2,
+        "both instances, once each"
+    );
+}

@@ -48,6 +48,19 @@ pub enum StoreError {
     Config(String),
 }
 
+impl StoreError {
+    /// As an I/O error whose kind still tells a missing object.
+    pub fn into_io(self) -> std::io::Error {
+        match self {
+            StoreError::Io(e) => e,
+            StoreError::Backend(e @ object_store::Error::NotFound { .. }) => {
+                std::io::Error::new(std::io::ErrorKind::NotFound, e)
+            }
+            other => std::io::Error::other(other),
+        }
+    }
+}
+
 /// A local object opened for reading.
 enum Opened {
     /// Read completely already.

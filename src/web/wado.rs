@@ -26,7 +26,7 @@ use crate::dicom::transcode;
 use crate::hub::Hub;
 use crate::index::metadata::{MetadataInstance, MetadataList};
 use crate::index::search::{Level, Scope, StoredInstance};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use serde_json::json;
 
 /// Instances whose metadata is fetched from the index in one query.
@@ -36,7 +36,7 @@ const METADATA_BATCH: usize = 256;
 const METADATA_BATCHES_AHEAD: usize = 2;
 
 /// How a retrieved instance is sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Encoding {
     /// The stored bytes.
     AsStored,
@@ -100,7 +100,7 @@ async fn visible_instances(
     hub: &Hub,
     caller: &Caller,
     at: &Resource,
-) -> Result<Vec<StoredInstance>, WebError> {
+) -> Result<(Vec<StoredInstance>, Scope), WebError> {
     caller.require(&[Role::Clinician], "retrieve images")?;
     let scope = super::scope_of(hub, caller).await?;
     let (study, series, sop) = at.uids();
@@ -115,7 +115,7 @@ async fn visible_instances(
         audit_objects(&found),
     )
     .await?;
-    Ok(found)
+    Ok((found, scope))
 }
 
 /// Audit a request for `at` that found `count` visible instances of the
@@ -180,7 +180,7 @@ pub(super) async fn visible_instance(
     instance: &str,
 ) -> Result<StoredInstance, WebError> {
     let at = Resource::instance(study, series, instance);
-    let mut found = visible_instances(hub, caller, &at).await?;
+    let (mut found, _) = visible_instances(hub, caller, &at).await?;
     Ok(found.swap_remove(0))
 }
 
@@ -228,43 +228,141 @@ pub async fn retrieve(
     at: Resource,
 ) -> Result<Response, WebError> {
     let requested = negotiate_instances(&accept_of(&headers))?;
-    let found = visible_instances(&hub, &caller, &at).await?;
+    let (found, scope) = visible_instances(&hub, &caller, &at).await?;
     let now = hub.clock.now();
-    let mut plan = Vec::with_capacity(found.len());
-    for inst in found {
-        let enc = encoding_for(&inst.transfer_syntax, requested.as_deref()).ok_or_else(|| {
-            WebError::NotAcceptable(format!(
-                "instance {} is stored as {} and cannot be sent as {}",
-                inst.sop_uid,
-                inst.transfer_syntax,
-                requested.as_deref().unwrap_or_default()
-            ))
-        })?;
-        let (enc, coerce) = coercion_plan(&caller, &inst, enc, requested.as_deref(), now)?;
-        plan.push((inst, enc, coerce));
-    }
+    let plan = found
+        .into_iter()
+        .map(|inst| Planned::new(&caller, inst, requested.as_deref(), now))
+        .collect::<Result<Vec<_>, _>>()?;
     let boundary = multipart::boundary();
     let content_type = multipart::content_type(&boundary, "application/dicom", None);
-    let store = hub.store.clone();
-    let urls = urls.clone();
+    let sender = Arc::new(InstanceSender {
+        hub,
+        caller,
+        scope,
+        requested,
+        now,
+        urls,
+    });
     let parts = stream::iter(plan)
-        .map(move |(inst, enc, coerce)| {
-            let ts = match enc {
-                Encoding::AsStored => inst.transfer_syntax.clone(),
-                Encoding::ExplicitLe => media::EXPLICIT_VR_LE.to_string(),
-            };
-            let location = urls.instance(&inst.study_uid, &inst.series_uid, &inst.sop_uid);
-            let store = store.clone();
-            Part {
-                content_type: format!("application/dicom; transfer-syntax={ts}"),
-                location: Some(location),
-                body: multipart::lazy(open_instance(store, inst, enc, coerce)),
-            }
-        })
+        .then(move |p| sender.clone().part(p))
+        .filter_map(std::future::ready)
         .boxed();
     let body = multipart::body(boundary, parts);
     Ok(stream_response(StatusCode::OK, &content_type, body))
 }
+
+/// One instance of a retrieve, and how it is sent.
+struct Planned {
+    inst: StoredInstance,
+    enc: Encoding,
+    coerce: Option<(Coercion, Provenance)>,
+}
+
+impl Planned {
+    fn new(
+        caller: &Caller,
+        inst: StoredInstance,
+        requested: Option<&str>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Self, WebError> {
+        let enc = encoding_for(&inst.transfer_syntax, requested).ok_or_else(|| {
+            WebError::NotAcceptable(format!(
+                "instance {} is stored as {} and cannot be sent as {}",
+                inst.sop_uid,
+                inst.transfer_syntax,
+                requested.unwrap_or_default()
+            ))
+        })?;
+        let (enc, coerce) = coercion_plan(caller, &inst, enc, requested, now)?;
+        Ok(Self { inst, enc, coerce })
+    }
+}
+
+/// Sends the parts of a retrieve, each opened only when the answer reaches it.
+struct InstanceSender {
+    hub: Arc<Hub>,
+    caller: Caller,
+    scope: Scope,
+    requested: Option<String>,
+    now: chrono::DateTime<chrono::Utc>,
+    urls: Urls,
+}
+
+impl InstanceSender {
+    /// The part of `p`, opened before its head is sent. A copy that a new
+    /// version of the instance replaced (and deleted) since the instances
+    /// were listed is not an error: the current version is sent instead,
+    /// if the caller may still see it; an instance gone meanwhile is left out.
+    async fn part(self: Arc<Self>, mut p: Planned) -> Option<Part> {
+        for _ in 0..REPLACED_RETRIES {
+            let opened = open_instance(
+                self.hub.store.clone(),
+                p.inst.clone(),
+                p.enc,
+                p.coerce.clone(),
+            )
+            .await;
+            let e = match opened {
+                Ok(body) => return Some(self.part_of(&p, body)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => e,
+                Err(e) => return Some(self.part_of(&p, stream::once(async { Err(e) }).boxed())),
+            };
+            let (i, now) = (&p.inst, self.now);
+            let current = match self
+                .hub
+                .index
+                .instances(
+                    &self.scope,
+                    &i.study_uid,
+                    Some(&i.series_uid),
+                    Some(&i.sop_uid),
+                )
+                .await
+            {
+                Ok(mut found) if !found.is_empty() => found.swap_remove(0),
+                Ok(_) => {
+                    tracing::info!(sop = %i.sop_uid, "instance gone while its study was sent: left out");
+                    return None;
+                }
+                Err(ie) => {
+                    let ie = std::io::Error::other(ie);
+                    return Some(self.part_of(&p, stream::once(async { Err(ie) }).boxed()));
+                }
+            };
+            if current.object_key == p.inst.object_key {
+                // Indexed yet missing: a real loss, not a replacement.
+                tracing::error!(key = %p.inst.object_key, "an indexed object is missing from the store");
+                return Some(self.part_of(&p, stream::once(async { Err(e) }).boxed()));
+            }
+            match Planned::new(&self.caller, current, self.requested.as_deref(), now) {
+                Ok(next) => p = next,
+                Err(_) => {
+                    tracing::warn!(sop = %p.inst.sop_uid, "the new version of an instance cannot be sent as asked: left out");
+                    return None;
+                }
+            }
+        }
+        tracing::warn!(sop = %p.inst.sop_uid, "an instance replaced again and again while sent: left out");
+        None
+    }
+
+    fn part_of(&self, p: &Planned, body: ByteStream) -> Part {
+        let ts = match p.enc {
+            Encoding::AsStored => p.inst.transfer_syntax.as_str(),
+            Encoding::ExplicitLe => media::EXPLICIT_VR_LE,
+        };
+        let i = &p.inst;
+        Part {
+            content_type: format!("application/dicom; transfer-syntax={ts}"),
+            location: Some(self.urls.instance(&i.study_uid, &i.series_uid, &i.sop_uid)),
+            body,
+        }
+    }
+}
+
+/// Versions of one instance a retrieve follows before it leaves it out.
+const REPLACED_RETRIES: usize = 3;
 
 pub(super) fn stream_response(
     status: StatusCode,
@@ -291,16 +389,30 @@ async fn open_instance(
         let s = store
             .read(&inst.object_key, None)
             .await
-            .map_err(std::io::Error::other)?;
+            .map_err(StoreError::into_io)?;
         return Ok(s.map(|r| r.map_err(std::io::Error::other)).boxed());
     }
     let (path, temporary) = store
         .fetch_to_path(&inst.object_key)
         .await
-        .map_err(std::io::Error::other)?;
+        .map_err(StoreError::into_io)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    // Opened before the answer goes on: a copy deleted since it was listed
+    // is known before any of its bytes (or its part's head) are sent.
+    let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
     tokio::task::spawn_blocking(move || {
-        let result = std::fs::File::open(&path).and_then(|f| {
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = opened_tx.send(Err(e));
+                if temporary {
+                    let _ = std::fs::remove_file(&path);
+                }
+                return;
+            }
+        };
+        let _ = opened_tx.send(Ok(()));
+        let result = Ok(file).and_then(|f| {
             let src = std::io::BufReader::new(f);
             let mut w = ChannelWriter::new(tx.clone());
             match (&enc, &coerce) {
@@ -331,6 +443,9 @@ async fn open_instance(
             let _ = tx.blocking_send(Err(e));
         }
     });
+    opened_rx
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("the re-encoding task ended")))?;
     Ok(tokio_stream_from(rx))
 }
 
