@@ -1670,7 +1670,8 @@ async fn a_retrieve_sends_the_new_version_of_an_instance_replaced_while_it_is_se
     let Some(ct) = testfile("ct16_explicit_le.dcm") else {
         return;
     };
-    // First in the study: 8 MiB of pixels, which a slow reader holds back.
+    // First in the study: 16 MiB of pixels, which a slow reader holds back
+    // (more than the kernel's and the server's buffers take).
     let mut big = dicom_object::open_file(&ct).unwrap().into_inner();
     let big_uid = "2.25.4718830021945567203".to_string();
     big.put(DataElement::new(
@@ -1687,12 +1688,12 @@ async fn a_retrieve_sends_the_new_version_of_an_instance_replaced_while_it_is_se
     big.put(DataElement::new(
         tags::COLUMNS,
         VR::US,
-        PrimitiveValue::from(2048u16),
+        PrimitiveValue::from(4096u16),
     ));
     big.put(DataElement::new(
         tags::PIXEL_DATA,
         VR::OW,
-        PrimitiveValue::from(vec![0x5au8; 2048 * 2048 * 2]),
+        PrimitiveValue::from(vec![0x5au8; 2048 * 4096 * 2]),
     ));
     let big_path = hub.dir.path().join("big.dcm");
     big.with_meta(

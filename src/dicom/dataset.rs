@@ -669,6 +669,18 @@ fn element_json<D: StatefulDecode>(
     let mut raw = Vec::with_capacity(len as usize);
     decoder.read_to_vec(len, &mut raw).map_err(malformed)?;
     if binary {
+        // DICOM JSON's binary values are little-endian (as bulk data is):
+        // a Big Endian object's words are swapped.
+        let width = if big_endian {
+            crate::dicom::transcode::swap_width(vr)
+        } else {
+            0
+        };
+        if width > 1 {
+            for w in raw.chunks_exact_mut(width) {
+                w.reverse();
+            }
+        }
         let b64 = base64::engine::general_purpose::STANDARD.encode(&raw);
         return Ok((json!({ "vr": vr_name, "InlineBinary": b64 }), None));
     }
@@ -922,6 +934,38 @@ mod tests {
             matches!(&refused, Err(DatasetError::Malformed(m)) if m.contains("LO value")),
             "{:?}",
             refused.map(|p| p.json)
+        );
+    }
+
+    #[test]
+    fn inline_binary_of_a_big_endian_object_is_little_endian() {
+        // (0028,1201) Red Palette Color Lookup Table Data, OW, two words;
+        // (0009,1010) a private OB value: bytes, never swapped.
+        let mut ds = Vec::new();
+        for (group, element, vr, value) in [
+            (0x0009u16, 0x1010u16, b"OB", [1u8, 2, 3, 4]),
+            (0x0028, 0x1201, b"OW", [0x12, 0x34, 0xAB, 0xCD]),
+        ] {
+            ds.extend_from_slice(&group.to_be_bytes());
+            ds.extend_from_slice(&element.to_be_bytes());
+            ds.extend_from_slice(vr);
+            ds.extend_from_slice(&[0, 0]);
+            ds.extend_from_slice(&4u32.to_be_bytes());
+            ds.extend_from_slice(&value);
+        }
+        let total = ds.len() as u64;
+        let parsed = parse_stream(
+            std::io::Cursor::new(ds),
+            meta("1.2.840.10008.1.2.2"),
+            0,
+            Some(total),
+        )
+        .unwrap();
+        let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
+        assert_eq!(parsed.json["00091010"]["InlineBinary"], b64(&[1, 2, 3, 4]));
+        assert_eq!(
+            parsed.json["00281201"]["InlineBinary"],
+            b64(&[0x34, 0x12, 0xCD, 0xAB])
         );
     }
 }

@@ -201,7 +201,9 @@ fn parse_range(v: &str, len: u64) -> ByteRange {
 /// object of exactly `vr` and `BulkDataURI`), or `None` if the metadata
 /// names no such value.
 fn bulk_vr(json: &str, offset: u64, length: u64) -> Option<&str> {
-    let uri = format!("\"{BULK_URI_PREFIX}{offset}/{length}\"");
+    // With its key: a text value equal to the URI is a JSON string too, but
+    // cannot hold this (its quotes would be escaped).
+    let uri = format!("\"BulkDataURI\":\"{BULK_URI_PREFIX}{offset}/{length}\"");
     let at = json.find(&uri)?;
     let open = json[..at].rfind('{')?;
     let close = at + json[at..].find('}')?;
@@ -348,6 +350,14 @@ mod tests {
         assert_eq!(bulk_vr(&json, 600, 4096), Some("OB"));
         assert_eq!(bulk_vr(&json, 10, 51), None);
         assert_eq!(bulk_vr(&json, 1, 512), None);
+        // A text value that spells a URI names no bulk data.
+        let uri = format!("{BULK_URI_PREFIX}0/100000");
+        let crafted = serde_json::json!({
+            "00100020": {"vr": "LO", "Value": [uri]},
+            "00104000": {"vr": "LT", "Value": [format!("\"{uri}\"")]},
+        })
+        .to_string();
+        assert_eq!(bulk_vr(&crafted, 0, 100000), None);
     }
 
     #[test]

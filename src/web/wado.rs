@@ -100,7 +100,7 @@ async fn visible_instances(
     hub: &Hub,
     caller: &Caller,
     at: &Resource,
-) -> Result<(Vec<StoredInstance>, Scope), WebError> {
+) -> Result<Vec<StoredInstance>, WebError> {
     caller.require(&[Role::Clinician], "retrieve images")?;
     let scope = super::scope_of(hub, caller).await?;
     let (study, series, sop) = at.uids();
@@ -115,7 +115,7 @@ async fn visible_instances(
         audit_objects(&found),
     )
     .await?;
-    Ok((found, scope))
+    Ok(found)
 }
 
 /// Audit a request for `at` that found `count` visible instances of the
@@ -180,7 +180,7 @@ pub(super) async fn visible_instance(
     instance: &str,
 ) -> Result<StoredInstance, WebError> {
     let at = Resource::instance(study, series, instance);
-    let (mut found, _) = visible_instances(hub, caller, &at).await?;
+    let mut found = visible_instances(hub, caller, &at).await?;
     Ok(found.swap_remove(0))
 }
 
@@ -228,7 +228,7 @@ pub async fn retrieve(
     at: Resource,
 ) -> Result<Response, WebError> {
     let requested = negotiate_instances(&accept_of(&headers))?;
-    let (found, scope) = visible_instances(&hub, &caller, &at).await?;
+    let found = visible_instances(&hub, &caller, &at).await?;
     let now = hub.clock.now();
     let plan = found
         .into_iter()
@@ -239,7 +239,6 @@ pub async fn retrieve(
     let sender = Arc::new(InstanceSender {
         hub,
         caller,
-        scope,
         requested,
         now,
         urls,
@@ -283,7 +282,6 @@ impl Planned {
 struct InstanceSender {
     hub: Arc<Hub>,
     caller: Caller,
-    scope: Scope,
     requested: Option<String>,
     now: chrono::DateTime<chrono::Utc>,
     urls: Urls,
@@ -309,24 +307,27 @@ impl InstanceSender {
                 Err(e) => return Some(self.part_of(&p, stream::once(async { Err(e) }).boxed())),
             };
             let (i, now) = (&p.inst, self.now);
-            let current = match self
-                .hub
-                .index
-                .instances(
-                    &self.scope,
-                    &i.study_uid,
-                    Some(&i.series_uid),
-                    Some(&i.sop_uid),
-                )
-                .await
-            {
-                Ok(mut found) if !found.is_empty() => found.swap_remove(0),
-                Ok(_) => {
-                    tracing::info!(sop = %i.sop_uid, "instance gone while its study was sent: left out");
-                    return None;
-                }
+            // Looked up as the caller may see it now; only the copy of the
+            // same patient (other institutions hold copies of their own,
+            // and another patient's would not be in the audited access).
+            let found = match super::scope_of(&self.hub, &self.caller).await {
+                Ok(scope) => self
+                    .hub
+                    .index
+                    .instances(&scope, &i.study_uid, Some(&i.series_uid), Some(&i.sop_uid))
+                    .await
+                    .map_err(std::io::Error::other),
+                Err(we) => Err(std::io::Error::other(we.to_string())),
+            };
+            let current = match found {
+                Ok(found) => match found.into_iter().find(|c| c.patient == i.patient) {
+                    Some(c) => c,
+                    None => {
+                        tracing::info!(sop = %i.sop_uid, "instance gone, or now of another patient, while its study was sent: left out");
+                        return None;
+                    }
+                },
                 Err(ie) => {
-                    let ie = std::io::Error::other(ie);
                     return Some(self.part_of(&p, stream::once(async { Err(ie) }).boxed()));
                 }
             };
