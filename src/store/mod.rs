@@ -61,6 +61,17 @@ impl StoreError {
     }
 }
 
+/// Removes a file when dropped, unless its path was taken out.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// A local object opened for reading.
 enum Opened {
     /// Read completely already.
@@ -343,6 +354,9 @@ impl Store {
         let dest = self
             .spool_dir
             .join(format!("fetch-{}", uuid::Uuid::new_v4()));
+        // Half a download is of no use to anyone, also when the request that
+        // wanted it goes away meanwhile (this future is then dropped).
+        let mut partial = RemoveOnDrop(Some(dest.clone()));
         let fetched: Result<(), StoreError> = async {
             let mut out = tokio::fs::File::create(&dest).await?;
             let mut stream = self
@@ -359,11 +373,8 @@ impl Store {
             Ok(())
         }
         .await;
-        if let Err(e) = fetched {
-            // Half a download is of no use to anyone: not left in the spool.
-            let _ = tokio::fs::remove_file(&dest).await;
-            return Err(e);
-        }
+        fetched?;
+        partial.0 = None;
         Ok((dest, true))
     }
 
