@@ -1022,9 +1022,14 @@ fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
                 .collect()
         };
         // Own patients (and others' not linked to the caller, visible only
-        // by break-glass) under the ID itself; linked ones through the links.
+        // by break-glass: without a grant, not looked at) under the ID
+        // itself; linked ones through the links.
         let (v1, t1) = (q.bind_text(v), q.bind_text(&scope.institution));
-        let linked = scope.linked_to_caller(q);
+        let unlinked_others = if scope.under_break_glass() {
+            format!(" OR NOT {}", scope.linked_to_caller(q))
+        } else {
+            String::new()
+        };
         let rest1 = and_rest(q);
         let (v2, t2, t3) = (
             q.bind_text(v),
@@ -1034,7 +1039,7 @@ fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
         let rest2 = and_rest(q);
         conds.push(format!(
             "st.patient_ref IN (SELECT p.id FROM patient p WHERE p.patient_id = {v1} \
-             AND (p.institution = {t1} OR NOT {linked}){rest1} \
+             AND (p.institution = {t1}{unlinked_others}){rest1} \
              UNION ALL SELECT p.id FROM patient_link tl JOIN patient_link sl ON sl.record = tl.record \
              JOIN patient p ON p.institution = sl.institution AND p.issuer = sl.issuer \
              AND p.patient_id = sl.patient_id \
