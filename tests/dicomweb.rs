@@ -546,6 +546,141 @@ async fn warning_count_caps_on_postgres() {
     warning_count_cap(Backend::Postgres).await;
 }
 
+/// A CT of the corpus made into patient `id` named `name` with other
+/// patient IDs `others` ((ID, issuer)), in study and series of its own.
+fn patient_object(
+    hub: &TestHub,
+    n: u32,
+    id: &str,
+    name: &str,
+    others: &[(&str, &str)],
+) -> Option<(std::path::PathBuf, String)> {
+    use dicom_core::{DataElement, VR, value::DataSetSequence};
+    use dicom_dictionary_std::tags;
+    use dicom_object::InMemDicomObject;
+    let ct = testfile("ct16_explicit_le.dcm")?;
+    let mut obj = dicom_object::open_file(&ct).ok()?.into_inner();
+    let uid = |part: u32| format!("2.25.90417{n}0{part}");
+    let study = uid(1);
+    obj.put(DataElement::new(
+        tags::STUDY_INSTANCE_UID,
+        VR::UI,
+        study.as_str(),
+    ));
+    obj.put(DataElement::new(
+        tags::SERIES_INSTANCE_UID,
+        VR::UI,
+        uid(2).as_str(),
+    ));
+    obj.put(DataElement::new(
+        tags::SOP_INSTANCE_UID,
+        VR::UI,
+        uid(3).as_str(),
+    ));
+    obj.put(DataElement::new(tags::PATIENT_ID, VR::LO, id));
+    obj.put(DataElement::new(tags::PATIENT_NAME, VR::PN, name));
+    let items: Vec<InMemDicomObject> = others
+        .iter()
+        .map(|(pid, issuer)| {
+            InMemDicomObject::from_element_iter([
+                DataElement::new(tags::PATIENT_ID, VR::LO, *pid),
+                DataElement::new(tags::ISSUER_OF_PATIENT_ID, VR::LO, *issuer),
+            ])
+        })
+        .collect();
+    obj.put(DataElement::new(
+        tags::OTHER_PATIENT_I_DS_SEQUENCE,
+        VR::SQ,
+        DataSetSequence::from(items),
+    ));
+    let path = hub.dir.path().join(format!("patient-{n}.dcm"));
+    obj.with_meta(
+        dicom_object::meta::FileMetaTableBuilder::new().transfer_syntax("1.2.840.10008.1.2.1"),
+    )
+    .ok()?
+    .write_to_file(&path)
+    .ok()?;
+    Some((path, study))
+}
+
+/// Matching at the edges PS3.4 §C.2.2.2 draws: wildcards within one item's
+/// Patient ID, names with trailing empty components, reversed ranges,
+/// universal and list forms, parameters we do not support.
+async fn qido_matching_edges(backend: Backend) {
+    let Some(hub) = TestHub::start(backend).await else {
+        return;
+    };
+    let (Some((a, study_a)), Some((b, study_b))) = (
+        patient_object(
+            &hub,
+            1,
+            "PA",
+            "Doe^John^^",
+            &[("X1", "ISS-TEXT"), ("Y2", "H1")],
+        ),
+        patient_object(&hub, 2, "PB", "Roe^Jane", &[("ABCTEXT", "Q")]),
+    ) else {
+        return;
+    };
+    hub.import("HOSP1", vec![a, b]).await;
+    let found = |items: &[Value]| values(items, "0020000D");
+    for (q, expected) in [
+        // `*` runs within the item's ID, not on into its issuer ("ISS-TEXT").
+        (
+            "OtherPatientIDsSequence.00100020=*TEXT",
+            vec![study_b.clone()],
+        ),
+        ("OtherPatientIDsSequence.00100020=X*", vec![study_a.clone()]),
+        ("OtherPatientIDsSequence.00100020=*2", vec![study_a.clone()]),
+        ("OtherPatientIDsSequence.00100020=X1*H1", vec![]),
+        ("OtherPatientIDsSequence.00100020=Y2", vec![study_a.clone()]),
+        // Trailing empty components: stored `Doe^John^^`.
+        ("PatientName=Doe^John", vec![study_a.clone()]),
+        ("PatientName=Doe^John^^", vec![study_a.clone()]),
+        ("PatientName=DOE*^^", vec![study_a.clone()]),
+        ("PatientName=Roe^Jane^", vec![study_b.clone()]),
+        ("PatientID=**", vec![study_a.clone(), study_b.clone()]),
+        (
+            &format!("StudyInstanceUID={study_a},,{study_b}") as &str,
+            vec![study_a.clone(), study_b.clone()],
+        ),
+        ("limit=4294967296", vec![study_a.clone(), study_b.clone()]),
+        ("StudyTime=1130-11", vec![]),
+    ] {
+        let (s, items, _) = qido(&hub, &format!("/studies?{q}")).await;
+        assert!(s == 200 || s == 204, "{backend:?} {q}: {s}");
+        let mut expected = expected;
+        expected.sort();
+        assert_eq!(found(&items), expected, "{backend:?} {q}");
+    }
+    for q in [
+        "StudyDate=20240102-20240101",
+        "StudyTime=1200-1100",
+        "StudyTime=10.5",
+        "StudyTime=1030.5",
+        "PatientID=A%01B",
+        "OtherPatientIDsSequence.00100020=%01*",
+    ] {
+        let (s, _, _) = qido(&hub, &format!("/studies?{q}")).await;
+        assert_eq!(s, 400, "{backend:?} {q}");
+    }
+    let (_, _, warnings) = qido(&hub, "/studies?emptyvaluematching=true&PatientID=PA").await;
+    assert!(
+        warnings.iter().any(|w| w.contains("emptyvaluematching")),
+        "{warnings:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn qido_matching_edges_on_sqlite() {
+    qido_matching_edges(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn qido_matching_edges_on_postgres() {
+    qido_matching_edges(Backend::Postgres).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn qido_matching_on_sqlite() {
     qido_matching(Backend::Local).await;

@@ -440,6 +440,7 @@ fn is_time(s: &str) -> bool {
     let (hms, frac) = s.split_once('.').unwrap_or((s, ""));
     matches!(hms.len(), 2 | 4 | 6)
         && hms.bytes().all(|b| b.is_ascii_digit())
+        && (frac.is_empty() || hms.len() == 6)
         && frac.len() <= 6
         && frac.bytes().all(|b| b.is_ascii_digit())
 }
@@ -458,17 +459,26 @@ impl Matcher {
             value: value.to_string(),
             what,
         };
-        if value.is_empty() || value == "*" {
+        // `*` matches any value, a zero-length one too (PS3.4 §C.2.2.2.4):
+        // so do `**` and the like.
+        if value.bytes().all(|b| b == b'*') {
             return Ok(None);
+        }
+        // No attribute matched here holds control characters (and their
+        // escaped forms could outgrow the engines' pattern limits).
+        if value.chars().any(char::is_control) {
+            return Err(invalid("value (it holds control characters)"));
         }
         let wildcard = value.contains(['*', '?']);
         Ok(Some(match attr.kind() {
             Kind::Uid => {
+                // Empty list elements are ignored (RFC 9110 §5.6.1 lists).
                 let uids: Vec<String> = value
                     .split([',', '\\'])
                     .map(|u| u.trim().to_string())
+                    .filter(|u| !u.is_empty())
                     .collect();
-                if !uids.iter().all(|u| is_uid(u)) {
+                if uids.is_empty() || !uids.iter().all(|u| is_uid(u)) {
                     return Err(invalid("UID or list of UIDs"));
                 }
                 if uids.len() == 1 {
@@ -492,6 +502,19 @@ impl Matcher {
                             || !(hi.is_empty() || ok(hi))
                         {
                             return Err(invalid(what));
+                        }
+                        // PS3.4 §C.2.2.2.5: the first bound is not after the
+                        // second (a time range cannot cross midnight).
+                        let reversed = match kind {
+                            Kind::Time => lo > time_upper_bound(hi).as_str(),
+                            _ => lo > hi,
+                        };
+                        if !lo.is_empty() && !hi.is_empty() && reversed {
+                            return Err(invalid(if kind == Kind::Date {
+                                "date range (its first date is after its second)"
+                            } else {
+                                "time range (its first time is after its second)"
+                            }));
                         }
                         let hi = (!hi.is_empty()).then(|| {
                             if kind == Kind::Time {
@@ -554,10 +577,21 @@ impl Matcher {
 /// referral letter finds that spelling only.
 fn name_matcher(group: &str) -> Matcher {
     if group.contains(['*', '?']) {
-        Matcher::Wildcard(group.to_uppercase())
+        // Normalized as the key it is matched against (`pn_key`).
+        Matcher::Wildcard(crate::dicom::summary::pn_key(group))
     } else {
         Matcher::Single(group.trim_end_matches([' ', '^']).to_string())
     }
+}
+
+/// The stored forms of a literal name group `v` (trailing `^` dropped):
+/// itself and with the empty trailing components a sender may keep
+/// (`Yamada^Taro^^`), up to five components in all.
+fn literal_name_forms(v: &str) -> Vec<String> {
+    let components = v.split('^').count();
+    (0..=5usize.saturating_sub(components))
+        .map(|n| format!("{v}{}", "^".repeat(n)))
+        .collect()
 }
 
 /// The stored (literal) name column beside each search key column.
@@ -569,7 +603,19 @@ fn literal_column(key_column: &str) -> &str {
 /// upper-cased key for wildcards.
 fn name_condition(q: &mut Sql, attr: Attr, key_column: &str, m: &Matcher) -> String {
     match m {
-        Matcher::Single(_) => condition(q, attr, literal_column(key_column), m),
+        Matcher::Single(v) => {
+            // Through the (indexed) key: every literal form has this key.
+            let key = q.bind_text(&crate::dicom::summary::pn_key(v));
+            let forms: Vec<String> = literal_name_forms(v)
+                .iter()
+                .map(|f| q.bind_text(f))
+                .collect();
+            format!(
+                "({key_column} = {key} AND {} IN ({}))",
+                literal_column(key_column),
+                forms.join(", ")
+            )
+        }
         _ => condition(q, attr, key_column, m),
     }
 }
@@ -610,9 +656,19 @@ fn like_pattern(wild: &str) -> String {
 #[derive(Default)]
 pub(super) struct Sql {
     binds: Vec<Bind>,
+    /// For SQLite (else PostgreSQL), where their SQL differs.
+    sqlite: bool,
 }
 
 impl Sql {
+    /// A statement for `reader`'s engine.
+    pub(super) fn for_reader(reader: &Reader) -> Self {
+        Self {
+            binds: Vec::new(),
+            sqlite: matches!(reader, Reader::Sqlite(_)),
+        }
+    }
+
     pub(super) fn bind_text(&mut self, v: &str) -> String {
         self.binds.push(Bind::Text(v.to_string()));
         format!("${}", self.binds.len())
@@ -731,7 +787,27 @@ fn key_condition(q: &mut Sql, attr: Attr, m: &Matcher) -> String {
             // JSON escaping leaves `*`/`?` alone, so they stay wildcards.
             let body = like_pattern(inner);
             let p = Sql::like_literal(&format!("%\"patient_id\":\"{body}\"%"));
-            format!("{} LIKE {p} ESCAPE '\\'", cols[0])
+            let text = format!("{} LIKE {p} ESCAPE '\\'", cols[0]);
+            if !matches!(m, Matcher::Wildcard(_)) {
+                return text;
+            }
+            // A wildcard in the text could run on past the ID, into its
+            // issuer or the next item: each member's ID is matched too.
+            let id = Sql::like_literal(&like_pattern(&value));
+            let member = if q.sqlite {
+                format!(
+                    "EXISTS (SELECT 1 FROM json_each({}) j WHERE json_extract(j.value, '$.patient_id') \
+                     LIKE {id} ESCAPE '\\')",
+                    cols[0]
+                )
+            } else {
+                format!(
+                    "EXISTS (SELECT 1 FROM json_array_elements({}::json) j WHERE j.value ->> 'patient_id' \
+                     LIKE {id} ESCAPE '\\')",
+                    cols[0]
+                )
+            };
+            format!("({text} AND {member})")
         }
         (_, m) => condition(q, attr, cols[0], m),
     }
@@ -1284,7 +1360,7 @@ fn single_statement(reader: &Reader, s: &Search) -> bool {
 /// The one statement of a page: its rows, walked to, and one more if
 /// anything follows.
 fn page_sql(reader: &Reader, s: &Search, scope: &Scope) -> (String, Sql) {
-    let mut q = Sql::default();
+    let mut q = Sql::for_reader(reader);
     let sql = rows_sql(reader, s, scope, &mut q, |q, id| {
         format!(
             "{id} IN ({})",
@@ -1295,15 +1371,15 @@ fn page_sql(reader: &Reader, s: &Search, scope: &Scope) -> (String, Sql) {
 }
 
 /// The walk of a page's ids and up to `COUNT_CAP` more.
-fn ids_sql(s: &Search, scope: &Scope) -> (String, Sql) {
-    let mut q = Sql::default();
+fn ids_sql(reader: &Reader, s: &Search, scope: &Scope) -> (String, Sql) {
+    let mut q = Sql::for_reader(reader);
     let sql = walk_sql(&mut q, s, scope, i64::from(s.limit) + COUNT_CAP as i64);
     (sql, q)
 }
 
 /// The rows of the page's `ids`.
 fn rows_by_id_sql(reader: &Reader, s: &Search, scope: &Scope, ids: Vec<i64>) -> (String, Sql) {
-    let mut q = Sql::default();
+    let mut q = Sql::for_reader(reader);
     let sql = rows_sql(reader, s, scope, &mut q, |q, id| {
         reader.id_in(id, &q.bind_ids(ids))
     });
@@ -1341,7 +1417,7 @@ pub async fn explain(
         let (sql, q) = page_sql(reader, s, scope);
         return reader.explain(sql, q.binds).await;
     }
-    let (walk, q) = ids_sql(s, scope);
+    let (walk, q) = ids_sql(reader, s, scope);
     let mut plan = reader.explain(walk, q.binds).await?;
     let (sql, q) = rows_by_id_sql(reader, s, scope, vec![1]);
     plan.extend(reader.explain(sql, q.binds).await?);
@@ -1360,7 +1436,7 @@ pub async fn search(reader: &Reader, s: &Search, scope: &Scope) -> Result<Page, 
         // More: counted below, past the page's last hit.
         (rows, (!more).then_some(0))
     } else {
-        let (walk, q) = ids_sql(s, scope);
+        let (walk, q) = ids_sql(reader, s, scope);
         let mut ids: Vec<i64> = q
             .fetch(reader, walk)
             .await?
@@ -1467,7 +1543,7 @@ async fn count_after(
     last: Option<i64>,
     skip: u64,
 ) -> Result<u64, IndexError> {
-    let mut q = Sql::default();
+    let mut q = Sql::for_reader(reader);
     let mut wh = where_clause(&mut q, s, scope);
     let order = walk_order(s, scope);
     if let Some(last) = last {

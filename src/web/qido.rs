@@ -82,9 +82,12 @@ fn parse_query(raw: Option<&str>) -> Result<Query, WebError> {
     for (k, v) in &pairs {
         match k.to_ascii_lowercase().as_str() {
             "limit" => {
-                q.limit = Some(v.trim().parse().map_err(|_| {
+                // Any non-negative integer (PS3.18 §8.3.4.4); the server's
+                // maximum caps it later.
+                let n: u64 = v.trim().parse().map_err(|_| {
                     WebError::bad_request(format!("limit: {v:?} is not a non-negative integer"))
-                })?)
+                })?;
+                q.limit = Some(u32::try_from(n).unwrap_or(u32::MAX));
             }
             "offset" => {
                 q.offset = v.trim().parse().map_err(|_| {
@@ -105,6 +108,12 @@ fn parse_query(raw: Option<&str>) -> Result<Query, WebError> {
                 }
             }
             "fuzzymatching" | "orderby" | "accept" | "charset" => {}
+            // Not supported: PS3.18 §8.3.4.5-6 asks for a warning.
+            "emptyvaluematching" | "multiplevaluematching" => {
+                if v.trim().eq_ignore_ascii_case("true") {
+                    q.unsupported.push(k.clone());
+                }
+            }
             _ => {
                 if let Some(attr) = Attr::from_key(k) {
                     if !seen.insert(attr) {
@@ -274,7 +283,7 @@ async fn run(
     }
     if !q.unsupported.is_empty() {
         warnings.push(format!(
-            "299 tsunagu: The following query keys are not supported for matching and were ignored: {}",
+            "299 tsunagu: The following query keys or parameters are not supported and were ignored: {}",
             q.unsupported.join(", ")
         ));
     }
