@@ -143,6 +143,7 @@ impl Hub {
             ae_title: s.ae_title.trim().to_string(),
             institutions: self.institutions.clone(),
             ingest: self.ingest.clone(),
+            audit: self.audit.clone(),
             max_pdu_length: s.max_pdu_length,
             timeout: Duration::from_secs(s.association_timeout_secs),
         });

@@ -91,6 +91,25 @@ fn import_stores_reports_and_rejects() {
         db.execute("DELETE FROM audit_event WHERE seq = 85", [])
             .is_err()
     );
+    // The recorded end moved back: found, and the trail goes on from its
+    // last event (appends used to collide with the events after the end).
+    db.execute(
+        "UPDATE audit_head SET seq = 80, hash = (SELECT hash FROM audit_event WHERE seq = 80)",
+        [],
+    )
+    .unwrap();
+    let (ok, text) = verify();
+    assert!(!ok && text.contains("moved back"), "{text}");
+    let (ok, text) = run("HOSP2", &files);
+    assert!(ok && text.contains("already present 42"), "{text}");
+    let (ok, text) = verify();
+    let events: u64 = text
+        .split("intact: ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(ok && events >= 85 + 42, "{text}");
     // Someone with the file itself (triggers dropped) changes one event.
     db.execute_batch(
         "DROP TRIGGER audit_event_no_update; \

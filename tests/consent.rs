@@ -767,6 +767,39 @@ async fn network_scenario(backend: Backend) {
     };
     assert!(!others(&plain).is_empty());
     assert_eq!(others(&padded), others(&plain));
+    // Paging with `before` neither repeats nor skips, though every read
+    // appends an event (with `offset`, each page repeated the last row).
+    let seqs = |v: &Value| -> Vec<i64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_i64().unwrap())
+            .collect()
+    };
+    let (_, first) = admin_get(&hub, "HOSP2", "/audit?limit=5").await;
+    let first = seqs(&first);
+    let (_, second) = admin_get(
+        &hub,
+        "HOSP2",
+        &format!("/audit?limit=5&before={}", first[4]),
+    )
+    .await;
+    let second = seqs(&second);
+    let (_, all) = admin_get(&hub, "HOSP2", "/audit?limit=1000").await;
+    let all = seqs(&all);
+    let at = all.iter().position(|s| *s == first[0]).unwrap();
+    assert_eq!(all[at..at + 10], [first, second].concat());
+    assert_eq!(admin_get(&hub, "HOSP2", "/audit?before=0").await.0, 400);
+    // Reading an identity record is audited (it names other institutions' IDs).
+    let (_, trail) = admin_get(&hub, "HOSP2", "/audit?limit=1000&patient_id=A-H2").await;
+    assert!(
+        trail
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "read-record" && e["outcome"] == "success"),
+        "{trail}"
+    );
     // Verification reads a consistent end even while events are appended.
     let during = tsunagu::audit::chain::verify(&hub.hub.index).await.unwrap();
     assert_eq!(during.broken_at, None);
@@ -1135,7 +1168,7 @@ fn well_formed_xml(xml: &str) -> bool {
 fn check_query_record(record: &str) {
     assert!(record.starts_with("<85>1 "), "{record}");
     assert!(
-        record.contains(" tsunagu ") && record.contains(" IHE+RFC-3881 - "),
+        record.contains(" tsunagu ") && record.contains(" IHE+RFC-3881 [meta sequenceId=\""),
         "{record}"
     );
     let xml = record.split_once('\u{feff}').unwrap().1;

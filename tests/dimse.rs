@@ -227,6 +227,48 @@ async fn unknown_calling_and_wrong_called_ae_are_rejected() {
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("Calling AE Title Not Recognized"));
     }
+    // Each refusal is an authentication failure in the audit trail, under
+    // the AE title claimed (and its institution, when that is known).
+    hub.hub.audit.flush().await;
+    let trail = tsunagu::audit::trail::read_range(hub.hub.index.pool(), 1, 1000)
+        .await
+        .unwrap();
+    let refused: Vec<(String, String, String)> = trail
+        .iter()
+        .filter(|s| s.event.action == tsunagu::audit::Action::AuthenticateNode)
+        .map(|s| {
+            (
+                s.event.user.clone(),
+                s.event.institution.clone(),
+                s.event.detail["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        refused.contains(&(
+            "STRANGER".into(),
+            String::new(),
+            "calling AE title not recognized".into()
+        )),
+        "{refused:?}"
+    );
+    assert!(
+        refused.contains(&(
+            "HOSP1".into(),
+            "HOSP1".into(),
+            "called AE title not recognized".into()
+        )),
+        "{refused:?}"
+    );
+    assert!(
+        trail
+            .iter()
+            .all(|s| s.event.outcome != tsunagu::audit::Outcome::Success
+                || s.event.action != tsunagu::audit::Action::AuthenticateNode)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -88,6 +88,10 @@ const INSERT_EVENT: &str = "INSERT INTO audit_event (seq, at, action, outcome, u
 const INSERT_OBJECT: &str = "INSERT INTO audit_object (seq, patient_institution, patient_id, \
      study_uid) VALUES ($1, $2, $3, $4)";
 const HEAD: &str = "SELECT seq, hash FROM audit_head WHERE id = 1";
+/// The chain's last event: where appends go on. Not the recorded end
+/// (`audit_head`), which a write outside the hub could move back: appends
+/// would then collide with the events after it, and stop.
+const LAST: &str = "SELECT seq, hash FROM audit_event ORDER BY seq DESC LIMIT 1";
 const MOVE_HEAD: &str = "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1";
 
 /// The text columns of an event row after `seq`, in INSERT_EVENT's order.
@@ -111,8 +115,11 @@ fn event_columns(s: &Sequenced) -> [String; 10] {
 /// SQLite without a connection of the appender's own); what was written.
 pub async fn append(index: &Index, events: &[Event]) -> Result<Vec<Sequenced>, IndexError> {
     let mut tx = index.begin_records(crate::index::RecordLock::Audit).await?;
-    let head = sqlx::query(HEAD).fetch_one(&mut *tx).await?;
-    let written = chained(head.get(0), head.get(1), events);
+    let (seq, prev) = match sqlx::query(LAST).fetch_optional(&mut *tx).await? {
+        Some(r) => (r.get(0), r.get(1)),
+        None => (0, GENESIS.to_string()),
+    };
+    let written = chained(seq, prev, events);
     for s in &written {
         let mut q = sqlx::query(INSERT_EVENT).bind(s.seq);
         for v in event_columns(s) {
@@ -148,7 +155,12 @@ pub fn append_sqlite(
     events: &[Event],
 ) -> Result<Vec<Sequenced>, IndexError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let (seq, prev): (i64, String) = tx.query_row(HEAD, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let last = tx.query_row(LAST, [], |r| Ok((r.get(0)?, r.get(1)?)));
+    let (seq, prev): (i64, String) = match last {
+        Ok(l) => l,
+        Err(rusqlite::Error::QueryReturnedNoRows) => (0, GENESIS.to_string()),
+        Err(e) => return Err(e.into()),
+    };
     let written = chained(seq, prev, events);
     {
         let mut ev = tx.prepare_cached(INSERT_EVENT)?;
@@ -187,11 +199,17 @@ pub struct Verification {
 /// Recompute the whole chain, in pages (memory stays bounded).
 pub async fn verify(index: &Index) -> Result<Verification, IndexError> {
     let pool = index.pool();
-    // The chain's end first: events and end are written in one transaction,
-    // so every event up to it is committed and final, and events appended
-    // while we read (a live server) are left for the next run.
+    // The last event, then the recorded end: events and end are written in
+    // one transaction, so the end read second is at or past the last event
+    // read first (events appended while we read are left for the next run,
+    // beyond both). An end before the last event was moved back.
+    let last_seq: i64 = match sqlx::query(LAST).fetch_optional(pool).await? {
+        Some(r) => r.get(0),
+        None => 0,
+    };
     let head = sqlx::query(HEAD).fetch_one(pool).await?;
-    let (head_seq, head_hash): (i64, String) = (head.get(0), head.get(1));
+    let (recorded_seq, head_hash): (i64, String) = (head.get(0), head.get(1));
+    let head_seq = recorded_seq.max(last_seq);
     let mut prev = GENESIS.to_string();
     let mut expect_seq = 1i64;
     let mut count = 0u64;
@@ -223,7 +241,14 @@ pub async fn verify(index: &Index) -> Result<Verification, IndexError> {
             expect_seq += 1;
         }
     }
-    let broken_at = if head_seq != expect_seq - 1 {
+    let broken_at = if recorded_seq < last_seq {
+        Some((
+            recorded_seq + 1,
+            format!(
+                "the chain's recorded end ({recorded_seq}) was moved back before its last event ({last_seq})"
+            ),
+        ))
+    } else if head_seq != expect_seq - 1 {
         Some((
             expect_seq,
             format!(

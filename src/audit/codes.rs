@@ -32,6 +32,7 @@ pub const LOGIN: Code = dcm("110122", "Login");
 pub const EMERGENCY_OVERRIDE_STARTED: Code = dcm("110127", "Emergency Override Started");
 pub const USE_OF_RESTRICTED_FUNCTION: Code = dcm("110132", "Use of Restricted Function");
 pub const AUDIT_LOG_USED: Code = dcm("110101", "Audit Log Used");
+pub const NODE_AUTHENTICATION: Code = dcm("110126", "Node Authentication");
 
 /// The PS3.15 identification of an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -57,6 +58,8 @@ pub fn of(action: Action, outcome: Outcome) -> EventCodes {
         Action::Authenticate => (USER_AUTHENTICATION, Some(LOGIN), "E"),
         Action::Authorize => (SECURITY_ALERT, Some(USE_OF_RESTRICTED_FUNCTION), "E"),
         Action::ReadAudit => (AUDIT_LOG_USED, None, "R"),
+        Action::AuthenticateNode => (SECURITY_ALERT, Some(NODE_AUTHENTICATION), "E"),
+        Action::ReadRecord => (PATIENT_RECORD, None, "R"),
     };
     EventCodes {
         event_id,

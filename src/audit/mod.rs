@@ -42,10 +42,15 @@ pub enum Action {
     BreakGlass,
     /// A request refused before it could act: bad or missing token.
     Authenticate,
+    /// A DICOM association refused: calling or called AE title not known.
+    AuthenticateNode,
     /// A request refused for its role.
     Authorize,
     /// The audit trail itself read.
     ReadAudit,
+    /// A patient's identity record or the disclosures read (they name other
+    /// institutions' patient IDs and consent references).
+    ReadRecord,
 }
 
 /// How it ended (PS3.15 EventOutcomeIndicator: 0, 4, 8).

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
+use base64::Engine as _;
+
 use super::chain::Sequenced;
 use super::codes::{self, Code};
 use crate::config::AuditConfig;
@@ -174,8 +176,10 @@ fn code_el(name: &str, c: &Code) -> String {
     )
 }
 
-/// Most patients and studies named in one message.
-const MAX_OBJECTS: usize = 100;
+/// Most patients and studies named in one message: with IDs and UIDs of 64
+/// characters the message stays near 30 KB, well inside one UDP datagram
+/// (65,507 bytes; at 100 it could pass that and be lost whole).
+const MAX_OBJECTS: usize = 50;
 
 /// The PS3.15 §A.5 audit message of one event.
 pub fn audit_message(s: &Sequenced) -> String {
@@ -201,7 +205,11 @@ pub fn audit_message(s: &Sequenced) -> String {
         esc(&e.role),
         esc(&e.role)
     );
-    x += r#"<AuditSourceIdentification AuditSourceID="tsunagu"><AuditSourceTypeCode csd-code="4" codeSystemName="DCM" originalText="Application Server Process"/></AuditSourceIdentification>"#;
+    // Which node wrote it (nodes sharing one index are told apart).
+    x += &format!(
+        r#"<AuditSourceIdentification AuditSourceID="{}"><AuditSourceTypeCode csd-code="4" codeSystemName="DCM" originalText="Application Server Process"/></AuditSourceIdentification>"#,
+        esc(&format!("tsunagu@{}", host_name().unwrap_or("-")))
+    );
     // One datagram must hold the message: a large answer's objects are
     // capped (the database trail keeps them all).
     let objects = &e.objects[..e.objects.len().min(MAX_OBJECTS)];
@@ -215,7 +223,8 @@ pub fn audit_message(s: &Sequenced) -> String {
         x += &format!(
             r#"<ParticipantObjectIdentification ParticipantObjectID="{}" ParticipantObjectTypeCode="1" ParticipantObjectTypeCodeRole="1"><ParticipantObjectIDTypeCode csd-code="2" codeSystemName="RFC-3881" originalText="Patient Number"/><ParticipantObjectDetail type="Institution" value="{}"/></ParticipantObjectIdentification>"#,
             esc(pid),
-            esc(inst)
+            // xs:base64Binary in the PS3.15 schema.
+            base64::engine::general_purpose::STANDARD.encode(inst)
         );
     }
     for o in objects.iter().filter(|o| !o.study_uid.is_empty()) {
@@ -228,6 +237,19 @@ pub fn audit_message(s: &Sequenced) -> String {
     x
 }
 
+/// This machine's name, if the environment gives one.
+fn host_name() -> Option<&'static str> {
+    static NAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+    })
+    .as_deref()
+}
+
 /// An RFC 5424 record: facility authpriv (10), severity notice (5), or
 /// warning (4) for refusals and failures.
 fn record(s: &Sequenced) -> String {
@@ -236,12 +258,16 @@ fn record(s: &Sequenced) -> String {
     } else {
         4
     };
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "-".into());
+    let host = host_name().unwrap_or("-");
+    // The event's place in the chain (RFC 5424 §7.3.1 `meta sequenceId`,
+    // 1 to 2^31 - 1): a collector can tell a trail cut short or a gap.
+    let sd = if (1..=i64::from(i32::MAX)).contains(&s.seq) {
+        format!("[meta sequenceId=\"{}\"]", s.seq)
+    } else {
+        "-".into()
+    };
     format!(
-        "<{}>1 {} {host} tsunagu {} IHE+RFC-3881 - \u{feff}{}",
+        "<{}>1 {} {host} tsunagu {} IHE+RFC-3881 {sd} \u{feff}{}",
         10 * 8 + severity,
         s.event.at,
         std::process::id(),

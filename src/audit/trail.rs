@@ -26,6 +26,10 @@ pub struct Filter {
     pub to: Option<String>,
     pub limit: i64,
     pub offset: i64,
+    /// Only events before this sequence number: the next page after one
+    /// whose last event it is. Stable, where `offset` shifts by every event
+    /// appended meanwhile (reading a page appends one).
+    pub before: Option<i64>,
 }
 
 /// An event as the API shows it.
@@ -162,6 +166,11 @@ pub async fn query(pool: &AnyPool, f: &Filter) -> Result<Vec<Shown>, IndexError>
     }
     if let Some(t) = &f.to {
         conds.push(format!("e.at < {}", bind(t)));
+    }
+    if let Some(b) = f.before {
+        // An integer: the bind list is text, and SQLite and PostgreSQL
+        // would compare a text bind with `seq` differently.
+        conds.push(format!("e.seq < {b}"));
     }
     let n = binds.len();
     let sql = format!(

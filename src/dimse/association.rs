@@ -32,6 +32,8 @@ pub struct DimseContext {
     pub ae_title: String,
     pub institutions: Arc<Institutions>,
     pub ingest: Ingest,
+    /// Refused associations are authentication failures of the trail.
+    pub audit: crate::audit::Auditor,
     pub max_pdu_length: u32,
     pub timeout: Duration,
 }
@@ -41,6 +43,16 @@ pub struct DimseContext {
 struct SenderGate {
     institutions: Arc<Institutions>,
     decided: Arc<OnceLock<Arc<Institution>>>,
+    refused: Arc<OnceLock<Refusal>>,
+}
+
+/// Why the gate refused an association, for the audit trail.
+struct Refusal {
+    calling: String,
+    called: String,
+    /// The calling AE's institution, when only the called AE was wrong.
+    institution: Option<String>,
+    reason: &'static str,
 }
 
 impl AccessControl for SenderGate {
@@ -51,10 +63,20 @@ impl AccessControl for SenderGate {
         called_ae_title: &str,
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
+        let refuse = |institution: Option<&Institution>, reason| {
+            let _ = self.refused.set(Refusal {
+                calling: calling_ae_title.trim().to_string(),
+                called: called_ae_title.trim().to_string(),
+                institution: institution.map(|i| i.code.clone()),
+                reason,
+            });
+        };
         let Some(inst) = self.institutions.by_calling_ae(calling_ae_title) else {
+            refuse(None, "calling AE title not recognized");
             return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
         };
         if called_ae_title.trim() != this_ae_title.trim() {
+            refuse(Some(&inst), "called AE title not recognized");
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
         let _ = self.decided.set(inst);
@@ -83,10 +105,12 @@ enum Sink {
 /// Serve one accepted TCP connection until it ends.
 pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) {
     let decided = Arc::new(OnceLock::new());
+    let refused = Arc::new(OnceLock::new());
     let mut options = ServerAssociationOptions::new()
         .ae_access_control(SenderGate {
             institutions: ctx.institutions.clone(),
             decided: decided.clone(),
+            refused: refused.clone(),
         })
         .ae_title(ctx.ae_title.clone())
         .max_pdu_length(ctx.max_pdu_length)
@@ -107,6 +131,27 @@ pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) 
             };
             metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => reason).increment(1);
             tracing::info!(%peer, error = %e, "association not established");
+            if let Some(r) = refused.get() {
+                // An authentication failure: the AE title is the sender's
+                // claim (unverified), as a refused token's subject is.
+                ctx.audit.record(crate::audit::Event {
+                    at: String::new(),
+                    action: crate::audit::Action::AuthenticateNode,
+                    outcome: crate::audit::Outcome::Denied,
+                    user: r.calling.clone(),
+                    institution: r.institution.clone().unwrap_or_default(),
+                    role: String::new(),
+                    client: peer.to_string(),
+                    objects: Vec::new(),
+                    detail: serde_json::json!({
+                        "protocol": "DICOM",
+                        "calling_ae": r.calling,
+                        "called_ae": r.called,
+                        "reason": r.reason,
+                        "identity_verified": false,
+                    }),
+                });
+            }
             return;
         }
     };

@@ -169,7 +169,15 @@ pub async fn patient(
     let view = hub
         .records()
         .patient(&caller.institution, &patient_id, hub.clock.now())
-        .await?;
+        .await;
+    let view = audited(
+        &hub,
+        &caller,
+        Action::ReadRecord,
+        vec![own_patient(&caller, &patient_id)],
+        json!({ "record": "patient" }),
+        view,
+    )?;
     Ok(Json(view).into_response())
 }
 
@@ -294,7 +302,20 @@ pub async fn disclosures(
             q.patient_id.as_deref().map(str::trim),
             hub.clock.now(),
         )
-        .await?;
+        .await;
+    let objects = q
+        .patient_id
+        .as_deref()
+        .map(|p| vec![own_patient(&caller, p)])
+        .unwrap_or_default();
+    let list = audited(
+        &hub,
+        &caller,
+        Action::ReadRecord,
+        objects,
+        json!({ "record": "disclosures", "direction": q.direction.as_deref().unwrap_or("given") }),
+        list,
+    )?;
     Ok(Json(list).into_response())
 }
 
@@ -354,12 +375,13 @@ pub struct AuditQuery {
     to: Option<String>,
     limit: Option<i64>,
     offset: Option<i64>,
+    before: Option<i64>,
 }
 
 /// Most events in one page of `GET /api/audit`.
 const AUDIT_PAGE_MAX: i64 = 1000;
 
-/// `GET /api/audit?patient_id=&user=&from=&to=&limit=&offset=`
+/// `GET /api/audit?patient_id=&user=&from=&to=&limit=&offset=&before=`
 pub async fn audit_trail(
     State(hub): State<Arc<Hub>>,
     caller: Caller,
@@ -372,9 +394,12 @@ pub async fn audit_trail(
             .transpose()
     };
     let limit = q.limit.unwrap_or(100);
-    if !(1..=AUDIT_PAGE_MAX).contains(&limit) || q.offset.is_some_and(|o| o < 0) {
+    if !(1..=AUDIT_PAGE_MAX).contains(&limit)
+        || q.offset.is_some_and(|o| o < 0)
+        || q.before.is_some_and(|b| b < 1)
+    {
         return Err(WebError::BadRequest(format!(
-            "limit must be 1 to {AUDIT_PAGE_MAX} and offset not negative"
+            "limit must be 1 to {AUDIT_PAGE_MAX}, offset not negative and before positive"
         )));
     }
     let filter = crate::audit::trail::Filter {
@@ -386,6 +411,7 @@ pub async fn audit_trail(
         to: stamp("to", &q.to)?,
         limit,
         offset: q.offset.unwrap_or(0),
+        before: q.before,
     };
     // What this node has recorded so far is in the answer.
     hub.audit.flush().await;
