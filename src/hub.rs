@@ -144,6 +144,7 @@ impl Hub {
             institutions: self.institutions.clone(),
             ingest: self.ingest.clone(),
             audit: self.audit.clone(),
+            refusals: Default::default(),
             max_pdu_length: s.max_pdu_length,
             timeout: Duration::from_secs(s.association_timeout_secs),
         });

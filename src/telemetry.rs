@@ -18,6 +18,8 @@ pub const AUTH_FAILURES: &str = "tsunagu_http_auth_failures_total";
 pub const HTTP_REQUESTS: &str = "tsunagu_http_requests_total";
 pub const AUDIT_LOST: &str = "tsunagu_audit_events_lost_total";
 pub const AUDIT_SYSLOG_FAILURES: &str = "tsunagu_audit_syslog_failures_total";
+/// The audit chain's recorded end found not at its last event.
+pub const AUDIT_TAMPERING: &str = "tsunagu_audit_chain_end_moved_total";
 
 /// Start structured logging; `RUST_LOG` filters, `TSUNAGU_LOG_FORMAT=json` for JSON lines.
 pub fn init_logging() {

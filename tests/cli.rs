@@ -110,6 +110,20 @@ fn import_stores_reports_and_rejects() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(ok && events >= 85 + 42, "{text}");
+    // ... and the evidence is in the chain: the first append after the move
+    // chained an alert holding both ends.
+    let alert: String = db
+        .query_row(
+            "SELECT detail FROM audit_event WHERE action = 'trail-altered'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        alert.contains("\"recorded_end\":{\"seq\":80,")
+            && alert.contains("\"last_event\":{\"seq\":85,"),
+        "{alert}"
+    );
     // Someone with the file itself (triggers dropped) changes one event.
     db.execute_batch(
         "DROP TRIGGER audit_event_no_update; \

@@ -593,6 +593,20 @@ fn patient_object(
         VR::SQ,
         DataSetSequence::from(items),
     ));
+    // The request this series fulfils (series matching keys of PS3.18).
+    let request = InMemDicomObject::from_element_iter([
+        DataElement::new(
+            tags::SCHEDULED_PROCEDURE_STEP_ID,
+            VR::SH,
+            format!("SPS-{n}"),
+        ),
+        DataElement::new(tags::REQUESTED_PROCEDURE_ID, VR::SH, format!("RP-{n}")),
+    ]);
+    obj.put(DataElement::new(
+        tags::REQUEST_ATTRIBUTES_SEQUENCE,
+        VR::SQ,
+        DataSetSequence::from(vec![request]),
+    ));
     let path = hub.dir.path().join(format!("patient-{n}.dcm"));
     obj.with_meta(
         dicom_object::meta::FileMetaTableBuilder::new().transfer_syntax("1.2.840.10008.1.2.1"),
@@ -649,6 +663,31 @@ async fn qido_matching_edges(backend: Backend) {
     ] {
         let (s, items, _) = qido(&hub, &format!("/studies?{q}")).await;
         assert!(s == 200 || s == 204, "{backend:?} {q}: {s}");
+        let mut expected = expected;
+        expected.sort();
+        assert_eq!(found(&items), expected, "{backend:?} {q}");
+    }
+    for (q, expected) in [
+        (
+            "RequestAttributesSequence.ScheduledProcedureStepID=SPS-1",
+            vec![study_a.clone()],
+        ),
+        (
+            "00400275.00401001=RP-*",
+            vec![study_a.clone(), study_b.clone()],
+        ),
+        (
+            "RequestAttributesSequence.00401001=RP-2",
+            vec![study_b.clone()],
+        ),
+        (
+            "RequestAttributesSequence.RequestedProcedureID=RP-3",
+            vec![],
+        ),
+    ] {
+        let (s, items, warnings) = qido(&hub, &format!("/series?{q}")).await;
+        assert!(s == 200 || s == 204, "{backend:?} {q}: {s}");
+        assert!(warnings.is_empty(), "{backend:?} {q}: {warnings:?}");
         let mut expected = expected;
         expected.sort();
         assert_eq!(found(&items), expected, "{backend:?} {q}");

@@ -65,6 +65,46 @@ pub fn hash(prev: &str, seq: i64, e: &Event) -> String {
     hex::encode(h.finalize())
 }
 
+/// A security alert for the chain, if its recorded end (`audit_head`) is
+/// not its last event: moved back, or left past events deleted from the end
+/// (both need the database owner's rights). Appends go on from the last
+/// event, so the alert is what keeps the evidence, inside the chain.
+fn end_moved(head_seq: i64, head_hash: String, last_seq: i64, last_hash: &str) -> Option<Event> {
+    if head_seq == last_seq && head_hash == last_hash {
+        return None;
+    }
+    tracing::error!(
+        recorded_end = head_seq,
+        last_event = last_seq,
+        "the audit trail's recorded end is not its last event: changed outside the hub"
+    );
+    metrics::counter!(crate::telemetry::AUDIT_TAMPERING).increment(1);
+    Some(Event {
+        at: crate::clock::stamp(chrono::Utc::now()),
+        action: super::Action::TrailAltered,
+        outcome: super::Outcome::Failure,
+        user: "tsunagu".into(),
+        institution: String::new(),
+        role: String::new(),
+        client: String::new(),
+        objects: Vec::new(),
+        detail: serde_json::json!({
+            "recorded_end": { "seq": head_seq, "hash": head_hash },
+            "last_event": { "seq": last_seq, "hash": last_hash },
+        }),
+    })
+}
+
+/// `events`, after `alert` if there is one.
+fn with_alert(alert: Option<Event>, events: &[Event]) -> std::borrow::Cow<'_, [Event]> {
+    match alert {
+        None => std::borrow::Cow::Borrowed(events),
+        Some(a) => {
+            std::borrow::Cow::Owned(std::iter::once(a).chain(events.iter().cloned()).collect())
+        }
+    }
+}
+
 /// Sequence and chain `events` after the chain's end (`seq`, `hash`).
 fn chained(mut seq: i64, mut prev: String, events: &[Event]) -> Vec<Sequenced> {
     events
@@ -115,11 +155,13 @@ fn event_columns(s: &Sequenced) -> [String; 10] {
 /// SQLite without a connection of the appender's own); what was written.
 pub async fn append(index: &Index, events: &[Event]) -> Result<Vec<Sequenced>, IndexError> {
     let mut tx = index.begin_records(crate::index::RecordLock::Audit).await?;
-    let (seq, prev) = match sqlx::query(LAST).fetch_optional(&mut *tx).await? {
+    let (seq, prev): (i64, String) = match sqlx::query(LAST).fetch_optional(&mut *tx).await? {
         Some(r) => (r.get(0), r.get(1)),
         None => (0, GENESIS.to_string()),
     };
-    let written = chained(seq, prev, events);
+    let head = sqlx::query(HEAD).fetch_one(&mut *tx).await?;
+    let alert = end_moved(head.get(0), head.get(1), seq, &prev);
+    let written = chained(seq, prev, &with_alert(alert, events));
     for s in &written {
         let mut q = sqlx::query(INSERT_EVENT).bind(s.seq);
         for v in event_columns(s) {
@@ -161,7 +203,10 @@ pub fn append_sqlite(
         Err(rusqlite::Error::QueryReturnedNoRows) => (0, GENESIS.to_string()),
         Err(e) => return Err(e.into()),
     };
-    let written = chained(seq, prev, events);
+    let (head_seq, head_hash): (i64, String) =
+        tx.query_row(HEAD, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let alert = end_moved(head_seq, head_hash, seq, &prev);
+    let written = chained(seq, prev, &with_alert(alert, events));
     {
         let mut ev = tx.prepare_cached(INSERT_EVENT)?;
         let mut ob = tx.prepare_cached(INSERT_OBJECT)?;

@@ -33,6 +33,7 @@ pub const EMERGENCY_OVERRIDE_STARTED: Code = dcm("110127", "Emergency Override S
 pub const USE_OF_RESTRICTED_FUNCTION: Code = dcm("110132", "Use of Restricted Function");
 pub const AUDIT_LOG_USED: Code = dcm("110101", "Audit Log Used");
 pub const NODE_AUTHENTICATION: Code = dcm("110126", "Node Authentication");
+pub const AUDIT_RECORDING_STOPPED: Code = dcm("110133", "Audit Recording Stopped");
 
 /// The PS3.15 identification of an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -60,6 +61,7 @@ pub fn of(action: Action, outcome: Outcome) -> EventCodes {
         Action::ReadAudit => (AUDIT_LOG_USED, None, "R"),
         Action::AuthenticateNode => (SECURITY_ALERT, Some(NODE_AUTHENTICATION), "E"),
         Action::ReadRecord => (PATIENT_RECORD, None, "R"),
+        Action::TrailAltered => (SECURITY_ALERT, Some(AUDIT_RECORDING_STOPPED), "E"),
     };
     EventCodes {
         event_id,

@@ -51,6 +51,9 @@ pub enum Action {
     /// A patient's identity record or the disclosures read (they name other
     /// institutions' patient IDs and consent references).
     ReadRecord,
+    /// The chain's recorded end was found not at its last event (written by
+    /// the appender itself before the events it appends).
+    TrailAltered,
 }
 
 /// How it ended (PS3.15 EventOutcomeIndicator: 0, 4, 8).

@@ -181,6 +181,10 @@ fn code_el(name: &str, c: &Code) -> String {
 /// (65,507 bytes; at 100 it could pass that and be lost whole).
 const MAX_OBJECTS: usize = 50;
 
+/// Objects stop being added once a message is this long (IDs of up to 256
+/// characters, escaped, could still outgrow a datagram at 50).
+const MESSAGE_OBJECTS_MAX: usize = 56 * 1024;
+
 /// The PS3.15 §A.5 audit message of one event.
 pub fn audit_message(s: &Sequenced) -> String {
     let e = &s.event;
@@ -220,6 +224,9 @@ pub fn audit_message(s: &Sequenced) -> String {
     patients.sort();
     patients.dedup();
     for (inst, pid) in patients {
+        if x.len() > MESSAGE_OBJECTS_MAX {
+            break;
+        }
         x += &format!(
             r#"<ParticipantObjectIdentification ParticipantObjectID="{}" ParticipantObjectTypeCode="1" ParticipantObjectTypeCodeRole="1"><ParticipantObjectIDTypeCode csd-code="2" codeSystemName="RFC-3881" originalText="Patient Number"/><ParticipantObjectDetail type="Institution" value="{}"/></ParticipantObjectIdentification>"#,
             esc(pid),
@@ -228,6 +235,9 @@ pub fn audit_message(s: &Sequenced) -> String {
         );
     }
     for o in objects.iter().filter(|o| !o.study_uid.is_empty()) {
+        if x.len() > MESSAGE_OBJECTS_MAX {
+            break;
+        }
         x += &format!(
             r#"<ParticipantObjectIdentification ParticipantObjectID="{}" ParticipantObjectTypeCode="2" ParticipantObjectTypeCodeRole="3"><ParticipantObjectIDTypeCode csd-code="110180" codeSystemName="DCM" originalText="Study Instance UID"/></ParticipantObjectIdentification>"#,
             esc(&o.study_uid)
@@ -261,11 +271,9 @@ fn record(s: &Sequenced) -> String {
     let host = host_name().unwrap_or("-");
     // The event's place in the chain (RFC 5424 §7.3.1 `meta sequenceId`,
     // 1 to 2^31 - 1): a collector can tell a trail cut short or a gap.
-    let sd = if (1..=i64::from(i32::MAX)).contains(&s.seq) {
-        format!("[meta sequenceId=\"{}\"]", s.seq)
-    } else {
-        "-".into()
-    };
+    // (It wraps after 2^31 - 1, as RFC 5424 says.)
+    let max = i64::from(i32::MAX);
+    let sd = format!("[meta sequenceId=\"{}\"]", (s.seq - 1).rem_euclid(max) + 1);
     format!(
         "<{}>1 {} {host} tsunagu {} IHE+RFC-3881 {sd} \u{feff}{}",
         10 * 8 + severity,

@@ -34,6 +34,7 @@ pub struct DimseContext {
     pub ingest: Ingest,
     /// Refused associations are authentication failures of the trail.
     pub audit: crate::audit::Auditor,
+    pub refusals: RefusalLog,
     pub max_pdu_length: u32,
     pub timeout: Duration,
 }
@@ -44,6 +45,49 @@ struct SenderGate {
     institutions: Arc<Institutions>,
     decided: Arc<OnceLock<Arc<Institution>>>,
     refused: Arc<OnceLock<Refusal>>,
+}
+
+/// How often a refusal like another is recorded: anyone who reaches the
+/// port could otherwise add a permanent row (and a syslog message) per
+/// connection.
+const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
+
+/// Refused associations recorded at most once a window per peer address,
+/// calling AE title and reason; the next recorded one says how many like it
+/// were not.
+#[derive(Default)]
+pub struct RefusalLog(
+    std::sync::Mutex<std::collections::HashMap<RefusalKey, (std::time::Instant, u64)>>,
+);
+
+/// Peer address, calling AE title, reason.
+type RefusalKey = (std::net::IpAddr, String, &'static str);
+
+impl RefusalLog {
+    /// `Some(n)`: record this refusal, `n` like it having gone unrecorded
+    /// since the last recorded; `None`: only counted.
+    fn admit(&self, peer: std::net::IpAddr, calling: &str, reason: &'static str) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut seen = self.0.lock().expect("refusal log lock");
+        if seen.len() > 10_000 {
+            seen.retain(|_, (at, _)| now.duration_since(*at) < REFUSAL_WINDOW);
+        }
+        match seen.entry((peer, calling.to_string(), reason)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let (at, unrecorded) = e.get_mut();
+                if now.duration_since(*at) < REFUSAL_WINDOW {
+                    *unrecorded += 1;
+                    return None;
+                }
+                *at = now;
+                Some(std::mem::take(unrecorded))
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert((now, 0));
+                Some(0)
+            }
+        }
+    }
 }
 
 /// Why the gate refused an association, for the audit trail.
@@ -131,7 +175,9 @@ pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) 
             };
             metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => reason).increment(1);
             tracing::info!(%peer, error = %e, "association not established");
-            if let Some(r) = refused.get() {
+            if let Some(r) = refused.get()
+                && let Some(unrecorded) = ctx.refusals.admit(peer.ip(), &r.calling, r.reason)
+            {
                 // An authentication failure: the AE title is the sender's
                 // claim (unverified), as a refused token's subject is.
                 ctx.audit.record(crate::audit::Event {
@@ -149,6 +195,7 @@ pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) 
                         "called_ae": r.called,
                         "reason": r.reason,
                         "identity_verified": false,
+                        "unrecorded_before": unrecorded,
                     }),
                 });
             }

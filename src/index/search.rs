@@ -278,6 +278,10 @@ pub enum Attr {
     SeriesDescription,
     PerformedProcedureStepStartDate,
     PerformedProcedureStepStartTime,
+    /// Request Attributes Sequence > Scheduled Procedure Step ID.
+    ScheduledProcedureStepId,
+    /// Request Attributes Sequence > Requested Procedure ID.
+    RequestedProcedureId,
     BodyPartExamined,
     SopInstanceUid,
     SopClassUid,
@@ -314,6 +318,14 @@ impl Attr {
             "SERIESDESCRIPTION" | "0008103E" => SeriesDescription,
             "PERFORMEDPROCEDURESTEPSTARTDATE" | "00400244" => PerformedProcedureStepStartDate,
             "PERFORMEDPROCEDURESTEPSTARTTIME" | "00400245" => PerformedProcedureStepStartTime,
+            "REQUESTATTRIBUTESSEQUENCE.SCHEDULEDPROCEDURESTEPID"
+            | "REQUESTATTRIBUTESSEQUENCE.00400009"
+            | "00400275.00400009"
+            | "00400275.SCHEDULEDPROCEDURESTEPID" => ScheduledProcedureStepId,
+            "REQUESTATTRIBUTESSEQUENCE.REQUESTEDPROCEDUREID"
+            | "REQUESTATTRIBUTESSEQUENCE.00401001"
+            | "00400275.00401001"
+            | "00400275.REQUESTEDPROCEDUREID" => RequestedProcedureId,
             "BODYPARTEXAMINED" | "00180015" => BodyPartExamined,
             "SOPINSTANCEUID" | "00080018" => SopInstanceUid,
             "SOPCLASSUID" | "00080016" => SopClassUid,
@@ -359,6 +371,8 @@ impl Attr {
             | SeriesDescription
             | PerformedProcedureStepStartDate
             | PerformedProcedureStepStartTime
+            | ScheduledProcedureStepId
+            | RequestedProcedureId
             | BodyPartExamined => Level::Series,
             SopInstanceUid | SopClassUid | InstanceNumber => Level::Instance,
             _ => Level::Study,
@@ -397,6 +411,7 @@ impl Attr {
             SeriesDescription => &["se.description"],
             PerformedProcedureStepStartDate => &["se.pps_start_date"],
             PerformedProcedureStepStartTime => &["se.pps_start_time"],
+            ScheduledProcedureStepId | RequestedProcedureId => &["se.request_attributes"],
             BodyPartExamined => &["se.body_part"],
             SopInstanceUid => &["i.sop_uid"],
             SopClassUid => &["i.sop_class_uid"],
@@ -437,12 +452,16 @@ fn is_date(s: &str) -> bool {
 }
 
 fn is_time(s: &str) -> bool {
-    let (hms, frac) = s.split_once('.').unwrap_or((s, ""));
+    let (hms, frac) = match s.split_once('.') {
+        Some((hms, frac)) => (hms, Some(frac)),
+        None => (s, None),
+    };
+    // A fraction follows whole seconds only, and has 1 to 6 digits.
     matches!(hms.len(), 2 | 4 | 6)
         && hms.bytes().all(|b| b.is_ascii_digit())
-        && (frac.is_empty() || hms.len() == 6)
-        && frac.len() <= 6
-        && frac.bytes().all(|b| b.is_ascii_digit())
+        && frac.is_none_or(|f| {
+            hms.len() == 6 && (1..=6).contains(&f.len()) && f.bytes().all(|b| b.is_ascii_digit())
+        })
 }
 
 impl Matcher {
@@ -557,7 +576,7 @@ impl Matcher {
                 if value.contains('=') {
                     let mut groups: [Option<Box<Matcher>>; 3] = [None, None, None];
                     for (slot, g) in groups.iter_mut().zip(value.split('=')) {
-                        if !g.is_empty() && g != "*" {
+                        if !g.bytes().all(|b| b == b'*') {
                             *slot = Some(Box::new(name_matcher(g)));
                         }
                     }
@@ -775,6 +794,39 @@ fn key_condition(q: &mut Sql, attr: Attr, m: &Matcher) -> String {
                 .collect();
             format!("({})", alts.join(" OR "))
         }
+        (_, _)
+            if matches!(
+                attr,
+                Attr::ScheduledProcedureStepId | Attr::RequestedProcedureId
+            ) =>
+        {
+            // Kept as the sequence's DICOM JSON items: any item's value.
+            let tag = if attr == Attr::ScheduledProcedureStepId {
+                "00400009"
+            } else {
+                "00401001"
+            };
+            let test = match m {
+                Matcher::Wildcard(w) => {
+                    format!("LIKE {} ESCAPE '\\'", Sql::like_literal(&like_pattern(w)))
+                }
+                Matcher::Single(v) => format!("= {}", q.bind_text(v)),
+                _ => unreachable!("text keys are single values or wildcards"),
+            };
+            if q.sqlite {
+                format!(
+                    "EXISTS (SELECT 1 FROM json_each({}) j WHERE \
+                     json_extract(j.value, '$.\"{tag}\".Value[0]') {test})",
+                    cols[0]
+                )
+            } else {
+                format!(
+                    "EXISTS (SELECT 1 FROM json_array_elements({}::json) j WHERE \
+                     j.value -> '{tag}' -> 'Value' ->> 0 {test})",
+                    cols[0]
+                )
+            }
+        }
         (_, _) if attr == Attr::OtherPatientId => {
             // Kept as a JSON array of {"patient_id","issuer"}: match the
             // member text, which JSON-escapes the value exactly one way.
@@ -787,14 +839,14 @@ fn key_condition(q: &mut Sql, attr: Attr, m: &Matcher) -> String {
             // JSON escaping leaves `*`/`?` alone, so they stay wildcards.
             let body = like_pattern(inner);
             let p = Sql::like_literal(&format!("%\"patient_id\":\"{body}\"%"));
-            let text = format!("{} LIKE {p} ESCAPE '\\'", cols[0]);
             if !matches!(m, Matcher::Wildcard(_)) {
-                return text;
+                return format!("{} LIKE {p} ESCAPE '\\'", cols[0]);
             }
-            // A wildcard in the text could run on past the ID, into its
-            // issuer or the next item: each member's ID is matched too.
+            // A wildcard in the JSON text could run on past the ID, into its
+            // issuer or the next item, and would meet an escaped character
+            // (`\"`) as two: each member's ID is matched instead.
             let id = Sql::like_literal(&like_pattern(&value));
-            let member = if q.sqlite {
+            if q.sqlite {
                 format!(
                     "EXISTS (SELECT 1 FROM json_each({}) j WHERE json_extract(j.value, '$.patient_id') \
                      LIKE {id} ESCAPE '\\')",
@@ -806,8 +858,7 @@ fn key_condition(q: &mut Sql, attr: Attr, m: &Matcher) -> String {
                      LIKE {id} ESCAPE '\\')",
                     cols[0]
                 )
-            };
-            format!("({text} AND {member})")
+            }
         }
         (_, m) => condition(q, attr, cols[0], m),
     }

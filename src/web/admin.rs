@@ -57,6 +57,19 @@ fn own_patient(caller: &Caller, patient_id: &str) -> AuditObject {
     }
 }
 
+/// The patients of `disclosures`, as their disclosers identify them.
+fn disclosed_patients<'a>(
+    disclosures: impl Iterator<Item = &'a crate::access::records::Disclosure>,
+) -> Vec<AuditObject> {
+    disclosures
+        .map(|d| AuditObject {
+            patient_institution: d.from_institution.clone(),
+            patient_id: d.patient_id.clone(),
+            study_uid: String::new(),
+        })
+        .collect()
+}
+
 /// Audit the outcome of a records operation and pass it on.
 fn audited<T>(
     hub: &Hub,
@@ -170,11 +183,18 @@ pub async fn patient(
         .records()
         .patient(&caller.institution, &patient_id, hub.clock.now())
         .await;
+    // Every patient the answer names: its owners' admins see the read.
+    let mut objects = vec![own_patient(&caller, &patient_id)];
+    if let Ok(v) = &view {
+        objects.extend(disclosed_patients(
+            v.disclosed_to.iter().chain(&v.disclosed_by),
+        ));
+    }
     let view = audited(
         &hub,
         &caller,
         Action::ReadRecord,
-        vec![own_patient(&caller, &patient_id)],
+        objects,
         json!({ "record": "patient" }),
         view,
     )?;
@@ -303,11 +323,14 @@ pub async fn disclosures(
             hub.clock.now(),
         )
         .await;
-    let objects = q
+    let mut objects: Vec<AuditObject> = q
         .patient_id
         .as_deref()
         .map(|p| vec![own_patient(&caller, p)])
         .unwrap_or_default();
+    if let Ok(l) = &list {
+        objects.extend(disclosed_patients(l.iter()));
+    }
     let list = audited(
         &hub,
         &caller,

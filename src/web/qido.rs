@@ -58,9 +58,9 @@ fn tag_of(key: &str) -> Option<String> {
 
 /// Longest matching value accepted (bytes). The longest single DICOM value
 /// matched here is 64 characters; this leaves room for lists of ~250 UIDs
-/// and keeps wildcard patterns of ordinary text well below SQLite's LIKE
-/// limit (50,000 bytes; escaping can still grow a value of backslashes or
-/// control characters past it, which the index then refuses).
+/// and keeps wildcard patterns well below SQLite's LIKE limit (50,000
+/// bytes; escaping at most doubles a value of backslashes, and values with
+/// control characters are refused).
 const QUERY_VALUE_MAX: usize = 16 * 1024;
 
 fn parse_query(raw: Option<&str>) -> Result<Query, WebError> {
