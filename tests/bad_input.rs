@@ -385,3 +385,78 @@ async fn malformed_pdu_is_aborted() {
     assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
     assert!(hub.echo("HOSP1"));
 }
+
+/// A C-ECHO is answered on a Verification context only: on a storage
+/// context it is refused (0122), and the association goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_echo_on_a_storage_context_is_refused() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let echo = InMemDicomObject::command_from_element_iter([
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from("1.2.840.10008.1.1"),
+        ),
+        DataElement::new(tags::COMMAND_FIELD, VR::US, PrimitiveValue::from(0x0030u16)),
+        DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(9u16)),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            PrimitiveValue::from(0x0101u16),
+        ),
+    ]);
+    let mut bytes = Vec::new();
+    echo.write_dataset_with_ts(&mut bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+        .unwrap();
+    let mut a = associate(hub.port()).await;
+    a.send(&pdata(PDataValueType::Command, true, bytes))
+        .await
+        .unwrap();
+    let status = match a.receive().await.unwrap() {
+        Pdu::PData { data } => InMemDicomObject::read_dataset_with_ts(
+            &data[0].data[..],
+            &IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+        )
+        .unwrap()
+        .get(tags::STATUS)
+        .unwrap()
+        .to_int::<u16>()
+        .unwrap(),
+        other => panic!("expected a response, got {other:?}"),
+    };
+    assert_eq!(status, 0x0122);
+    let _ = a.release().await;
+    assert!(
+        hub.echo("HOSP1"),
+        "echoes on a Verification context still work"
+    );
+}
+
+/// ARTIM: a connection that sends no A-ASSOCIATE-RQ is closed within 10 s,
+/// not left holding an association slot for the whole association timeout
+/// (60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_connection_is_closed() {
+    let Some(hub) = TestHub::start_with(Backend::Local, |c| {
+        c.server.association_timeout_secs = 60;
+    })
+    .await
+    else {
+        return;
+    };
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", hub.port()))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection is closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(13),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(hub.echo("HOSP1"));
+}

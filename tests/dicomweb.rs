@@ -1168,6 +1168,10 @@ async fn wado_uri_returns_the_instance() {
             406,
         ),
         (url.replace(CT_SOP, "2.25.1"), 404),
+        // Never an identified object for an anonymized one, nor the whole
+        // object for a frame.
+        (format!("{url}&anonymize=yes"), 400),
+        (format!("{url}&frameNumber=1"), 400),
     ] {
         let r = client()
             .get(&q)

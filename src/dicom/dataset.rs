@@ -176,6 +176,29 @@ impl<R: Seek> Seek for HashingReader<R> {
     }
 }
 
+/// Most bytes a Deflated data set may inflate to (the scratch file it is
+/// parsed from): far above any real deflated object (SR and other
+/// documents), far below a disk.
+const INFLATED_MAX: u64 = 1 << 30;
+
+/// Inflate `deflated` into `out`, at most `max` bytes; how many. Bounded: a
+/// few MiB of deflated zeros would inflate to gigabytes of scratch file (the
+/// element limits apply only once it is parsed).
+fn inflate_bounded(
+    deflated: &mut impl Read,
+    out: &mut impl std::io::Write,
+    max: u64,
+) -> Result<u64, DatasetError> {
+    let len = std::io::copy(&mut deflated.take(max + 1), out)?;
+    if len > max {
+        return Err(DatasetError::Malformed(format!(
+            "the deflated data set inflates past {} MiB",
+            max >> 20
+        )));
+    }
+    Ok(len)
+}
+
 /// Parse the data set that `source` is positioned at: offset `dataset_offset`
 /// of an object of `total` bytes, or of a stream whose end is not known yet
 /// (then the caller checks `ParsedObject::max_end` against the final length).
@@ -197,7 +220,7 @@ pub fn parse_stream<R: Read + Seek>(
         let mut inflated = tempfile::tempfile()?;
         let mut raw = BufReader::new(source);
         let mut dec = flate2::read::DeflateDecoder::new(&mut raw);
-        let len = std::io::copy(&mut dec, &mut inflated)?;
+        let len = inflate_bounded(&mut dec, &mut inflated, INFLATED_MAX)?;
         drop(dec);
         // Read any padding after the deflate stream so the digest covers it.
         std::io::copy(&mut raw, &mut std::io::sink())?;
@@ -966,6 +989,28 @@ mod tests {
         assert_eq!(
             parsed.json["00281201"]["InlineBinary"],
             b64(&[0x34, 0x12, 0xCD, 0xAB])
+        );
+    }
+
+    #[test]
+    fn a_deflated_data_set_inflating_past_the_limit_is_refused() {
+        use std::io::Write as _;
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&vec![0u8; 3 << 20]).unwrap();
+        let deflated = enc.finish().unwrap();
+        assert!(deflated.len() < 64 << 10, "{}", deflated.len());
+        let mut out = Vec::new();
+        let mut dec = flate2::read::DeflateDecoder::new(&deflated[..]);
+        let refused = inflate_bounded(&mut dec, &mut out, 2 << 20);
+        assert!(
+            matches!(&refused, Err(DatasetError::Malformed(m)) if m.contains("inflates past 2 MiB")),
+            "{refused:?}"
+        );
+        assert!(out.len() <= (2 << 20) + 1);
+        let mut dec = flate2::read::DeflateDecoder::new(&deflated[..]);
+        assert_eq!(
+            inflate_bounded(&mut dec, &mut Vec::new(), 4 << 20).unwrap(),
+            3 << 20
         );
     }
 }

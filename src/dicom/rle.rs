@@ -13,7 +13,15 @@ pub enum RleError {
     Offset(u32),
     #[error("RLE segment {0} decodes to fewer bytes than the frame needs")]
     ShortSegment(usize),
+    #[error("an RLE frame of {0} bytes cannot be decoded from a fragment of {1} bytes")]
+    TooLarge(u64, usize),
 }
+
+/// Most segments of an RLE frame (PS3.5 §G.4: the header has room for 15).
+const MAX_SEGMENTS: usize = 15;
+
+/// Most bytes a PackBits byte decodes to: a two-byte replicate run gives 128.
+const MAX_EXPANSION: u64 = 64;
 
 /// Decode one frame of `rows` × `columns` pixels, `samples` per pixel,
 /// `bits_allocated` bits each (8, 16, 32, 64).
@@ -38,11 +46,17 @@ pub fn decode_frame(
     let bytes_per_sample = bits_allocated.div_ceil(8);
     let expected = samples * bytes_per_sample;
     let found = word(0);
-    if found as usize != expected {
+    if found as usize != expected || expected > MAX_SEGMENTS {
         return Err(RleError::Segments { found, expected });
     }
-    let pixels = rows * columns;
-    let mut out = vec![0u8; pixels * expected];
+    // Checked before allocating: the frame's size comes from the object's
+    // attributes, and no fragment decodes to more than 64 times its size.
+    let pixels = rows.saturating_mul(columns);
+    let total = (pixels as u64).saturating_mul(expected as u64);
+    if total > (fragment.len() as u64).saturating_mul(MAX_EXPANSION) {
+        return Err(RleError::TooLarge(total, fragment.len()));
+    }
+    let mut out = vec![0u8; total as usize];
     for seg in 0..expected {
         let start = word(1 + seg);
         let end = if seg + 1 < expected {
@@ -141,5 +155,25 @@ mod tests {
                 expected: 3
             })
         );
+    }
+
+    #[test]
+    fn frames_larger_than_the_fragment_allows_are_refused() {
+        // A 64-byte header for one segment, and a frame of 65535 x 65535.
+        let mut fragment = vec![0u8; 66];
+        fragment[0] = 1;
+        fragment[4] = 64;
+        fragment[64] = 0x81; // replicate the next byte 128 times
+        assert!(matches!(
+            decode_frame(&fragment, 65535, 65535, 1, 8),
+            Err(RleError::TooLarge(..))
+        ));
+        // More segments than the header has room for.
+        let mut fragment = vec![0u8; 200];
+        fragment[0] = 16;
+        assert!(matches!(
+            decode_frame(&fragment, 2, 2, 16, 8),
+            Err(RleError::Segments { .. })
+        ));
     }
 }

@@ -47,6 +47,10 @@ struct SenderGate {
     refused: Arc<OnceLock<Refusal>>,
 }
 
+/// Longest a new connection has to send its A-ASSOCIATE-RQ (shorter if the
+/// association timeout is).
+const ARTIM_MAX: Duration = Duration::from_secs(10);
+
 /// How often a refusal like another is recorded: anyone who reaches the
 /// port could otherwise add a permanent row (and a syslog message) per
 /// connection.
@@ -165,7 +169,16 @@ pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) 
     for (uid, _) in STORAGE_SOP_CLASSES {
         options = options.with_abstract_syntax(*uid);
     }
-    let association = match options.establish_async(socket).await {
+    // ARTIM (PS3.8 §9.1.5): a connection that does not complete its
+    // A-ASSOCIATE-RQ soon is closed, so that idle connections hold no
+    // association slot for the whole association timeout.
+    let artim = ctx.timeout.min(ARTIM_MAX);
+    let Ok(established) = tokio::time::timeout(artim, options.establish_async(socket)).await else {
+        metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => "artim").increment(1);
+        tracing::info!(%peer, ?artim, "no association request in time; connection closed");
+        return;
+    };
+    let association = match established {
         Ok(a) => a,
         Err(e) => {
             // The A-ASSOCIATE-RJ or A-ABORT has already been sent.
@@ -229,6 +242,9 @@ struct Session {
     peer: String,
     /// Command PDV fragments until the last one.
     command_buf: Vec<u8>,
+    /// The presentation context of those fragments (one message, one
+    /// context: PS3.8 Annex E).
+    command_context: Option<u8>,
     pending: Option<Pending>,
 }
 
@@ -258,6 +274,7 @@ async fn run(
         calling,
         peer,
         command_buf: Vec::new(),
+        command_context: None,
         pending: None,
     };
     session.serve().await;
@@ -356,6 +373,9 @@ impl Session {
         if self.pending.is_some() {
             return Err("command while a data set is still arriving");
         }
+        if *self.command_context.get_or_insert(pdv.context_id) != pdv.context_id {
+            return Err("command fragments on different presentation contexts");
+        }
         self.command_buf.extend_from_slice(&pdv.data);
         if self.command_buf.len() > 64 * 1024 {
             return Err("command set larger than 64 KiB");
@@ -363,6 +383,7 @@ impl Session {
         if !pdv.last {
             return Ok(());
         }
+        self.command_context = None;
         let bytes = std::mem::take(&mut self.command_buf);
         let command = Command::parse(&bytes).map_err(|_| "unreadable command set")?;
         self.on_command(&pc, command).await
@@ -414,7 +435,14 @@ impl Session {
                     return Err("C-ECHO-RQ with a data set");
                 }
                 metrics::counter!(telemetry::ECHOS).increment(1);
-                let rsp = super::command::response(&command, status::SUCCESS, None);
+                // Verification is a SOP class of its own: a C-ECHO on a
+                // storage context verifies nothing that was negotiated.
+                let status = if pc.abstract_syntax == VERIFICATION {
+                    status::SUCCESS
+                } else {
+                    status::SOP_CLASS_NOT_SUPPORTED
+                };
+                let rsp = super::command::response(&command, status, None);
                 return self.send_response(pc.id, rsp).await;
             }
             CommandField::CStoreRq => {

@@ -950,6 +950,25 @@ pub async fn wado_uri(
     if get("requestType") != Some("WADO") {
         return Err(WebError::bad_request("requestType must be WADO"));
     }
+    // Asked of an application/dicom answer, these would be silently ignored:
+    // an anonymized object sent identified, a frame sent as the whole object.
+    for unsupported in [
+        "anonymize",
+        "frameNumber",
+        "rows",
+        "columns",
+        "region",
+        "windowCenter",
+        "windowWidth",
+        "presentationUID",
+        "presentationSeriesUID",
+    ] {
+        if get(unsupported).is_some() {
+            return Err(WebError::bad_request(format!(
+                "{unsupported} is not supported (application/dicom objects are sent whole and as stored)"
+            )));
+        }
+    }
     let (Some(study), Some(series), Some(object)) =
         (get("studyUID"), get("seriesUID"), get("objectUID"))
     else {
