@@ -871,6 +871,28 @@ async fn stow_rs_outcomes() {
     .await;
     assert_eq!(s, 413);
     assert_eq!(count().await, 2, "nothing half-written became visible");
+    // Broken off after a stored part: that part stays stored and is listed
+    // (202), the broken one fails with C000; not a 400 ("nothing stored").
+    let Some(sr) = testfile("sr_basic_text.dcm") else {
+        return;
+    };
+    let sr = std::fs::read(sr).unwrap();
+    let mut body = multipart(
+        "B",
+        &[("application/dicom", &sr), ("application/dicom", &jp)],
+    );
+    body.truncate(body.len() - jp.len() / 2);
+    let (s, answer) = stow(&hub, Role::Clinician, "/studies", mp, body).await;
+    assert_eq!(s, 202, "{answer}");
+    assert_eq!(
+        answer["00081199"]["Value"].as_array().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(
+        answer["00081198"]["Value"][0]["00081197"]["Value"][0],
+        0xC000
+    );
+    assert_eq!(count().await, 3);
     // The spool holds nothing from the refused requests.
     let left = common::spool_files(&hub.dir.path().join("store/.spool"));
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;

@@ -129,11 +129,34 @@ async fn run(
     let mut parts =
         multer::Multipart::with_constraints(body.into_data_stream(), boundary, constraints);
     let mut results = Vec::new();
+    // A body broken off after some parts were stored: those stay stored (each
+    // was acknowledged to the index already), so the answer lists them, with
+    // the broken part as failed (202), instead of a 400 or 413 that PS3.18
+    // reads as "nothing stored".
+    let broken = |e: WebError, results: &mut Vec<PartResult>| -> Result<(), WebError> {
+        if !results.iter().any(|r| matches!(r, PartResult::Stored(_))) {
+            return Err(e);
+        }
+        tracing::warn!(error = %e, "STOW-RS body broken off after stored parts");
+        results.push(PartResult::Failed {
+            class: None,
+            instance: None,
+            reason: if matches!(e, WebError::PayloadTooLarge(_)) {
+                reason::OUT_OF_RESOURCES
+            } else {
+                reason::CANNOT_UNDERSTAND
+            },
+        });
+        Ok(())
+    };
     loop {
         let field = match parts.next_field().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
-            Err(e) => return Err(multipart_error(e, limit, results.len())),
+            Err(e) => {
+                broken(multipart_error(e, limit, results.len()), &mut results)?;
+                break;
+            }
         };
         let part_type = field
             .content_type()
@@ -144,8 +167,16 @@ async fn run(
         {
             // Drain it; it is reported as not understood.
             let mut field = field;
+            let mut drained = Ok(());
             while let Some(chunk) = field.chunk().await.transpose() {
-                chunk.map_err(|e| multipart_error(e, limit, results.len()))?;
+                if let Err(e) = chunk {
+                    drained = Err(multipart_error(e, limit, results.len()));
+                    break;
+                }
+            }
+            if let Err(e) = drained {
+                broken(e, &mut results)?;
+                break;
             }
             results.push(PartResult::Failed {
                 class: None,
@@ -154,8 +185,13 @@ async fn run(
             });
             continue;
         }
-        let r = store_part(hub, caller, field, study.clone(), limit).await?;
-        results.push(r);
+        match store_part(hub, caller, field, study.clone(), limit).await {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                broken(e, &mut results)?;
+                break;
+            }
+        }
     }
     if results.is_empty() {
         return Err(WebError::bad_request("the request holds no parts"));
