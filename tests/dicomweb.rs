@@ -1979,3 +1979,38 @@ async fn a_retrieve_sends_the_new_version_of_an_instance_replaced_while_it_is_se
         "both instances, once each"
     );
 }
+
+/// A method a resource does not take is 405 with `Allow` and a problem body,
+/// like every other error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_method_not_allowed_is_a_problem() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    for (method, url) in [
+        (
+            reqwest::Method::DELETE,
+            format!("{}/studies/1.2.3/metadata", hub.dicomweb()),
+        ),
+        (reqwest::Method::PUT, format!("{}/api/audit", hub.http())),
+    ] {
+        let r = client()
+            .request(method.clone(), &url)
+            .bearer_auth(hub.token("HOSP1", Role::Admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method} {url}");
+        assert!(r.headers().contains_key(reqwest::header::ALLOW), "{url}");
+        assert_eq!(
+            r.headers()[CONTENT_TYPE],
+            "application/problem+json",
+            "{url}"
+        );
+        let problem: Value = r.json().await.unwrap();
+        assert_eq!(problem["status"], 405);
+        // Without a token it is still 401 first: default deny.
+        let r = client().request(method, &url).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{url}");
+    }
+}

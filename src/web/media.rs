@@ -63,6 +63,9 @@ pub fn accept_of(headers: &axum::http::HeaderMap) -> Vec<MediaRange> {
 /// No header means `*/*`.
 pub fn parse_accept<'a>(values: impl Iterator<Item = &'a str>) -> Vec<MediaRange> {
     let mut out = Vec::new();
+    // Ranges named, acceptable or not: an Accept that refuses everything it
+    // names (`q=0`) accepts nothing, which is not the same as no Accept.
+    let mut named = 0;
     for value in values {
         for range in split_unquoted(value, ',') {
             let mut parts = split_unquoted(range, ';').into_iter();
@@ -70,6 +73,7 @@ pub fn parse_accept<'a>(values: impl Iterator<Item = &'a str>) -> Vec<MediaRange
             if essence.is_empty() {
                 continue;
             }
+            named += 1;
             let mut m = MediaRange {
                 essence,
                 part_type: None,
@@ -93,7 +97,7 @@ pub fn parse_accept<'a>(values: impl Iterator<Item = &'a str>) -> Vec<MediaRange
             }
         }
     }
-    if out.is_empty() {
+    if out.is_empty() && named == 0 {
         out.push(MediaRange {
             essence: "*/*".into(),
             part_type: None,
@@ -176,5 +180,7 @@ mod tests {
         assert_eq!(v[1].essence, "application/dicom+json");
         assert!(v[1].q < 1.0);
         assert!(parse_accept(std::iter::empty())[0].covers("application/dicom+json"));
+        // Refusing all it names accepts nothing (a 406), unlike no Accept.
+        assert!(parse_accept(std::iter::once("application/dicom+json;q=0")).is_empty());
     }
 }

@@ -163,6 +163,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
             "/studies/{study}/series/{series}/instances/{instance}/bulk/{offset}/{length}",
             get(bulk::bulk).options(capabilities::options),
         )
+        .method_not_allowed_fallback(|| async { WebError::MethodNotAllowed })
         .fallback(|| async { WebError::NotFound });
     let api = Router::new()
         .route("/links", axum::routing::post(admin::link))
@@ -176,6 +177,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/break-glass", axum::routing::post(admin::break_glass))
         .route("/audit", get(admin::audit_trail))
         .route("/institutions", get(admin::institutions))
+        .method_not_allowed_fallback(|| async { WebError::MethodNotAllowed })
         .fallback(|| async { WebError::NotFound });
     let authenticated = Router::new()
         .nest("/dicom-web", dicomweb)

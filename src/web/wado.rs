@@ -576,7 +576,10 @@ pub async fn metadata(
             }
         }
     }
-    let etag = format!("\"{}\"", &hex::encode(h.finalize())[..32]);
+    // Weak: the gzip and identity bodies of one answer share it (RFC 9110
+    // §8.8.3), and If-None-Match compares weakly anyway.
+    let tag = format!("\"{}\"", &hex::encode(h.finalize())[..32]);
+    let etag = format!("W/{tag}");
     let not_modified = headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
@@ -584,13 +587,18 @@ pub async fn metadata(
         .flat_map(|v| v.split(','))
         .any(|t| {
             let t = t.trim();
-            t == "*" || t.trim_start_matches("W/") == etag
+            t == "*" || t.trim_start_matches("W/") == tag
         });
     if not_modified {
         let mut resp = StatusCode::NOT_MODIFIED.into_response();
         resp.headers_mut().insert(
             header::ETAG,
             HeaderValue::from_str(&etag).expect("hex etag"),
+        );
+        // As the 200 would have (RFC 9110 §15.4.5).
+        resp.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("private, no-cache"),
         );
         return Ok(resp);
     }
@@ -666,6 +674,10 @@ pub async fn metadata(
         resp.headers_mut().insert(
             header::ETAG,
             HeaderValue::from_str(&etag).expect("hex etag"),
+        );
+        resp.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("private, no-cache"),
         );
         return Ok(resp);
     }
