@@ -2014,3 +2014,55 @@ async fn a_method_not_allowed_is_a_problem() {
         assert_eq!(r.status(), 401, "{url}");
     }
 }
+
+/// What a STOW-RS body may cost before it is refused: a preamble or part
+/// headers past 1 MiB (multer would hold them all in memory, up to the
+/// 4 GiB limit), or a pause longer than the association timeout (a stalled
+/// upload holds a spool worker's thread).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stow_body_that_never_reaches_a_part_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(hub) = TestHub::start_with(Backend::Local, |c| {
+        c.server.association_timeout_secs = 2;
+    })
+    .await
+    else {
+        return;
+    };
+    let token = hub.token("HOSP1", Role::Modality);
+    let post = |len: usize| {
+        format!(
+            "POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: multipart/related; type=\"application/dicom\"; boundary=B\r\n\
+             Content-Length: {len}\r\n\r\n"
+        )
+    };
+    let answer = |mut s: tokio::net::TcpStream| async move {
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(20), s.read(&mut buf))
+            .await
+            .expect("an answer before the client sends the rest")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    // 2 MiB of preamble (of 10 announced): refused without the rest.
+    let mut s = tokio::net::TcpStream::connect(hub.running.http_addr)
+        .await
+        .unwrap();
+    s.write_all(post(10 << 20).as_bytes()).await.unwrap();
+    s.write_all(&vec![b'x'; 2 << 20]).await.unwrap();
+    let text = answer(s).await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    // A pause: refused after the timeout.
+    let mut s = tokio::net::TcpStream::connect(hub.running.http_addr)
+        .await
+        .unwrap();
+    s.write_all(post(1000).as_bytes()).await.unwrap();
+    s.write_all(b"--B\r\nContent-Type: application/dicom\r\n\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let text = answer(s).await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+}

@@ -126,8 +126,13 @@ async fn run(
     }
     let constraints =
         multer::Constraints::new().size_limit(multer::SizeLimit::new().whole_stream(limit));
-    let mut parts =
-        multer::Multipart::with_constraints(body.into_data_stream(), boundary, constraints);
+    let seeking = Arc::new(Seeking::default());
+    let idle = std::time::Duration::from_secs(hub.config.server.association_timeout_secs);
+    let mut parts = multer::Multipart::with_constraints(
+        guarded(body, idle, seeking.clone()),
+        boundary,
+        constraints,
+    );
     let mut results = Vec::new();
     // A body broken off after some parts were stored: those stay stored (each
     // was acknowledged to the index already), so the answer lists them, with
@@ -150,7 +155,7 @@ async fn run(
         Ok(())
     };
     loop {
-        let field = match parts.next_field().await {
+        let field = match seeking.around(parts.next_field()).await {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(e) => {
@@ -197,6 +202,64 @@ async fn run(
         return Err(WebError::bad_request("the request holds no parts"));
     }
     Ok(answer(urls, study.as_deref(), &results))
+}
+
+/// Most bytes read while looking for a part's headers (the preamble, the
+/// headers themselves): multer holds them all in memory until it finds them.
+const HEADERS_MAX: u64 = 1 << 20;
+
+/// Whether multer is looking for a part's headers, and what it read since.
+#[derive(Default)]
+struct Seeking {
+    now: std::sync::atomic::AtomicBool,
+    read: std::sync::atomic::AtomicU64,
+}
+
+impl Seeking {
+    async fn around<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.read.store(0, Relaxed);
+        self.now.store(true, Relaxed);
+        let r = f.await;
+        self.now.store(false, Relaxed);
+        r
+    }
+}
+
+/// The request body as multer reads it: a pause longer than `idle` ends it
+/// (a stalled upload would hold a spool worker's thread for good), and so do
+/// more than `HEADERS_MAX` bytes read while looking for a part's headers.
+fn guarded(
+    body: Body,
+    idle: std::time::Duration,
+    seeking: Arc<Seeking>,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
+    use futures::StreamExt;
+    use std::sync::atomic::Ordering::Relaxed;
+    let inner = body.into_data_stream();
+    futures::stream::unfold(Some(inner), move |state| {
+        let seeking = seeking.clone();
+        async move {
+            let mut inner = state?;
+            let failed = |why: String| Some((Err(std::io::Error::other(why)), None));
+            match tokio::time::timeout(idle, inner.next()).await {
+                Err(_) => failed(format!("the body paused for more than {idle:?}")),
+                Ok(None) => None,
+                Ok(Some(Err(e))) => failed(e.to_string()),
+                Ok(Some(Ok(b))) => {
+                    let n = b.len() as u64;
+                    if seeking.now.load(Relaxed)
+                        && seeking.read.fetch_add(n, Relaxed) + n > HEADERS_MAX
+                    {
+                        return failed(format!(
+                            "more than {HEADERS_MAX} bytes before a part's headers ended"
+                        ));
+                    }
+                    Some((Ok(b), Some(inner)))
+                }
+            }
+        }
+    })
 }
 
 fn multipart_error(e: multer::Error, limit: u64, done: usize) -> WebError {
