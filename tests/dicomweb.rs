@@ -843,6 +843,17 @@ async fn stow_rs_outcomes() {
     .await;
     assert_eq!(s, 409, "{body}");
     assert_eq!(body["00081198"]["Value"][0]["00081197"]["Value"][0], 0xC409);
+    // Nothing stored, no study in the path: RetrieveURL (Type 2) is empty.
+    let (s, body) = stow(
+        &hub,
+        Role::Clinician,
+        "/studies",
+        mp,
+        multipart("B", &[("application/dicom", b"not dicom at all")]),
+    )
+    .await;
+    assert_eq!(s, 409, "{body}");
+    assert_eq!(body["00081190"], serde_json::json!({"vr": "UR"}), "{body}");
     assert_eq!(count().await, 2);
 
     // Not multipart/related: 415. Not closed: 400. Too large: 413.

@@ -467,12 +467,13 @@ fn answer(urls: &Urls, study: Option<&str>, results: &[PartResult]) -> Response 
     let study_url = study
         .map(str::to_string)
         .or_else(|| (studies.len() == 1).then(|| studies[0].clone()));
-    if let Some(s) = study_url {
-        body.insert(
-            "00081190".into(),
-            json!({"vr": "UR", "Value": [urls.study(&s)]}),
-        );
-    }
+    // Type 2 (PS3.18 Table 10.5.3-2): present, empty when the instances
+    // stored belong to several studies (or none).
+    let retrieve_url = match study_url {
+        Some(s) => json!({"vr": "UR", "Value": [urls.study(&s)]}),
+        None => json!({"vr": "UR"}),
+    };
+    body.insert("00081190".into(), retrieve_url);
     if !failed.is_empty() {
         body.insert("00081198".into(), json!({"vr": "SQ", "Value": failed}));
     }
