@@ -319,6 +319,13 @@ impl Config {
         if self.server.max_associations == 0 {
             return Err(invalid("server.max_associations", "must be at least 1"));
         }
+        if self.server.association_timeout_secs == 0 {
+            // It is also a STOW-RS upload's idle timeout: 0 fails them all.
+            return Err(invalid(
+                "server.association_timeout_secs",
+                "must be at least 1",
+            ));
+        }
         if !(4096..=16 << 20).contains(&self.server.max_pdu_length) {
             return Err(invalid(
                 "server.max_pdu_length",

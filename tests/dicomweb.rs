@@ -2027,7 +2027,7 @@ async fn a_method_not_allowed_is_a_problem() {
 }
 
 /// What a STOW-RS body may cost before it is refused: a preamble or part
-/// headers past 1 MiB (multer would hold them all in memory, up to the
+/// headers past 8 MiB (multer would hold them all in memory, up to the
 /// 4 GiB limit), or a pause longer than the association timeout (a stalled
 /// upload holds a spool worker's thread).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -2056,14 +2056,26 @@ async fn a_stow_body_that_never_reaches_a_part_is_refused() {
             .unwrap();
         String::from_utf8_lossy(&buf[..n]).to_string()
     };
-    // 2 MiB of preamble (of 10 announced): refused without the rest.
-    let mut s = tokio::net::TcpStream::connect(hub.running.http_addr)
+    // 10 MiB of preamble (of 20 announced): refused without the rest. The
+    // client writes on while the answer is read (the server stops reading).
+    let s = tokio::net::TcpStream::connect(hub.running.http_addr)
         .await
         .unwrap();
-    s.write_all(post(10 << 20).as_bytes()).await.unwrap();
-    s.write_all(&vec![b'x'; 2 << 20]).await.unwrap();
-    let text = answer(s).await;
+    let (mut rd, mut wr) = s.into_split();
+    let head = post(20 << 20);
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(head.as_bytes()).await;
+        let _ = wr.write_all(&vec![b'x'; 10 << 20]).await;
+        wr
+    });
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(20), rd.read(&mut buf))
+        .await
+        .expect("an answer before the client sends the rest")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    writer.abort();
     // A pause: refused after the timeout.
     let mut s = tokio::net::TcpStream::connect(hub.running.http_addr)
         .await

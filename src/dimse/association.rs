@@ -51,6 +51,9 @@ struct SenderGate {
 /// association timeout is).
 const ARTIM_MAX: Duration = Duration::from_secs(10);
 
+/// How long an aborted association waits for the peer to close.
+const ABORT_LINGER: Duration = Duration::from_secs(2);
+
 /// How often a refusal like another is recorded: anyone who reaches the
 /// port could otherwise add a permanent row (and a syslog message) per
 /// connection.
@@ -150,6 +153,36 @@ enum Sink {
     },
 }
 
+/// Record a refused association in the audit trail: an authentication
+/// failure, the AE title being the sender's claim (unverified, as a refused
+/// token's subject is); not if one like it was recorded within the window.
+fn audit_refusal(ctx: &DimseContext, refused: &OnceLock<Refusal>, peer: SocketAddr) {
+    let Some(r) = refused.get() else {
+        return;
+    };
+    let Some(unrecorded) = ctx.refusals.admit(peer.ip(), &r.calling, r.reason) else {
+        return;
+    };
+    ctx.audit.record(crate::audit::Event {
+        at: String::new(),
+        action: crate::audit::Action::AuthenticateNode,
+        outcome: crate::audit::Outcome::Denied,
+        user: r.calling.clone(),
+        institution: r.institution.clone().unwrap_or_default(),
+        role: String::new(),
+        client: peer.to_string(),
+        objects: Vec::new(),
+        detail: serde_json::json!({
+            "protocol": "DICOM",
+            "calling_ae": r.calling,
+            "called_ae": r.called,
+            "reason": r.reason,
+            "identity_verified": false,
+            "unrecorded_before": unrecorded,
+        }),
+    });
+}
+
 /// Serve one accepted TCP connection until it ends.
 pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) {
     let decided = Arc::new(OnceLock::new());
@@ -176,6 +209,8 @@ pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) 
     let Ok(established) = tokio::time::timeout(artim, options.establish_async(socket)).await else {
         metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => "artim").increment(1);
         tracing::info!(%peer, ?artim, "no association request in time; connection closed");
+        // Refused, perhaps, with the A-ASSOCIATE-RJ not sent in time.
+        audit_refusal(&ctx, &refused, peer);
         return;
     };
     let association = match established {
@@ -188,30 +223,7 @@ pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) 
             };
             metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => reason).increment(1);
             tracing::info!(%peer, error = %e, "association not established");
-            if let Some(r) = refused.get()
-                && let Some(unrecorded) = ctx.refusals.admit(peer.ip(), &r.calling, r.reason)
-            {
-                // An authentication failure: the AE title is the sender's
-                // claim (unverified), as a refused token's subject is.
-                ctx.audit.record(crate::audit::Event {
-                    at: String::new(),
-                    action: crate::audit::Action::AuthenticateNode,
-                    outcome: crate::audit::Outcome::Denied,
-                    user: r.calling.clone(),
-                    institution: r.institution.clone().unwrap_or_default(),
-                    role: String::new(),
-                    client: peer.to_string(),
-                    objects: Vec::new(),
-                    detail: serde_json::json!({
-                        "protocol": "DICOM",
-                        "calling_ae": r.calling,
-                        "called_ae": r.called,
-                        "reason": r.reason,
-                        "identity_verified": false,
-                        "unrecorded_before": unrecorded,
-                    }),
-                });
-            }
+            audit_refusal(&ctx, &refused, peer);
             return;
         }
     };
@@ -342,6 +354,22 @@ impl Session {
                 source: AbortRQSource::ServiceProvider(reason),
             })
             .await;
+        // Let the A-ABORT reach the peer: closing with its data still unread
+        // would send a TCP reset, which can discard the A-ABORT before the
+        // peer reads it (PS3.8 Sta13: wait for the peer to close, under ARTIM).
+        use dicom_ul::association::AsyncAssociation as _;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (socket, _) = self.assoc.get_mut();
+        let _ = socket.shutdown().await;
+        let mut unread = [0u8; 16 * 1024];
+        let _ = tokio::time::timeout(ABORT_LINGER, async {
+            while let Ok(n) = socket.read(&mut unread).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     async fn send_response(&mut self, context_id: u8, bytes: Vec<u8>) -> Result<(), ProtocolError> {

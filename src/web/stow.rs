@@ -206,7 +206,9 @@ async fn run(
 
 /// Most bytes read while looking for a part's headers (the preamble, the
 /// headers themselves): multer holds them all in memory until it finds them.
-const HEADERS_MAX: u64 = 1 << 20;
+/// It also reads ahead into the part's data (whole chunks of up to ~400 KiB
+/// each), so the bound leaves room for several.
+const HEADERS_MAX: u64 = 8 << 20;
 
 /// Whether multer is looking for a part's headers, and what it read since.
 #[derive(Default)]
@@ -312,7 +314,7 @@ async fn store_part(
     let (meta, offset) = match meta {
         Some(Ok(m)) => m,
         Some(Err(_)) | None => {
-            drain(&mut field).await;
+            drain(&mut field, limit).await?;
             return failed(None, None, reason::CANNOT_UNDERSTAND);
         }
     };
@@ -324,14 +326,14 @@ async fn store_part(
         .iter()
         .any(|(uid, _)| *uid == meta.sop_class_uid)
     {
-        drain(&mut field).await;
+        drain(&mut field, limit).await?;
         return failed(class, instance, reason::SOP_CLASS_NOT_SUPPORTED);
     }
     if dicom_transfer_syntax_registry::TransferSyntaxRegistry
         .get(&meta.transfer_syntax)
         .is_none()
     {
-        drain(&mut field).await;
+        drain(&mut field, limit).await?;
         return failed(class, instance, reason::TRANSFER_SYNTAX_NOT_SUPPORTED);
     }
     use dicom_encoding::TransferSyntaxIndex;
@@ -342,7 +344,7 @@ async fn store_part(
     let mut spool = match hub.ingest.begin_in_study(meta, institution, study).await {
         Ok(s) => s,
         Err(e) => {
-            drain(&mut field).await;
+            drain(&mut field, limit).await?;
             return failed(class, instance, failure_reason(&e));
         }
     };
@@ -392,8 +394,16 @@ async fn store_part(
     }
 }
 
-async fn drain(field: &mut multer::Field<'static>) {
-    while let Ok(Some(_)) = field.chunk().await {}
+/// Read the rest of a refused part; a broken body is the request's error
+/// (reported once, by the caller), not this part's.
+async fn drain(field: &mut multer::Field<'static>, limit: u64) -> Result<(), WebError> {
+    while field
+        .chunk()
+        .await
+        .map_err(|e| multipart_error(e, limit, 0))?
+        .is_some()
+    {}
+    Ok(())
 }
 
 /// Where the File Meta Information of a Part-10 head ends, once the group
