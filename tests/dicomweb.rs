@@ -2004,6 +2004,7 @@ async fn a_method_not_allowed_is_a_problem() {
             format!("{}/studies/1.2.3/metadata", hub.dicomweb()),
         ),
         (reqwest::Method::PUT, format!("{}/api/audit", hub.http())),
+        (reqwest::Method::POST, format!("{}/wado", hub.http())),
     ] {
         let r = client()
             .request(method.clone(), &url)
@@ -2023,6 +2024,19 @@ async fn a_method_not_allowed_is_a_problem() {
         // Without a token it is still 401 first: default deny.
         let r = client().request(method, &url).send().await.unwrap();
         assert_eq!(r.status(), 401, "{url}");
+    }
+    // The routes open to all (health, the OpenAPI document) answer so too.
+    for url in [
+        format!("{}/healthz", hub.http()),
+        format!("{}/api/openapi.json", hub.http()),
+    ] {
+        let r = client().post(&url).send().await.unwrap();
+        assert_eq!(r.status(), 405, "{url}");
+        assert_eq!(
+            r.headers()[CONTENT_TYPE],
+            "application/problem+json",
+            "{url}"
+        );
     }
 }
 

@@ -183,6 +183,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .nest("/dicom-web", dicomweb)
         .nest("/api", api)
         .route("/wado", get(wado::wado_uri))
+        .method_not_allowed_fallback(|| async { WebError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(
             hub.clone(),
             auth::authenticate,
@@ -208,6 +209,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         );
     let app = ops::router()
         .route("/api/openapi.json", get(admin::openapi))
+        .method_not_allowed_fallback(|| async { WebError::MethodNotAllowed })
         .merge(authenticated)
         .layer(compression)
         .layer(middleware::from_fn(refuse_nul))
