@@ -477,6 +477,14 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_association_timeout_names_the_key() {
+        let mut c = Config::default();
+        c.server.association_timeout_secs = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("server.association_timeout_secs"), "{e}");
+    }
+
+    #[test]
     fn masked_toml_hides_secrets() {
         let mut c = Config::default();
         c.storage.secret_access_key = Some("topsecret".into());

@@ -473,3 +473,34 @@ async fn a_silent_connection_is_closed() {
     );
     assert!(hub.echo("HOSP1"));
 }
+
+/// One message, one presentation context (PS3.8 Annex E): command fragments
+/// on two contexts end the association with A-ABORT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_split_across_contexts_is_aborted() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let mut a = ClientAssociationOptions::new()
+        .calling_ae_title("HOSP1")
+        .called_ae_title("TSUNAGU")
+        .with_presentation_context(CT, vec![EXPLICIT_LE])
+        .with_presentation_context("1.2.840.10008.1.1", vec![EXPLICIT_LE])
+        .establish_async(("127.0.0.1", hub.port()))
+        .await
+        .expect("association");
+    let command = store_rq(CT, "2.25.5150");
+    let (first, rest) = command.split_at(command.len() / 2);
+    let fragment = |context: u8, last: bool, data: &[u8]| Pdu::PData {
+        data: vec![PDataValue {
+            presentation_context_id: context,
+            value_type: PDataValueType::Command,
+            is_last: last,
+            data: data.to_vec(),
+        }],
+    };
+    a.send(&fragment(1, false, first)).await.unwrap();
+    a.send(&fragment(3, true, rest)).await.unwrap();
+    assert_aborted(a.inner_stream()).await;
+    assert!(hub.echo("HOSP1"));
+}
