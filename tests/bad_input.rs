@@ -19,31 +19,44 @@ use crate::common::{self, Backend, TestHub};
 const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 
-fn store_rq(class: &str, instance: &str) -> Vec<u8> {
-    let obj = InMemDicomObject::command_from_element_iter([
+/// A command set: `field` (0001 C-STORE-RQ, 0030 C-ECHO-RQ), with an
+/// Affected SOP Instance UID when `instance` is given (and then a data set).
+fn command_rq(field: u16, class: &str, message_id: u16, instance: Option<&str>) -> Vec<u8> {
+    let mut elements = vec![
         DataElement::new(
             tags::AFFECTED_SOP_CLASS_UID,
             VR::UI,
             PrimitiveValue::from(class),
         ),
-        DataElement::new(tags::COMMAND_FIELD, VR::US, PrimitiveValue::from(0x0001u16)),
-        DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(7u16)),
-        DataElement::new(tags::PRIORITY, VR::US, PrimitiveValue::from(0u16)),
+        DataElement::new(tags::COMMAND_FIELD, VR::US, PrimitiveValue::from(field)),
+        DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(message_id)),
         DataElement::new(
             tags::COMMAND_DATA_SET_TYPE,
             VR::US,
-            PrimitiveValue::from(0u16),
+            PrimitiveValue::from(if instance.is_some() { 0u16 } else { 0x0101 }),
         ),
-        DataElement::new(
+    ];
+    if let Some(instance) = instance {
+        elements.push(DataElement::new(
+            tags::PRIORITY,
+            VR::US,
+            PrimitiveValue::from(0u16),
+        ));
+        elements.push(DataElement::new(
             tags::AFFECTED_SOP_INSTANCE_UID,
             VR::UI,
             PrimitiveValue::from(instance),
-        ),
-    ]);
+        ));
+    }
+    let obj = InMemDicomObject::command_from_element_iter(elements);
     let mut out = Vec::new();
     obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
         .unwrap();
     out
+}
+
+fn store_rq(class: &str, instance: &str) -> Vec<u8> {
+    command_rq(0x0001, class, 7, Some(instance))
 }
 
 fn pdata(kind: PDataValueType, last: bool, data: Vec<u8>) -> Pdu {
@@ -406,23 +419,7 @@ async fn an_echo_on_a_storage_context_is_refused() {
     let Some(hub) = TestHub::start(Backend::Local).await else {
         return;
     };
-    let echo = InMemDicomObject::command_from_element_iter([
-        DataElement::new(
-            tags::AFFECTED_SOP_CLASS_UID,
-            VR::UI,
-            PrimitiveValue::from("1.2.840.10008.1.1"),
-        ),
-        DataElement::new(tags::COMMAND_FIELD, VR::US, PrimitiveValue::from(0x0030u16)),
-        DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(9u16)),
-        DataElement::new(
-            tags::COMMAND_DATA_SET_TYPE,
-            VR::US,
-            PrimitiveValue::from(0x0101u16),
-        ),
-    ]);
-    let mut bytes = Vec::new();
-    echo.write_dataset_with_ts(&mut bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
-        .unwrap();
+    let bytes = command_rq(0x0030, "1.2.840.10008.1.1", 9, None);
     let mut a = associate(hub.port()).await;
     a.send(&pdata(PDataValueType::Command, true, bytes))
         .await

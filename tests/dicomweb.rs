@@ -1228,21 +1228,11 @@ async fn wado_uri_returns_the_instance() {
 /// The BulkDataURI of the Pixel Data of `file` (imported as HOSP1's), as its
 /// metadata names it.
 async fn pixel_data_uri(hub: &TestHub, token: &str, file: &std::path::Path) -> String {
-    let object = dicom_object::open_file(file).unwrap();
-    let text = |tag| {
-        object
-            .element(tag)
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .trim_end_matches('\0')
-            .to_string()
-    };
     use dicom_dictionary_std::tags;
     let (study, series, sop) = (
-        text(tags::STUDY_INSTANCE_UID),
-        text(tags::SERIES_INSTANCE_UID),
-        text(tags::SOP_INSTANCE_UID),
+        common::text_of(file, tags::STUDY_INSTANCE_UID),
+        common::text_of(file, tags::SERIES_INSTANCE_UID),
+        common::text_of(file, tags::SOP_INSTANCE_UID),
     );
     let items: Value = client()
         .get(format!(
@@ -1927,14 +1917,7 @@ async fn a_retrieve_sends_the_new_version_of_an_instance_replaced_while_it_is_se
     hub.import("HOSP1", vec![big_path, ct.clone()]).await;
     let sop = common::sop_instance_uid(&ct);
     let (first_key, _) = hub.stored("HOSP1", &sop).await.unwrap();
-    let study = dicom_object::open_file(&ct)
-        .unwrap()
-        .element(tags::STUDY_INSTANCE_UID)
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .trim_end_matches('\0')
-        .to_string();
+    let study = common::text_of(&ct, tags::STUDY_INSTANCE_UID);
 
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();

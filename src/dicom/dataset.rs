@@ -699,11 +699,7 @@ fn element_json<D: StatefulDecode>(
         } else {
             0
         };
-        if width > 1 {
-            for w in raw.chunks_exact_mut(width) {
-                w.reverse();
-            }
-        }
+        crate::dicom::transcode::swap_words(&mut raw, width);
         let b64 = base64::engine::general_purpose::STANDARD.encode(&raw);
         return Ok((json!({ "vr": vr_name, "InlineBinary": b64 }), None));
     }

@@ -159,6 +159,16 @@ pub(crate) fn swap_width(vr: VR) -> usize {
     }
 }
 
+/// Reverse each whole `width`-byte word of `bytes` (big- to little-endian);
+/// nothing for a width of 0 or 1, a trailing part word left as it is.
+pub(crate) fn swap_words(bytes: &mut [u8], width: usize) {
+    if width > 1 {
+        for w in bytes.chunks_exact_mut(width) {
+            w.reverse();
+        }
+    }
+}
+
 /// Image Pixel module values seen so far at the top level.
 #[derive(Default)]
 struct ImagePixel {
@@ -241,11 +251,7 @@ fn rewrite<R: Read + Seek, W: Write>(
                 if width > 1 || watched {
                     let mut raw = Vec::with_capacity(len as usize);
                     decoder.read_to_vec(len, &mut raw).map_err(malformed)?;
-                    if width > 1 {
-                        for c in raw.chunks_exact_mut(width) {
-                            c.reverse();
-                        }
-                    }
+                    swap_words(&mut raw, width);
                     match h.tag {
                         tags::PIXEL_REPRESENTATION => {
                             if let Some(s) = signed.last_mut() {

@@ -7,16 +7,16 @@ use std::time::Duration;
 
 use dicom_ul::association::Association as _;
 use dicom_ul::association::Error as UlError;
-use dicom_ul::association::server::AccessControl;
 use dicom_ul::pdu::{
-    AbortRQServiceProviderReason, AbortRQSource, AssociationRJServiceUserReason, PDataValue,
-    PDataValueType, PresentationContextNegotiated, PresentationContextResultReason, UserIdentity,
+    AbortRQServiceProviderReason, AbortRQSource, PDataValue, PDataValueType,
+    PresentationContextNegotiated, PresentationContextResultReason,
 };
 use dicom_ul::{Pdu, ServerAssociationOptions};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::command::{Command, CommandField};
+use super::gate;
 use super::pdata::{self, Incoming, Pdv};
 use super::status;
 use crate::access::{Institution, Institutions};
@@ -34,17 +34,9 @@ pub struct DimseContext {
     pub ingest: Ingest,
     /// Refused associations are authentication failures of the trail.
     pub audit: crate::audit::Auditor,
-    pub refusals: RefusalLog,
+    pub refusals: gate::RefusalLog,
     pub max_pdu_length: u32,
     pub timeout: Duration,
-}
-
-/// Decides at A-ASSOCIATE time, and remembers which institution is calling
-/// (after establishment dicom-ul only exposes our own user variables).
-struct SenderGate {
-    institutions: Arc<Institutions>,
-    decided: Arc<OnceLock<Arc<Institution>>>,
-    refused: Arc<OnceLock<Refusal>>,
 }
 
 /// Longest a new connection has to send its A-ASSOCIATE-RQ (shorter if the
@@ -53,87 +45,6 @@ const ARTIM_MAX: Duration = Duration::from_secs(10);
 
 /// How long an aborted association waits for the peer to close.
 const ABORT_LINGER: Duration = Duration::from_secs(2);
-
-/// How often a refusal like another is recorded: anyone who reaches the
-/// port could otherwise add a permanent row (and a syslog message) per
-/// connection.
-const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
-
-/// Refused associations recorded at most once a window per peer address,
-/// calling AE title and reason; the next recorded one says how many like it
-/// were not.
-#[derive(Default)]
-pub struct RefusalLog(
-    std::sync::Mutex<std::collections::HashMap<RefusalKey, (std::time::Instant, u64)>>,
-);
-
-/// Peer address, calling AE title, reason.
-type RefusalKey = (std::net::IpAddr, String, &'static str);
-
-impl RefusalLog {
-    /// `Some(n)`: record this refusal, `n` like it having gone unrecorded
-    /// since the last recorded; `None`: only counted.
-    fn admit(&self, peer: std::net::IpAddr, calling: &str, reason: &'static str) -> Option<u64> {
-        let now = std::time::Instant::now();
-        let mut seen = self.0.lock().expect("refusal log lock");
-        if seen.len() > 10_000 {
-            seen.retain(|_, (at, _)| now.duration_since(*at) < REFUSAL_WINDOW);
-        }
-        match seen.entry((peer, calling.to_string(), reason)) {
-            std::collections::hash_map::Entry::Occupied(mut e) => {
-                let (at, unrecorded) = e.get_mut();
-                if now.duration_since(*at) < REFUSAL_WINDOW {
-                    *unrecorded += 1;
-                    return None;
-                }
-                *at = now;
-                Some(std::mem::take(unrecorded))
-            }
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert((now, 0));
-                Some(0)
-            }
-        }
-    }
-}
-
-/// Why the gate refused an association, for the audit trail.
-struct Refusal {
-    calling: String,
-    called: String,
-    /// The calling AE's institution, when only the called AE was wrong.
-    institution: Option<String>,
-    reason: &'static str,
-}
-
-impl AccessControl for SenderGate {
-    fn check_access(
-        &self,
-        this_ae_title: &str,
-        calling_ae_title: &str,
-        called_ae_title: &str,
-        _user_identity: Option<&UserIdentity>,
-    ) -> Result<(), AssociationRJServiceUserReason> {
-        let refuse = |institution: Option<&Institution>, reason| {
-            let _ = self.refused.set(Refusal {
-                calling: calling_ae_title.trim().to_string(),
-                called: called_ae_title.trim().to_string(),
-                institution: institution.map(|i| i.code.clone()),
-                reason,
-            });
-        };
-        let Some(inst) = self.institutions.by_calling_ae(calling_ae_title) else {
-            refuse(None, "calling AE title not recognized");
-            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
-        };
-        if called_ae_title.trim() != this_ae_title.trim() {
-            refuse(Some(&inst), "called AE title not recognized");
-            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
-        }
-        let _ = self.decided.set(inst);
-        Ok(())
-    }
-}
 
 /// A C-STORE whose data set is arriving.
 struct Pending {
@@ -153,42 +64,12 @@ enum Sink {
     },
 }
 
-/// Record a refused association in the audit trail: an authentication
-/// failure, the AE title being the sender's claim (unverified, as a refused
-/// token's subject is); not if one like it was recorded within the window.
-fn audit_refusal(ctx: &DimseContext, refused: &OnceLock<Refusal>, peer: SocketAddr) {
-    let Some(r) = refused.get() else {
-        return;
-    };
-    let Some(unrecorded) = ctx.refusals.admit(peer.ip(), &r.calling, r.reason) else {
-        return;
-    };
-    ctx.audit.record(crate::audit::Event {
-        at: String::new(),
-        action: crate::audit::Action::AuthenticateNode,
-        outcome: crate::audit::Outcome::Denied,
-        user: r.calling.clone(),
-        institution: r.institution.clone().unwrap_or_default(),
-        role: String::new(),
-        client: peer.to_string(),
-        objects: Vec::new(),
-        detail: serde_json::json!({
-            "protocol": "DICOM",
-            "calling_ae": r.calling,
-            "called_ae": r.called,
-            "reason": r.reason,
-            "identity_verified": false,
-            "unrecorded_before": unrecorded,
-        }),
-    });
-}
-
 /// Serve one accepted TCP connection until it ends.
 pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) {
     let decided = Arc::new(OnceLock::new());
     let refused = Arc::new(OnceLock::new());
     let mut options = ServerAssociationOptions::new()
-        .ae_access_control(SenderGate {
+        .ae_access_control(gate::SenderGate {
             institutions: ctx.institutions.clone(),
             decided: decided.clone(),
             refused: refused.clone(),
@@ -210,7 +91,7 @@ pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) 
         metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => "artim").increment(1);
         tracing::info!(%peer, ?artim, "no association request in time; connection closed");
         // Refused, perhaps, with the A-ASSOCIATE-RJ not sent in time.
-        audit_refusal(&ctx, &refused, peer);
+        gate::audit_refusal(&ctx.audit, &ctx.refusals, &refused, peer);
         return;
     };
     let association = match established {
@@ -223,7 +104,7 @@ pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) 
             };
             metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => reason).increment(1);
             tracing::info!(%peer, error = %e, "association not established");
-            audit_refusal(&ctx, &refused, peer);
+            gate::audit_refusal(&ctx.audit, &ctx.refusals, &refused, peer);
             return;
         }
     };

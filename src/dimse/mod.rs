@@ -5,6 +5,7 @@
 
 pub mod association;
 pub mod command;
+mod gate;
 mod pdata;
 pub mod status;
 

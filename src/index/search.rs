@@ -671,6 +671,24 @@ fn like_pattern(wild: &str) -> String {
     out
 }
 
+/// The test of a text key's value, to follow the value in SQL: `= $n`, or
+/// `LIKE '…'` for a wildcard.
+fn text_test(q: &mut Sql, m: &Matcher) -> String {
+    match m {
+        Matcher::Wildcard(w) => {
+            format!("LIKE {} ESCAPE '\\'", Sql::like_literal(&like_pattern(w)))
+        }
+        Matcher::Single(v) => format!("= {}", q.bind_text(v)),
+        _ => unreachable!("text keys are single values or wildcards"),
+    }
+}
+
+/// One step into a JSON value: a member, or an array element.
+enum JsonStep<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
 /// A statement being built: SQL text with `$n` placeholders and its binds.
 #[derive(Default)]
 pub(super) struct Sql {
@@ -685,6 +703,36 @@ impl Sql {
         Self {
             binds: Vec::new(),
             sqlite: matches!(reader, Reader::Sqlite(_)),
+        }
+    }
+
+    /// Whether an item of the JSON array held (as text) in `column` has, at
+    /// `path`, a text value that passes `test` (`text_test`): the engines
+    /// walk JSON arrays each their own way.
+    fn any_item(&self, column: &str, path: &[JsonStep], test: &str) -> String {
+        if self.sqlite {
+            let mut at = String::from("$");
+            for step in path {
+                match step {
+                    JsonStep::Key(k) => at.push_str(&format!(".\"{k}\"")),
+                    JsonStep::Index(i) => at.push_str(&format!("[{i}]")),
+                }
+            }
+            format!(
+                "EXISTS (SELECT 1 FROM json_each({column}) j WHERE json_extract(j.value, '{at}') {test})"
+            )
+        } else {
+            let mut at = String::from("j.value");
+            for (n, step) in path.iter().enumerate() {
+                at.push_str(if n + 1 == path.len() { " ->> " } else { " -> " });
+                match step {
+                    JsonStep::Key(k) => at.push_str(&format!("'{k}'")),
+                    JsonStep::Index(i) => at.push_str(&i.to_string()),
+                }
+            }
+            format!(
+                "EXISTS (SELECT 1 FROM json_array_elements({column}::json) j WHERE {at} {test})"
+            )
         }
     }
 
@@ -806,26 +854,16 @@ fn key_condition(q: &mut Sql, attr: Attr, m: &Matcher) -> String {
             } else {
                 "00401001"
             };
-            let test = match m {
-                Matcher::Wildcard(w) => {
-                    format!("LIKE {} ESCAPE '\\'", Sql::like_literal(&like_pattern(w)))
-                }
-                Matcher::Single(v) => format!("= {}", q.bind_text(v)),
-                _ => unreachable!("text keys are single values or wildcards"),
-            };
-            if q.sqlite {
-                format!(
-                    "EXISTS (SELECT 1 FROM json_each({}) j WHERE \
-                     json_extract(j.value, '$.\"{tag}\".Value[0]') {test})",
-                    cols[0]
-                )
-            } else {
-                format!(
-                    "EXISTS (SELECT 1 FROM json_array_elements({}::json) j WHERE \
-                     j.value -> '{tag}' -> 'Value' ->> 0 {test})",
-                    cols[0]
-                )
-            }
+            let test = text_test(q, m);
+            q.any_item(
+                cols[0],
+                &[
+                    JsonStep::Key(tag),
+                    JsonStep::Key("Value"),
+                    JsonStep::Index(0),
+                ],
+                &test,
+            )
         }
         (_, _) if attr == Attr::OtherPatientId => {
             // Kept as a JSON array of {"patient_id","issuer"}: match the
@@ -834,31 +872,17 @@ fn key_condition(q: &mut Sql, attr: Attr, m: &Matcher) -> String {
                 Matcher::Single(v) | Matcher::Wildcard(v) => v.clone(),
                 _ => String::new(),
             };
-            let encoded = serde_json::to_string(&value).unwrap_or_default();
-            let inner = &encoded[1..encoded.len() - 1];
-            // JSON escaping leaves `*`/`?` alone, so they stay wildcards.
-            let body = like_pattern(inner);
-            let p = Sql::like_literal(&format!("%\"patient_id\":\"{body}\"%"));
             if !matches!(m, Matcher::Wildcard(_)) {
+                let encoded = serde_json::to_string(&value).unwrap_or_default();
+                let inner = like_pattern(&encoded[1..encoded.len() - 1]);
+                let p = Sql::like_literal(&format!("%\"patient_id\":\"{inner}\"%"));
                 return format!("{} LIKE {p} ESCAPE '\\'", cols[0]);
             }
             // A wildcard in the JSON text could run on past the ID, into its
             // issuer or the next item, and would meet an escaped character
             // (`\"`) as two: each member's ID is matched instead.
-            let id = Sql::like_literal(&like_pattern(&value));
-            if q.sqlite {
-                format!(
-                    "EXISTS (SELECT 1 FROM json_each({}) j WHERE json_extract(j.value, '$.patient_id') \
-                     LIKE {id} ESCAPE '\\')",
-                    cols[0]
-                )
-            } else {
-                format!(
-                    "EXISTS (SELECT 1 FROM json_array_elements({}::json) j WHERE j.value ->> 'patient_id' \
-                     LIKE {id} ESCAPE '\\')",
-                    cols[0]
-                )
-            }
+            let test = text_test(q, m);
+            q.any_item(cols[0], &[JsonStep::Key("patient_id")], &test)
         }
         (_, m) => condition(q, attr, cols[0], m),
     }

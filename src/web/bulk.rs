@@ -293,9 +293,7 @@ impl Words {
                     s.carry.extend_from_slice(&chunk);
                     let whole = s.carry.len() / s.width * s.width;
                     let mut words = s.carry.split_to(whole);
-                    for w in words.chunks_exact_mut(s.width) {
-                        w.reverse();
-                    }
+                    transcode::swap_words(&mut words, s.width);
                     let out = s.cut(words.freeze());
                     Some((Ok(out), s))
                 }

@@ -803,9 +803,7 @@ fn convert_frame(
             .into_iter()
             .map(|c| {
                 let mut v = c.to_vec();
-                for w in v.chunks_exact_mut(width) {
-                    w.reverse();
-                }
+                transcode::swap_words(&mut v, width);
                 Bytes::from(v)
             })
             .collect()),

@@ -169,6 +169,18 @@ pub fn sop_instance_uid(path: &Path) -> String {
         .sop_instance_uid
 }
 
+/// The text of element `tag` of a Part-10 file (a UID, say), padding dropped.
+pub fn text_of(path: &Path, tag: dicom_core::Tag) -> String {
+    dicom_object::open_file(path)
+        .unwrap()
+        .element(tag)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches(['\0', ' '])
+        .to_string()
+}
+
 /// Which store and index a test hub runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
