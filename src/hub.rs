@@ -54,6 +54,8 @@ pub struct Hub {
     pub audit: crate::audit::Auditor,
     /// "Now" for expiry and audit (tests set it).
     pub clock: Arc<crate::clock::Clock>,
+    /// Decoding and encoding pictures (rendered and thumbnail resources).
+    pub imaging: crate::imaging::Imaging,
     /// The HTTP port actually bound (known once `start` ran).
     pub http_port: std::sync::OnceLock<u16>,
 }
@@ -84,6 +86,7 @@ impl Hub {
             verifier,
             clock,
             http_port: std::sync::OnceLock::new(),
+            imaging: crate::imaging::Imaging::for_this_machine(),
             config,
             store,
             index,

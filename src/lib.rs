@@ -21,6 +21,7 @@ pub mod config;
 pub mod dicom;
 pub mod dimse;
 pub mod hub;
+pub mod imaging;
 pub mod index;
 pub mod ingest;
 pub mod store;

@@ -10,6 +10,7 @@ mod dicomweb;
 mod dicomweb_peers;
 mod dimse;
 mod durability;
+mod images;
 mod ingest_facts;
 mod ops;
 mod viewer;

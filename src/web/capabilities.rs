@@ -93,6 +93,42 @@ const RESOURCES: &[(&str, &str, &str, &str)] = &[
         "",
     ),
     (
+        "studies/{study}/series/{series}/instances/{instance}/rendered",
+        "GET",
+        "image/jpeg, image/png",
+        "viewport window quality iccprofile charset",
+    ),
+    (
+        "studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
+        "GET",
+        "image/jpeg, image/png",
+        "viewport window quality iccprofile charset",
+    ),
+    (
+        "studies/{study}/thumbnail",
+        "GET",
+        "image/jpeg, image/png",
+        "viewport quality iccprofile charset",
+    ),
+    (
+        "studies/{study}/series/{series}/thumbnail",
+        "GET",
+        "image/jpeg, image/png",
+        "viewport quality iccprofile charset",
+    ),
+    (
+        "studies/{study}/series/{series}/instances/{instance}/thumbnail",
+        "GET",
+        "image/jpeg, image/png",
+        "viewport quality iccprofile charset",
+    ),
+    (
+        "studies/{study}/series/{series}/instances/{instance}/frames/{frames}/thumbnail",
+        "GET",
+        "image/jpeg, image/png",
+        "viewport quality iccprofile charset",
+    ),
+    (
         "studies/{study}/series/{series}/instances/{instance}/bulk/{offset}/{length}",
         "GET",
         "multipart/related; type=\"application/octet-stream\", application/octet-stream",

@@ -7,12 +7,13 @@ pub mod admin;
 pub mod auth;
 pub mod bulk;
 pub mod capabilities;
+pub mod images;
+pub mod json_text;
 pub mod media;
 pub mod multipart;
 pub mod ops;
 pub mod problem;
 pub mod qido;
-pub mod rendered;
 pub mod stow;
 pub mod wado;
 pub mod xml;
@@ -158,6 +159,38 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
             get(wado::frames).options(capabilities::options),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/rendered",
+            get(images::rendered_instance).options(capabilities::options),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
+            get(images::rendered_frame).options(capabilities::options),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/thumbnail",
+            get(images::thumbnail_instance).options(capabilities::options),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/thumbnail",
+            get(images::thumbnail_frame).options(capabilities::options),
+        )
+        .route(
+            "/studies/{study}/series/{series}/thumbnail",
+            get(images::thumbnail_series).options(capabilities::options),
+        )
+        .route(
+            "/studies/{study}/thumbnail",
+            get(images::thumbnail_study).options(capabilities::options),
+        )
+        .route(
+            "/studies/{study}/rendered",
+            get(images::rendered_unsupported).options(capabilities::options),
+        )
+        .route(
+            "/studies/{study}/series/{series}/rendered",
+            get(images::rendered_unsupported).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/bulk/{offset}/{length}",

@@ -12,9 +12,9 @@ use dicom_dictionary_std::StandardDataDictionary;
 use serde_json::{Map, Value, json};
 
 use super::auth::Caller;
+use super::json_text::{self, Rendered};
 use super::media::{DatasetFormat, accept_of, dataset_format};
 use super::problem::WebError;
-use super::rendered::{self, Rendered};
 use super::{DICOM_JSON, Resource, Urls};
 use crate::audit::{Action, AuditObject, Outcome};
 use crate::auth::Role;
@@ -319,7 +319,7 @@ async fn run(
     let mut resp = match format {
         DatasetFormat::Json => (
             [(header::CONTENT_TYPE, DICOM_JSON)],
-            rendered::json_array(&items),
+            json_text::json_array(&items),
         )
             .into_response(),
         DatasetFormat::Xml => super::xml_parts_response(

@@ -121,7 +121,7 @@ async fn visible_instances(
 /// Audit a request for `at` that found `count` visible instances of the
 /// patients and studies `objects`; none is a 404, absent and hidden alike
 /// (the trail tells them apart).
-async fn audit_found(
+pub(super) async fn audit_found(
     hub: &Hub,
     caller: &Caller,
     scope: &Scope,
@@ -209,7 +209,7 @@ async fn visible_metadata(
 }
 
 /// The patients (as their owners know them) and studies of `instances`.
-fn audit_objects(instances: &[StoredInstance]) -> Vec<AuditObject> {
+pub(super) fn audit_objects(instances: &[StoredInstance]) -> Vec<AuditObject> {
     AuditObject::distinct(instances.iter().map(|i| {
         (
             i.patient.0.as_str(),

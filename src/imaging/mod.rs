@@ -1,0 +1,106 @@
+//! Imaging work — decoding, windowing, scaling and encoding pictures — on a
+//! bounded rayon pool of its own, never on the async runtime's threads
+//! (DESIGN §3). A decoder may take tens of milliseconds and megabytes per
+//! job: the pool's width bounds the CPU it takes from DICOM and DICOMweb
+//! traffic, the permits bound the memory of jobs waiting for it.
+
+pub mod render;
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, oneshot};
+
+/// Jobs admitted at once per pool thread (running or queued): each holds a
+/// frame, its decoded pixels and the picture (a 2048² 16-bit frame ≈ 8 MiB
+/// decoded, 12 MiB as RGB).
+const JOBS_PER_THREAD: usize = 2;
+
+/// The imaging pool.
+#[derive(Clone)]
+pub struct Imaging {
+    pool: Arc<rayon::ThreadPool>,
+    permits: Arc<Semaphore>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImagingError {
+    /// A decoder or encoder panicked on this input; the pool keeps serving.
+    #[error("imaging job failed: {0}")]
+    Panicked(String),
+    #[error("the imaging pool is shut down")]
+    Closed,
+}
+
+impl Imaging {
+    /// A pool of `threads` (at least one).
+    pub fn new(threads: usize) -> Self {
+        let threads = threads.max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("imaging-{i}"))
+            .build()
+            .expect("a rayon pool with named threads starts");
+        Self {
+            pool: Arc::new(pool),
+            permits: Arc::new(Semaphore::new(threads * JOBS_PER_THREAD)),
+        }
+    }
+
+    /// One thread fewer than the machine has (at least one): DICOM ingest
+    /// and the web keep a core while pictures are made.
+    pub fn for_this_machine() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::new(cores.saturating_sub(1))
+    }
+
+    /// Run `job` on the pool, waiting for a permit first. The codecs inside
+    /// use the current rayon pool — this one — for their own parallelism.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ImagingError> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ImagingError::Closed)?;
+        let (tx, rx) = oneshot::channel();
+        self.pool.spawn(move || {
+            // rayon aborts the process on a panic in a spawned job: a codec
+            // meeting a malformed stream must cost one answer, not the server.
+            let out = std::panic::catch_unwind(AssertUnwindSafe(job));
+            drop(permit);
+            let _ = tx.send(out);
+        });
+        match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(panic)) => Err(ImagingError::Panicked(panic_message(&panic))),
+            Err(_) => Err(ImagingError::Closed),
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_job_is_an_error_and_the_pool_goes_on() {
+        let imaging = Imaging::new(1);
+        let failed = imaging.run(|| -> u32 { panic!("bad stream") }).await;
+        assert!(matches!(failed, Err(ImagingError::Panicked(m)) if m == "bad stream"));
+        assert_eq!(imaging.run(|| 7).await.unwrap(), 7);
+        // The failed job gave its permit back.
+        assert_eq!(imaging.permits.available_permits(), JOBS_PER_THREAD);
+    }
+}

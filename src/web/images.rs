@@ -1,0 +1,472 @@
+//! Rendered and thumbnail resources (PS3.18 §8.3.5, §8.3.6): one frame of
+//! what the caller may see, as JPEG or PNG, made on the imaging pool.
+//! Visibility and audit are those of a retrieve: what the caller may not see
+//! is 404 before anything is read.
+
+use std::sync::Arc;
+
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use dicom_pixeldata::VoiLutFunction;
+
+use super::PathParams;
+use super::Resource;
+use super::auth::Caller;
+use super::media::accept_of;
+use super::problem::WebError;
+use super::wado::{audit_found, audit_objects, visible_instance};
+use crate::audit::Action;
+use crate::auth::Role;
+use crate::dicom::dataset::PixelLayout;
+use crate::hub::Hub;
+use crate::imaging::render::{self, Format, Region, RenderError, Source, Spec, Window};
+use crate::index::search::StoredInstance;
+
+/// Default JPEG quality (PS3.18 leaves it to the server).
+const DEFAULT_QUALITY: u8 = 90;
+/// A thumbnail fits in this many pixels each way unless a viewport is asked.
+const THUMBNAIL_SIZE: u32 = 128;
+/// The largest viewport side accepted (a rendered picture is built in memory).
+const MAX_VIEWPORT: u32 = 8192;
+/// Objects whose frames are not addressable by byte range (deflated,
+/// bit-packed) are decoded whole, up to this size; larger ones are not
+/// rendered.
+const MAX_WHOLE_OBJECT: u64 = 64 << 20;
+
+/// What a rendered or thumbnail request asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Rendered,
+    Thumbnail,
+}
+
+/// `GET …/instances/{i}/rendered`: the first frame.
+pub async fn rendered_instance(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    headers: HeaderMap,
+    PathParams((study, series, instance)): PathParams<(String, String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, WebError> {
+    let spec = spec_of(Kind::Rendered, &headers, query.as_deref())?;
+    let inst = visible_instance(&hub, &caller, &study, &series, &instance).await?;
+    picture(&hub, inst, 1, spec).await
+}
+
+/// `GET …/instances/{i}/frames/{n}/rendered`: one frame.
+pub async fn rendered_frame(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    headers: HeaderMap,
+    PathParams((study, series, instance, list)): PathParams<(String, String, String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, WebError> {
+    let frame = one_frame(&list)?;
+    let spec = spec_of(Kind::Rendered, &headers, query.as_deref())?;
+    let inst = visible_instance(&hub, &caller, &study, &series, &instance).await?;
+    picture(&hub, inst, frame, spec).await
+}
+
+/// `GET …/instances/{i}/thumbnail`
+pub async fn thumbnail_instance(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    headers: HeaderMap,
+    PathParams((study, series, instance)): PathParams<(String, String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, WebError> {
+    let spec = spec_of(Kind::Thumbnail, &headers, query.as_deref())?;
+    let inst = visible_instance(&hub, &caller, &study, &series, &instance).await?;
+    picture(&hub, inst, 1, spec).await
+}
+
+/// `GET …/instances/{i}/frames/{n}/thumbnail`
+pub async fn thumbnail_frame(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    headers: HeaderMap,
+    PathParams((study, series, instance, list)): PathParams<(String, String, String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, WebError> {
+    let frame = one_frame(&list)?;
+    let spec = spec_of(Kind::Thumbnail, &headers, query.as_deref())?;
+    let inst = visible_instance(&hub, &caller, &study, &series, &instance).await?;
+    picture(&hub, inst, frame, spec).await
+}
+
+/// `GET /studies/{s}/series/{r}/thumbnail`: its representative instance.
+pub async fn thumbnail_series(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    headers: HeaderMap,
+    PathParams((study, series)): PathParams<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, WebError> {
+    let spec = spec_of(Kind::Thumbnail, &headers, query.as_deref())?;
+    let at = Resource {
+        study: Some(study),
+        series: Some(series),
+        instance: None,
+    };
+    representative(&hub, &caller, &at, spec).await
+}
+
+/// `GET /studies/{s}/thumbnail`: the representative instance of its first
+/// series with pictures.
+pub async fn thumbnail_study(
+    State(hub): State<Arc<Hub>>,
+    caller: Caller,
+    headers: HeaderMap,
+    PathParams(study): PathParams<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, WebError> {
+    let spec = spec_of(Kind::Thumbnail, &headers, query.as_deref())?;
+    let at = Resource {
+        study: Some(study),
+        series: None,
+        instance: None,
+    };
+    representative(&hub, &caller, &at, spec).await
+}
+
+/// `GET /studies/{s}[/series/{r}]/rendered`: not offered (a multipart of
+/// every instance's picture); the instance and frame resources are.
+pub async fn rendered_unsupported() -> WebError {
+    WebError::NotAcceptable(
+        "rendered studies and series are not offered: ask for …/instances/{uid}/rendered, \
+         …/frames/{n}/rendered, or a thumbnail"
+            .into(),
+    )
+}
+
+/// The picture of a study or series: the middle instance (in instance
+/// order) of its first series that has a picture to show. Audited as a
+/// retrieve of that one instance.
+async fn representative(
+    hub: &Arc<Hub>,
+    caller: &Caller,
+    at: &Resource,
+    spec: Spec,
+) -> Result<Response, WebError> {
+    caller.require(&[Role::Clinician], "retrieve images")?;
+    let scope = super::scope_of(hub, caller).await?;
+    let (study, series, _) = at.uids();
+    let found = hub.index.instances(&scope, study, series, None).await?;
+    let mut pictures: Vec<&StoredInstance> = Vec::new();
+    for inst in found.iter().filter(|i| has_picture(i)) {
+        if pictures
+            .first()
+            .is_some_and(|first| first.series_uid != inst.series_uid)
+        {
+            break;
+        }
+        pictures.push(inst);
+    }
+    // The list leaves out the frame layout (it is read per instance).
+    let chosen = match pictures.get(pictures.len() / 2) {
+        Some(c) => {
+            hub.index
+                .instances(&scope, study, Some(&c.series_uid), Some(&c.sop_uid))
+                .await?
+        }
+        None => Vec::new(),
+    };
+    // Nothing visible: 404 (and the refusal audited). Nothing with a picture:
+    // 406, audited as the look at what is there.
+    let (count, objects) = if chosen.is_empty() {
+        (found.len(), audit_objects(&found))
+    } else {
+        (chosen.len(), audit_objects(&chosen))
+    };
+    audit_found(hub, caller, &scope, Action::Retrieve, at, count, objects).await?;
+    match chosen.into_iter().next() {
+        Some(inst) => picture(hub, inst, 1, spec).await,
+        None => Err(WebError::NotAcceptable(
+            "nothing here has pixel data to show as a thumbnail".into(),
+        )),
+    }
+}
+
+/// Whether an instance has a picture (Rows is set only for images).
+fn has_picture(inst: &StoredInstance) -> bool {
+    inst.rows.is_some() && !is_video(&inst.transfer_syntax)
+}
+
+/// MPEG-2, MPEG-4 AVC and HEVC transfer syntaxes (1.2.840.10008.1.2.4.100-108).
+fn is_video(ts: &str) -> bool {
+    ts.strip_prefix("1.2.840.10008.1.2.4.")
+        .and_then(|n| n.parse::<u32>().ok())
+        .is_some_and(|n| (100..=108).contains(&n))
+}
+
+/// 1-based frame `frame` of `inst` as `spec` says.
+async fn picture(
+    hub: &Arc<Hub>,
+    inst: StoredInstance,
+    frame: u32,
+    spec: Spec,
+) -> Result<Response, WebError> {
+    let layout: PixelLayout = inst
+        .pixel_layout
+        .as_deref()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| {
+            WebError::NotAcceptable("the instance has no pixel data to render".into())
+        })?;
+    if is_video(&inst.transfer_syntax) {
+        return Err(WebError::NotAcceptable(format!(
+            "video ({}) is not rendered as a picture; retrieve the instance or its bulk data",
+            inst.transfer_syntax
+        )));
+    }
+    let frames = inst.number_of_frames.unwrap_or(1).max(1) as u64;
+    if u64::from(frame) > frames {
+        return Err(WebError::bad_request(format!(
+            "frame {frame} is out of range: the instance has {frames} frame(s)"
+        )));
+    }
+    let object = hub.store.reader(&inst.object_key).await?;
+    let source = if let Some(ranges) = layout.frames.get(frame as usize - 1) {
+        // Everything before the frame's first byte holds the header.
+        let start = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+        let head = object.read_range(0..start).await?;
+        let mut parts = Vec::with_capacity(ranges.len());
+        for &(off, len) in ranges {
+            parts.push(object.read_range(off..off + len).await?);
+        }
+        Source {
+            head,
+            frame: parts,
+            encapsulated: layout.encapsulated,
+            whole_frame: 0,
+        }
+    } else if inst.size <= MAX_WHOLE_OBJECT {
+        Source {
+            head: object.read_range(0..inst.size).await?,
+            frame: Vec::new(),
+            encapsulated: layout.encapsulated,
+            whole_frame: frame - 1,
+        }
+    } else {
+        return Err(WebError::NotAcceptable(format!(
+            "frames of this {} object cannot be read one at a time, and it is too large to \
+             decode whole for a picture",
+            inst.transfer_syntax
+        )));
+    };
+    let media_type = spec.format.media_type();
+    let job = spec.clone();
+    let bytes = hub
+        .imaging
+        .run(move || render::render(source, &job))
+        .await
+        .map_err(|e| WebError::Internal(e.to_string()))?
+        .map_err(|e| match e {
+            RenderError::NotRenderable(m) => WebError::NotAcceptable(m),
+            RenderError::BadRequest(m) => WebError::BadRequest(m),
+            other => WebError::Internal(other.to_string()),
+        })?;
+    let mut resp = (StatusCode::OK, Bytes::from(bytes)).into_response();
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(media_type));
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-cache"),
+    );
+    Ok(resp)
+}
+
+/// `frames/{n}` of a rendered or thumbnail path: exactly one frame.
+fn one_frame(list: &str) -> Result<u32, WebError> {
+    match list.trim().parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(WebError::bad_request(format!(
+            "{list:?}: rendered frames and thumbnails take one frame number (1, 2, ...)"
+        ))),
+    }
+}
+
+/// The picture format the `Accept` header allows: JPEG unless only PNG is.
+fn format_of(headers: &HeaderMap, quality: u8) -> Result<Format, WebError> {
+    if !headers.contains_key(header::ACCEPT) {
+        return Ok(Format::Jpeg { quality });
+    }
+    for m in accept_of(headers) {
+        if m.covers("image/jpeg") {
+            return Ok(Format::Jpeg { quality });
+        }
+        if m.covers("image/png") {
+            return Ok(Format::Png);
+        }
+    }
+    Err(WebError::NotAcceptable(
+        "pictures are available as image/jpeg and image/png".into(),
+    ))
+}
+
+/// The request's parameters (PS3.18 §8.3.5.1): `viewport`, `window`,
+/// `quality`; `annotation` and `iccprofile` other than `no` are refused,
+/// as is anything unknown, rather than silently ignored.
+fn spec_of(kind: Kind, headers: &HeaderMap, query: Option<&str>) -> Result<Spec, WebError> {
+    let mut viewport = None;
+    let mut region = None;
+    let mut window = None;
+    let mut quality = DEFAULT_QUALITY;
+    for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "viewport" => (viewport, region) = parse_viewport(&value)?,
+            "window" if kind == Kind::Rendered => window = Some(parse_window(&value)?),
+            "quality" => {
+                quality = value
+                    .trim()
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|q| (1..=100).contains(q))
+                    .ok_or_else(|| {
+                        WebError::bad_request(format!("quality={value:?}: a number 1-100"))
+                    })?;
+            }
+            "iccprofile" if value.eq_ignore_ascii_case("no") => {}
+            "charset" => {} // pictures carry no text
+            "annotation" | "iccprofile" => {
+                return Err(WebError::bad_request(format!(
+                    "{key}={value:?} is not supported (no burned-in annotation, no ICC profile)"
+                )));
+            }
+            other => {
+                let allowed = match kind {
+                    Kind::Rendered => "viewport, window, quality, iccprofile=no, charset",
+                    Kind::Thumbnail => "viewport, quality, iccprofile=no, charset",
+                };
+                return Err(WebError::bad_request(format!(
+                    "unknown parameter {other:?}: this resource takes {allowed}"
+                )));
+            }
+        }
+    }
+    let format = format_of(headers, quality)?;
+    Ok(Spec {
+        format,
+        viewport: viewport.or(match kind {
+            Kind::Thumbnail => Some((THUMBNAIL_SIZE, THUMBNAIL_SIZE)),
+            Kind::Rendered => None,
+        }),
+        region,
+        window,
+        shrink_only: kind == Kind::Thumbnail,
+    })
+}
+
+/// `vw,vh` or `vw,vh,sx,sy,sw,sh` (a region of the frame; negative sw/sh,
+/// which flip the picture, are refused).
+#[allow(clippy::type_complexity)]
+fn parse_viewport(value: &str) -> Result<(Option<(u32, u32)>, Option<Region>), WebError> {
+    let bad = || {
+        WebError::bad_request(format!(
+            "viewport={value:?}: vw,vh or vw,vh,sx,sy,sw,sh with positive sizes up to \
+             {MAX_VIEWPORT} (flipping by negative sw/sh is not supported)"
+        ))
+    };
+    let parts: Vec<&str> = value.split(',').map(str::trim).collect();
+    let number = |s: &str| s.parse::<u32>().map_err(|_| bad());
+    if parts.len() != 2 && parts.len() != 6 {
+        return Err(bad());
+    }
+    let (vw, vh) = (number(parts[0])?, number(parts[1])?);
+    if vw == 0 || vh == 0 || vw > MAX_VIEWPORT || vh > MAX_VIEWPORT {
+        return Err(bad());
+    }
+    let region = if parts.len() == 6 {
+        Some(Region {
+            x: number(parts[2])?,
+            y: number(parts[3])?,
+            width: number(parts[4])?,
+            height: number(parts[5])?,
+        })
+    } else {
+        None
+    };
+    Ok((Some((vw, vh)), region))
+}
+
+/// `center,width,function` (function: linear, linear-exact, sigmoid).
+fn parse_window(value: &str) -> Result<Window, WebError> {
+    let bad = || {
+        WebError::bad_request(format!(
+            "window={value:?}: center,width,function with width > 0 and function linear, \
+             linear-exact or sigmoid"
+        ))
+    };
+    let parts: Vec<&str> = value.split(',').map(str::trim).collect();
+    if parts.len() != 3 {
+        return Err(bad());
+    }
+    let center: f64 = parts[0].parse().map_err(|_| bad())?;
+    let width: f64 = parts[1].parse().map_err(|_| bad())?;
+    if !center.is_finite() || !width.is_finite() || width <= 0.0 {
+        return Err(bad());
+    }
+    let function = match parts[2].to_ascii_lowercase().as_str() {
+        "linear" => VoiLutFunction::Linear,
+        "linear-exact" => VoiLutFunction::LinearExact,
+        "sigmoid" => VoiLutFunction::Sigmoid,
+        _ => return Err(bad()),
+    };
+    Ok(Window {
+        center,
+        width,
+        function,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn viewports_and_windows() {
+        assert_eq!(parse_viewport("64,48").unwrap(), (Some((64, 48)), None));
+        let (_, r) = parse_viewport("64,48,10,20,30,40").unwrap();
+        assert_eq!(
+            r,
+            Some(Region {
+                x: 10,
+                y: 20,
+                width: 30,
+                height: 40
+            })
+        );
+        for bad in ["0,10", "10", "10,10,1,1,-5,5", "99999,1", "a,b"] {
+            assert!(parse_viewport(bad).is_err(), "{bad}");
+        }
+        let w = parse_window("40,400,linear").unwrap();
+        assert_eq!((w.center, w.width), (40.0, 400.0));
+        for bad in ["40,0,linear", "40,400", "40,400,cubic", "nan,1,linear"] {
+            assert!(parse_window(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unknown_parameters_and_formats_are_refused() {
+        let none = HeaderMap::new();
+        assert!(spec_of(Kind::Rendered, &none, Some("annotation=patient")).is_err());
+        assert!(spec_of(Kind::Thumbnail, &none, Some("window=1,2,linear")).is_err());
+        assert!(spec_of(Kind::Rendered, &none, Some("quality=0")).is_err());
+        let thumb = spec_of(Kind::Thumbnail, &none, None).unwrap();
+        assert_eq!(thumb.viewport, Some((THUMBNAIL_SIZE, THUMBNAIL_SIZE)));
+        assert_eq!(thumb.format, Format::Jpeg { quality: 90 });
+        let mut png = HeaderMap::new();
+        png.insert(header::ACCEPT, HeaderValue::from_static("image/png"));
+        assert_eq!(
+            spec_of(Kind::Rendered, &png, None).unwrap().format,
+            Format::Png
+        );
+        let mut gif = HeaderMap::new();
+        gif.insert(header::ACCEPT, HeaderValue::from_static("image/gif"));
+        assert!(spec_of(Kind::Rendered, &gif, None).is_err());
+        assert!(is_video("1.2.840.10008.1.2.4.102"));
+        assert!(!is_video("1.2.840.10008.1.2.4.50"));
+    }
+}
