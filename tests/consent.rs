@@ -494,6 +494,15 @@ async fn network_scenario(backend: Backend) {
     )
     .await;
     assert_eq!(st, 200);
+    // Its pictures too: rendered and the study's thumbnail.
+    for path in [
+        format!("{}/rendered", instance_path(&s2)),
+        format!("{}/thumbnail", study_path(&s2)),
+    ] {
+        let (st, body) = get(&hub, "HOSP3", &path, "image/jpeg").await;
+        assert_eq!(st, 200, "{path}");
+        image::load_from_memory(&body).expect("a picture");
+    }
 
     // 5. Hospital 2 likewise finds hospital 3's images under its own ID.
     let (found, _) = qido(&hub, "HOSP2", "studies?PatientID=A-H2").await;
@@ -559,6 +568,8 @@ async fn network_scenario(backend: Backend) {
         vec![s3.study.clone()]
     );
     assert_eq!(get(&hub, "HOSP3", &study_path(&s2), dicom).await.0, 404);
+    let thumbnail = format!("{}/thumbnail", study_path(&s2));
+    assert_eq!(get(&hub, "HOSP3", &thumbnail, "image/jpeg").await.0, 404);
     // Another institution cannot revoke (or see) it.
     let (st, _) = admin_delete(&hub, "HOSP3", &format!("/disclosures/{d23_id}")).await;
     assert_eq!(st, 404);

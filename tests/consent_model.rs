@@ -343,12 +343,22 @@ async fn check(hub: &TestHub, m: &Model, studies: &BTreeMap<Patient, Study>) {
                 "application/dicom+json",
             )
             .await;
+            // Its thumbnail agrees.
+            let (thumb, _) = get(
+                hub,
+                &inst,
+                &format!("/dicom-web/studies/{uid}/thumbnail"),
+                "image/jpeg",
+            )
+            .await;
             if !m.visible(viewer, p) {
                 assert_eq!(st, 404, "{inst} sees {p:?}; {m:?}");
+                assert_eq!(thumb, 404, "{inst} sees {p:?}'s thumbnail; {m:?}");
                 assert!(!String::from_utf8_lossy(&body).contains(&pid(p)));
                 continue;
             }
             assert_eq!(st, 200);
+            assert_eq!(thumb, 200, "{inst} {p:?} thumbnail");
             let meta: Value = serde_json::from_slice(&body).unwrap();
             let shown = if p.0 == viewer {
                 pid(p)

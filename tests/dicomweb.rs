@@ -41,6 +41,13 @@ fn routes() -> Vec<(reqwest::Method, String)> {
         format!("{i}/metadata"),
         format!("{i}/frames/1"),
         format!("{i}/bulk/0/10"),
+        format!("{i}/rendered"),
+        format!("{i}/frames/1/rendered"),
+        format!("{i}/thumbnail"),
+        format!("{i}/frames/1/thumbnail"),
+        format!("studies/{CT_STUDY}/series/{CT_SERIES}/thumbnail"),
+        format!("studies/{CT_STUDY}/thumbnail"),
+        format!("studies/{CT_STUDY}/rendered"),
         "no/such/route".into(),
     ]
     .into_iter()

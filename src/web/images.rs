@@ -133,7 +133,10 @@ pub async fn thumbnail_study(
 
 /// `GET /studies/{s}[/series/{r}]/rendered`: not offered (a multipart of
 /// every instance's picture); the instance and frame resources are.
-pub async fn rendered_unsupported() -> WebError {
+pub async fn rendered_unsupported(caller: Caller) -> WebError {
+    if let Err(e) = caller.require(&[Role::Clinician], "retrieve images") {
+        return e;
+    }
     WebError::NotAcceptable(
         "rendered studies and series are not offered: ask for …/instances/{uid}/rendered, \
          …/frames/{n}/rendered, or a thumbnail"
