@@ -1201,10 +1201,7 @@ async fn wado_uri_returns_the_instance() {
     for (q, want) in [
         (url.replace("requestType=WADO", "requestType=XYZ"), 400),
         (
-            url.replace(
-                "contentType=application%2Fdicom",
-                "contentType=image%2Fjpeg",
-            ),
+            url.replace("contentType=application%2Fdicom", "contentType=image%2Fgif"),
             406,
         ),
         (url.replace(CT_SOP, "2.25.1"), 404),
@@ -1228,6 +1225,64 @@ async fn wado_uri_returns_the_instance() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404, "another institution's object is absent");
+
+    // Pictures: JPEG or PNG of a frame, fitted, cropped, windowed.
+    let picture = url.replace("&contentType=application%2Fdicom", "");
+    for (query, kind, size) in [
+        (
+            "&contentType=image%2Fjpeg",
+            image::ImageFormat::Jpeg,
+            (128, 96),
+        ),
+        (
+            "&contentType=image%2Fpng&rows=48",
+            image::ImageFormat::Png,
+            (64, 48),
+        ),
+        (
+            "&contentType=image%2Fpng&columns=32&rows=32&frameNumber=1&imageQuality=50",
+            image::ImageFormat::Png,
+            (32, 24),
+        ),
+        (
+            "&contentType=image%2Fpng&region=0,0,0.5,0.5&windowCenter=40&windowWidth=400",
+            image::ImageFormat::Png,
+            (64, 48),
+        ),
+    ] {
+        let r = client()
+            .get(format!("{picture}{query}"))
+            .bearer_auth(hub.token("HOSP1", Role::Clinician))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{query}");
+        let body = r.bytes().await.unwrap();
+        let p = image::load_from_memory_with_format(&body, kind).unwrap();
+        assert_eq!((p.width(), p.height()), size, "{query}");
+    }
+    for (query, want) in [
+        ("&contentType=image%2Fjpeg&windowCenter=40", 400),
+        ("&contentType=image%2Fjpeg&region=0.5,0,0.2,1", 400),
+        ("&contentType=image%2Fjpeg&frameNumber=2", 400),
+        ("&contentType=image%2Fjpeg&anonymize=yes", 400),
+        ("&contentType=image%2Fjpeg&rows=0", 400),
+    ] {
+        let r = client()
+            .get(format!("{picture}{query}"))
+            .bearer_auth(hub.token("HOSP1", Role::Clinician))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), want, "{query}");
+    }
+    let r = client()
+        .get(format!("{picture}&contentType=image%2Fjpeg"))
+        .bearer_auth(hub.token("HOSP2", Role::Clinician))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "another institution's picture is absent");
 }
 
 /// Bulk data positions of a Deflated object count in its inflated data set

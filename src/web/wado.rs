@@ -960,25 +960,6 @@ pub async fn wado_uri(
     if get("requestType") != Some("WADO") {
         return Err(WebError::bad_request("requestType must be WADO"));
     }
-    // Asked of an application/dicom answer, these would be silently ignored:
-    // an anonymized object sent identified, a frame sent as the whole object.
-    for unsupported in [
-        "anonymize",
-        "frameNumber",
-        "rows",
-        "columns",
-        "region",
-        "windowCenter",
-        "windowWidth",
-        "presentationUID",
-        "presentationSeriesUID",
-    ] {
-        if get(unsupported).is_some() {
-            return Err(WebError::bad_request(format!(
-                "{unsupported} is not supported (application/dicom objects are sent whole and as stored)"
-            )));
-        }
-    }
     let (Some(study), Some(series), Some(object)) =
         (get("studyUID"), get("seriesUID"), get("objectUID"))
     else {
@@ -997,14 +978,47 @@ pub async fn wado_uri(
                 .to_ascii_lowercase()
         })
         .collect();
-    if !content_types
-        .iter()
-        .any(|t| t == "application/dicom" || t == "*/*")
-    {
-        return Err(WebError::NotAcceptable(format!(
-            "contentType {} is not available yet; application/dicom is",
-            content_types.join(",")
-        )));
+    // The first listed type that can be answered.
+    let picture = content_types.iter().find_map(|t| match t.as_str() {
+        "application/dicom" | "*/*" => Some(None),
+        "image/jpeg" | "image/*" => Some(Some(false)),
+        "image/png" => Some(Some(true)),
+        _ => None,
+    });
+    match picture {
+        Some(Some(png)) => {
+            return super::images::wado_uri_picture(
+                &hub, &caller, study, series, object, png, &params,
+            )
+            .await;
+        }
+        Some(None) => {}
+        None => {
+            return Err(WebError::NotAcceptable(format!(
+                "contentType {} is not available; application/dicom, image/jpeg and image/png are",
+                content_types.join(",")
+            )));
+        }
+    }
+    // Asked of an application/dicom answer, these would be silently ignored:
+    // an anonymized object sent identified, a frame sent as the whole object.
+    for unsupported in [
+        "anonymize",
+        "frameNumber",
+        "rows",
+        "columns",
+        "region",
+        "windowCenter",
+        "windowWidth",
+        "imageQuality",
+        "presentationUID",
+        "presentationSeriesUID",
+    ] {
+        if get(unsupported).is_some() {
+            return Err(WebError::bad_request(format!(
+                "{unsupported} is not supported (application/dicom objects are sent whole and as stored)"
+            )));
+        }
     }
     let requested = get("transferSyntax").map(str::to_string);
     let inst = visible_instance(&hub, &caller, study, series, object).await?;
