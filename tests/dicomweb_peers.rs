@@ -63,7 +63,7 @@ async fn dicomweb_client_on_s3() {
 }
 
 /// Checks allowed to stay below PASS, with why. Everything else must pass.
-const NOT_YET: &[(&str, &str)] = &[("W10", "rendered images arrive with the imaging work")];
+const NOT_YET: &[(&str, &str)] = &[];
 
 /// `../shared/bench/conformance.py` on a small corpus from
 /// `../shared/bench/make_corpus.py`, loaded through the ingest path.

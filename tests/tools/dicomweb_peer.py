@@ -169,6 +169,19 @@ got = client.retrieve_instance_frames(jpeg["study_instance_uid"], jpeg["series_i
                                       media_types=(("image/jpeg", "1.2.840.10008.1.2.4.50"),))
 check("JPEG frame as image/jpeg", len(got) == 1 and got[0][:2] == b"\xff\xd8", got[0][:4] if got else None)
 
+# Rendered pictures, as dicomweb-client asks for them.
+for name, media in (("ct16_explicit_le.dcm", "image/jpeg"), ("sc_rgb8_rle.dcm", "image/png")):
+    f = next(f for f in files if f["file"].endswith(name))
+    pic = client.retrieve_instance_rendered(f["study_instance_uid"], f["series_instance_uid"],
+                                            f["sop_instance_uid"], media_types=(media,))
+    magic = b"\xff\xd8" if media == "image/jpeg" else b"\x89PNG"
+    check(f"rendered {name} as {media}", pic[:len(magic)] == magic, pic[:8])
+cine = next(f for f in files if f["file"].endswith("us_cine_rle.dcm"))
+pic = client.retrieve_instance_frames_rendered(cine["study_instance_uid"], cine["series_instance_uid"],
+                                               cine["sop_instance_uid"], frame_numbers=[4],
+                                               media_types=("image/png",))
+check("rendered frame 4 of a cine loop", pic[:4] == b"\x89PNG", pic[:8])
+
 # Store: a copy with new UIDs, then found by search.
 ct = next(f for f in files if f["file"].endswith("ct16_explicit_le.dcm"))
 ds = pydicom.dcmread(testdata / ct["file"])
