@@ -257,6 +257,52 @@ async fn rendered_pictures_match_pydicom_in_every_transfer_syntax() {
     }
     let path = format!("{}/frames/11/rendered", instance_path(&cine));
     assert_eq!(get_picture(&hub, "HOSP1", &path, png).await.0, 400);
+}
+
+/// Viewports, regions, windows, thumbnails, refusals and the visibility rule
+/// (no Python needed), and per-frame rescale of an enhanced multi-frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pictures_are_fitted_refused_and_hidden_like_retrieves() {
+    let Some(corpus) = common::corpus() else {
+        return;
+    };
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let enhanced = two_frames_with_their_own_rescale(
+        &corpus
+            .iter()
+            .find(|(p, _)| p.ends_with("ct16_explicit_le.dcm"))
+            .unwrap()
+            .0,
+        work.path(),
+    );
+    let mut files: Vec<PathBuf> = corpus.iter().map(|(p, _)| p.clone()).collect();
+    files.push(enhanced.clone());
+    hub.import("HOSP1", files).await;
+    let by_name: HashMap<String, PathBuf> = corpus
+        .iter()
+        .map(|(p, _)| {
+            (
+                p.file_name().unwrap().to_str().unwrap().to_string(),
+                p.clone(),
+            )
+        })
+        .collect();
+    let file = |name: &str| by_name[name].clone();
+    let png = "image/png";
+
+    // Frame 2 has its own rescale (its stored values are 100 higher, its
+    // intercept 100 lower): the same picture as frame 1.
+    let e = instance_path(&enhanced);
+    let (s1, _, one) = get_picture(&hub, "HOSP1", &format!("{e}/frames/1/rendered"), png).await;
+    let (s2, _, two) = get_picture(&hub, "HOSP1", &format!("{e}/frames/2/rendered"), png).await;
+    assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK));
+    assert!(
+        png_pixels(&one) == png_pixels(&two),
+        "frame 2 is not rendered under its own rescale"
+    );
 
     // JPEG by default; a viewport scales keeping the aspect ratio; a region
     // crops; a window replaces the object's.
@@ -278,7 +324,8 @@ async fn rendered_pictures_match_pydicom_in_every_transfer_syntax() {
     .await;
     let (w, h, _, crop) = png_pixels(&body);
     assert_eq!((w, h), (20, 10));
-    let full = &ours["ct16_explicit_le.dcm"].3;
+    let (_, _, body) = get_picture(&hub, "HOSP1", &format!("{ct}/rendered"), png).await;
+    let full = &png_pixels(&body).3;
     let region: Vec<u8> = (20..30)
         .flat_map(|y| full[y * 128 + 10..y * 128 + 30].to_vec())
         .collect();
@@ -367,4 +414,90 @@ async fn rendered_pictures_match_pydicom_in_every_transfer_syntax() {
         assert_eq!(s2, 404, "{missing}");
         assert_eq!(body, body2, "hidden and absent answer alike: {path}");
     }
+}
+
+/// A two-frame copy of a CT slice whose rescale and window live in its
+/// Per-frame Functional Groups (as in enhanced CT), frame 2 stored 100
+/// higher with an intercept 100 lower.
+fn two_frames_with_their_own_rescale(ct: &Path, dir: &Path) -> PathBuf {
+    use dicom_core::value::DataSetSequence;
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_object::InMemDicomObject;
+    let mut obj = dicom_object::open_file(ct).unwrap();
+    let one = obj
+        .element(tags::PIXEL_DATA)
+        .unwrap()
+        .to_bytes()
+        .unwrap()
+        .to_vec();
+    let two: Vec<u8> = one
+        .chunks_exact(2)
+        .flat_map(|v| {
+            i16::from_le_bytes([v[0], v[1]])
+                .saturating_add(100)
+                .to_le_bytes()
+        })
+        .collect();
+    let item = |intercept: &str| {
+        let rescale = InMemDicomObject::from_element_iter([
+            DataElement::new(
+                tags::RESCALE_INTERCEPT,
+                VR::DS,
+                PrimitiveValue::from(intercept),
+            ),
+            DataElement::new(tags::RESCALE_SLOPE, VR::DS, PrimitiveValue::from("1")),
+            DataElement::new(tags::RESCALE_TYPE, VR::LO, PrimitiveValue::from("HU")),
+        ]);
+        let window = InMemDicomObject::from_element_iter([
+            DataElement::new(tags::WINDOW_CENTER, VR::DS, PrimitiveValue::from("40")),
+            DataElement::new(tags::WINDOW_WIDTH, VR::DS, PrimitiveValue::from("400")),
+        ]);
+        InMemDicomObject::from_element_iter([
+            DataElement::new(
+                tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE,
+                VR::SQ,
+                DataSetSequence::from(vec![rescale]),
+            ),
+            DataElement::new(
+                tags::FRAME_VOILUT_SEQUENCE,
+                VR::SQ,
+                DataSetSequence::from(vec![window]),
+            ),
+        ])
+    };
+    for tag in [
+        tags::RESCALE_INTERCEPT,
+        tags::RESCALE_SLOPE,
+        tags::RESCALE_TYPE,
+        tags::WINDOW_CENTER,
+        tags::WINDOW_WIDTH,
+        tags::WINDOW_CENTER_WIDTH_EXPLANATION,
+    ] {
+        obj.remove_element(tag);
+    }
+    let sop = "2.25.212477325107932399243233100858614569001.3.4242";
+    obj.put(DataElement::new(
+        tags::SOP_INSTANCE_UID,
+        VR::UI,
+        PrimitiveValue::from(sop),
+    ));
+    obj.put(DataElement::new(
+        tags::NUMBER_OF_FRAMES,
+        VR::IS,
+        PrimitiveValue::from("2"),
+    ));
+    obj.put(DataElement::new(
+        tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE,
+        VR::SQ,
+        DataSetSequence::from(vec![item("-1024"), item("-1124")]),
+    ));
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OW,
+        PrimitiveValue::from([one, two].concat()),
+    ));
+    obj.update_meta(|m| m.media_storage_sop_instance_uid = sop.to_string());
+    let path = dir.join("enhanced.dcm");
+    obj.write_to_file(&path).unwrap();
+    path
 }

@@ -30,7 +30,15 @@ pub enum ImagingError {
     Panicked(String),
     #[error("the imaging pool is shut down")]
     Closed,
+    #[error("every imaging place stayed taken for {}s", PERMIT_WAIT.as_secs())]
+    Busy,
 }
+
+/// One admitted job's place (see `Imaging::permit`).
+pub struct Permit(tokio::sync::OwnedSemaphorePermit);
+
+/// How long a request waits for a place before it is answered 503.
+const PERMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Imaging {
     /// A pool of `threads` (at least one).
@@ -54,18 +62,32 @@ impl Imaging {
         Self::new(cores.saturating_sub(1))
     }
 
-    /// Run `job` on the pool, waiting for a permit first. The codecs inside
-    /// use the current rayon pool — this one — for their own parallelism.
+    /// A place for one job, taken before its input is read so that waiting
+    /// jobs hold no pixels; `Busy` after `PERMIT_WAIT`.
+    pub async fn permit(&self) -> Result<Permit, ImagingError> {
+        match tokio::time::timeout(PERMIT_WAIT, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(Permit(p)),
+            Ok(Err(_)) => Err(ImagingError::Closed),
+            Err(_) => Err(ImagingError::Busy),
+        }
+    }
+
+    /// Run `job` on the pool, waiting for a permit first.
     pub async fn run<T: Send + 'static>(
         &self,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ImagingError> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ImagingError::Closed)?;
+        let permit = self.permit().await?;
+        self.run_with(permit, job).await
+    }
+
+    /// Run `job` on the pool in the place `permit` holds. The codecs inside
+    /// use the current rayon pool — this one — for their own parallelism.
+    pub async fn run_with<T: Send + 'static>(
+        &self,
+        Permit(permit): Permit,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ImagingError> {
         let (tx, rx) = oneshot::channel();
         self.pool.spawn(move || {
             // rayon aborts the process on a panic in a spawned job: a codec

@@ -23,6 +23,7 @@ use crate::dicom::transcode;
 
 const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 const EXPLICIT_VR_BE: &str = "1.2.840.10008.1.2.2";
+const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
 
 /// The picture formats answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,8 +57,10 @@ pub struct Window {
 pub struct Region {
     pub x: u32,
     pub y: u32,
-    pub width: u32,
-    pub height: u32,
+    /// `None`: to the frame's right edge.
+    pub width: Option<u32>,
+    /// `None`: to the frame's bottom edge.
+    pub height: Option<u32>,
 }
 
 /// How to make the picture.
@@ -82,8 +85,20 @@ pub struct Source {
     /// frame `whole_frame` from `head`, the whole object.
     pub frame: Vec<Bytes>,
     pub encapsulated: bool,
-    /// 0-based frame of the whole object (when `frame` is empty).
-    pub whole_frame: u32,
+    /// The 1-based frame asked for: of the whole object when `frame` is
+    /// empty; else the one whose per-frame functional groups apply.
+    pub number: u32,
+    /// A whole Deflated object's data set may inflate to at most this.
+    pub inflate_limit: u64,
+}
+
+/// Whether pixel data in transfer syntax `ts` can be decoded here (video
+/// and unknown syntaxes cannot).
+pub fn can_render(ts: &str) -> bool {
+    use dicom_encoding::TransferSyntaxIndex;
+    dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get(ts)
+        .is_some_and(|t| t.can_decode_all())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,19 +125,18 @@ pub fn render(source: Source, spec: &Spec) -> Result<Vec<u8>, RenderError> {
     encode(&picture, spec.format)
 }
 
-/// The object to decode, and the frame of it to decode.
+/// The object to decode, and the (0-based) frame of it to decode.
 fn frame_object(source: Source) -> Result<(DefaultDicomObject, u32), RenderError> {
-    let whole = source.frame.is_empty();
-    let mut options = OpenFileOptions::new().read_preamble(ReadPreamble::Always);
-    if !whole {
-        options = options.read_until(tags::PIXEL_DATA);
+    let undecodable = |e: &dyn std::error::Error| RenderError::Undecodable(error_chain(e));
+    if source.frame.is_empty() {
+        let object = whole_object(&source.head, source.inflate_limit)?;
+        return Ok((object, source.number.saturating_sub(1)));
     }
-    let mut object = options
+    let mut object = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Always)
+        .read_until(tags::PIXEL_DATA)
         .from_reader(Cursor::new(&source.head[..]))
-        .map_err(|e| RenderError::Undecodable(e.to_string()))?;
-    if whole {
-        return Ok((object, source.whole_frame));
-    }
+        .map_err(|e| undecodable(&e))?;
     let bits = object
         .get(tags::BITS_ALLOCATED)
         .and_then(|e| e.to_int::<u16>().ok())
@@ -136,7 +150,7 @@ fn frame_object(source: Source) -> Result<(DefaultDicomObject, u32), RenderError
         )
     } else {
         let mut bytes = source.frame.concat();
-        if object.meta().transfer_syntax().trim_end_matches('\0') == EXPLICIT_VR_BE {
+        if object.meta().transfer_syntax() == EXPLICIT_VR_BE {
             // The decoders read native data little-endian only.
             if bits > 8 {
                 transcode::swap_words(&mut bytes, usize::from(bits / 8));
@@ -154,7 +168,62 @@ fn frame_object(source: Source) -> Result<(DefaultDicomObject, u32), RenderError
             PrimitiveValue::from("1"),
         ));
     }
+    // The decoder takes frame k's rescale and window from the k-th per-frame
+    // item: the one-frame object keeps only the asked frame's.
+    let item = source.number.saturating_sub(1) as usize;
+    let own = object
+        .get(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
+        .and_then(|groups| groups.items())
+        .and_then(|items| items.get(item))
+        .cloned();
+    if let Some(own) = own {
+        object.put(DataElement::new(
+            tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE,
+            VR::SQ,
+            dicom_core::value::DataSetSequence::from(vec![own]),
+        ));
+    }
     Ok((object, 0))
+}
+
+/// A whole object (its frames are not addressable by byte range). A
+/// Deflated data set is inflated here, at most `limit` bytes, and read as
+/// Explicit VR Little Endian.
+fn whole_object(bytes: &[u8], limit: u64) -> Result<DefaultDicomObject, RenderError> {
+    use std::io::Read;
+    let undecodable = |e: &dyn std::error::Error| RenderError::Undecodable(error_chain(e));
+    let (meta, offset) = crate::dicom::part10::read_meta(bytes).map_err(|e| undecodable(&e))?;
+    if meta.transfer_syntax != DEFLATED_EXPLICIT_VR_LE {
+        return OpenFileOptions::new()
+            .read_preamble(ReadPreamble::Always)
+            .from_reader(Cursor::new(bytes))
+            .map_err(|e| undecodable(&e));
+    }
+    let offset = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    let mut inflated = Vec::new();
+    flate2::read::DeflateDecoder::new(&bytes[offset..])
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut inflated)
+        .map_err(|e| undecodable(&e))?;
+    if inflated.len() as u64 > limit {
+        return Err(RenderError::NotRenderable(format!(
+            "the Deflated data set inflates past {limit} bytes, more than its pixels need"
+        )));
+    }
+    let mut table = dicom_object::meta::FileMetaTable::from_reader(&bytes[128.min(bytes.len())..])
+        .map_err(|e| undecodable(&e))?;
+    table.transfer_syntax = EXPLICIT_VR_LE.to_string();
+    let ts = {
+        use dicom_encoding::TransferSyntaxIndex;
+        dicom_transfer_syntax_registry::TransferSyntaxRegistry
+            .get(EXPLICIT_VR_LE)
+            .expect("Explicit VR Little Endian is registered")
+    };
+    dicom_object::InMemDicomObject::read_dataset_with_ts(Cursor::new(inflated), ts)
+        .map(|o| o.with_exact_meta(table))
+        .map_err(|e| undecodable(&e))
 }
 
 /// An error and its sources, as one line.
@@ -200,6 +269,9 @@ fn picture_of(
     if photometric(object) == "PALETTE COLOR" {
         return palette_picture(object, &decoded);
     }
+    // Top-level Window Center/Width values are alternatives, not one per
+    // frame (the decoder takes the frame's index into them): the first.
+    let window = window.or_else(|| (frame > 0).then(|| first_window(object)).flatten());
     let voi = match window {
         Some(w) => VoiLutOption::CustomWithFunction(
             WindowLevel {
@@ -218,6 +290,30 @@ fn picture_of(
         DynamicImage::ImageLuma8(_) | DynamicImage::ImageRgb8(_) => picture,
         other if other.color().has_color() => DynamicImage::ImageRgb8(other.to_rgb8()),
         other => DynamicImage::ImageLuma8(other.to_luma8()),
+    })
+}
+
+/// The object's first top-level window, with its VOI LUT Function.
+fn first_window(object: &DefaultDicomObject) -> Option<Window> {
+    let first = |tag| {
+        object
+            .get(tag)
+            .and_then(|e| e.value().to_multi_float64().ok())
+            .and_then(|v| v.first().copied())
+    };
+    let function = object
+        .get(tags::VOILUT_FUNCTION)
+        .and_then(|e| e.to_str().ok())
+        .map(|f| match f.trim() {
+            "LINEAR_EXACT" => VoiLutFunction::LinearExact,
+            "SIGMOID" => VoiLutFunction::Sigmoid,
+            _ => VoiLutFunction::Linear,
+        })
+        .unwrap_or_default();
+    Some(Window {
+        center: first(tags::WINDOW_CENTER)?,
+        width: first(tags::WINDOW_WIDTH)?,
+        function,
     })
 }
 
@@ -282,8 +378,12 @@ impl Lut {
         descriptor: dicom_core::Tag,
         data: dicom_core::Tag,
     ) -> Result<Self, RenderError> {
-        let missing =
-            || RenderError::Undecodable("a palette colour lookup table is missing".into());
+        let missing = || {
+            RenderError::NotRenderable(
+                "a palette colour lookup table is missing (segmented palettes are not rendered)"
+                    .into(),
+            )
+        };
         let d: Vec<i64> = object
             .get(descriptor)
             .and_then(|e| e.value().to_multi_int::<i64>().ok())
@@ -295,18 +395,18 @@ impl Lut {
             .and_then(|e| e.to_bytes().ok())
             .ok_or_else(missing)?;
         // Entries are 16-bit words; an 8-bit table (descriptor bits 8) holds
-        // its values in the low byte of each word, or two per word when the
-        // data is only half as long (both forms are in use).
-        let words: Vec<u16> = raw
-            .chunks_exact(2)
-            .map(|w| u16::from_le_bytes([w[0], w[1]]))
-            .collect();
-        let entries: Vec<u8> = if d[2] == 8 && words.len() * 2 == count {
-            raw.iter().copied().collect()
+        // its values in the low byte of each word, or packed two per word
+        // when the data is about as long as the table (both forms are in use).
+        let words = || {
+            raw.chunks_exact(2)
+                .map(|w| u16::from_le_bytes([w[0], w[1]]))
+        };
+        let entries: Vec<u8> = if d[2] == 8 && raw.len() < 2 * count {
+            raw.iter().take(count).copied().collect()
         } else if d[2] == 8 {
-            words.iter().map(|&w| w as u8).collect()
+            words().map(|w| w as u8).collect()
         } else {
-            words.iter().map(|&w| (w >> 8) as u8).collect()
+            words().map(|w| (w >> 8) as u8).collect()
         };
         if entries.is_empty() {
             return Err(missing());
@@ -329,17 +429,19 @@ impl Lut {
 fn fit(mut picture: DynamicImage, spec: &Spec) -> Result<DynamicImage, RenderError> {
     if let Some(r) = spec.region {
         let (w, h) = (picture.width(), picture.height());
-        if r.width == 0
-            || r.height == 0
-            || u64::from(r.x) + u64::from(r.width) > u64::from(w)
-            || u64::from(r.y) + u64::from(r.height) > u64::from(h)
+        let width = r.width.unwrap_or(w.saturating_sub(r.x));
+        let height = r.height.unwrap_or(h.saturating_sub(r.y));
+        if width == 0
+            || height == 0
+            || u64::from(r.x) + u64::from(width) > u64::from(w)
+            || u64::from(r.y) + u64::from(height) > u64::from(h)
         {
             return Err(RenderError::BadRequest(format!(
-                "the viewport region {},{},{},{} is not inside the {w} × {h} frame",
-                r.x, r.y, r.width, r.height
+                "the viewport region {},{},{width},{height} is not inside the {w} × {h} frame",
+                r.x, r.y
             )));
         }
-        picture = picture.crop_imm(r.x, r.y, r.width, r.height);
+        picture = picture.crop_imm(r.x, r.y, width, height);
     }
     let Some((vw, vh)) = spec.viewport else {
         return Ok(picture);

@@ -21,6 +21,7 @@ use crate::audit::Action;
 use crate::auth::Role;
 use crate::dicom::dataset::PixelLayout;
 use crate::hub::Hub;
+use crate::imaging::ImagingError;
 use crate::imaging::render::{self, Format, Region, RenderError, Source, Spec, Window};
 use crate::index::search::StoredInstance;
 
@@ -28,8 +29,12 @@ use crate::index::search::StoredInstance;
 const DEFAULT_QUALITY: u8 = 90;
 /// A thumbnail fits in this many pixels each way unless a viewport is asked.
 const THUMBNAIL_SIZE: u32 = 128;
-/// The largest viewport side accepted (a rendered picture is built in memory).
-const MAX_VIEWPORT: u32 = 8192;
+/// The largest viewport side accepted (a rendered picture is built in memory:
+/// 4096² RGB is 48 MiB).
+const MAX_VIEWPORT: u32 = 4096;
+/// The largest decoded frame rendered (3 samples × its allocated bytes):
+/// 256 MiB, e.g. 8192² RGB at 16 bits.
+const MAX_DECODED_FRAME: u64 = 256 << 20;
 /// Objects whose frames are not addressable by byte range (deflated,
 /// bit-packed) are decoded whole, up to this size; larger ones are not
 /// rendered.
@@ -194,14 +199,13 @@ async fn representative(
 
 /// Whether an instance has a picture (Rows is set only for images).
 fn has_picture(inst: &StoredInstance) -> bool {
-    inst.rows.is_some() && !is_video(&inst.transfer_syntax)
+    inst.rows.is_some() && render::can_render(&inst.transfer_syntax)
 }
 
-/// MPEG-2, MPEG-4 AVC and HEVC transfer syntaxes (1.2.840.10008.1.2.4.100-108).
-fn is_video(ts: &str) -> bool {
-    ts.strip_prefix("1.2.840.10008.1.2.4.")
-        .and_then(|n| n.parse::<u32>().ok())
-        .is_some_and(|n| (100..=108).contains(&n))
+/// Bytes of one decoded frame, at most (3 samples, the allocated bits).
+fn decoded_size(inst: &StoredInstance) -> u64 {
+    let bytes = (inst.bits_allocated.unwrap_or(8).max(8) as u64).div_ceil(8);
+    inst.rows.unwrap_or(0).max(0) as u64 * inst.columns.unwrap_or(0).max(0) as u64 * 3 * bytes
 }
 
 /// 1-based frame `frame` of `inst` as `spec` says.
@@ -218,9 +222,10 @@ async fn picture(
         .ok_or_else(|| {
             WebError::NotAcceptable("the instance has no pixel data to render".into())
         })?;
-    if is_video(&inst.transfer_syntax) {
+    if !render::can_render(&inst.transfer_syntax) {
         return Err(WebError::NotAcceptable(format!(
-            "video ({}) is not rendered as a picture; retrieve the instance or its bulk data",
+            "pixel data in transfer syntax {} (video, or no decoder here) is not rendered; \
+             retrieve the instance or its frames instead",
             inst.transfer_syntax
         )));
     }
@@ -230,11 +235,52 @@ async fn picture(
             "frame {frame} is out of range: the instance has {frames} frame(s)"
         )));
     }
+    let frame_size = decoded_size(&inst);
+    if frame_size > MAX_DECODED_FRAME {
+        return Err(WebError::NotAcceptable(format!(
+            "a frame of {} × {} is too large to render here (at most {} MiB decoded)",
+            inst.columns.unwrap_or(0),
+            inst.rows.unwrap_or(0),
+            MAX_DECODED_FRAME >> 20
+        )));
+    }
+    // The place is taken before anything is read: waiting requests hold no
+    // pixels.
+    let permit = hub.imaging.permit().await.map_err(|e| match e {
+        ImagingError::Busy => WebError::Unavailable(e.to_string()),
+        other => WebError::Internal(other.to_string()),
+    })?;
     let object = hub.store.reader(&inst.object_key).await?;
-    let source = if let Some(ranges) = layout.frames.get(frame as usize - 1) {
-        // Everything before the frame's first byte holds the header.
-        let start = ranges.iter().map(|r| r.0).min().unwrap_or(0);
-        let head = object.read_range(0..start).await?;
+    let source = if layout.frames.is_empty() {
+        // Frames not addressable by byte range (Deflated, bit-packed): the
+        // whole object, if it is small enough to hold.
+        let pixels = frame_size.saturating_mul(frames);
+        if inst.size > MAX_WHOLE_OBJECT || pixels > MAX_WHOLE_OBJECT {
+            return Err(WebError::NotAcceptable(format!(
+                "frames of this {} object cannot be read one at a time, and it is too large \
+                 to decode whole for a picture",
+                inst.transfer_syntax
+            )));
+        }
+        Source {
+            head: object.read_range(0..inst.size).await?,
+            frame: Vec::new(),
+            encapsulated: layout.encapsulated,
+            number: frame,
+            // The pixels plus room for the rest of the data set.
+            inflate_limit: pixels + (16 << 20),
+        }
+    } else {
+        let Some(ranges) = layout.frames.get(frame as usize - 1) else {
+            return Err(WebError::bad_request(format!(
+                "frame {frame} cannot be found in the stored pixel data ({} addressable)",
+                layout.frames.len()
+            )));
+        };
+        // The header is everything before the first frame's bytes (the
+        // Pixel Data element's own header included).
+        let head_end = layout.frames[0].iter().map(|r| r.0).min().unwrap_or(0);
+        let head = object.read_range(0..head_end).await?;
         let mut parts = Vec::with_capacity(ranges.len());
         for &(off, len) in ranges {
             parts.push(object.read_range(off..off + len).await?);
@@ -243,27 +289,14 @@ async fn picture(
             head,
             frame: parts,
             encapsulated: layout.encapsulated,
-            whole_frame: 0,
+            number: frame,
+            inflate_limit: 0,
         }
-    } else if inst.size <= MAX_WHOLE_OBJECT {
-        Source {
-            head: object.read_range(0..inst.size).await?,
-            frame: Vec::new(),
-            encapsulated: layout.encapsulated,
-            whole_frame: frame - 1,
-        }
-    } else {
-        return Err(WebError::NotAcceptable(format!(
-            "frames of this {} object cannot be read one at a time, and it is too large to \
-             decode whole for a picture",
-            inst.transfer_syntax
-        )));
     };
     let media_type = spec.format.media_type();
-    let job = spec.clone();
     let bytes = hub
         .imaging
-        .run(move || render::render(source, &job))
+        .run_with(permit, move || render::render(source, &spec))
         .await
         .map_err(|e| WebError::Internal(e.to_string()))?
         .map_err(|e| match e {
@@ -388,8 +421,8 @@ pub(super) async fn wado_uri_picture(
         Region {
             x,
             y,
-            width: ((x1 * w).ceil() as u32).saturating_sub(x).max(1),
-            height: ((y1 * h).ceil() as u32).saturating_sub(y).max(1),
+            width: Some(((x1 * w).ceil() as u32).saturating_sub(x).max(1)),
+            height: Some(((y1 * h).ceil() as u32).saturating_sub(y).max(1)),
         }
     });
     let viewport = match (columns, rows) {
@@ -427,17 +460,39 @@ fn format_of(headers: &HeaderMap, quality: u8) -> Result<Format, WebError> {
     if !headers.contains_key(header::ACCEPT) {
         return Ok(Format::Jpeg { quality });
     }
+    // A type refused by name (`image/jpeg;q=0`) is not taken by a wildcard.
+    let refused = refused_types(headers);
+    let allowed = |t: &str| !refused.iter().any(|r| r == t);
     for m in accept_of(headers) {
-        if m.covers("image/jpeg") {
+        if m.covers("image/jpeg") && allowed("image/jpeg") {
             return Ok(Format::Jpeg { quality });
         }
-        if m.covers("image/png") {
+        if m.covers("image/png") && allowed("image/png") {
             return Ok(Format::Png);
         }
     }
     Err(WebError::NotAcceptable(
         "pictures are available as image/jpeg and image/png".into(),
     ))
+}
+
+/// Media types an `Accept` header names with `q=0`.
+fn refused_types(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|range| {
+            let mut parts = range.split(';');
+            let essence = parts.next()?.trim().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .and_then(|(_, v)| v.trim().parse::<f32>().ok())?;
+            (q == 0.0).then_some(essence)
+        })
+        .collect()
 }
 
 /// The request's parameters (PS3.18 §8.3.5.1): `viewport`, `window`,
@@ -512,12 +567,20 @@ fn parse_viewport(value: &str) -> Result<(Option<(u32, u32)>, Option<Region>), W
     if vw == 0 || vh == 0 || vw > MAX_VIEWPORT || vh > MAX_VIEWPORT {
         return Err(bad());
     }
+    // sx, sy default to 0; sw, sh to the rest of the frame (PS3.18).
     let region = if parts.len() == 6 {
+        let or_default = |s: &str| -> Result<Option<u32>, WebError> {
+            if s.is_empty() {
+                Ok(None)
+            } else {
+                number(s).map(Some)
+            }
+        };
         Some(Region {
-            x: number(parts[2])?,
-            y: number(parts[3])?,
-            width: number(parts[4])?,
-            height: number(parts[5])?,
+            x: or_default(parts[2])?.unwrap_or(0),
+            y: or_default(parts[3])?.unwrap_or(0),
+            width: or_default(parts[4])?,
+            height: or_default(parts[5])?,
         })
     } else {
         None
@@ -568,8 +631,18 @@ mod tests {
             Some(Region {
                 x: 10,
                 y: 20,
-                width: 30,
-                height: 40
+                width: Some(30),
+                height: Some(40)
+            })
+        );
+        let (_, r) = parse_viewport("64,48,,,30,").unwrap();
+        assert_eq!(
+            r,
+            Some(Region {
+                x: 0,
+                y: 0,
+                width: Some(30),
+                height: None
             })
         );
         for bad in ["0,10", "10", "10,10,1,1,-5,5", "99999,1", "a,b"] {
@@ -597,10 +670,31 @@ mod tests {
             spec_of(Kind::Rendered, &png, None).unwrap().format,
             Format::Png
         );
+        let mut no_jpeg = HeaderMap::new();
+        no_jpeg.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("image/jpeg;q=0, */*"),
+        );
+        assert_eq!(
+            spec_of(Kind::Rendered, &no_jpeg, None).unwrap().format,
+            Format::Png
+        );
         let mut gif = HeaderMap::new();
         gif.insert(header::ACCEPT, HeaderValue::from_static("image/gif"));
         assert!(spec_of(Kind::Rendered, &gif, None).is_err());
-        assert!(is_video("1.2.840.10008.1.2.4.102"));
-        assert!(!is_video("1.2.840.10008.1.2.4.50"));
+        for video in [
+            "1.2.840.10008.1.2.4.102",
+            "1.2.840.10008.1.2.4.100.1",
+            "1.2.3",
+        ] {
+            assert!(!render::can_render(video), "{video}");
+        }
+        for picture in [
+            "1.2.840.10008.1.2.4.50",
+            "1.2.840.10008.1.2.4.201",
+            "1.2.840.10008.1.2.5",
+        ] {
+            assert!(render::can_render(picture), "{picture}");
+        }
     }
 }
