@@ -458,9 +458,23 @@ fn encode(picture: &DynamicImage, format: Format) -> Result<Vec<u8>, RenderError
     let mut out = Vec::new();
     let encoded = match format {
         Format::Jpeg { quality } => {
-            let encoder =
-                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100));
-            picture.write_with_encoder(encoder)
+            let (data, color) = match picture {
+                DynamicImage::ImageLuma8(p) => (p.as_raw(), jpeg_encoder::ColorType::Luma),
+                DynamicImage::ImageRgb8(p) => (p.as_raw(), jpeg_encoder::ColorType::Rgb),
+                _ => return Err(RenderError::Encode("pictures are 8-bit grey or RGB".into())),
+            };
+            let (Ok(w), Ok(h)) = (
+                u16::try_from(picture.width()),
+                u16::try_from(picture.height()),
+            ) else {
+                return Err(RenderError::Encode(
+                    "JPEG pictures are at most 65,535 pixels each way".into(),
+                ));
+            };
+            return jpeg_encoder::Encoder::new(&mut out, quality.clamp(1, 100))
+                .encode(data, w, h, color)
+                .map(|()| out)
+                .map_err(|e| RenderError::Encode(e.to_string()));
         }
         Format::Png => {
             let encoder = image::codecs::png::PngEncoder::new(&mut out);
