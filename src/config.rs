@@ -68,6 +68,28 @@ pub struct ServerConfig {
     pub max_pdu_length: u32,
     /// Seconds an association may stay silent before it is aborted.
     pub association_timeout_secs: u64,
+    /// DICOM over TLS (PS3.15 Annex B) on a port of its own; off when absent.
+    pub tls: Option<DicomTlsConfig>,
+}
+
+/// `[server.tls]`: the DICOM TLS listener (BCP 195: TLS 1.2 and 1.3 only).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DicomTlsConfig {
+    /// Port of the TLS listener (2762 is DICOM's registered TLS port).
+    #[serde(default = "dicom_tls_port")]
+    pub port: u16,
+    /// The server's certificate chain, PEM.
+    pub certificate_file: std::path::PathBuf,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub private_key_file: std::path::PathBuf,
+    /// CA certificates (PEM) that issue the senders' client certificates:
+    /// when set, every TLS association must present one (mutual TLS).
+    pub client_ca_file: Option<std::path::PathBuf>,
+}
+
+fn dicom_tls_port() -> u16 {
+    2762
 }
 
 impl Default for ServerConfig {
@@ -80,6 +102,7 @@ impl Default for ServerConfig {
             max_associations: 64,
             max_pdu_length: 131_072,
             association_timeout_secs: 60,
+            tls: None,
         }
     }
 }
@@ -279,6 +302,12 @@ pub struct InstitutionConfig {
     /// show the requester's ID either way (PS3.4 matching needs it).
     #[serde(default = "yes")]
     pub coerce_patient_ids: bool,
+    /// SHA-256 fingerprints (hex) of the client certificates its senders
+    /// present over DICOM TLS. When set, its AE titles are accepted only
+    /// over TLS with one of these certificates (needs
+    /// `server.tls.client_ca_file`).
+    #[serde(default)]
+    pub tls_certificate_sha256: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -325,6 +354,48 @@ impl Config {
                 "server.association_timeout_secs",
                 "must be at least 1",
             ));
+        }
+        if let Some(tls) = &self.server.tls {
+            for (key, file) in [
+                ("server.tls.certificate_file", Some(&tls.certificate_file)),
+                ("server.tls.private_key_file", Some(&tls.private_key_file)),
+                ("server.tls.client_ca_file", tls.client_ca_file.as_ref()),
+            ] {
+                if let Some(f) = file
+                    && !f.is_file()
+                {
+                    return Err(invalid(
+                        key,
+                        format!("{} is not a readable file", f.display()),
+                    ));
+                }
+            }
+        }
+        for (i, inst) in self.institutions.iter().enumerate() {
+            if inst.tls_certificate_sha256.is_empty() {
+                continue;
+            }
+            let key = format!("institution[{i}].tls_certificate_sha256");
+            if self
+                .server
+                .tls
+                .as_ref()
+                .is_none_or(|t| t.client_ca_file.is_none())
+            {
+                return Err(invalid(
+                    key,
+                    "needs DICOM TLS with client certificates (server.tls.client_ca_file)",
+                ));
+            }
+            if let Some(bad) = inst.tls_certificate_sha256.iter().find(|f| {
+                let f = f.replace(':', "");
+                f.len() != 64 || !f.chars().all(|c| c.is_ascii_hexdigit())
+            }) {
+                return Err(invalid(
+                    key,
+                    format!("{bad:?} is not a SHA-256 fingerprint (64 hex digits, colons allowed)"),
+                ));
+            }
         }
         if !(4096..=16 << 20).contains(&self.server.max_pdu_length) {
             return Err(invalid(
@@ -470,6 +541,7 @@ mod tests {
                 issuer_of_patient_id: code.into(),
                 ae_titles: vec!["SAME".into()],
                 coerce_patient_ids: true,
+                tls_certificate_sha256: Vec::new(),
             });
         }
         let e = c.validate().unwrap_err().to_string();

@@ -63,6 +63,8 @@ pub struct Hub {
 /// A running server: its bound addresses and the switch that stops it.
 pub struct Running {
     pub dicom_addr: SocketAddr,
+    /// The DICOM TLS listener's address, when configured.
+    pub dicom_tls_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     pub shutdown: CancellationToken,
     pub tasks: tokio::task::JoinSet<()>,
@@ -135,6 +137,23 @@ impl Hub {
         let running_dicom = dicom
             .local_addr()
             .map_err(|e| HubError::Other(e.to_string()))?;
+        // DICOM over TLS: its material is read (and checked) before serving.
+        let dicom_tls = match &s.tls {
+            None => None,
+            Some(t) => {
+                let material =
+                    dimse::tls::TlsMaterial::load(t).map_err(|e| HubError::Other(e.to_string()))?;
+                let addr = SocketAddr::new(s.bind, t.port);
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| HubError::Bind { addr, source })?;
+                Some((listener, Arc::new(material)))
+            }
+        };
+        let running_dicom_tls = match &dicom_tls {
+            Some((l, _)) => Some(l.local_addr().map_err(|e| HubError::Other(e.to_string()))?),
+            None => None,
+        };
         let running_http = http
             .local_addr()
             .map_err(|e| HubError::Other(e.to_string()))?;
@@ -151,12 +170,18 @@ impl Hub {
             max_pdu_length: s.max_pdu_length,
             timeout: Duration::from_secs(s.association_timeout_secs),
         });
-        tasks.spawn(dimse::serve(
-            dicom,
-            ctx,
-            s.max_associations,
-            shutdown.clone(),
-        ));
+        // One limit for both listeners.
+        let slots = Arc::new(tokio::sync::Semaphore::new(s.max_associations));
+        if let Some((listener, material)) = dicom_tls {
+            tasks.spawn(dimse::serve(
+                listener,
+                ctx.clone(),
+                slots.clone(),
+                Some(material),
+                shutdown.clone(),
+            ));
+        }
+        tasks.spawn(dimse::serve(dicom, ctx, slots, None, shutdown.clone()));
 
         // Superseded copies whose deletion was cut off (a stop, a crash, a
         // failing store): swept now and then, beside the stores.
@@ -194,11 +219,12 @@ impl Hub {
             }
         });
         tracing::info!(
-            dicom = %running_dicom, http = %running_http, ae_title = %s.ae_title,
+            dicom = %running_dicom, dicom_tls = ?running_dicom_tls, http = %running_http, ae_title = %s.ae_title,
             store = self.store.describe(), "tsunagu serving"
         );
         Ok(Running {
             dicom_addr: running_dicom,
+            dicom_tls_addr: running_dicom_tls,
             http_addr: running_http,
             shutdown,
             tasks,

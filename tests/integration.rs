@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod consent;
 mod consent_model;
+mod dicom_tls;
 mod dicomweb;
 mod dicomweb_peers;
 mod dimse;

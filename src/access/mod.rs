@@ -20,6 +20,9 @@ pub struct Institution {
     pub issuer_of_patient_id: String,
     /// Its users see other institutions' objects under their own patient IDs.
     pub coerce_patient_ids: bool,
+    /// Fingerprints (SHA-256, lower-case hex) of the client certificates its
+    /// senders must present; empty: calling AE title alone, TLS or not.
+    pub tls_certificates: Vec<String>,
 }
 
 /// The configured institutions, looked up by code or calling AE title.
@@ -38,6 +41,11 @@ impl Institutions {
                 name: c.name.clone(),
                 issuer_of_patient_id: c.issuer_of_patient_id.clone(),
                 coerce_patient_ids: c.coerce_patient_ids,
+                tls_certificates: c
+                    .tls_certificate_sha256
+                    .iter()
+                    .map(|f| f.replace(':', "").to_ascii_lowercase())
+                    .collect(),
             });
             for ae in &c.ae_titles {
                 me.by_ae.insert(ae.trim().to_string(), inst.clone());

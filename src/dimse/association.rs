@@ -64,15 +64,29 @@ enum Sink {
     },
 }
 
-/// Serve one accepted TCP connection until it ends.
-pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) {
+/// Serve one accepted TCP connection until it ends: plain DICOM, or DICOM
+/// over TLS when `tls` is given (the handshake first).
+pub async fn serve(
+    ctx: Arc<DimseContext>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    tls: Option<Arc<super::tls::TlsMaterial>>,
+) {
     let decided = Arc::new(OnceLock::new());
     let refused = Arc::new(OnceLock::new());
+    let client = Arc::new(OnceLock::new());
+    let transport = match tls {
+        Some(_) => gate::Transport::Tls {
+            client: client.clone(),
+        },
+        None => gate::Transport::Plain,
+    };
     let mut options = ServerAssociationOptions::new()
         .ae_access_control(gate::SenderGate {
             institutions: ctx.institutions.clone(),
             decided: decided.clone(),
             refused: refused.clone(),
+            transport,
         })
         .ae_title(ctx.ae_title.clone())
         .max_pdu_length(ctx.max_pdu_length)
@@ -85,26 +99,64 @@ pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) 
     }
     // ARTIM (PS3.8 §9.1.5): a connection that does not complete its
     // A-ASSOCIATE-RQ soon is closed, so that idle connections hold no
-    // association slot for the whole association timeout.
+    // association slot for the whole association timeout (the TLS
+    // handshake included).
     let artim = ctx.timeout.min(ARTIM_MAX);
-    let Ok(established) = tokio::time::timeout(artim, options.establish_async(socket)).await else {
+    match tls {
+        None => {
+            let established = tokio::time::timeout(artim, options.establish_async(socket)).await;
+            established_then_run(ctx, established, artim, &decided, &refused, peer).await;
+        }
+        Some(material) => {
+            let config = match material.server_config(client) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(%peer, error = %e, "no TLS configuration for this connection");
+                    return;
+                }
+            };
+            let options = options.tls_config(config);
+            let established =
+                tokio::time::timeout(artim, options.establish_tls_async(socket)).await;
+            established_then_run(ctx, established, artim, &decided, &refused, peer).await;
+        }
+    }
+}
+
+/// After negotiation: refused (audited) or served until it ends.
+async fn established_then_run<S>(
+    ctx: Arc<DimseContext>,
+    established: Result<Result<Assoc<S>, UlError>, tokio::time::error::Elapsed>,
+    artim: Duration,
+    decided: &OnceLock<Arc<Institution>>,
+    refused: &OnceLock<gate::Refusal>,
+    peer: SocketAddr,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    let Ok(established) = established else {
         metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => "artim").increment(1);
         tracing::info!(%peer, ?artim, "no association request in time; connection closed");
         // Refused, perhaps, with the A-ASSOCIATE-RJ not sent in time.
-        gate::audit_refusal(&ctx.audit, &ctx.refusals, &refused, peer);
+        gate::audit_refusal(&ctx.audit, &ctx.refusals, refused, peer);
         return;
     };
     let association = match established {
         Ok(a) => a,
         Err(e) => {
-            // The A-ASSOCIATE-RJ or A-ABORT has already been sent.
+            // The A-ASSOCIATE-RJ or A-ABORT has already been sent (or the
+            // TLS handshake failed).
             let reason = match &e {
                 UlError::Rejected { .. } => "rejected",
+                UlError::TlsHandshake { .. } => "tls_handshake",
                 _ => "negotiation_failed",
             };
             metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => reason).increment(1);
             tracing::info!(%peer, error = %e, "association not established");
-            gate::audit_refusal(&ctx.audit, &ctx.refusals, &refused, peer);
+            if reason == "tls_handshake" {
+                let _ = refused.set(gate::Refusal::tls_handshake());
+            }
+            gate::audit_refusal(&ctx.audit, &ctx.refusals, refused, peer);
             return;
         }
     };
@@ -122,12 +174,12 @@ pub async fn serve(ctx: Arc<DimseContext>, socket: TcpStream, peer: SocketAddr) 
     metrics::gauge!(telemetry::ASSOCIATIONS_ACTIVE).decrement(1.0);
 }
 
-type Assoc = dicom_ul::association::server::AsyncServerAssociation<TcpStream>;
+type Assoc<S> = dicom_ul::association::server::AsyncServerAssociation<S>;
 
 /// The state of one established association.
-struct Session {
+struct Session<S> {
     ctx: Arc<DimseContext>,
-    assoc: Assoc,
+    assoc: Assoc<S>,
     contexts: Vec<PresentationContextNegotiated>,
     institution: Arc<Institution>,
     calling: String,
@@ -144,13 +196,15 @@ struct Session {
 /// Why an association is aborted (A-ABORT, source service-provider).
 type ProtocolError = &'static str;
 
-async fn run(
+async fn run<S>(
     ctx: Arc<DimseContext>,
-    assoc: Assoc,
+    assoc: Assoc<S>,
     institution: Arc<Institution>,
     calling: String,
     peer: String,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
     let contexts: Vec<PresentationContextNegotiated> = assoc.presentation_contexts().to_vec();
     tracing::info!(
         contexts = contexts
@@ -173,7 +227,10 @@ async fn run(
     session.serve().await;
 }
 
-impl Session {
+impl<S> Session<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
     async fn serve(&mut self) {
         loop {
             let incoming =

@@ -19,6 +19,17 @@ pub(super) struct SenderGate {
     pub(super) institutions: Arc<Institutions>,
     pub(super) decided: Arc<OnceLock<Arc<Institution>>>,
     pub(super) refused: Arc<OnceLock<Refusal>>,
+    pub(super) transport: Transport,
+}
+
+/// How the association arrived.
+pub(super) enum Transport {
+    Plain,
+    /// Over TLS; the fingerprint of the client certificate verified in the
+    /// handshake, if one was asked for.
+    Tls {
+        client: Arc<OnceLock<String>>,
+    },
 }
 
 /// How often a refusal like another is recorded: anyone who reaches the
@@ -65,12 +76,25 @@ impl RefusalLog {
 }
 
 /// Why the gate refused an association, for the audit trail.
-pub(super) struct Refusal {
+pub(crate) struct Refusal {
     calling: String,
     called: String,
     /// The calling AE's institution, when only the called AE was wrong.
     institution: Option<String>,
     reason: &'static str,
+}
+
+impl Refusal {
+    /// A TLS connection that failed its handshake: no client certificate,
+    /// one of another CA, or no TLS at all. No AE title was read.
+    pub(super) fn tls_handshake() -> Self {
+        Self {
+            calling: String::new(),
+            called: String::new(),
+            institution: None,
+            reason: "TLS handshake failed (no client certificate, another CA's, or no TLS)",
+        }
+    }
 }
 
 impl AccessControl for SenderGate {
@@ -96,6 +120,24 @@ impl AccessControl for SenderGate {
         if called_ae_title.trim() != this_ae_title.trim() {
             refuse(Some(&inst), "called AE title not recognized");
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+        }
+        // An institution that named its certificates is believed only with
+        // one of them: its AE title alone is anyone's claim.
+        if !inst.tls_certificates.is_empty() {
+            let presented = match &self.transport {
+                Transport::Plain => {
+                    refuse(Some(&inst), "this sender must use DICOM TLS");
+                    return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+                }
+                Transport::Tls { client } => client.get(),
+            };
+            if !presented.is_some_and(|f| inst.tls_certificates.contains(f)) {
+                refuse(
+                    Some(&inst),
+                    "client certificate is not one of the calling institution's",
+                );
+                return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+            }
         }
         let _ = self.decided.set(inst);
         Ok(())

@@ -8,6 +8,7 @@ pub mod command;
 mod gate;
 mod pdata;
 pub mod status;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -25,13 +26,16 @@ pub use association::DimseContext;
 use crate::telemetry;
 
 /// Accept associations until `shutdown` fires.
+/// `slots` is shared by the plain and the TLS listener; `tls`: this one is
+/// the TLS listener.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<DimseContext>,
-    max_associations: usize,
+    slots: Arc<Semaphore>,
+    tls: Option<Arc<tls::TlsMaterial>>,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(max_associations));
+    let max_associations = slots.available_permits();
     // Rejections in progress (each answers and waits briefly for the peer
     // to close): bounded, so a flood of connections cannot hold every file
     // descriptor; beyond it a connection is simply closed.
@@ -53,9 +57,9 @@ pub async fn serve(
         let _ = socket.set_nodelay(true);
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
-                let ctx = ctx.clone();
+                let (ctx, tls) = (ctx.clone(), tls.clone());
                 tokio::spawn(async move {
-                    association::serve(ctx, socket, peer).await;
+                    association::serve(ctx, socket, peer, tls).await;
                     drop(permit);
                 });
             }
@@ -63,6 +67,11 @@ pub async fn serve(
                 metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => "limit")
                     .increment(1);
                 tracing::warn!(%peer, max_associations, "association limit reached; rejecting (transient)");
+                // Over TLS an A-ASSOCIATE-RJ would need a handshake first:
+                // the connection is closed.
+                if tls.is_some() {
+                    continue;
+                }
                 if let Ok(permit) = rejecting.clone().try_acquire_owned() {
                     tokio::spawn(async move {
                         reject_busy(socket).await;

@@ -230,6 +230,7 @@ pub fn three_hospitals() -> Vec<InstitutionConfig> {
             issuer_of_patient_id: format!("HOSP{i}"),
             ae_titles: vec![format!("HOSP{i}"), format!("HOSP{i}_B")],
             coerce_patient_ids: true,
+            tls_certificate_sha256: Vec::new(),
         })
         .collect()
 }
