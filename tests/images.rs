@@ -111,28 +111,36 @@ fn difference(a: &[u8], b: &[u8]) -> (u8, f64) {
     (max, sum as f64 / a.len().max(1) as f64)
 }
 
+/// A hub holding the whole corpus (and the files `extra` makes from it) as
+/// HOSP1's, with the corpus files by name.
+async fn hub_with_corpus(
+    extra: impl FnOnce(&HashMap<String, PathBuf>) -> Vec<PathBuf>,
+) -> Option<(TestHub, HashMap<String, PathBuf>)> {
+    let corpus = common::corpus()?;
+    let hub = TestHub::start(Backend::Local).await?;
+    let by_name: HashMap<String, PathBuf> = corpus
+        .iter()
+        .map(|(p, _)| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                p.clone(),
+            )
+        })
+        .collect();
+    let mut files: Vec<PathBuf> = corpus.into_iter().map(|(p, _)| p).collect();
+    files.extend(extra(&by_name));
+    hub.import("HOSP1", files).await;
+    Some((hub, by_name))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rendered_pictures_match_pydicom_in_every_transfer_syntax() {
     let Some(py) = common::python_with("pydicom") else {
         return;
     };
-    let Some(corpus) = common::corpus() else {
+    let Some((hub, by_name)) = hub_with_corpus(|_| Vec::new()).await else {
         return;
     };
-    let Some(hub) = TestHub::start(Backend::Local).await else {
-        return;
-    };
-    hub.import("HOSP1", corpus.iter().map(|(p, _)| p.clone()).collect())
-        .await;
-    let by_name: HashMap<String, PathBuf> = corpus
-        .iter()
-        .map(|(p, _)| {
-            (
-                p.file_name().unwrap().to_str().unwrap().to_string(),
-                p.clone(),
-            )
-        })
-        .collect();
     let file = |name: &str| by_name[name].clone();
     let png = "image/png";
 
@@ -263,33 +271,19 @@ async fn rendered_pictures_match_pydicom_in_every_transfer_syntax() {
 /// (no Python needed), and per-frame rescale of an enhanced multi-frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pictures_are_fitted_refused_and_hidden_like_retrieves() {
-    let Some(corpus) = common::corpus() else {
-        return;
-    };
-    let Some(hub) = TestHub::start(Backend::Local).await else {
-        return;
-    };
     let work = tempfile::tempdir().unwrap();
-    let enhanced = two_frames_with_their_own_rescale(
-        &corpus
-            .iter()
-            .find(|(p, _)| p.ends_with("ct16_explicit_le.dcm"))
-            .unwrap()
-            .0,
-        work.path(),
-    );
-    let mut files: Vec<PathBuf> = corpus.iter().map(|(p, _)| p.clone()).collect();
-    files.push(enhanced.clone());
-    hub.import("HOSP1", files).await;
-    let by_name: HashMap<String, PathBuf> = corpus
-        .iter()
-        .map(|(p, _)| {
-            (
-                p.file_name().unwrap().to_str().unwrap().to_string(),
-                p.clone(),
-            )
-        })
-        .collect();
+    let dir = work.path().to_path_buf();
+    let Some((hub, by_name)) = hub_with_corpus(|by_name| {
+        vec![two_frames_with_their_own_rescale(
+            &by_name["ct16_explicit_le.dcm"],
+            &dir,
+        )]
+    })
+    .await
+    else {
+        return;
+    };
+    let enhanced = dir.join("enhanced.dcm");
     let file = |name: &str| by_name[name].clone();
     let png = "image/png";
 

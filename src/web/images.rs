@@ -3,6 +3,7 @@
 //! Visibility and audit are those of a retrieve: what the caller may not see
 //! is 404 before anything is read.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{RawQuery, State};
@@ -47,58 +48,42 @@ enum Kind {
     Thumbnail,
 }
 
-/// `GET …/instances/{i}/rendered`: the first frame.
-pub async fn rendered_instance(
+/// `GET …/instances/{i}/rendered` (the first frame) and
+/// `…/instances/{i}/frames/{n}/rendered`.
+pub async fn rendered(
     State(hub): State<Arc<Hub>>,
     caller: Caller,
     headers: HeaderMap,
-    PathParams((study, series, instance)): PathParams<(String, String, String)>,
+    PathParams(path): PathParams<HashMap<String, String>>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, WebError> {
     let spec = spec_of(Kind::Rendered, &headers, query.as_deref())?;
-    let inst = visible_instance(&hub, &caller, &study, &series, &instance).await?;
-    picture(&hub, inst, 1, spec).await
+    instance_picture(&hub, &caller, &path, spec).await
 }
 
-/// `GET …/instances/{i}/frames/{n}/rendered`: one frame.
-pub async fn rendered_frame(
+/// `GET …/instances/{i}/thumbnail` and `…/instances/{i}/frames/{n}/thumbnail`.
+pub async fn thumbnail(
     State(hub): State<Arc<Hub>>,
     caller: Caller,
     headers: HeaderMap,
-    PathParams((study, series, instance, list)): PathParams<(String, String, String, String)>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, WebError> {
-    let frame = one_frame(&list)?;
-    let spec = spec_of(Kind::Rendered, &headers, query.as_deref())?;
-    let inst = visible_instance(&hub, &caller, &study, &series, &instance).await?;
-    picture(&hub, inst, frame, spec).await
-}
-
-/// `GET …/instances/{i}/thumbnail`
-pub async fn thumbnail_instance(
-    State(hub): State<Arc<Hub>>,
-    caller: Caller,
-    headers: HeaderMap,
-    PathParams((study, series, instance)): PathParams<(String, String, String)>,
+    PathParams(path): PathParams<HashMap<String, String>>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, WebError> {
     let spec = spec_of(Kind::Thumbnail, &headers, query.as_deref())?;
-    let inst = visible_instance(&hub, &caller, &study, &series, &instance).await?;
-    picture(&hub, inst, 1, spec).await
+    instance_picture(&hub, &caller, &path, spec).await
 }
 
-/// `GET …/instances/{i}/frames/{n}/thumbnail`
-pub async fn thumbnail_frame(
-    State(hub): State<Arc<Hub>>,
-    caller: Caller,
-    headers: HeaderMap,
-    PathParams((study, series, instance, list)): PathParams<(String, String, String, String)>,
-    RawQuery(query): RawQuery,
+/// The picture of the instance (and frame, default 1) a path names.
+async fn instance_picture(
+    hub: &Arc<Hub>,
+    caller: &Caller,
+    path: &HashMap<String, String>,
+    spec: Spec,
 ) -> Result<Response, WebError> {
-    let frame = one_frame(&list)?;
-    let spec = spec_of(Kind::Thumbnail, &headers, query.as_deref())?;
-    let inst = visible_instance(&hub, &caller, &study, &series, &instance).await?;
-    picture(&hub, inst, frame, spec).await
+    let frame = path.get("frames").map(|f| one_frame(f)).transpose()?;
+    let uid = |k: &str| path.get(k).map(String::as_str).unwrap_or_default();
+    let inst = visible_instance(hub, caller, uid("study"), uid("series"), uid("instance")).await?;
+    picture(hub, inst, frame.unwrap_or(1), spec).await
 }
 
 /// `GET /studies/{s}/series/{r}/thumbnail`: its representative instance.

@@ -162,19 +162,19 @@ pub fn router(hub: Arc<Hub>) -> Router {
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/rendered",
-            get(images::rendered_instance).options(capabilities::options),
+            get(images::rendered).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
-            get(images::rendered_frame).options(capabilities::options),
+            get(images::rendered).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/thumbnail",
-            get(images::thumbnail_instance).options(capabilities::options),
+            get(images::thumbnail).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/thumbnail",
-            get(images::thumbnail_frame).options(capabilities::options),
+            get(images::thumbnail).options(capabilities::options),
         )
         .route(
             "/studies/{study}/series/{series}/thumbnail",
