@@ -96,6 +96,17 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Config {
             action: ConfigAction::Check,
         } => {
+            // Certificates and keys are read and matched as `serve` would.
+            if let Some(t) = &config.server.tls
+                && let Err(e) = crate::dimse::tls::TlsMaterial::load(t)
+            {
+                return fail(e);
+            }
+            if let Some(t) = &config.server.http_tls
+                && let Err(e) = crate::web::https::server_config(t)
+            {
+                return fail(e);
+            }
             println!("{}", config.to_masked_toml());
             ExitCode::SUCCESS
         }

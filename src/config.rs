@@ -70,6 +70,18 @@ pub struct ServerConfig {
     pub association_timeout_secs: u64,
     /// DICOM over TLS (PS3.15 Annex B) on a port of its own; off when absent.
     pub tls: Option<DicomTlsConfig>,
+    /// HTTPS on `http_port` instead of plain HTTP; off when absent.
+    pub http_tls: Option<HttpTlsConfig>,
+}
+
+/// `[server.http_tls]`: the HTTP listener speaks TLS 1.2/1.3 only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTlsConfig {
+    /// The server's certificate chain, PEM.
+    pub certificate_file: std::path::PathBuf,
+    /// Its private key, PEM.
+    pub private_key_file: std::path::PathBuf,
 }
 
 /// `[server.tls]`: the DICOM TLS listener (BCP 195: TLS 1.2 and 1.3 only).
@@ -103,6 +115,7 @@ impl Default for ServerConfig {
             max_pdu_length: 131_072,
             association_timeout_secs: 60,
             tls: None,
+            http_tls: None,
         }
     }
 }
@@ -371,7 +384,41 @@ impl Config {
                 }
             }
         }
+        if let Some(tls) = &self.server.http_tls {
+            for (key, f) in [
+                ("server.http_tls.certificate_file", &tls.certificate_file),
+                ("server.http_tls.private_key_file", &tls.private_key_file),
+            ] {
+                if !f.is_file() {
+                    return Err(invalid(
+                        key,
+                        format!("{} is not a readable file", f.display()),
+                    ));
+                }
+            }
+        }
+        if let Some(tls) = &self.server.tls
+            && tls.port != 0
+            && (tls.port == self.server.dicom_port || tls.port == self.server.http_port)
+        {
+            return Err(invalid(
+                "server.tls.port",
+                "must differ from server.dicom_port and server.http_port",
+            ));
+        }
+        let mut pinned: std::collections::HashMap<String, &str> = Default::default();
         for (i, inst) in self.institutions.iter().enumerate() {
+            for f in &inst.tls_certificate_sha256 {
+                let f = f.replace(':', "").to_ascii_lowercase();
+                if let Some(other) = pinned.insert(f.clone(), &inst.code)
+                    && other != inst.code
+                {
+                    return Err(invalid(
+                        format!("institution[{i}].tls_certificate_sha256"),
+                        format!("{f} is already the certificate of institution {other}"),
+                    ));
+                }
+            }
             if inst.tls_certificate_sha256.is_empty() {
                 continue;
             }

@@ -176,12 +176,18 @@ impl Hub {
             tasks.spawn(dimse::serve(
                 listener,
                 ctx.clone(),
-                slots.clone(),
+                (slots.clone(), s.max_associations),
                 Some(material),
                 shutdown.clone(),
             ));
         }
-        tasks.spawn(dimse::serve(dicom, ctx, slots, None, shutdown.clone()));
+        tasks.spawn(dimse::serve(
+            dicom,
+            ctx,
+            (slots, s.max_associations),
+            None,
+            shutdown.clone(),
+        ));
 
         // Superseded copies whose deletion was cut off (a stop, a crash, a
         // failing store): swept now and then, beside the stores.
@@ -205,19 +211,41 @@ impl Hub {
 
         let app = web::router(self.clone());
         let stop = shutdown.clone();
-        tasks.spawn(async move {
-            use axum::serve::ListenerExt;
-            let listener = http.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-            {
-                tracing::error!(error = %e, "HTTP server stopped");
+        match &s.http_tls {
+            None => {
+                tasks.spawn(async move {
+                    use axum::serve::ListenerExt;
+                    let listener = http.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
+                    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+                    if let Err(e) = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stop.cancelled().await })
+                        .await
+                    {
+                        tracing::error!(error = %e, "HTTP server stopped");
+                    }
+                });
             }
-        });
+            Some(t) => {
+                let config =
+                    web::https::server_config(t).map_err(|e| HubError::Other(e.to_string()))?;
+                let listener = web::https::TlsListener::start(http, config, shutdown.clone())
+                    .map_err(|e| HubError::Other(e.to_string()))?;
+                tasks.spawn(async move {
+                    use axum::serve::ListenerExt;
+                    // (tap_io: the peer address as ConnectInfo, as for TCP)
+                    let listener = listener.tap_io(|_| {});
+                    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+                    if let Err(e) = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stop.cancelled().await })
+                        .await
+                    {
+                        tracing::error!(error = %e, "HTTPS server stopped");
+                    }
+                });
+            }
+        }
         tracing::info!(
             dicom = %running_dicom, dicom_tls = ?running_dicom_tls, http = %running_http, ae_title = %s.ae_title,
             store = self.store.describe(), "tsunagu serving"

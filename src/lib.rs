@@ -26,4 +26,5 @@ pub mod index;
 pub mod ingest;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod web;

@@ -61,6 +61,15 @@ impl Institutions {
         self.by_ae.get(calling.trim()).cloned()
     }
 
+    /// The institution whose senders present the certificate with this
+    /// fingerprint (lower-case hex), if one named it.
+    pub fn by_certificate(&self, fingerprint: &str) -> Option<Arc<Institution>> {
+        self.by_code
+            .values()
+            .find(|i| i.tls_certificates.iter().any(|f| f == fingerprint))
+            .cloned()
+    }
+
     pub fn by_code(&self, code: &str) -> Option<Arc<Institution>> {
         self.by_code.get(code).cloned()
     }

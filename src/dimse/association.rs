@@ -153,8 +153,10 @@ async fn established_then_run<S>(
             };
             metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => reason).increment(1);
             tracing::info!(%peer, error = %e, "association not established");
-            if reason == "tls_handshake" {
-                let _ = refused.set(gate::Refusal::tls_handshake());
+            if let UlError::TlsHandshake { source, .. } = &e
+                && let Some(r) = gate::Refusal::tls_handshake(source)
+            {
+                let _ = refused.set(r);
             }
             gate::audit_refusal(&ctx.audit, &ctx.refusals, refused, peer);
             return;
@@ -268,6 +270,15 @@ where
                         return;
                     }
                     let _ = self.assoc.send(&Pdu::ReleaseRP).await;
+                    // Flushed and closed in order: over TLS the A-RELEASE-RP
+                    // may still sit in the TLS buffer, and close_notify
+                    // tells the peer nothing was cut.
+                    {
+                        use dicom_ul::association::AsyncAssociation as _;
+                        use tokio::io::AsyncWriteExt;
+                        let (socket, _) = self.assoc.get_mut();
+                        let _ = tokio::time::timeout(ABORT_LINGER, socket.shutdown()).await;
+                    }
                     tracing::info!("association released");
                     return;
                 }

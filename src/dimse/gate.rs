@@ -85,15 +85,29 @@ pub(crate) struct Refusal {
 }
 
 impl Refusal {
-    /// A TLS connection that failed its handshake: no client certificate,
-    /// one of another CA, or no TLS at all. No AE title was read.
-    pub(super) fn tls_handshake() -> Self {
-        Self {
+    /// A TLS connection that failed its handshake (no AE title was read),
+    /// by what rustls saw; `None` for a connection closed before or during
+    /// its hello (a port probe or health check, not a sender).
+    pub(super) fn tls_handshake(e: &std::io::Error) -> Option<Self> {
+        use tokio_rustls::rustls::Error as Tls;
+        let reason = match e.get_ref().and_then(|inner| inner.downcast_ref::<Tls>()) {
+            _ if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+            Some(Tls::NoCertificatesPresented) => "TLS: no client certificate",
+            Some(Tls::InvalidCertificate(_)) => {
+                "TLS: client certificate not accepted (another CA's, expired or revoked)"
+            }
+            Some(Tls::AlertReceived(_)) => "TLS: the client ended the handshake (alert)",
+            Some(Tls::InvalidMessage(_) | Tls::InappropriateMessage { .. }) => {
+                "TLS: the client does not speak TLS"
+            }
+            _ => "TLS handshake failed",
+        };
+        Some(Self {
             calling: String::new(),
             called: String::new(),
             institution: None,
-            reason: "TLS handshake failed (no client certificate, another CA's, or no TLS)",
-        }
+            reason,
+        })
     }
 }
 
@@ -120,6 +134,15 @@ impl AccessControl for SenderGate {
         if called_ae_title.trim() != this_ae_title.trim() {
             refuse(Some(&inst), "called AE title not recognized");
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+        }
+        // A certificate named by one institution speaks for it alone.
+        if let Transport::Tls { client } = &self.transport
+            && let Some(f) = client.get()
+            && let Some(owner) = self.institutions.by_certificate(f)
+            && owner.code != inst.code
+        {
+            refuse(Some(&inst), "client certificate is another institution's");
+            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
         }
         // An institution that named its certificates is believed only with
         // one of them: its AE title alone is anyone's claim.

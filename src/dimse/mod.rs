@@ -31,11 +31,10 @@ use crate::telemetry;
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<DimseContext>,
-    slots: Arc<Semaphore>,
+    (slots, max_associations): (Arc<Semaphore>, usize),
     tls: Option<Arc<tls::TlsMaterial>>,
     shutdown: CancellationToken,
 ) {
-    let max_associations = slots.available_permits();
     // Rejections in progress (each answers and waits briefly for the peer
     // to close): bounded, so a flood of connections cannot hold every file
     // descriptor; beyond it a connection is simply closed.

@@ -4,11 +4,9 @@
 //! presented is kept for the association's gate, which binds it to the
 //! calling AE title's institution (`tls_certificate_sha256`).
 
-use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls_pki_types::{CertificateDer, UnixTime};
 use sha2::{Digest, Sha256};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -16,16 +14,16 @@ use tokio_rustls::rustls::{DigitallySignedStruct, DistinguishedName, SignatureSc
 
 use crate::config::DicomTlsConfig;
 
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("{key}: {reason}")]
-    Material { key: &'static str, reason: String },
-}
+pub use crate::tls::TlsError;
+use crate::tls::{
+    certificates, identity, private_key, provider, server_builder, without_resumption,
+};
 
-/// What every TLS association's configuration is made of, read once.
+/// What every TLS association's configuration is made of, read, parsed
+/// and checked once.
 pub struct TlsMaterial {
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    identity: Arc<rustls::sign::SingleCertAndKey>,
     /// Verifies client certificates against the configured CA.
     clients: Option<Arc<dyn ClientCertVerifier>>,
 }
@@ -33,81 +31,54 @@ pub struct TlsMaterial {
 impl std::fmt::Debug for TlsMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsMaterial")
-            .field("chain", &self.chain.len())
             .field("client_auth", &self.clients.is_some())
             .finish()
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
-fn certificates(key: &'static str, file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bad = |reason: String| TlsError::Material { key, reason };
-    let certs = CertificateDer::pem_file_iter(file)
-        .map_err(|e| bad(format!("{}: {e}", file.display())))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(format!("{}: {e}", file.display())))?;
-    if certs.is_empty() {
-        return Err(bad(format!("{} holds no certificate", file.display())));
-    }
-    Ok(certs)
-}
-
 impl TlsMaterial {
     pub fn load(cfg: &DicomTlsConfig) -> Result<Self, TlsError> {
+        let provider = provider();
         let chain = certificates("server.tls.certificate_file", &cfg.certificate_file)?;
-        let key = PrivateKeyDer::from_pem_file(&cfg.private_key_file).map_err(|e| {
-            TlsError::Material {
-                key: "server.tls.private_key_file",
-                reason: format!("{}: {e}", cfg.private_key_file.display()),
-            }
-        })?;
+        let key = private_key("server.tls.private_key_file", &cfg.private_key_file)?;
+        let identity = identity(chain, key, &provider, "server.tls.private_key_file")?;
         let clients = match &cfg.client_ca_file {
             None => None,
             Some(file) => {
                 let mut roots = rustls::RootCertStore::empty();
                 for cert in certificates("server.tls.client_ca_file", file)? {
-                    roots.add(cert).map_err(|e| TlsError::Material {
+                    roots.add(cert).map_err(|e| TlsError {
                         key: "server.tls.client_ca_file",
                         reason: e.to_string(),
                     })?;
                 }
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                     Arc::new(roots),
-                    provider(),
+                    provider.clone(),
                 )
                 .build()
-                .map_err(|e| TlsError::Material {
+                .map_err(|e| TlsError {
                     key: "server.tls.client_ca_file",
                     reason: e.to_string(),
                 })?;
                 Some(verifier)
             }
         };
-        let me = Self {
-            chain,
-            key,
+        Ok(Self {
+            provider,
+            identity,
             clients,
-        };
-        // The key must match the certificate: found now, not per connection.
-        me.server_config(Arc::new(OnceLock::new()))?;
-        Ok(me)
+        })
     }
 
-    /// One connection's configuration; the fingerprint of the client
-    /// certificate it verifies is set in `seen`.
+    /// One connection's configuration (the verifier is the connection's
+    /// own); the fingerprint of the client certificate it verifies is set
+    /// in `seen`.
     pub fn server_config(
         &self,
         seen: Arc<OnceLock<String>>,
     ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        let builder = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| TlsError::Material {
-                key: "server.tls",
-                reason: e.to_string(),
-            })?;
+        let builder = server_builder(self.provider.clone())?;
         let builder = match &self.clients {
             Some(inner) => builder.with_client_cert_verifier(Arc::new(Recording {
                 inner: inner.clone(),
@@ -115,12 +86,8 @@ impl TlsMaterial {
             })),
             None => builder.with_no_client_auth(),
         };
-        let config = builder
-            .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| TlsError::Material {
-                key: "server.tls.private_key_file",
-                reason: format!("does not fit the certificate: {e}"),
-            })?;
+        let mut config = builder.with_cert_resolver(self.identity.clone());
+        without_resumption(&mut config);
         Ok(Arc::new(config))
     }
 }

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod auth;
 pub mod bulk;
 pub mod capabilities;
+pub mod https;
 pub mod images;
 pub mod json_text;
 pub mod media;
