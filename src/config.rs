@@ -321,6 +321,11 @@ pub struct InstitutionConfig {
     /// `server.tls.client_ca_file`).
     #[serde(default)]
     pub tls_certificate_sha256: Vec<String>,
+    /// Networks (CIDR: `10.1.0.0/16`, `10.1.2.3/32`, `2001:db8::/32`) its
+    /// senders connect from; empty: any address. Applies to DICOM
+    /// associations.
+    #[serde(default)]
+    pub networks: Vec<ipnet::IpNet>,
 }
 
 fn yes() -> bool {
@@ -579,6 +584,32 @@ mod tests {
     }
 
     #[test]
+    fn a_network_that_is_not_cidr_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.toml");
+        std::fs::write(
+            &file,
+            "[[institution]]\ncode = \"A\"\nname = \"A\"\nissuer_of_patient_id = \"A\"\n\
+             networks = [\"10.0.0/8\"]\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(e.contains("networks"), "{e}");
+        std::fs::write(
+            &file,
+            "[[institution]]\ncode = \"A\"\nname = \"A\"\nissuer_of_patient_id = \"A\"\n\
+             networks = [\"10.0.0.0/8\", \"2001:db8::/32\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            Config::load(Some(&file)).unwrap().institutions[0]
+                .networks
+                .len(),
+            2
+        );
+    }
+
+    #[test]
     fn duplicate_ae_title_names_the_key() {
         let mut c = Config::default();
         for code in ["A", "B"] {
@@ -589,6 +620,7 @@ mod tests {
                 ae_titles: vec!["SAME".into()],
                 coerce_patient_ids: true,
                 tls_certificate_sha256: Vec::new(),
+                networks: Vec::new(),
             });
         }
         let e = c.validate().unwrap_err().to_string();

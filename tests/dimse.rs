@@ -599,3 +599,36 @@ async fn unreachable_s3_is_out_of_resources() {
     assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
     assert!(hub.echo("HOSP1"));
 }
+
+/// An institution's networks: its AE titles from anywhere else are refused
+/// (reason 3, audited with the reason), an institution without networks is
+/// reached from anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn senders_outside_their_institutions_networks_are_refused() {
+    let Some(hub) = TestHub::start_with(Backend::Local, |c| {
+        c.institutions[0].networks = vec!["10.0.0.0/8".parse().unwrap()];
+        c.institutions[1].networks = vec![
+            "192.168.0.0/16".parse().unwrap(),
+            "127.0.0.1/32".parse().unwrap(),
+        ];
+    })
+    .await
+    else {
+        return;
+    };
+    assert_eq!(
+        rejection(hub.port(), "HOSP1", "TSUNAGU").await,
+        "Permanent ServiceUser(CallingAETitleNotRecognized)"
+    );
+    assert_eq!(rejection(hub.port(), "HOSP2", "TSUNAGU").await, "accepted");
+    assert_eq!(rejection(hub.port(), "HOSP3", "TSUNAGU").await, "accepted");
+    hub.hub.audit.flush().await;
+    let trail = tsunagu::audit::trail::read_range(hub.hub.index.pool(), 1, 1000)
+        .await
+        .unwrap();
+    assert!(trail.iter().any(|s| {
+        s.event.action == tsunagu::audit::Action::AuthenticateNode
+            && s.event.detail["reason"] == "calling from outside the institution's networks"
+            && s.event.institution == "HOSP1"
+    }));
+}

@@ -23,6 +23,8 @@ pub struct Institution {
     /// Fingerprints (SHA-256, lower-case hex) of the client certificates its
     /// senders must present; empty: calling AE title alone, TLS or not.
     pub tls_certificates: Vec<String>,
+    /// Networks its senders connect from; empty: any.
+    pub networks: Vec<ipnet::IpNet>,
 }
 
 /// The configured institutions, looked up by code or calling AE title.
@@ -46,6 +48,7 @@ impl Institutions {
                     .iter()
                     .map(|f| f.replace(':', "").to_ascii_lowercase())
                     .collect(),
+                networks: c.networks.clone(),
             });
             for ae in &c.ae_titles {
                 me.by_ae.insert(ae.trim().to_string(), inst.clone());

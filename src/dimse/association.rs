@@ -87,6 +87,7 @@ pub async fn serve(
             decided: decided.clone(),
             refused: refused.clone(),
             transport,
+            peer: peer.ip(),
         })
         .ae_title(ctx.ae_title.clone())
         .max_pdu_length(ctx.max_pdu_length)

@@ -20,6 +20,8 @@ pub(super) struct SenderGate {
     pub(super) decided: Arc<OnceLock<Arc<Institution>>>,
     pub(super) refused: Arc<OnceLock<Refusal>>,
     pub(super) transport: Transport,
+    /// Where the connection comes from.
+    pub(super) peer: std::net::IpAddr,
 }
 
 /// How the association arrived.
@@ -134,6 +136,18 @@ impl AccessControl for SenderGate {
         if called_ae_title.trim() != this_ae_title.trim() {
             refuse(Some(&inst), "called AE title not recognized");
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+        }
+        // An IPv4 peer may arrive as an IPv4-mapped IPv6 address.
+        let peer = match self.peer {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(self.peer, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        if !inst.networks.is_empty() && !inst.networks.iter().any(|n| n.contains(&peer)) {
+            refuse(
+                Some(&inst),
+                "calling from outside the institution's networks",
+            );
+            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
         }
         // A certificate named by one institution speaks for it alone.
         if let Transport::Tls { client } = &self.transport

@@ -231,6 +231,7 @@ pub fn three_hospitals() -> Vec<InstitutionConfig> {
             ae_titles: vec![format!("HOSP{i}"), format!("HOSP{i}_B")],
             coerce_patient_ids: true,
             tls_certificate_sha256: Vec::new(),
+            networks: Vec::new(),
         })
         .collect()
 }
