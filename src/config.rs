@@ -246,6 +246,8 @@ pub struct DicomWebConfig {
     pub cors_origins: Vec<String>,
     /// Largest STOW-RS request body, in bytes.
     pub stow_max_bytes: u64,
+    /// STOW-RS requests stored at once; more are answered 503 (retry later).
+    pub stow_max_concurrent: usize,
     /// Most results one QIDO-RS answer returns (`limit` is capped to it).
     pub qido_max_results: u32,
     /// QIDO-RS answer when nothing matches.
@@ -261,6 +263,7 @@ impl Default for DicomWebConfig {
         Self {
             cors_origins: Vec::new(),
             stow_max_bytes: 4 << 30,
+            stow_max_concurrent: 16,
             qido_max_results: 1000,
             qido_empty: EmptySearch::NoContent,
             base_url: None,
@@ -485,6 +488,12 @@ impl Config {
             return Err(invalid(
                 "access.break_glass_hours",
                 format!("must be 1 to {BREAK_GLASS_HOURS_MAX} hours"),
+            ));
+        }
+        if self.dicomweb.stow_max_concurrent == 0 {
+            return Err(invalid(
+                "dicomweb.stow_max_concurrent",
+                "must be at least 1",
             ));
         }
         if self.dicomweb.qido_max_results == 0 {

@@ -56,6 +56,8 @@ pub struct Hub {
     pub clock: Arc<crate::clock::Clock>,
     /// Decoding and encoding pictures (rendered and thumbnail resources).
     pub imaging: crate::imaging::Imaging,
+    /// STOW-RS requests being stored (`dicomweb.stow_max_concurrent`).
+    pub stow_slots: Arc<tokio::sync::Semaphore>,
     /// The HTTP port actually bound (known once `start` ran).
     pub http_port: std::sync::OnceLock<u16>,
 }
@@ -89,6 +91,9 @@ impl Hub {
             clock,
             http_port: std::sync::OnceLock::new(),
             imaging: crate::imaging::Imaging::for_this_machine(),
+            stow_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.dicomweb.stow_max_concurrent,
+            )),
             config,
             store,
             index,

@@ -2148,3 +2148,87 @@ async fn a_stow_body_that_never_reaches_a_part_is_refused() {
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(started.elapsed() >= std::time::Duration::from_secs(1));
 }
+
+/// STOW-RS requests beyond `dicomweb.stow_max_concurrent` are 503 with
+/// Retry-After and a problem body; once the running one ends, stores go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stow_rs_beyond_the_concurrency_limit_is_told_to_retry() {
+    let Some(hub) = TestHub::start_with(common::Backend::Local, |c| {
+        c.dicomweb.stow_max_concurrent = 1;
+    })
+    .await
+    else {
+        return;
+    };
+    let Some(ct) = testfile(CT) else { return };
+    let ct = std::fs::read(ct).unwrap();
+    let ct_type = "multipart/related; type=\"application/dicom\"; boundary=b";
+    // The first upload sends its first part's header and waits.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    tx.send(Ok(
+        b"--b\r\nContent-Type: application/dicom\r\n\r\n".to_vec()
+    ))
+    .await
+    .unwrap();
+    let slow = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    let url = format!("{}/studies", hub.dicomweb());
+    let token = hub.token("HOSP2", Role::Modality);
+    let first = tokio::spawn({
+        let (url, token) = (url.clone(), token.clone());
+        async move {
+            client()
+                .post(url)
+                .bearer_auth(token)
+                .header(CONTENT_TYPE, ct_type)
+                .header(ACCEPT, "application/dicom+json")
+                .body(reqwest::Body::wrap_stream(slow))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    // Once the first holds the one place, a second is refused.
+    for _ in 0..500 {
+        if hub.hub.stow_slots.available_permits() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        hub.hub.stow_slots.available_permits(),
+        0,
+        "the first upload runs"
+    );
+    let refused = client()
+        .post(&url)
+        .bearer_auth(&token)
+        .header(CONTENT_TYPE, ct_type)
+        .header(ACCEPT, "application/dicom+json")
+        .body(multipart("b", &[("application/dicom", &ct)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["status"], 503);
+    assert!(problem["detail"].as_str().unwrap().contains("retry"));
+    // The first upload finishes; then stores are taken again.
+    let mut rest = ct.clone();
+    rest.extend_from_slice(b"\r\n--b--\r\n");
+    tx.send(Ok(rest)).await.unwrap();
+    drop(tx);
+    assert_eq!(first.await.unwrap(), 200);
+    let (status, _) = stow(
+        &hub,
+        Role::Modality,
+        "/studies",
+        ct_type,
+        multipart("b", &[("application/dicom", &ct)]),
+    )
+    .await;
+    assert_eq!(status, 200);
+}

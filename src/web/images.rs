@@ -232,7 +232,7 @@ async fn picture(
     // The place is taken before anything is read: waiting requests hold no
     // pixels.
     let permit = hub.imaging.permit().await.map_err(|e| match e {
-        ImagingError::Busy => WebError::Unavailable(e.to_string()),
+        ImagingError::Busy => WebError::Busy(e.to_string()),
         other => WebError::Internal(other.to_string()),
     })?;
     let object = hub.store.reader(&inst.object_key).await?;

@@ -36,6 +36,9 @@ pub enum WebError {
     RangeNotSatisfiable(u64),
     #[error("{0}")]
     Unavailable(String),
+    /// A limit of ours is reached: the client should retry shortly.
+    #[error("{0}")]
+    Busy(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -53,7 +56,7 @@ impl WebError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -120,6 +123,10 @@ impl IntoResponse for WebError {
             if let Ok(v) = HeaderValue::from_str(&challenge) {
                 resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
             }
+        }
+        if matches!(self, Self::Unavailable(_) | Self::Busy(_)) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         if let Self::RangeNotSatisfiable(len) = &self {
             // RFC 9110 §15.5.17: the current length.

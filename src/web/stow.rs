@@ -79,6 +79,13 @@ async fn run(
     study: Option<String>,
 ) -> Result<Response, WebError> {
     caller.require(&[Role::Clinician, Role::Modality], "store images")?;
+    // Each upload holds a spool file and a share of the disk's bandwidth.
+    let _slot = hub.stow_slots.clone().try_acquire_owned().map_err(|_| {
+        WebError::Busy(format!(
+            "{} STOW-RS requests are being stored; retry shortly",
+            hub.config.dicomweb.stow_max_concurrent
+        ))
+    })?;
     let accept = accept_of(headers);
     if !accept
         .iter()
