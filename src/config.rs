@@ -414,6 +414,25 @@ impl Config {
                 "must differ from server.dicom_port and server.http_port",
             ));
         }
+        for (i, inst) in self.institutions.iter().enumerate() {
+            for n in &inst.networks {
+                let key = format!("institution[{i}].networks");
+                if *n != n.trunc() {
+                    return Err(invalid(
+                        key,
+                        format!("{n} has host bits set: write {} (or a /32)", n.trunc()),
+                    ));
+                }
+                if let ipnet::IpNet::V6(v6) = n
+                    && v6.addr().to_ipv4_mapped().is_some()
+                {
+                    return Err(invalid(
+                        key,
+                        format!("{n}: write IPv4-mapped networks as IPv4"),
+                    ));
+                }
+            }
+        }
         let mut pinned: std::collections::HashMap<String, &str> = Default::default();
         for (i, inst) in self.institutions.iter().enumerate() {
             for f in &inst.tls_certificate_sha256 {
@@ -490,11 +509,8 @@ impl Config {
                 format!("must be 1 to {BREAK_GLASS_HOURS_MAX} hours"),
             ));
         }
-        if self.dicomweb.stow_max_concurrent == 0 {
-            return Err(invalid(
-                "dicomweb.stow_max_concurrent",
-                "must be at least 1",
-            ));
+        if !(1..=4096).contains(&self.dicomweb.stow_max_concurrent) {
+            return Err(invalid("dicomweb.stow_max_concurrent", "must be 1 to 4096"));
         }
         if self.dicomweb.qido_max_results == 0 {
             return Err(invalid("dicomweb.qido_max_results", "must be at least 1"));
@@ -610,12 +626,14 @@ mod tests {
              networks = [\"10.0.0.0/8\", \"2001:db8::/32\"]\n",
         )
         .unwrap();
-        assert_eq!(
-            Config::load(Some(&file)).unwrap().institutions[0]
-                .networks
-                .len(),
-            2
-        );
+        let c = Config::load(Some(&file)).unwrap();
+        assert_eq!(c.institutions[0].networks.len(), 2);
+        for bad in ["10.1.2.3/16", "::ffff:10.0.0.0/104"] {
+            let mut c = c.clone();
+            c.institutions[0].networks = vec![bad.parse().unwrap()];
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("institution[0].networks"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -155,6 +155,13 @@ impl Hub {
                 Some((listener, Arc::new(material)))
             }
         };
+        // HTTPS material too, before anything is spawned.
+        let https = match &s.http_tls {
+            Some(t) => {
+                Some(web::https::server_config(t).map_err(|e| HubError::Other(e.to_string()))?)
+            }
+            None => None,
+        };
         let running_dicom_tls = match &dicom_tls {
             Some((l, _)) => Some(l.local_addr().map_err(|e| HubError::Other(e.to_string()))?),
             None => None,
@@ -216,7 +223,7 @@ impl Hub {
 
         let app = web::router(self.clone());
         let stop = shutdown.clone();
-        match &s.http_tls {
+        match https {
             None => {
                 tasks.spawn(async move {
                     use axum::serve::ListenerExt;
@@ -232,9 +239,7 @@ impl Hub {
                     }
                 });
             }
-            Some(t) => {
-                let config =
-                    web::https::server_config(t).map_err(|e| HubError::Other(e.to_string()))?;
+            Some(config) => {
                 let listener = web::https::TlsListener::start(http, config, shutdown.clone())
                     .map_err(|e| HubError::Other(e.to_string()))?;
                 tasks.spawn(async move {

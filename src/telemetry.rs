@@ -20,6 +20,8 @@ pub const AUDIT_LOST: &str = "tsunagu_audit_events_lost_total";
 pub const AUDIT_SYSLOG_FAILURES: &str = "tsunagu_audit_syslog_failures_total";
 /// The audit chain's recorded end found not at its last event.
 pub const AUDIT_TAMPERING: &str = "tsunagu_audit_chain_end_moved_total";
+/// Requests refused because a limit of ours was reached, by limit.
+pub const LIMIT_REACHED: &str = "tsunagu_limit_reached_total";
 
 /// Start structured logging; `RUST_LOG` filters, `TSUNAGU_LOG_FORMAT=json` for JSON lines.
 pub fn init_logging() {

@@ -420,6 +420,21 @@ async fn https_serves_dicomweb_and_refuses_plain_http() {
         &["-H", &token],
     );
     assert_eq!(String::from_utf8_lossy(&found.stdout), "200");
+    // Answers link to resources over HTTPS.
+    let body = Command::new("curl")
+        .args(["-s", "--cacert"])
+        .arg(p.join("network-ca.pem"))
+        .args(["-H", &token])
+        .arg(format!(
+            "https://localhost:{port}/dicom-web/studies?PatientID=TSNG-TD-0001"
+        ))
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&body.stdout);
+    assert!(
+        body.contains(&format!("\"https://localhost:{port}/dicom-web/studies/")),
+        "{body}"
+    );
     let plain = curl(format!("http://localhost:{port}/healthz"), &[]);
     assert_ne!(
         String::from_utf8_lossy(&plain.stdout),

@@ -1,7 +1,8 @@
 //! HTTPS for DICOMweb, the admin API and the operations routes: an axum
 //! listener that hands over connections once their TLS handshake is done.
-//! Handshakes run on tasks of their own (at most `HANDSHAKES` at once, each
-//! within `HANDSHAKE_TIMEOUT`), so one slow client never holds up the rest.
+//! Handshakes run on tasks of their own (at most `HANDSHAKES` at once and
+//! `HANDSHAKES_PER_PEER` from one address, each within `HANDSHAKE_TIMEOUT`),
+//! so one slow client never holds up the rest.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +18,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::HttpTlsConfig;
 use crate::tls::{TlsError, certificates, identity, private_key, provider, server_builder};
 
-const HANDSHAKES: usize = 256;
+/// Handshakes in progress at once, in all and from one address: a peer
+/// holding many half-open connections must not shut out the others.
+const HANDSHAKES: usize = 1024;
+const HANDSHAKES_PER_PEER: usize = 16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The server configuration of `cfg` (HTTP/1.1 over TLS 1.2/1.3).
@@ -50,6 +54,7 @@ impl TlsListener {
         let (tx, ready) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
         let handshakes = Arc::new(Semaphore::new(HANDSHAKES));
+        let per_peer = Arc::new(PerPeer::default());
         tokio::spawn(async move {
             loop {
                 let (socket, peer) = tokio::select! {
@@ -62,17 +67,25 @@ impl TlsListener {
                         }
                     },
                     () = shutdown.cancelled() => return,
+                    // The server stopped taking connections.
+                    () = tx.closed() => return,
                 };
                 let _ = socket.set_nodelay(true);
                 // Beyond the handshakes in progress a connection is closed.
-                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                let (Ok(permit), Some(own)) = (
+                    handshakes.clone().try_acquire_owned(),
+                    PerPeer::enter(&per_peer, peer.ip()),
+                ) else {
+                    metrics::counter!(crate::telemetry::LIMIT_REACHED, "limit" => "tls_handshakes")
+                        .increment(1);
+                    tracing::warn!(%peer, "too many TLS handshakes in progress; connection closed");
                     continue;
                 };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     let done =
                         tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await;
-                    drop(permit);
+                    drop((permit, own));
                     match done {
                         Ok(Ok(stream)) => {
                             let _ = tx.send((stream, peer)).await;
@@ -84,6 +97,37 @@ impl TlsListener {
             }
         });
         Ok(Self { ready, local })
+    }
+}
+
+/// Handshakes in progress per peer address.
+#[derive(Default)]
+struct PerPeer(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One handshake of a peer in progress (counted until dropped).
+struct PeerHandshake(Arc<PerPeer>, std::net::IpAddr);
+
+impl PerPeer {
+    fn enter(me: &Arc<Self>, ip: std::net::IpAddr) -> Option<PeerHandshake> {
+        let mut counts = me.0.lock().expect("handshake counts");
+        let n = counts.entry(ip).or_default();
+        if *n >= HANDSHAKES_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerHandshake(me.clone(), ip))
+    }
+}
+
+impl Drop for PeerHandshake {
+    fn drop(&mut self) {
+        let mut counts = self.0.0.lock().expect("handshake counts");
+        if let Some(n) = counts.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.1);
+            }
+        }
     }
 }
 

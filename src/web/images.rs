@@ -232,7 +232,10 @@ async fn picture(
     // The place is taken before anything is read: waiting requests hold no
     // pixels.
     let permit = hub.imaging.permit().await.map_err(|e| match e {
-        ImagingError::Busy => WebError::Busy(e.to_string()),
+        ImagingError::Busy => {
+            metrics::counter!(crate::telemetry::LIMIT_REACHED, "limit" => "imaging").increment(1);
+            WebError::Busy(e.to_string())
+        }
         other => WebError::Internal(other.to_string()),
     })?;
     let object = hub.store.reader(&inst.object_key).await?;

@@ -319,6 +319,7 @@ fn cors_layer(origins: &[String]) -> CorsLayer {
             header::ETAG,
             header::CONTENT_LOCATION,
             header::CONTENT_RANGE,
+            header::RETRY_AFTER,
             HeaderName::from_static("content-disposition"),
         ])
         .max_age(std::time::Duration::from_secs(600))
@@ -529,7 +530,13 @@ impl FromRequestParts<Arc<Hub>> for Urls {
             .or_else(|| text(header::HOST.as_str()))
             .or_else(|| parts.uri.authority().map(|a| a.as_str()))
             .unwrap_or("localhost");
-        let proto = text("x-forwarded-proto").unwrap_or("http");
+        // Without a proxy's word, the scheme this listener speaks.
+        let ours = if hub.config.server.http_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let proto = text("x-forwarded-proto").unwrap_or(ours);
         // Only characters a host and port may have: the value ends up in URLs.
         let mut host: String = host
             .chars()
@@ -540,7 +547,10 @@ impl FromRequestParts<Arc<Hub>> for Urls {
         let has_port = host.rsplit_once(':').is_some_and(|(_, p)| !p.contains(']'));
         if !has_port
             && text("x-forwarded-host").is_none()
-            && let Some(port) = hub.http_port.get().filter(|p| **p != 80)
+            && let Some(port) = hub
+                .http_port
+                .get()
+                .filter(|p| **p != if ours == "https" { 443 } else { 80 })
         {
             host = format!("{host}:{port}");
         }

@@ -110,6 +110,10 @@ impl IntoResponse for WebError {
                     "a backing service is unavailable; retry later".to_string()
                 }
             }
+            Self::Busy(d) => {
+                tracing::warn!(detail = %d, "a limit is reached; answered 503");
+                d.clone()
+            }
             other => other.to_string(),
         };
         let mut resp = problem(status, &detail);

@@ -79,13 +79,16 @@ async fn run(
     study: Option<String>,
 ) -> Result<Response, WebError> {
     caller.require(&[Role::Clinician, Role::Modality], "store images")?;
-    // Each upload holds a spool file and a share of the disk's bandwidth.
-    let _slot = hub.stow_slots.clone().try_acquire_owned().map_err(|_| {
+    // Each upload holds a spool file and a share of the disk's bandwidth;
+    // the place is held until its last part's store is done (see store_part).
+    let slot = Arc::new(hub.stow_slots.clone().try_acquire_owned().map_err(|_| {
+        metrics::counter!(crate::telemetry::LIMIT_REACHED, "limit" => "stow_max_concurrent")
+            .increment(1);
         WebError::Busy(format!(
             "{} STOW-RS requests are being stored; retry shortly",
             hub.config.dicomweb.stow_max_concurrent
         ))
-    })?;
+    })?);
     let accept = accept_of(headers);
     if !accept
         .iter()
@@ -197,7 +200,7 @@ async fn run(
             });
             continue;
         }
-        match store_part(hub, caller, field, study.clone(), limit).await {
+        match store_part(hub, caller, field, study.clone(), limit, &slot).await {
             Ok(r) => results.push(r),
             Err(e) => {
                 broken(e, &mut results)?;
@@ -290,6 +293,7 @@ async fn store_part(
     mut field: multer::Field<'static>,
     study: Option<String>,
     limit: u64,
+    slot: &Arc<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<PartResult, WebError> {
     let institution: &Institution = &caller.institution;
     // Read up to the end of the File Meta Information.
@@ -382,16 +386,24 @@ async fn store_part(
     }
     // Finished in a task of its own: a client that goes away must not cut
     // a store short between its index commit and what follows it.
-    let (ingest, institution_owned, actor) =
-        (hub.ingest.clone(), institution.clone(), caller.actor());
-    let finished =
-        tokio::spawn(async move { ingest.finish(spool, &institution_owned, None, &actor).await })
-            .await
-            .unwrap_or_else(|e| {
-                Err(crate::ingest::IngestError::Internal(format!(
-                    "the store's task ended: {e}"
-                )))
-            });
+    // It keeps the request's STOW-RS place: a client that leaves does not
+    // free it while the store still runs.
+    let (ingest, institution_owned, actor, held) = (
+        hub.ingest.clone(),
+        institution.clone(),
+        caller.actor(),
+        slot.clone(),
+    );
+    let finished = tokio::spawn(async move {
+        let _held = held;
+        ingest.finish(spool, &institution_owned, None, &actor).await
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(crate::ingest::IngestError::Internal(format!(
+            "the store's task ended: {e}"
+        )))
+    });
     match finished {
         Ok(a) => Ok(PartResult::Stored(Box::new(a))),
         Err(e) => {
