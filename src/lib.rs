@@ -24,6 +24,7 @@ pub mod hub;
 pub mod imaging;
 pub mod index;
 pub mod ingest;
+pub mod peers;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -54,7 +54,7 @@ impl TlsListener {
         let (tx, ready) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
         let handshakes = Arc::new(Semaphore::new(HANDSHAKES));
-        let per_peer = Arc::new(PerPeer::default());
+        let per_peer = crate::peers::PerPeer::new(HANDSHAKES_PER_PEER);
         tokio::spawn(async move {
             loop {
                 let (socket, peer) = tokio::select! {
@@ -74,7 +74,7 @@ impl TlsListener {
                 // Beyond the handshakes in progress a connection is closed.
                 let (Ok(permit), Some(own)) = (
                     handshakes.clone().try_acquire_owned(),
-                    PerPeer::enter(&per_peer, peer.ip()),
+                    per_peer.enter(peer.ip()),
                 ) else {
                     metrics::counter!(crate::telemetry::LIMIT_REACHED, "limit" => "tls_handshakes")
                         .increment(1);
@@ -97,37 +97,6 @@ impl TlsListener {
             }
         });
         Ok(Self { ready, local })
-    }
-}
-
-/// Handshakes in progress per peer address.
-#[derive(Default)]
-struct PerPeer(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
-
-/// One handshake of a peer in progress (counted until dropped).
-struct PeerHandshake(Arc<PerPeer>, std::net::IpAddr);
-
-impl PerPeer {
-    fn enter(me: &Arc<Self>, ip: std::net::IpAddr) -> Option<PeerHandshake> {
-        let mut counts = me.0.lock().expect("handshake counts");
-        let n = counts.entry(ip).or_default();
-        if *n >= HANDSHAKES_PER_PEER {
-            return None;
-        }
-        *n += 1;
-        Some(PeerHandshake(me.clone(), ip))
-    }
-}
-
-impl Drop for PeerHandshake {
-    fn drop(&mut self) {
-        let mut counts = self.0.0.lock().expect("handshake counts");
-        if let Some(n) = counts.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.1);
-            }
-        }
     }
 }
 
