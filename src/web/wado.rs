@@ -939,9 +939,9 @@ fn negotiate_frames(
 // --------------------------------------------------------------- WADO-URI
 
 /// `GET /wado?requestType=WADO&studyUID=…&seriesUID=…&objectUID=…` (PS3.18
-/// §9): one instance as `application/dicom`. Rendered media types (the
-/// default for images in PS3.18) need the imaging work: until then an
-/// absent `contentType` means `application/dicom` and `image/*` is 406.
+/// §9): one instance as `application/dicom`, or one frame as `image/jpeg` or
+/// `image/png` (the first listed `contentType` that can be answered; absent:
+/// `application/dicom`, a documented deviation).
 pub async fn wado_uri(
     State(hub): State<Arc<Hub>>,
     caller: Caller,
