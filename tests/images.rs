@@ -341,24 +341,57 @@ async fn pictures_are_fitted_refused_and_hidden_like_retrieves() {
         "another window, another picture"
     );
 
-    // Thumbnails: small, of an instance, its series and its study.
+    // Compressed frames asked for as native pixels (octet-stream without a
+    // transfer syntax) are decoded: lossless ones are the native file's.
+    let octet = "multipart/related; type=\"application/octet-stream\"";
+    for (reference, other) in [
+        ("ct16_explicit_le.dcm", "ct16_jpegls_lossless.dcm"),
+        ("ct16_explicit_le.dcm", "ct16_j2k_lossless.dcm"),
+        ("ct16_explicit_le.dcm", "ct16_jpeg_lossless_sv1.dcm"),
+        ("ct16_explicit_le.dcm", "ct16_htj2k_lossless.dcm"),
+        ("sc_rgb8_explicit_le.dcm", "sc_rgb8_j2k_lossless.dcm"),
+        ("sc_rgb8_explicit_le.dcm", "sc_rgb8_jpegls_lossless.dcm"),
+    ] {
+        let (want, _) = frame_part(&hub, &instance_path(&file(reference)), 1, octet).await;
+        let (got, part_type) = frame_part(&hub, &instance_path(&file(other)), 1, octet).await;
+        assert!(got == want, "{other}: not the pixels of {reference}");
+        assert!(
+            part_type.contains("transfer-syntax=1.2.840.10008.1.2.1"),
+            "{part_type}"
+        );
+    }
+    let cine = instance_path(&file("us_cine_jpeg_baseline.dcm"));
+    let (rgb, _) = frame_part(&hub, &cine, 3, octet).await;
+    assert_eq!(
+        rgb.len(),
+        64 * 80 * 3,
+        "a colour JPEG frame comes out as RGB"
+    );
+    // Its stored fragments stay available as they are.
+    let (stored, part_type) =
+        frame_part(&hub, &cine, 3, "multipart/related; type=\"image/jpeg\"").await;
+    assert_eq!(&stored[..2], b"\xff\xd8");
+    assert!(part_type.starts_with("image/jpeg"), "{part_type}");
+
+    // Thumbnails of an instance, its series and its study: a small frame
+    // keeps its size, a viewport scales it down, never up.
     let series = ct.rsplit_once("/instances/").unwrap().0.to_string();
     let study = series.rsplit_once("/series/").unwrap().0.to_string();
-    for path in [
-        format!("{ct}/thumbnail"),
-        format!("{ct}/frames/1/thumbnail"),
-        format!("{series}/thumbnail"),
-        format!("{study}/thumbnail"),
-        format!(
-            "{}/thumbnail?viewport=32,32",
-            instance_path(&file("sm_wsi_level0_tiled_full.dcm"))
-        ),
+    let wsi = instance_path(&file("sm_wsi_level0_tiled_full.dcm"));
+    for (path, size) in [
+        (format!("{ct}/thumbnail"), (128, 96)),
+        (format!("{ct}/thumbnail?viewport=32,32"), (32, 24)),
+        (format!("{ct}/frames/1/thumbnail?viewport=64,200"), (64, 48)),
+        (format!("{series}/thumbnail?viewport=32,32"), (32, 24)),
+        (format!("{study}/thumbnail"), (128, 96)),
+        (format!("{wsi}/frames/6/thumbnail?viewport=32,32"), (32, 32)),
+        (format!("{wsi}/thumbnail?viewport=1000,1000"), (64, 64)),
     ] {
         let (s, ct_type, body) = get_picture(&hub, "HOSP1", &path, "image/jpeg").await;
         assert_eq!(s, 200, "{path}: {}", String::from_utf8_lossy(&body));
         assert_eq!(ct_type, "image/jpeg");
         let t = image::load_from_memory(&body).unwrap();
-        assert!(t.width() <= 128 && t.height() <= 128, "{path}");
+        assert_eq!((t.width(), t.height()), size, "{path}");
     }
 
     // Refusals, each with a problem body: nothing to show, video, bad
@@ -494,4 +527,41 @@ fn two_frames_with_their_own_rescale(ct: &Path, dir: &Path) -> PathBuf {
     let path = dir.join("enhanced.dcm");
     obj.write_to_file(&path).unwrap();
     path
+}
+
+/// Frame `n` of an instance as one multipart part: (its bytes, its type).
+async fn frame_part(hub: &TestHub, instance: &str, n: u32, accept: &str) -> (Vec<u8>, String) {
+    let r = reqwest::Client::new()
+        .get(format!("{}{instance}/frames/{n}", hub.dicomweb()))
+        .bearer_auth(hub.token("HOSP1", Role::Clinician))
+        .header(ACCEPT, accept)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{instance} frame {n} as {accept}");
+    let ct = r.headers()[CONTENT_TYPE].to_str().unwrap().to_string();
+    let boundary = ct
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("boundary="))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let body = r.bytes().await.unwrap().to_vec();
+    let head_end = body.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let headers = String::from_utf8_lossy(&body[..head_end]).to_string();
+    let part_type = headers
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("content-type:")
+                .then(|| l[13..].trim().to_string())
+        })
+        .unwrap();
+    let delimiter = format!("\r\n--{boundary}");
+    let rest = &body[head_end..];
+    let end = rest
+        .windows(delimiter.len())
+        .position(|w| w == delimiter.as_bytes())
+        .unwrap();
+    (rest[..end].to_vec(), part_type)
 }

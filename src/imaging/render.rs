@@ -125,6 +125,18 @@ pub fn render(source: Source, spec: &Spec) -> Result<Vec<u8>, RenderError> {
     encode(&picture, spec.format)
 }
 
+/// The frame's pixels decoded to native little-endian samples (interleaved,
+/// at the decoder's bits allocated): what `application/octet-stream`
+/// without a transfer syntax asks of a compressed frame. Colour JPEG comes
+/// out as RGB.
+pub fn native_frame(source: Source) -> Result<Vec<u8>, RenderError> {
+    let (object, frame) = frame_object(source)?;
+    let decoded = object
+        .decode_pixel_data_frame(frame)
+        .map_err(|e| RenderError::Undecodable(error_chain(&e)))?;
+    Ok(decoded.data().to_vec())
+}
+
 /// The object to decode, and the (0-based) frame of it to decode.
 fn frame_object(source: Source) -> Result<(DefaultDicomObject, u32), RenderError> {
     let undecodable = |e: &dyn std::error::Error| RenderError::Undecodable(error_chain(e));

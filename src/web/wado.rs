@@ -758,11 +758,22 @@ pub async fn frames(
         inst.rows.unwrap_or(0).max(0) as usize,
         inst.columns.unwrap_or(0).max(0) as usize,
     );
+    // Decoding needs the object's header (everything before the first
+    // frame's bytes), read once for the answer.
+    let head = if part_type.conversion == FrameConversion::Decode {
+        let end = layout.frames[0].iter().map(|r| r.0).min().unwrap_or(0);
+        Some(object.read_range(0..end).await?)
+    } else {
+        None
+    };
+    let encapsulated = layout.encapsulated;
+    let imaging = hub.imaging.clone();
     let parts = stream::iter(numbers)
         .map(move |n| {
             let ranges = layout.frames[n as usize - 1].clone();
             let object = object.clone();
             let conversion = part_type.conversion;
+            let (head, imaging) = (head.clone(), imaging.clone());
             Part {
                 content_type: part_type.header(),
                 location: Some(format!("{base}/frames/{n}")),
@@ -776,7 +787,24 @@ pub async fn frames(
                                 .map_err(std::io::Error::other)?,
                         );
                     }
-                    let chunks = convert_frame(chunks, conversion, rows, columns, bits)?;
+                    let chunks = match (conversion, head) {
+                        (FrameConversion::Decode, Some(head)) => {
+                            let source = crate::imaging::render::Source {
+                                head,
+                                frame: chunks,
+                                encapsulated,
+                                number: n,
+                                inflate_limit: 0,
+                            };
+                            let pixels = imaging
+                                .run(move || crate::imaging::render::native_frame(source))
+                                .await
+                                .map_err(std::io::Error::other)?
+                                .map_err(std::io::Error::other)?;
+                            vec![Bytes::from(pixels)]
+                        }
+                        _ => convert_frame(chunks, conversion, rows, columns, bits)?,
+                    };
                     Ok(stream::iter(chunks.into_iter().map(Ok)).boxed())
                 }),
             }
@@ -807,6 +835,8 @@ fn convert_frame(
                 Bytes::from(v)
             })
             .collect()),
+        // Decoded on the imaging pool by `frames` itself.
+        FrameConversion::Decode => Ok(chunks),
         FrameConversion::DecodeRle => {
             let fragment: Vec<u8> = chunks.concat();
             let frame = crate::dicom::rle::decode_frame_of(&fragment, rows, columns, bits)
@@ -836,6 +866,9 @@ enum FrameConversion {
     SwapBytes(usize),
     /// RLE Lossless fragments decoded to native little-endian.
     DecodeRle,
+    /// Other compressed fragments decoded to native little-endian on the
+    /// imaging pool (the object's header gives the decoder its parameters).
+    Decode,
 }
 
 /// The media type frames are sent in.
@@ -898,6 +931,12 @@ fn negotiate_frames(
         // Native pixels were asked for and we can decode this syntax.
         if stored_ts == RLE_LOSSLESS && octet && matches!(ts, None | Some(media::EXPLICIT_VR_LE)) {
             return Ok(native(FrameConversion::DecodeRle));
+        }
+        if wanted == "application/octet-stream"
+            && matches!(ts, None | Some(media::EXPLICIT_VR_LE))
+            && crate::imaging::render::can_render(stored_ts)
+        {
+            return Ok(native(FrameConversion::Decode));
         }
         if !(matches!(ts, None | Some("*")) || ts == Some(stored_ts)) {
             continue;
