@@ -367,6 +367,11 @@ async fn pictures_are_fitted_refused_and_hidden_like_retrieves() {
         64 * 80 * 3,
         "a colour JPEG frame comes out as RGB"
     );
+    // 12-bit JPEG Extended is not decodable here: its stored fragments.
+    let cr = instance_path(&file("cr12_jpeg_extended.dcm"));
+    let (jpeg, part_type) = frame_part(&hub, &cr, 1, octet).await;
+    assert_eq!(&jpeg[..2], b"\xff\xd8");
+    assert!(part_type.contains("1.2.840.10008.1.2.4.51"), "{part_type}");
     // Its stored fragments stay available as they are.
     let (stored, part_type) =
         frame_part(&hub, &cine, 3, "multipart/related; type=\"image/jpeg\"").await;

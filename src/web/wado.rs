@@ -932,9 +932,12 @@ fn negotiate_frames(
         if stored_ts == RLE_LOSSLESS && octet && matches!(ts, None | Some(media::EXPLICIT_VR_LE)) {
             return Ok(native(FrameConversion::DecodeRle));
         }
+        // (jpeg-decoder reads 8-bit JPEG Extended only.)
+        let twelve_bit_jpeg = stored_ts == "1.2.840.10008.1.2.4.51" && bits_allocated > 8;
         if wanted == "application/octet-stream"
             && matches!(ts, None | Some(media::EXPLICIT_VR_LE))
             && crate::imaging::render::can_render(stored_ts)
+            && !twelve_bit_jpeg
         {
             return Ok(native(FrameConversion::Decode));
         }
