@@ -92,6 +92,10 @@ pub struct Source {
     pub inflate_limit: u64,
 }
 
+/// The largest decoded frame made here (3 samples × its allocated bytes):
+/// 256 MiB, e.g. 8192² RGB at 16 bits.
+pub const MAX_DECODED_FRAME: u64 = 256 << 20;
+
 /// Whether pixel data in transfer syntax `ts` can be decoded here (video
 /// and unknown syntaxes cannot).
 pub fn can_render(ts: &str) -> bool {

@@ -33,9 +33,6 @@ const THUMBNAIL_SIZE: u32 = 128;
 /// The largest viewport side accepted (a rendered picture is built in memory:
 /// 4096² RGB is 48 MiB).
 const MAX_VIEWPORT: u32 = 4096;
-/// The largest decoded frame rendered (3 samples × its allocated bytes):
-/// 256 MiB, e.g. 8192² RGB at 16 bits.
-const MAX_DECODED_FRAME: u64 = 256 << 20;
 /// Objects whose frames are not addressable by byte range (deflated,
 /// bit-packed) are decoded whole, up to this size; larger ones are not
 /// rendered.
@@ -188,7 +185,7 @@ fn has_picture(inst: &StoredInstance) -> bool {
 }
 
 /// Bytes of one decoded frame, at most (3 samples, the allocated bits).
-fn decoded_size(inst: &StoredInstance) -> u64 {
+pub(super) fn decoded_size(inst: &StoredInstance) -> u64 {
     let bytes = (inst.bits_allocated.unwrap_or(8).max(8) as u64).div_ceil(8);
     inst.rows.unwrap_or(0).max(0) as u64 * inst.columns.unwrap_or(0).max(0) as u64 * 3 * bytes
 }
@@ -221,12 +218,12 @@ async fn picture(
         )));
     }
     let frame_size = decoded_size(&inst);
-    if frame_size > MAX_DECODED_FRAME {
+    if frame_size > render::MAX_DECODED_FRAME {
         return Err(WebError::NotAcceptable(format!(
             "a frame of {} × {} is too large to render here (at most {} MiB decoded)",
             inst.columns.unwrap_or(0),
             inst.rows.unwrap_or(0),
-            MAX_DECODED_FRAME >> 20
+            render::MAX_DECODED_FRAME >> 20
         )));
     }
     // The place is taken before anything is read: waiting requests hold no

@@ -761,6 +761,12 @@ pub async fn frames(
     // Decoding needs the object's header (everything before the first
     // frame's bytes), read once for the answer.
     let head = if part_type.conversion == FrameConversion::Decode {
+        if super::images::decoded_size(&inst) > crate::imaging::render::MAX_DECODED_FRAME {
+            return Err(WebError::NotAcceptable(format!(
+                "frames of {columns} × {rows} are too large to decode here; ask with \
+                 transfer-syntax=* for the stored ones"
+            )));
+        }
         let end = layout.frames[0].iter().map(|r| r.0).min().unwrap_or(0);
         Some(object.read_range(0..end).await?)
     } else {
