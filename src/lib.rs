@@ -24,7 +24,7 @@ pub mod hub;
 pub mod imaging;
 pub mod index;
 pub mod ingest;
-pub mod peers;
+pub mod listen;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use reqwest::StatusCode;
-use reqwest::header::ACCEPT;
 use serde_json::{Value, json};
 use tsunagu::auth::Role;
 
@@ -76,13 +75,7 @@ pub(crate) async fn get(
     path: &str,
     accept: &str,
 ) -> (StatusCode, Vec<u8>) {
-    let r = client()
-        .get(format!("{}{path}", hub.http()))
-        .bearer_auth(hub.token(inst, Role::Clinician))
-        .header(ACCEPT, accept)
-        .send()
-        .await
-        .unwrap();
+    let r = common::get_as_clinician(hub, inst, &format!("{}{path}", hub.http()), accept).await;
     (r.status(), r.bytes().await.unwrap().to_vec())
 }
 
@@ -457,16 +450,8 @@ async fn network_scenario(backend: Backend) {
     if let Some(dcmdump) = common::dcmtk("dcmdump") {
         let f = work.path().join("coerced.dcm");
         std::fs::write(&f, &part).unwrap();
-        let out = std::process::Command::new(dcmdump)
-            .arg(&f)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
+        let out = common::run_ok(std::process::Command::new(dcmdump).arg(&f));
+        let text = String::from_utf8_lossy(&out);
         assert!(
             text.contains("(0400,0561)") && text.contains("[A-H3]"),
             "{text}"

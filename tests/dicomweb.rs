@@ -225,15 +225,9 @@ async fn cors_preflight_needs_no_token_and_only_configured_origins_pass() {
 
 /// GET `path` as a clinician of `inst`; status and body.
 async fn get_as(hub: &TestHub, inst: &str, path: &str, accept: &str) -> (StatusCode, Vec<u8>) {
-    let r = client()
-        .get(format!("{}{path}", hub.dicomweb()))
-        .bearer_auth(hub.token(inst, Role::Clinician))
-        .header(ACCEPT, accept)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    (status, r.bytes().await.unwrap().to_vec())
+    let url = format!("{}{path}", hub.dicomweb());
+    let r = common::get_as_clinician(hub, inst, &url, accept).await;
+    (r.status(), r.bytes().await.unwrap().to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

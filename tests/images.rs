@@ -9,26 +9,20 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use dicom_dictionary_std::tags;
 use reqwest::StatusCode;
-use reqwest::header::{ACCEPT, CONTENT_TYPE};
+use reqwest::header::CONTENT_TYPE;
 use serde_json::Value;
-use tsunagu::auth::Role;
 
 use crate::common::{self, Backend, TestHub};
 
-/// A decoded answer: (status, content type, picture if it decoded).
+/// An answer under the service root: (status, content type, body).
 async fn get_picture(
     hub: &TestHub,
     inst: &str,
     path: &str,
     accept: &str,
 ) -> (StatusCode, String, Vec<u8>) {
-    let r = reqwest::Client::new()
-        .get(format!("{}{path}", hub.dicomweb()))
-        .bearer_auth(hub.token(inst, Role::Clinician))
-        .header(ACCEPT, accept)
-        .send()
-        .await
-        .unwrap();
+    let url = format!("{}{path}", hub.dicomweb());
+    let r = common::get_as_clinician(hub, inst, &url, accept).await;
     let status = r.status();
     let ct = r
         .headers()
@@ -66,18 +60,13 @@ fn references(
     files: &[PathBuf],
 ) -> HashMap<PathBuf, (u32, u32, usize, Vec<u8>)> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/render_reference.py");
-    let out = std::process::Command::new(py)
-        .arg(script)
-        .arg(frame.to_string())
-        .args(files)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::run_ok(
+        std::process::Command::new(py)
+            .arg(script)
+            .arg(frame.to_string())
+            .args(files),
     );
-    String::from_utf8(out.stdout)
+    String::from_utf8(out)
         .unwrap()
         .lines()
         .map(|l| {
@@ -536,22 +525,15 @@ fn two_frames_with_their_own_rescale(ct: &Path, dir: &Path) -> PathBuf {
 
 /// Frame `n` of an instance as one multipart part: (its bytes, its type).
 async fn frame_part(hub: &TestHub, instance: &str, n: u32, accept: &str) -> (Vec<u8>, String) {
-    let r = reqwest::Client::new()
-        .get(format!("{}{instance}/frames/{n}", hub.dicomweb()))
-        .bearer_auth(hub.token("HOSP1", Role::Clinician))
-        .header(ACCEPT, accept)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{instance} frame {n} as {accept}");
-    let ct = r.headers()[CONTENT_TYPE].to_str().unwrap().to_string();
+    let (status, ct, body) =
+        get_picture(hub, "HOSP1", &format!("{instance}/frames/{n}"), accept).await;
+    assert_eq!(status, 200, "{instance} frame {n} as {accept}");
     let boundary = ct
         .split(';')
         .find_map(|p| p.trim().strip_prefix("boundary="))
         .unwrap()
         .trim_matches('"')
         .to_string();
-    let body = r.bytes().await.unwrap().to_vec();
     let head_end = body.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
     let headers = String::from_utf8_lossy(&body[..head_end]).to_string();
     let part_type = headers

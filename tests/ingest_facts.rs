@@ -99,19 +99,10 @@ async fn dicom_json_and_frame_ranges_match_pydicom() {
     assert!(report.rejected.is_empty(), "{:?}", report.rejected);
 
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/reference.py");
-    let out = std::process::Command::new(python)
-        .arg(script)
-        .args(&files)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::run_ok(std::process::Command::new(python).arg(script).args(&files));
     let mut problems = Vec::new();
     let mut frames_checked = 0;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in String::from_utf8_lossy(&out).lines() {
         let r: Reference = serde_json::from_str(line).unwrap();
         let name = std::path::Path::new(&r.file)
             .file_name()

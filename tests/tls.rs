@@ -181,15 +181,10 @@ async fn dicom_tls_binds_senders_to_their_certificates() {
     };
     let tls_port = hub.running.dicom_tls_addr.expect("TLS listener").port();
     let plain = hub.port();
+    let echo = |port, calling, cert| dcmtk_as(&echoscu, port, calling, cert, &[]);
 
     // Hospital 1 over TLS with its own certificate: echo and store.
-    assert!(dcmtk_as(
-        &echoscu,
-        tls_port,
-        "HOSP1",
-        Some((p, "hosp1")),
-        &[]
-    ));
+    assert!(echo(tls_port, "HOSP1", Some((p, "hosp1"))));
     let ct = corpus.join("files/ct16_explicit_le.dcm");
     assert!(dcmtk_as(
         &storescu,
@@ -208,17 +203,10 @@ async fn dicom_tls_binds_senders_to_their_certificates() {
 
     // Its AE title is not enough: not on the plain port, not with another
     // hospital's certificate.
-    assert!(!dcmtk_as(&echoscu, plain, "HOSP1", None, &[]));
-    assert!(!dcmtk_as(
-        &echoscu,
-        tls_port,
-        "HOSP1",
-        Some((p, "hosp2")),
-        &[]
-    ));
+    assert!(!echo(plain, "HOSP1", None));
+    assert!(!echo(tls_port, "HOSP1", Some((p, "hosp2"))));
     // Hospital 2 named no certificate: TLS with any of the network's that no
     // one named, or plain; never with a certificate another hospital named.
-    let echo = |port, calling, cert| dcmtk_as(&echoscu, port, calling, cert, &[]);
     assert!(echo(tls_port, "HOSP2", Some((p, "hosp2"))));
     assert!(echo(plain, "HOSP2", None));
     assert!(!echo(tls_port, "HOSP2", Some((p, "hosp1"))));
@@ -238,7 +226,7 @@ async fn dicom_tls_binds_senders_to_their_certificates() {
         );
     }
     // Plain DICOM on the TLS port is not an association either.
-    assert!(!dcmtk_as(&echoscu, tls_port, "HOSP2", None, &[]));
+    assert!(!echo(tls_port, "HOSP2", None));
     // Each refusal is an authentication failure in the trail, with its reason.
     hub.hub.audit.flush().await;
     let mut reasons: Vec<String> = Vec::new();
@@ -280,13 +268,7 @@ async fn dicom_tls_binds_senders_to_their_certificates() {
         );
     }
     // And the server goes on serving.
-    assert!(dcmtk_as(
-        &echoscu,
-        tls_port,
-        "HOSP1",
-        Some((p, "hosp1")),
-        &[]
-    ));
+    assert!(echo(tls_port, "HOSP1", Some((p, "hosp1"))));
     assert!(hub.echo("HOSP2"));
 }
 
@@ -453,16 +435,11 @@ async fn https_serves_dicomweb_and_refuses_plain_http() {
          headers={{'Authorization': 'Bearer ' + sys.argv[1]}})\n\
          print(len(c.search_for_studies(search_filters={{'PatientID': 'TSNG-TD-0001'}})))\n"
     );
-    let out = Command::new(py)
-        .env("REQUESTS_CA_BUNDLE", p.join("network-ca.pem"))
-        .args(["-c", &script])
-        .arg(hub.token("HOSP1", tsunagu::auth::Role::Clinician))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::run_ok(
+        Command::new(py)
+            .env("REQUESTS_CA_BUNDLE", p.join("network-ca.pem"))
+            .args(["-c", &script])
+            .arg(hub.token("HOSP1", tsunagu::auth::Role::Clinician)),
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "1");
 }

@@ -74,6 +74,15 @@ pub struct PixelLayout {
     pub frames: Vec<Vec<(u64, u64)>>,
 }
 
+impl PixelLayout {
+    /// Where the object's header ends: everything before the first frame's
+    /// bytes, the Pixel Data element's own header (and for encapsulated data
+    /// its offset table) included. `None` when frames are not addressable.
+    pub fn header_end(&self) -> Option<u64> {
+        self.frames.first()?.iter().map(|r| r.0).min()
+    }
+}
+
 /// The parsed, index-ready view of one object.
 #[derive(Debug, Clone)]
 pub struct ParsedObject {

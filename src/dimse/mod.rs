@@ -40,20 +40,10 @@ pub async fn serve(
     // descriptor; beyond it a connection is simply closed.
     let rejecting = Arc::new(Semaphore::new(max_associations));
     loop {
-        let (socket, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors, say: retrying at once would
-                    // spin; give closing connections a moment.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
+        let Some((socket, peer)) = crate::listen::next_connection(&listener, &shutdown).await
+        else {
+            return;
         };
-        let _ = socket.set_nodelay(true);
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 let (ctx, tls) = (ctx.clone(), tls.clone());

@@ -96,6 +96,13 @@ pub struct Source {
 /// 256 MiB, e.g. 8192² RGB at 16 bits.
 pub const MAX_DECODED_FRAME: u64 = 256 << 20;
 
+/// Bytes of one decoded frame of `rows` × `columns` at most (3 samples, the
+/// allocated bits, at least 8), to hold against `MAX_DECODED_FRAME`.
+pub fn decoded_frame_bytes(rows: Option<i64>, columns: Option<i64>, bits: Option<i64>) -> u64 {
+    let bytes = (bits.unwrap_or(8).max(8) as u64).div_ceil(8);
+    rows.unwrap_or(0).max(0) as u64 * columns.unwrap_or(0).max(0) as u64 * 3 * bytes
+}
+
 /// Whether pixel data in transfer syntax `ts` can be decoded here (video
 /// and unknown syntaxes cannot).
 pub fn can_render(ts: &str) -> bool {

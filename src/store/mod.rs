@@ -572,6 +572,16 @@ pub enum ObjectReader {
 }
 
 impl ObjectReader {
+    /// The bytes of each `(offset, length)` range, in order (a frame's
+    /// fragments).
+    pub async fn read_ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<Bytes>, StoreError> {
+        let mut out = Vec::with_capacity(ranges.len());
+        for &(offset, len) in ranges {
+            out.push(self.read_range(offset..offset + len).await?);
+        }
+        Ok(out)
+    }
+
     /// The bytes of `range`; an error if the object ends before it does.
     pub async fn read_range(&self, range: std::ops::Range<u64>) -> Result<Bytes, StoreError> {
         let file = match self {

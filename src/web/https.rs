@@ -16,6 +16,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpTlsConfig;
+use crate::listen::{PerPeer, next_connection};
 use crate::tls::{TlsError, certificates, identity, private_key, provider, server_builder};
 
 /// Handshakes in progress at once, in all and from one address: a peer
@@ -54,23 +55,17 @@ impl TlsListener {
         let (tx, ready) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
         let handshakes = Arc::new(Semaphore::new(HANDSHAKES));
-        let per_peer = crate::peers::PerPeer::new(HANDSHAKES_PER_PEER);
+        let per_peer = PerPeer::new(HANDSHAKES_PER_PEER);
         tokio::spawn(async move {
             loop {
                 let (socket, peer) = tokio::select! {
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "HTTPS accept failed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
+                    c = next_connection(&listener, &shutdown) => match c {
+                        Some(c) => c,
+                        None => return,
                     },
-                    () = shutdown.cancelled() => return,
                     // The server stopped taking connections.
                     () = tx.closed() => return,
                 };
-                let _ = socket.set_nodelay(true);
                 // Beyond the handshakes in progress a connection is closed.
                 let (Ok(permit), Some(own)) = (
                     handshakes.clone().try_acquire_owned(),

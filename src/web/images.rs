@@ -184,10 +184,9 @@ fn has_picture(inst: &StoredInstance) -> bool {
     inst.rows.is_some() && render::can_render(&inst.transfer_syntax)
 }
 
-/// Bytes of one decoded frame, at most (3 samples, the allocated bits).
+/// Bytes of one decoded frame of `inst`, at most.
 pub(super) fn decoded_size(inst: &StoredInstance) -> u64 {
-    let bytes = (inst.bits_allocated.unwrap_or(8).max(8) as u64).div_ceil(8);
-    inst.rows.unwrap_or(0).max(0) as u64 * inst.columns.unwrap_or(0).max(0) as u64 * 3 * bytes
+    render::decoded_frame_bytes(inst.rows, inst.columns, inst.bits_allocated)
 }
 
 /// 1-based frame `frame` of `inst` as `spec` says.
@@ -262,17 +261,10 @@ async fn picture(
                 layout.frames.len()
             )));
         };
-        // The header is everything before the first frame's bytes (the
-        // Pixel Data element's own header included).
-        let head_end = layout.frames[0].iter().map(|r| r.0).min().unwrap_or(0);
-        let head = object.read_range(0..head_end).await?;
-        let mut parts = Vec::with_capacity(ranges.len());
-        for &(off, len) in ranges {
-            parts.push(object.read_range(off..off + len).await?);
-        }
+        let head_end = layout.header_end().unwrap_or(0);
         Source {
-            head,
-            frame: parts,
+            head: object.read_range(0..head_end).await?,
+            frame: object.read_ranges(ranges).await?,
             encapsulated: layout.encapsulated,
             number: frame,
             inflate_limit: 0,
@@ -312,12 +304,7 @@ pub(super) async fn wado_uri_picture(
     png: bool,
     params: &[(String, String)],
 ) -> Result<Response, WebError> {
-    let get = |name: &str| {
-        params
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    };
+    let get = |name: &str| super::wado::wado_uri_param(params, name);
     for unsupported in [
         "anonymize",
         "presentationUID",

@@ -767,8 +767,11 @@ pub async fn frames(
                  transfer-syntax=* for the stored ones"
             )));
         }
-        let end = layout.frames[0].iter().map(|r| r.0).min().unwrap_or(0);
-        Some(object.read_range(0..end).await?)
+        Some(
+            object
+                .read_range(0..layout.header_end().unwrap_or(0))
+                .await?,
+        )
     } else {
         None
     };
@@ -784,32 +787,37 @@ pub async fn frames(
                 content_type: part_type.header(),
                 location: Some(format!("{base}/frames/{n}")),
                 body: multipart::lazy(async move {
-                    let mut chunks = Vec::with_capacity(ranges.len());
-                    for (off, len) in ranges {
-                        chunks.push(
-                            object
-                                .read_range(off..off + len)
-                                .await
-                                .map_err(std::io::Error::other)?,
-                        );
-                    }
                     let chunks = match (conversion, head) {
                         (FrameConversion::Decode, Some(head)) => {
+                            // The imaging place first, as for pictures:
+                            // frames waiting for it hold no bytes.
+                            let place = imaging.permit().await.map_err(std::io::Error::other)?;
                             let source = crate::imaging::render::Source {
                                 head,
-                                frame: chunks,
+                                frame: object
+                                    .read_ranges(&ranges)
+                                    .await
+                                    .map_err(std::io::Error::other)?,
                                 encapsulated,
                                 number: n,
                                 inflate_limit: 0,
                             };
                             let pixels = imaging
-                                .run(move || crate::imaging::render::native_frame(source))
+                                .run_with(place, move || {
+                                    crate::imaging::render::native_frame(source)
+                                })
                                 .await
                                 .map_err(std::io::Error::other)?
                                 .map_err(std::io::Error::other)?;
                             vec![Bytes::from(pixels)]
                         }
-                        _ => convert_frame(chunks, conversion, rows, columns, bits)?,
+                        _ => {
+                            let chunks = object
+                                .read_ranges(&ranges)
+                                .await
+                                .map_err(std::io::Error::other)?;
+                            convert_frame(chunks, conversion, rows, columns, bits)?
+                        }
                     };
                     Ok(stream::iter(chunks.into_iter().map(Ok)).boxed())
                 }),
@@ -982,9 +990,15 @@ fn negotiate_frames(
     )))
 }
 
-// --------------------------------------------------------------- bulk data
-
 // --------------------------------------------------------------- WADO-URI
+
+/// A WADO-URI query parameter (PS3.18 §9: names compare case-insensitively).
+pub(super) fn wado_uri_param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
 
 /// `GET /wado?requestType=WADO&studyUID=…&seriesUID=…&objectUID=…` (PS3.18
 /// §9): one instance as `application/dicom`, or one frame as `image/jpeg` or
@@ -999,12 +1013,7 @@ pub async fn wado_uri(
         url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
-    let get = |name: &str| {
-        params
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    };
+    let get = |name: &str| wado_uri_param(&params, name);
     if get("requestType") != Some("WADO") {
         return Err(WebError::bad_request("requestType must be WADO"));
     }

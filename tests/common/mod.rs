@@ -536,3 +536,31 @@ pub fn spool_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Run `cmd` to success (else fail with its standard error); its standard
+/// output.
+pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// GET `url` as a clinician of `inst`, accepting `accept`.
+pub async fn get_as_clinician(
+    hub: &TestHub,
+    inst: &str,
+    url: &str,
+    accept: &str,
+) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(hub.token(inst, Role::Clinician))
+        .header(reqwest::header::ACCEPT, accept)
+        .send()
+        .await
+        .unwrap()
+}

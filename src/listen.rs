@@ -1,10 +1,39 @@
-//! Connections in a phase (a TLS handshake, an association's negotiation)
-//! counted per peer address: one address holding many half-open
-//! connections must not take every place from the others.
+//! What the DICOM and HTTPS accept loops share: taking the next connection
+//! (retrying a failed accept, TCP_NODELAY set), and counting connections in
+//! a phase (a TLS handshake) per peer address, so that one address holding
+//! many half-open connections cannot take every place from the others.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// The next connection on `listener`, with TCP_NODELAY set (Nagle plus
+/// delayed ACK stalls each small answer by ~40 ms); `None` once `shutdown`
+/// fires. A failed accept (out of file descriptors, say) is retried after a
+/// moment: at once would spin.
+pub async fn next_connection(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((socket, peer)) => {
+                    let _ = socket.set_nodelay(true);
+                    return Some((socket, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            () = shutdown.cancelled() => return None,
+        }
+    }
+}
 
 /// The count of each address, and the most one address may hold.
 #[derive(Debug)]
