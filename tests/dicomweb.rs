@@ -1327,6 +1327,25 @@ async fn get_bulk(uri: &str, token: &str, accept: &str, range: Option<&str>) -> 
     r.send().await.unwrap()
 }
 
+/// Import `file` as HOSP1's and fetch its Pixel Data whole through the
+/// BulkDataURI its metadata names: it must be `pixels`. The URI and token.
+async fn whole_pixel_data_is(
+    hub: &TestHub,
+    file: &std::path::Path,
+    pixels: &[u8],
+    what: &str,
+) -> (String, String) {
+    hub.import("HOSP1", vec![file.to_path_buf()]).await;
+    let token = hub.token("HOSP1", Role::Clinician);
+    let uri = pixel_data_uri(hub, &token, file).await;
+    let r = get_bulk(&uri, &token, "application/octet-stream", None).await;
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.unwrap();
+    assert_eq!(body.len(), pixels.len());
+    assert!(body.to_vec() == pixels, "{what}");
+    (uri, token)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bulk_data_of_a_deflated_object() {
     let Some(hub) = TestHub::start(Backend::Local).await else {
@@ -1335,15 +1354,13 @@ async fn bulk_data_of_a_deflated_object() {
     let Some(file) = testfile("ct16_deflated_le.dcm") else {
         return;
     };
-    hub.import("HOSP1", vec![file.clone()]).await;
-    let pixels = pixel_data_le(&file);
-    let token = hub.token("HOSP1", Role::Clinician);
-    let uri = pixel_data_uri(&hub, &token, &file).await;
-    let r = get_bulk(&uri, &token, "application/octet-stream", None).await;
-    assert_eq!(r.status(), 200);
-    let body = r.bytes().await.unwrap();
-    assert_eq!(body.len(), pixels.len());
-    assert!(body.to_vec() == pixels, "the inflated Pixel Data");
+    whole_pixel_data_is(
+        &hub,
+        &file,
+        &pixel_data_le(&file),
+        "the inflated Pixel Data",
+    )
+    .await;
 }
 
 /// Bulk data is sent in Explicit VR Little Endian (PS3.18 §8.7.3.5): the
@@ -1360,16 +1377,10 @@ async fn bulk_data_of_a_big_endian_object() {
     ) else {
         return;
     };
-    hub.import("HOSP1", vec![be.clone()]).await;
     // The corpus' Big Endian file holds the Little Endian file's pixels.
     let pixels = pixel_data_le(&le);
-    let token = hub.token("HOSP1", Role::Clinician);
-    let uri = pixel_data_uri(&hub, &token, &be).await;
-    let r = get_bulk(&uri, &token, "application/octet-stream", None).await;
-    assert_eq!(r.status(), 200);
-    let body = r.bytes().await.unwrap();
-    assert_eq!(body.len(), pixels.len());
-    assert!(body.to_vec() == pixels, "Pixel Data in little-endian order");
+    let (uri, token) =
+        whole_pixel_data_is(&hub, &be, &pixels, "Pixel Data in little-endian order").await;
     for (range, from, to) in [
         ("bytes=1-4", 1, 5),
         ("bytes=-3", pixels.len() - 3, pixels.len()),
