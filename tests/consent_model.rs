@@ -297,15 +297,24 @@ async fn check(hub: &TestHub, m: &Model, studies: &BTreeMap<Patient, Study>) {
         assert_eq!(listed, expected, "{inst} studies; {m:?}");
         assert!(warnings.is_empty());
         assert_eq!(qido(hub, &inst, "instances").await.0.len(), expected.len());
-        // Searches that walk the access rows alone (date, modality) agree.
-        let date = all
-            .first()
+        // Searches that walk the access rows alone (date, modality, a
+        // patient's name with a wildcard: every study here has one name) agree.
+        let first = all.first();
+        let date = first
             .and_then(|i| i["00080020"]["Value"][0].as_str())
             .map(str::to_string);
         if let Some(date) = date {
+            let name: String = first.unwrap()["00100010"]["Value"][0]["Alphabetic"]
+                .as_str()
+                .expect("a patient name")
+                .chars()
+                .take(3)
+                .collect();
             for q in [
                 format!("studies?StudyDate={date}"),
                 format!("studies?StudyDate={date}-&ModalitiesInStudy=CT"),
+                format!("studies?PatientName={name}*"),
+                format!("studies?PatientName={name}*&StudyDate={date}"),
             ] {
                 let (found, _) = qido(hub, &inst, &q).await;
                 let found: BTreeSet<String> = studies_of(&found).into_iter().collect();

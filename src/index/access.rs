@@ -10,10 +10,11 @@ use std::sync::LazyLock;
 use super::search::PatientKey;
 use super::{Index, IndexError, RecordLock};
 
-/// The owner's access row of study $1 (institution $2, date $3).
+/// The owner's access row of study $1 (institution $2, date $3, patient
+/// row $4).
 pub(super) const OWN_ROW: &str = "INSERT INTO study_access (study_ref, institution, expires_at, \
-     kind, study_date) VALUES ($1, $2, NULL, 'own', $3) ON CONFLICT (study_ref, institution) \
-     DO UPDATE SET study_date = excluded.study_date";
+     kind, study_date, patient_ref) VALUES ($1, $2, NULL, 'own', $3, $4) \
+     ON CONFLICT (study_ref, institution) DO UPDATE SET study_date = excluded.study_date";
 
 /// Drop the 'disclosed' rows of study $1 (before deriving them again).
 pub(super) const FORGET_DISCLOSED: &str =
@@ -30,10 +31,10 @@ pub(super) static DISCLOSED_FOR_STUDY: LazyLock<String> =
 /// the latest expiry (NULL: none) of those disclosures.
 fn disclosed_rows_insert(filter: &str) -> String {
     format!(
-        "INSERT INTO study_access (study_ref, institution, expires_at, kind, study_date) \
-         SELECT st.id, d.to_institution, \
+        "INSERT INTO study_access (study_ref, institution, expires_at, kind, study_date, \
+         patient_ref) SELECT st.id, d.to_institution, \
          CASE WHEN COUNT(*) > COUNT(d.expires_at) THEN NULL ELSE MAX(d.expires_at) END, 'disclosed', \
-         st.study_date \
+         st.study_date, st.patient_ref \
          FROM patient p JOIN study st ON st.patient_ref = p.id \
          JOIN patient_link sl ON sl.institution = p.institution AND sl.issuer = p.issuer \
          AND sl.patient_id = p.patient_id \
@@ -41,7 +42,7 @@ fn disclosed_rows_insert(filter: &str) -> String {
          AND d.revoked_at IS NULL \
          WHERE {filter} AND EXISTS (SELECT 1 FROM patient_link tl WHERE tl.record = sl.record \
          AND tl.institution = d.to_institution) \
-         GROUP BY st.id, st.study_date, d.to_institution"
+         GROUP BY st.id, st.study_date, st.patient_ref, d.to_institution"
     )
 }
 

@@ -1114,16 +1114,17 @@ fn picked(s: &Search) -> bool {
 }
 
 /// Whether a study-level search under the consent rule needs nothing of the
-/// study row to choose its page (a list, modalities, series or instance
-/// keys, a study date — kept on the access row too): it then walks the
-/// caller's access rows alone, index-only.
+/// study row to choose its page (a list, patient keys, modalities, series or
+/// instance keys, a study date — the access row holds the study's date and
+/// patient row too): it then walks the caller's access rows alone,
+/// index-only, and tests the patient or the series of each.
 fn access_rows_only(s: &Search, scope: &Scope) -> bool {
     s.level == Level::Study
         && walks(s, scope)
         && s.keys.iter().all(|(a, _)| {
-            !a.is_patient()
-                && (a.level() != Level::Study
-                    || matches!(a, Attr::ModalitiesInStudy | Attr::StudyDate))
+            a.is_patient()
+                || a.level() != Level::Study
+                || matches!(a, Attr::ModalitiesInStudy | Attr::StudyDate)
         })
 }
 
@@ -1204,9 +1205,14 @@ fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
     };
     let mut series_conds = Vec::new();
     let mut instance_conds = Vec::new();
-    // The study's id: from the access row when the study row is not joined.
+    // The study's id and patient row: from the access row when the study
+    // row is not joined.
     let rows_only = access_rows_only(s, scope);
-    let sid = if rows_only { "sa.study_ref" } else { "st.id" };
+    let (sid, pref) = if rows_only {
+        ("sa.study_ref", "sa.patient_ref")
+    } else {
+        ("st.id", "st.patient_ref")
+    };
     for (attr, m) in &s.keys {
         if attr.is_patient() {
             continue;
@@ -1255,9 +1261,9 @@ fn where_clause(q: &mut Sql, s: &Search, scope: &Scope) -> String {
         // The inner `p` shadows the outer one: the same conditions apply.
         let pc = patient_conds.join(" AND ");
         conds.push(if patient_selective {
-            format!("st.patient_ref IN (SELECT p.id FROM patient p WHERE {pc})")
+            format!("{pref} IN (SELECT p.id FROM patient p WHERE {pc})")
         } else {
-            format!("EXISTS (SELECT 1 FROM patient p WHERE p.id = st.patient_ref AND {pc})")
+            format!("EXISTS (SELECT 1 FROM patient p WHERE p.id = {pref} AND {pc})")
         });
     }
     conds.join(" AND ")

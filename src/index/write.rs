@@ -697,6 +697,7 @@ async fn upsert_parents<C: WriteConn>(c: &mut C, e: &IndexEntry) -> Result<i64, 
             Param::Int(Some(study)),
             Param::Text(Some(e.institution.clone())),
             text(&e.summary.study_date),
+            Param::Int(Some(patient)),
         ],
     )
     .await?;
