@@ -107,6 +107,9 @@ pub async fn run(cli: Cli) -> ExitCode {
             {
                 return fail(e);
             }
+            if let Err(e) = crate::audit::chain::ChainKey::from_config(&config.audit) {
+                return fail(e);
+            }
             println!("{}", config.to_masked_toml());
             ExitCode::SUCCESS
         }
@@ -192,14 +195,22 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Audit {
             action: AuditAction::Verify,
         } => {
+            let key = match crate::audit::chain::ChainKey::from_config(&config.audit) {
+                Ok(k) => k,
+                Err(e) => return fail(e),
+            };
             let index = match crate::index::Index::connect(&config.index).await {
                 Ok(i) => i,
                 Err(e) => return fail(e),
             };
-            match crate::audit::chain::verify(&index).await {
+            match crate::audit::chain::verify(&index, key.as_ref()).await {
                 Ok(v) => match v.broken_at {
                     None => {
-                        println!("audit trail intact: {} events", v.events);
+                        let keyed = match v.keyed_from {
+                            Some(k) => format!("keyed from event {k}"),
+                            None => "not keyed".into(),
+                        };
+                        println!("audit trail intact: {} events, {keyed}", v.events);
                         ExitCode::SUCCESS
                     }
                     Some((seq, why)) => {

@@ -299,6 +299,12 @@ pub struct AuditConfig {
     pub syslog: Option<String>,
     /// CA certificate (PEM) that the TLS collector's certificate must chain to.
     pub syslog_ca_file: Option<PathBuf>,
+    /// A file holding the secret (at least 32 bytes, e.g. `openssl rand
+    /// -hex 32`) that keys the trail's hash chain: each event is then chained
+    /// with HMAC-SHA-256, which whoever can write the database but has not
+    /// this file cannot recompute after changing an event. Keep it off the
+    /// database's machine and its backups.
+    pub chain_key_file: Option<PathBuf>,
 }
 
 /// `[[institution]]`: a hospital of the network.

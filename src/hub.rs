@@ -82,8 +82,10 @@ impl Hub {
         let verifier = Verifier::from_config(&config.auth)?;
         let syslog = crate::audit::syslog::Forwarder::from_config(&config.audit)
             .map_err(|e| HubError::Other(e.to_string()))?;
+        let chain_key = crate::audit::chain::ChainKey::from_config(&config.audit)
+            .map_err(|e| HubError::Other(e.to_string()))?;
         let clock = Arc::new(crate::clock::Clock::default());
-        let audit = crate::audit::Auditor::start(index.clone(), syslog, clock.clone());
+        let audit = crate::audit::Auditor::start(index.clone(), syslog, clock.clone(), chain_key);
         let ingest = Ingest::new(store.clone(), index.clone(), audit.clone());
         Ok(Arc::new(Self {
             audit,

@@ -280,3 +280,140 @@ fn token_is_minted_for_a_configured_institution() {
     );
     assert!(!ok, "unknown role");
 }
+
+/// `[audit] chain_key_file`: events chained with HMAC under the key; the
+/// trail verifies only with it, and whoever can write the database but has
+/// not the key cannot chain a changed event again so that it verifies.
+#[test]
+fn a_keyed_audit_chain_cannot_be_chained_again_without_its_key() {
+    let Some(data) = common::testdata_dir() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config_file(tmp.path());
+    let secret = |name: &str, text: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let key = secret("chain.key", &format!("{}\n", "0123456789abcdef".repeat(4)));
+    let other = secret("other.key", &"f".repeat(64));
+    let short = secret("short.key", "too short");
+    let batch = |name: &str, files: &[&str]| {
+        let d = tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in files {
+            std::fs::copy(data.join("files").join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+    let (first, second) = (
+        batch("first", &["ct16_rle.dcm"]),
+        batch("second", &["ct16_explicit_le.dcm", "ct16_implicit_le.dcm"]),
+    );
+    // `tsunagu ARGS --config CFG`, with the chain key given through the
+    // environment or not: (exit success, stdout and stderr).
+    let tsunagu = |key: Option<&std::path::Path>, args: &[&std::ffi::OsStr]| {
+        let mut c = Command::new(BIN);
+        c.args(args).arg("--config").arg(&cfg);
+        if let Some(k) = key {
+            c.env("TSUNAGU_AUDIT__CHAIN_KEY_FILE", k);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let import = |key, dir: &std::path::Path| {
+        let (ok, text) = tsunagu(
+            key,
+            &[
+                "import".as_ref(),
+                "--quiet".as_ref(),
+                "--institution".as_ref(),
+                "HOSP1".as_ref(),
+                dir.as_os_str(),
+            ],
+        );
+        assert!(ok, "{text}");
+    };
+    let verify = |key| tsunagu(key, &["audit".as_ref(), "verify".as_ref()]);
+
+    // A trail begun without a key, then keyed from the first event written
+    // with it.
+    import(None, &first);
+    let (ok, text) = verify(None);
+    assert!(ok && text.contains(", not keyed"), "{text}");
+    import(Some(&key), &second);
+    let (ok, text) = verify(Some(&key));
+    assert!(ok && text.contains("keyed from event"), "{text}");
+    let (ok, text) = verify(None);
+    assert!(!ok && text.contains("needs the chain key"), "{text}");
+    let (ok, text) = verify(Some(&other));
+    assert!(!ok && text.contains("another key"), "{text}");
+    let (ok, text) = tsunagu(Some(&short), &["config".as_ref(), "check".as_ref()]);
+    assert!(
+        !ok && text.contains("audit.chain_key_file") && text.contains("at least 32"),
+        "{text}"
+    );
+
+    // Someone with the database file (triggers dropped) changes an event
+    // and chains it again the only way they can: without the key.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let config = tsunagu::config::Config::load(Some(cfg.as_path())).unwrap();
+    let events = rt.block_on(async {
+        let index = tsunagu::index::Index::connect(&config.index).await.unwrap();
+        tsunagu::audit::trail::read_range(index.pool(), 1, 10_000)
+            .await
+            .unwrap()
+    });
+    let keyed_from = events
+        .iter()
+        .position(|s| s.hash.starts_with("hmac-sha256:"))
+        .expect("keyed events");
+    assert!(
+        keyed_from > 0 && keyed_from < events.len() - 1,
+        "the first import's events are not keyed, the second's are"
+    );
+    let db = rusqlite::Connection::open(tmp.path().join("index.sqlite")).unwrap();
+    db.execute_batch("DROP TRIGGER audit_event_no_update")
+        .unwrap();
+    // Rewrite events `from..` as changed by `user`, chained with SHA-256.
+    let rechain = |from: usize| {
+        let mut prev = events[from - 1].hash.clone();
+        for s in &events[from..] {
+            let mut e = s.event.clone();
+            e.user = "nobody".into();
+            let h = tsunagu::audit::chain::hash(&prev, s.seq, &e, None);
+            db.execute(
+                "UPDATE audit_event SET user_name = 'nobody', prev_hash = ?1, hash = ?2 WHERE seq = ?3",
+                rusqlite::params![prev, h, s.seq],
+            )
+            .unwrap();
+            prev = h;
+        }
+        db.execute(
+            "UPDATE audit_head SET seq = ?1, hash = ?2",
+            rusqlite::params![events.last().unwrap().seq, prev],
+        )
+        .unwrap();
+    };
+    // The last event only: an unkeyed event after keyed ones.
+    rechain(events.len() - 1);
+    let (ok, text) = verify(Some(&key));
+    assert!(!ok && text.contains("not keyed, though"), "{text}");
+    // Every keyed event: a chain that would verify without a key.
+    rechain(keyed_from);
+    let (ok, text) = verify(None);
+    assert!(
+        ok,
+        "rewritten without the key, it verifies without it: {text}"
+    );
+    let (ok, text) = verify(Some(&key));
+    assert!(!ok && text.contains("no event is keyed"), "{text}");
+}

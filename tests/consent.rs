@@ -797,10 +797,14 @@ async fn network_scenario(backend: Backend) {
         "{trail}"
     );
     // Verification reads a consistent end even while events are appended.
-    let during = tsunagu::audit::chain::verify(&hub.hub.index).await.unwrap();
+    let during = tsunagu::audit::chain::verify(&hub.hub.index, None)
+        .await
+        .unwrap();
     assert_eq!(during.broken_at, None);
     hub.hub.audit.flush().await;
-    let v = tsunagu::audit::chain::verify(&hub.hub.index).await.unwrap();
+    let v = tsunagu::audit::chain::verify(&hub.hub.index, None)
+        .await
+        .unwrap();
     assert_eq!(v.broken_at, None);
     assert!(v.events > 30, "{v:?}");
 

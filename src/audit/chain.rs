@@ -1,10 +1,17 @@
 //! Sequencing and chaining: event n's hash is
 //! SHA-256(hash of event n-1 ‖ canonical JSON of event n with its sequence
-//! number), starting from 64 zeros. `audit_head` holds the chain's end; an
+//! number), starting from 64 zeros — or, with a chain key
+//! (`[audit] chain_key_file`), HMAC-SHA-256 under that key of the same
+//! bytes, written `hmac-sha256:<hex>`. `audit_head` holds the chain's end; an
 //! append locks it first (`Index::begin_records`), so nodes sharing one
 //! database extend one chain. Changing, removing or reordering any event
-//! breaks every hash after it, which `verify` finds.
+//! breaks every hash after it, which `verify` finds; without the key nobody
+//! can chain a changed event again so that it verifies, where a plain
+//! SHA-256 chain can be recomputed by whoever can write the database.
 
+use std::sync::Arc;
+
+use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
@@ -14,6 +21,62 @@ use crate::index::{Index, IndexError};
 
 /// The hash before the first event.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// How a keyed event's hash begins.
+const KEYED: &str = "hmac-sha256:";
+/// The shortest secret taken as a chain key (HMAC-SHA-256's own block
+/// strength needs no more).
+const MIN_KEY_BYTES: usize = 32;
+
+/// The secret that keys the chain, read once from `[audit] chain_key_file`.
+#[derive(Clone)]
+pub struct ChainKey(Arc<[u8]>);
+
+impl std::fmt::Debug for ChainKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChainKey(..)")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("audit.chain_key_file: {0}")]
+pub struct ChainKeyError(String);
+
+impl ChainKey {
+    /// The key `[audit] chain_key_file` names, if any: the file's bytes,
+    /// surrounding white space left out.
+    pub fn from_config(cfg: &crate::config::AuditConfig) -> Result<Option<Self>, ChainKeyError> {
+        let Some(path) = &cfg.chain_key_file else {
+            return Ok(None);
+        };
+        let bytes =
+            std::fs::read(path).map_err(|e| ChainKeyError(format!("{}: {e}", path.display())))?;
+        let key = bytes.trim_ascii();
+        if key.len() < MIN_KEY_BYTES {
+            return Err(ChainKeyError(format!(
+                "{}: {} bytes; a chain key needs at least {MIN_KEY_BYTES} (e.g. `openssl rand -hex 32`)",
+                path.display(),
+                key.len()
+            )));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+                tracing::warn!(
+                    file = %path.display(),
+                    "the audit chain key is readable by other users of this machine"
+                );
+            }
+        }
+        Ok(Some(Self(key.into())))
+    }
+}
+
+/// Whether `hash` is a keyed event's.
+fn is_keyed(hash: &str) -> bool {
+    hash.starts_with(KEYED)
+}
 
 /// An event as written: its place in the chain.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -58,11 +121,23 @@ fn canonical(seq: i64, e: &Event) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-pub fn hash(prev: &str, seq: i64, e: &Event) -> String {
-    let mut h = Sha256::new();
-    h.update(prev.as_bytes());
-    h.update(canonical(seq, e));
-    hex::encode(h.finalize())
+/// Event `seq`'s hash after `prev`: keyed if `key` is given.
+pub fn hash(prev: &str, seq: i64, e: &Event, key: Option<&ChainKey>) -> String {
+    let body = canonical(seq, e);
+    match key {
+        None => {
+            let mut h = Sha256::new();
+            h.update(prev.as_bytes());
+            h.update(body);
+            hex::encode(h.finalize())
+        }
+        Some(k) => {
+            let mut m = Hmac::<Sha256>::new_from_slice(&k.0).expect("HMAC takes any key length");
+            m.update(prev.as_bytes());
+            m.update(&body);
+            format!("{KEYED}{}", hex::encode(m.finalize().into_bytes()))
+        }
+    }
 }
 
 /// A security alert for the chain, if its recorded end (`audit_head`) is
@@ -106,12 +181,17 @@ fn with_alert(alert: Option<Event>, events: &[Event]) -> std::borrow::Cow<'_, [E
 }
 
 /// Sequence and chain `events` after the chain's end (`seq`, `hash`).
-fn chained(mut seq: i64, mut prev: String, events: &[Event]) -> Vec<Sequenced> {
+fn chained(
+    mut seq: i64,
+    mut prev: String,
+    events: &[Event],
+    key: Option<&ChainKey>,
+) -> Vec<Sequenced> {
     events
         .iter()
         .map(|e| {
             seq += 1;
-            let h = hash(&prev, seq, e);
+            let h = hash(&prev, seq, e, key);
             Sequenced {
                 seq,
                 event: e.clone(),
@@ -153,7 +233,11 @@ fn event_columns(s: &Sequenced) -> [String; 10] {
 
 /// Append `events` in one transaction through the pool (PostgreSQL, or
 /// SQLite without a connection of the appender's own); what was written.
-pub async fn append(index: &Index, events: &[Event]) -> Result<Vec<Sequenced>, IndexError> {
+pub async fn append(
+    index: &Index,
+    events: &[Event],
+    key: Option<&ChainKey>,
+) -> Result<Vec<Sequenced>, IndexError> {
     let mut tx = index.begin_records(crate::index::RecordLock::Audit).await?;
     let (seq, prev): (i64, String) = match sqlx::query(LAST).fetch_optional(&mut *tx).await? {
         Some(r) => (r.get(0), r.get(1)),
@@ -161,7 +245,7 @@ pub async fn append(index: &Index, events: &[Event]) -> Result<Vec<Sequenced>, I
     };
     let head = sqlx::query(HEAD).fetch_one(&mut *tx).await?;
     let alert = end_moved(head.get(0), head.get(1), seq, &prev);
-    let written = chained(seq, prev, &with_alert(alert, events));
+    let written = chained(seq, prev, &with_alert(alert, events), key);
     for s in &written {
         let mut q = sqlx::query(INSERT_EVENT).bind(s.seq);
         for v in event_columns(s) {
@@ -195,6 +279,7 @@ pub async fn append(index: &Index, events: &[Event]) -> Result<Vec<Sequenced>, I
 pub fn append_sqlite(
     conn: &mut rusqlite::Connection,
     events: &[Event],
+    key: Option<&ChainKey>,
 ) -> Result<Vec<Sequenced>, IndexError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let last = tx.query_row(LAST, [], |r| Ok((r.get(0)?, r.get(1)?)));
@@ -206,7 +291,7 @@ pub fn append_sqlite(
     let (head_seq, head_hash): (i64, String) =
         tx.query_row(HEAD, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
     let alert = end_moved(head_seq, head_hash, seq, &prev);
-    let written = chained(seq, prev, &with_alert(alert, events));
+    let written = chained(seq, prev, &with_alert(alert, events), key);
     {
         let mut ev = tx.prepare_cached(INSERT_EVENT)?;
         let mut ob = tx.prepare_cached(INSERT_OBJECT)?;
@@ -239,10 +324,16 @@ pub struct Verification {
     /// The first sequence number whose event does not match its hash or
     /// predecessor, with the reason; `None` if the chain is intact.
     pub broken_at: Option<(i64, String)>,
+    /// The first keyed event, if any.
+    pub keyed_from: Option<i64>,
 }
 
-/// Recompute the whole chain, in pages (memory stays bounded).
-pub async fn verify(index: &Index) -> Result<Verification, IndexError> {
+/// Recompute the whole chain, in pages (memory stays bounded). Keyed
+/// events need `key`; once the chain is keyed, every later event must be
+/// keyed too (one chained again without the key is not), and given a key,
+/// a chain with events none of which is keyed does not verify either (it
+/// may have been rewritten whole without the key).
+pub async fn verify(index: &Index, key: Option<&ChainKey>) -> Result<Verification, IndexError> {
     let pool = index.pool();
     // The last event, then the recorded end: events and end are written in
     // one transaction, so the end read second is at or past the last event
@@ -258,6 +349,7 @@ pub async fn verify(index: &Index) -> Result<Verification, IndexError> {
     let mut prev = GENESIS.to_string();
     let mut expect_seq = 1i64;
     let mut count = 0u64;
+    let mut keyed_from = None;
     const PAGE: i64 = 2000;
     while expect_seq <= head_seq {
         let page = PAGE.min(head_seq - expect_seq + 1);
@@ -267,12 +359,23 @@ pub async fn verify(index: &Index) -> Result<Verification, IndexError> {
         }
         for s in events {
             count += 1;
+            let keyed = is_keyed(&s.hash);
             let broken = if s.seq != expect_seq {
                 Some(format!("event {expect_seq} is missing"))
             } else if s.prev_hash != prev {
                 Some("its previous hash does not match the event before it".into())
-            } else if hash(&prev, s.seq, &s.event) != s.hash {
-                Some("its content does not match its hash".into())
+            } else if keyed && key.is_none() {
+                Some("it is keyed: verifying it needs the chain key (audit.chain_key_file)".into())
+            } else if !keyed && let Some(k) = keyed_from {
+                Some(format!(
+                    "it is not keyed, though the chain is keyed from event {k} (chained again without the key)"
+                ))
+            } else if hash(&prev, s.seq, &s.event, key.filter(|_| keyed)) != s.hash {
+                Some(if keyed {
+                    "its content does not match its keyed hash (changed, or another key)".into()
+                } else {
+                    "its content does not match its hash".into()
+                })
             } else {
                 None
             };
@@ -280,7 +383,11 @@ pub async fn verify(index: &Index) -> Result<Verification, IndexError> {
                 return Ok(Verification {
                     events: count,
                     broken_at: Some((expect_seq, reason)),
+                    keyed_from,
                 });
+            }
+            if keyed && keyed_from.is_none() {
+                keyed_from = Some(s.seq);
             }
             prev = s.hash;
             expect_seq += 1;
@@ -305,11 +412,19 @@ pub async fn verify(index: &Index) -> Result<Verification, IndexError> {
             head_seq,
             "the chain's recorded end does not match its last event".to_string(),
         ))
+    } else if key.is_some() && count > 0 && keyed_from.is_none() {
+        Some((
+            head_seq,
+            "no event is keyed, though a chain key is given: written before the key was \
+             configured, or chained again without it"
+                .to_string(),
+        ))
     } else {
         None
     };
     Ok(Verification {
         events: count,
         broken_at,
+        keyed_from,
     })
 }

@@ -199,7 +199,13 @@ enum Target {
 
 impl Auditor {
     /// Start the appender thread (called on the runtime).
-    pub fn start(index: Index, syslog: Option<syslog::Forwarder>, clock: Arc<Clock>) -> Self {
+    /// Events are chained keyed with `key`, if given.
+    pub fn start(
+        index: Index,
+        syslog: Option<syslog::Forwarder>,
+        clock: Arc<Clock>,
+        key: Option<chain::ChainKey>,
+    ) -> Self {
         let (tx, rx) = std::sync::mpsc::channel();
         let target = match index.sqlite_path().map(crate::index::write::open_sqlite) {
             Some(Ok(conn)) => Target::Sqlite(conn),
@@ -211,7 +217,7 @@ impl Auditor {
         };
         if let Err(e) = std::thread::Builder::new()
             .name("audit-appender".into())
-            .spawn(move || append_loop(target, rx, syslog))
+            .spawn(move || append_loop(target, rx, syslog, key))
         {
             tracing::error!(error = %e, "cannot start the audit appender");
         }
@@ -321,10 +327,15 @@ impl Auditor {
 /// one by one, so that one event the database refuses cannot hold up the
 /// trail: that event alone is logged and counted as lost (a lone event
 /// after some minutes of failures).
-fn write_batch(target: &mut Target, batch: &mut Vec<Event>, syslog: Option<&syslog::Forwarder>) {
+fn write_batch(
+    target: &mut Target,
+    batch: &mut Vec<Event>,
+    syslog: Option<&syslog::Forwarder>,
+    key: Option<&chain::ChainKey>,
+) {
     let mut append = |events: &[Event]| match target {
-        Target::Sqlite(conn) => chain::append_sqlite(conn, events),
-        Target::Pool(index, rt) => rt.block_on(chain::append(index, events)),
+        Target::Sqlite(conn) => chain::append_sqlite(conn, events, key),
+        Target::Pool(index, rt) => rt.block_on(chain::append(index, events, key)),
     };
     let mut delay = Duration::from_millis(50);
     let mut failures = 0;
@@ -380,6 +391,7 @@ fn append_loop(
     mut target: Target,
     rx: std::sync::mpsc::Receiver<Message>,
     syslog: Option<syslog::Forwarder>,
+    key: Option<chain::ChainKey>,
 ) {
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     let mut batch: Vec<Event> = Vec::new();
@@ -411,7 +423,7 @@ fn append_loop(
             quiet_ticks = 0;
             while !batch.is_empty() {
                 let rest = batch.split_off(batch.len().min(MAX_BATCH));
-                write_batch(&mut target, &mut batch, syslog.as_ref());
+                write_batch(&mut target, &mut batch, syslog.as_ref(), key.as_ref());
                 batch = rest;
             }
             for done in waiting.drain(..) {
