@@ -84,6 +84,9 @@ impl Hub {
             .map_err(|e| HubError::Other(e.to_string()))?;
         let chain_key = crate::audit::chain::ChainKey::from_config(&config.audit)
             .map_err(|e| HubError::Other(e.to_string()))?;
+        crate::audit::chain::check_key(&index, chain_key.as_ref())
+            .await
+            .map_err(|e| HubError::Other(e.to_string()))?;
         let clock = Arc::new(crate::clock::Clock::default());
         let audit = crate::audit::Auditor::start(index.clone(), syslog, clock.clone(), chain_key);
         let ingest = Ingest::new(store.clone(), index.clone(), audit.clone());

@@ -356,6 +356,22 @@ fn a_keyed_audit_chain_cannot_be_chained_again_without_its_key() {
     assert!(!ok && text.contains("needs the chain key"), "{text}");
     let (ok, text) = verify(Some(&other));
     assert!(!ok && text.contains("another key"), "{text}");
+    // A node without the key, or with another, does not append to it.
+    for (k, why) in [
+        (None, "needs the chain's key"),
+        (Some(other.as_path()), "does not check"),
+    ] {
+        let (ok, text) = tsunagu(
+            k,
+            &[
+                "import".as_ref(),
+                "--institution".as_ref(),
+                "HOSP1".as_ref(),
+                second.as_os_str(),
+            ],
+        );
+        assert!(!ok && text.contains(why), "{text}");
+    }
     let (ok, text) = tsunagu(Some(&short), &["config".as_ref(), "check".as_ref()]);
     assert!(
         !ok && text.contains("audit.chain_key_file") && text.contains("at least 32"),
@@ -383,6 +399,24 @@ fn a_keyed_audit_chain_cannot_be_chained_again_without_its_key() {
     let db = rusqlite::Connection::open(tmp.path().join("index.sqlite")).unwrap();
     db.execute_batch("DROP TRIGGER audit_event_no_update")
         .unwrap();
+    // A keyed event changed, its hash kept.
+    let first_keyed = &events[keyed_from];
+    let set_user = |user: &str| {
+        db.execute(
+            "UPDATE audit_event SET user_name = ?1 WHERE seq = ?2",
+            rusqlite::params![user, first_keyed.seq],
+        )
+        .unwrap();
+    };
+    set_user("nobody");
+    let (ok, text) = verify(Some(&key));
+    assert!(
+        !ok && text.contains(&format!("BROKEN at event {}", first_keyed.seq))
+            && text.contains("does not match its keyed hash"),
+        "{text}"
+    );
+    set_user(&first_keyed.event.user);
+    assert!(verify(Some(&key)).0);
     // Rewrite events `from..` as changed by `user`, chained with SHA-256.
     let rechain = |from: usize| {
         let mut prev = events[from - 1].hash.clone();

@@ -1488,3 +1488,75 @@ async fn a_study_is_one_patients() {
         .collect();
     assert!(kept.is_empty(), "{kept:?}");
 }
+
+/// A keyed trail on either engine (the PostgreSQL appender goes through the
+/// pool, SQLite's through its own connection): events are chained with the
+/// key, verify with it, and a node without the key or with another one does
+/// not start on the keyed trail.
+async fn keyed_trail(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("chain.key");
+    std::fs::write(&key_file, format!("{}\n", "5a".repeat(32))).unwrap();
+    let with_key = key_file.clone();
+    let Some(hub) = TestHub::start_with(backend, move |c| {
+        c.audit.chain_key_file = Some(with_key);
+    })
+    .await
+    else {
+        return;
+    };
+    let (st, made) = link(&hub, "HOSP2", "K-H2", None).await;
+    assert_eq!(st, 201, "{made}");
+    qido(&hub, "HOSP2", "studies?PatientID=K-H2").await;
+    hub.hub.audit.flush().await;
+    let mut audit = hub.hub.config.audit.clone();
+    let key = tsunagu::audit::chain::ChainKey::from_config(&audit)
+        .unwrap()
+        .unwrap();
+    let v = tsunagu::audit::chain::verify(&hub.hub.index, Some(&key))
+        .await
+        .unwrap();
+    assert_eq!(v.broken_at, None, "{v:?}");
+    assert_eq!(v.keyed_from, Some(1), "{v:?}");
+    assert!(v.events >= 2, "{v:?}");
+    let unchecked = tsunagu::audit::chain::verify(&hub.hub.index, None)
+        .await
+        .unwrap();
+    assert!(
+        unchecked
+            .broken_at
+            .as_ref()
+            .is_some_and(|(_, why)| why.contains("needs the chain key")),
+        "{unchecked:?}"
+    );
+    // Another node on the same trail: without the key, or with another.
+    let refused = tsunagu::audit::chain::check_key(&hub.hub.index, None).await;
+    assert!(
+        refused.is_err_and(|e| e.to_string().contains("needs the chain's key")),
+        "a node without the key must not append to a keyed trail"
+    );
+    let other_file = dir.path().join("other.key");
+    std::fs::write(&other_file, "0".repeat(64)).unwrap();
+    audit.chain_key_file = Some(other_file);
+    let other = tsunagu::audit::chain::ChainKey::from_config(&audit)
+        .unwrap()
+        .unwrap();
+    let refused = tsunagu::audit::chain::check_key(&hub.hub.index, Some(&other)).await;
+    assert!(
+        refused.is_err_and(|e| e.to_string().contains("does not check")),
+        "a node with another key must not append"
+    );
+    tsunagu::audit::chain::check_key(&hub.hub.index, Some(&key))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keyed_trail_on_sqlite() {
+    keyed_trail(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keyed_trail_on_postgres() {
+    keyed_trail(Backend::Postgres).await;
+}

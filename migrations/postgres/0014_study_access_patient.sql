@@ -7,5 +7,6 @@
 -- YAMA* cost 1.36x the search without the rule at 1,000,000 instances.
 ALTER TABLE study_access ADD COLUMN patient_ref BIGINT;
 UPDATE study_access SET patient_ref = (SELECT st.patient_ref FROM study st WHERE st.id = study_access.study_ref);
+ALTER TABLE study_access ALTER COLUMN patient_ref SET NOT NULL;
 DROP INDEX study_access_walk;
 CREATE INDEX study_access_walk ON study_access (institution, study_ref, expires_at, study_date, patient_ref);

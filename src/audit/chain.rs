@@ -28,9 +28,13 @@ const KEYED: &str = "hmac-sha256:";
 /// strength needs no more).
 const MIN_KEY_BYTES: usize = 32;
 
-/// The secret that keys the chain, read once from `[audit] chain_key_file`.
+/// The secret that keys the chain, read once from `[audit] chain_key_file`,
+/// and whether this process has seen the chain keyed (its clones share it).
 #[derive(Clone)]
-pub struct ChainKey(Arc<[u8]>);
+pub struct ChainKey {
+    secret: Arc<[u8]>,
+    seen_keyed: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl std::fmt::Debug for ChainKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -43,15 +47,17 @@ impl std::fmt::Debug for ChainKey {
 pub struct ChainKeyError(String);
 
 impl ChainKey {
-    /// The key `[audit] chain_key_file` names, if any: the file's bytes,
-    /// surrounding white space left out.
+    /// The key `[audit] chain_key_file` names, if any: the file's bytes
+    /// but a final line end (a key is text, such as `openssl rand -hex 32`
+    /// writes).
     pub fn from_config(cfg: &crate::config::AuditConfig) -> Result<Option<Self>, ChainKeyError> {
         let Some(path) = &cfg.chain_key_file else {
             return Ok(None);
         };
         let bytes =
             std::fs::read(path).map_err(|e| ChainKeyError(format!("{}: {e}", path.display())))?;
-        let key = bytes.trim_ascii();
+        let key = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+        let key = key.strip_suffix(b"\r").unwrap_or(key);
         if key.len() < MIN_KEY_BYTES {
             return Err(ChainKeyError(format!(
                 "{}: {} bytes; a chain key needs at least {MIN_KEY_BYTES} (e.g. `openssl rand -hex 32`)",
@@ -69,7 +75,110 @@ impl ChainKey {
                 );
             }
         }
-        Ok(Some(Self(key.into())))
+        Ok(Some(Self {
+            secret: key.into(),
+            seen_keyed: Arc::default(),
+        }))
+    }
+
+    /// Called with the chain's last event before an append: whether the
+    /// chain, once seen keyed by this process, now ends with an unkeyed
+    /// event — keyed events removed and history chained again without the
+    /// key while the hub ran, which the next keyed event would otherwise
+    /// seal as genuine.
+    fn rewritten_unkeyed(&self, last_seq: i64, last_hash: &str) -> bool {
+        use std::sync::atomic::Ordering;
+        if is_keyed(last_hash) {
+            self.seen_keyed.store(true, Ordering::Relaxed);
+            return false;
+        }
+        if !self.seen_keyed.swap(true, Ordering::Relaxed) {
+            if last_seq > 0 {
+                tracing::info!(
+                    from = last_seq + 1,
+                    "the audit trail is keyed from this event on"
+                );
+            }
+            return false;
+        }
+        true
+    }
+}
+
+/// Whether a node can append to the trail with `key`: not without a key
+/// (or with another one) once the chain is keyed — its events would break
+/// the chain for good, and hide later tampering behind the break. Checked
+/// at start against the chain's last event.
+pub async fn check_key(index: &Index, key: Option<&ChainKey>) -> Result<(), ChainKeyError> {
+    let fail = |e: IndexError| ChainKeyError(format!("reading the audit trail's last event: {e}"));
+    let Some(last) = sqlx::query(LAST)
+        .fetch_optional(index.pool())
+        .await
+        .map_err(|e| fail(e.into()))?
+    else {
+        return Ok(());
+    };
+    let (seq, last_hash): (i64, String) = (last.get(0), last.get(1));
+    if !is_keyed(&last_hash) {
+        return Ok(());
+    }
+    let Some(key) = key else {
+        return Err(ChainKeyError(format!(
+            "the audit trail is keyed (its last event, {seq}, is): this node needs the chain's key"
+        )));
+    };
+    let event = super::trail::read_range(index.pool(), seq, 1)
+        .await
+        .map_err(fail)?;
+    match event.first() {
+        Some(s) if hash(&s.prev_hash, s.seq, &s.event, Some(key)) == s.hash => Ok(()),
+        _ => Err(ChainKeyError(format!(
+            "the key does not check the audit trail's last event ({seq}): another key, or the \
+             event was changed (see `tsunagu audit verify`)"
+        ))),
+    }
+}
+
+/// A security alert if `key` finds the chain rewritten without it
+/// (`ChainKey::rewritten_unkeyed`), or an error logged if a node without a
+/// key appends to a keyed chain.
+fn keying_alert(key: Option<&ChainKey>, last_seq: i64, last_hash: &str) -> Option<Event> {
+    let Some(key) = key else {
+        if is_keyed(last_hash) {
+            tracing::error!(
+                last_event = last_seq,
+                "appending to a keyed audit trail without its key (audit.chain_key_file): \
+                 the trail will not verify from here on"
+            );
+            metrics::counter!(crate::telemetry::AUDIT_TAMPERING).increment(1);
+        }
+        return None;
+    };
+    if !key.rewritten_unkeyed(last_seq, last_hash) {
+        return None;
+    }
+    tracing::error!(
+        last_event = last_seq,
+        "the keyed audit trail now ends with an unkeyed event: rewritten outside the hub"
+    );
+    metrics::counter!(crate::telemetry::AUDIT_TAMPERING).increment(1);
+    Some(alert(serde_json::json!({
+        "keyed_chain_rewritten": { "last_event": { "seq": last_seq, "hash": last_hash } },
+    })))
+}
+
+/// A `trail-altered` security alert holding `detail`.
+fn alert(detail: serde_json::Value) -> Event {
+    Event {
+        at: crate::clock::stamp(chrono::Utc::now()),
+        action: super::Action::TrailAltered,
+        outcome: super::Outcome::Failure,
+        user: "tsunagu".into(),
+        institution: String::new(),
+        role: String::new(),
+        client: String::new(),
+        objects: Vec::new(),
+        detail,
     }
 }
 
@@ -132,7 +241,8 @@ pub fn hash(prev: &str, seq: i64, e: &Event, key: Option<&ChainKey>) -> String {
             hex::encode(h.finalize())
         }
         Some(k) => {
-            let mut m = Hmac::<Sha256>::new_from_slice(&k.0).expect("HMAC takes any key length");
+            let mut m =
+                Hmac::<Sha256>::new_from_slice(&k.secret).expect("HMAC takes any key length");
             m.update(prev.as_bytes());
             m.update(&body);
             format!("{KEYED}{}", hex::encode(m.finalize().into_bytes()))
@@ -154,30 +264,24 @@ fn end_moved(head_seq: i64, head_hash: String, last_seq: i64, last_hash: &str) -
         "the audit trail's recorded end is not its last event: changed outside the hub"
     );
     metrics::counter!(crate::telemetry::AUDIT_TAMPERING).increment(1);
-    Some(Event {
-        at: crate::clock::stamp(chrono::Utc::now()),
-        action: super::Action::TrailAltered,
-        outcome: super::Outcome::Failure,
-        user: "tsunagu".into(),
-        institution: String::new(),
-        role: String::new(),
-        client: String::new(),
-        objects: Vec::new(),
-        detail: serde_json::json!({
-            "recorded_end": { "seq": head_seq, "hash": head_hash },
-            "last_event": { "seq": last_seq, "hash": last_hash },
-        }),
-    })
+    Some(alert(serde_json::json!({
+        "recorded_end": { "seq": head_seq, "hash": head_hash },
+        "last_event": { "seq": last_seq, "hash": last_hash },
+    })))
 }
 
-/// `events`, after `alert` if there is one.
-fn with_alert(alert: Option<Event>, events: &[Event]) -> std::borrow::Cow<'_, [Event]> {
-    match alert {
-        None => std::borrow::Cow::Borrowed(events),
-        Some(a) => {
-            std::borrow::Cow::Owned(std::iter::once(a).chain(events.iter().cloned()).collect())
-        }
+/// `events`, after the `alerts` there are.
+fn with_alerts(alerts: [Option<Event>; 2], events: &[Event]) -> std::borrow::Cow<'_, [Event]> {
+    if alerts.iter().all(Option::is_none) {
+        return std::borrow::Cow::Borrowed(events);
     }
+    std::borrow::Cow::Owned(
+        alerts
+            .into_iter()
+            .flatten()
+            .chain(events.iter().cloned())
+            .collect(),
+    )
 }
 
 /// Sequence and chain `events` after the chain's end (`seq`, `hash`).
@@ -244,8 +348,11 @@ pub async fn append(
         None => (0, GENESIS.to_string()),
     };
     let head = sqlx::query(HEAD).fetch_one(&mut *tx).await?;
-    let alert = end_moved(head.get(0), head.get(1), seq, &prev);
-    let written = chained(seq, prev, &with_alert(alert, events), key);
+    let alerts = [
+        end_moved(head.get(0), head.get(1), seq, &prev),
+        keying_alert(key, seq, &prev),
+    ];
+    let written = chained(seq, prev, &with_alerts(alerts, events), key);
     for s in &written {
         let mut q = sqlx::query(INSERT_EVENT).bind(s.seq);
         for v in event_columns(s) {
@@ -290,8 +397,11 @@ pub fn append_sqlite(
     };
     let (head_seq, head_hash): (i64, String) =
         tx.query_row(HEAD, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let alert = end_moved(head_seq, head_hash, seq, &prev);
-    let written = chained(seq, prev, &with_alert(alert, events), key);
+    let alerts = [
+        end_moved(head_seq, head_hash, seq, &prev),
+        keying_alert(key, seq, &prev),
+    ];
+    let written = chained(seq, prev, &with_alerts(alerts, events), key);
     {
         let mut ev = tx.prepare_cached(INSERT_EVENT)?;
         let mut ob = tx.prepare_cached(INSERT_OBJECT)?;
@@ -427,4 +537,29 @@ pub async fn verify(index: &Index, key: Option<&ChainKey>) -> Result<Verificatio
         broken_at,
         keyed_from,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_seen_keyed_that_ends_unkeyed_was_rewritten() {
+        let key = ChainKey {
+            secret: Arc::from(&b"0123456789abcdef0123456789abcdef"[..]),
+            seen_keyed: Arc::default(),
+        };
+        // The first append keys an unkeyed chain (or an empty one).
+        assert!(!key.rewritten_unkeyed(7, "ab12"));
+        assert!(!key.rewritten_unkeyed(8, "hmac-sha256:ab12"));
+        // Later, an unkeyed end can only be a rewrite.
+        assert!(key.rewritten_unkeyed(5, "cd34"));
+        // A process that starts on a keyed chain.
+        let fresh = ChainKey {
+            seen_keyed: Arc::default(),
+            ..key.clone()
+        };
+        assert!(!fresh.rewritten_unkeyed(9, "hmac-sha256:ef56"));
+        assert!(fresh.rewritten_unkeyed(9, "ef56"));
+    }
 }
