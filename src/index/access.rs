@@ -28,13 +28,16 @@ pub(super) static DISCLOSED_FOR_STUDY: LazyLock<String> =
 /// `st` or patient row `p` satisfies `filter`: one per institution that
 /// the rule opens them to (an active disclosure of the patient's identity
 /// record by the owner, to an institution that links the record too), with
-/// the latest expiry (NULL: none) of those disclosures.
+/// the latest expiry (NULL: none) of those disclosures, and the patient ID
+/// that institution is shown for the patient: the least of its own IDs
+/// linked to the record (`Scope::presented_id` without a preferred ID).
 fn disclosed_rows_insert(filter: &str) -> String {
     format!(
         "INSERT INTO study_access (study_ref, institution, expires_at, kind, study_date, \
-         patient_ref) SELECT st.id, d.to_institution, \
+         patient_ref, presented_patient_id) SELECT st.id, d.to_institution, \
          CASE WHEN COUNT(*) > COUNT(d.expires_at) THEN NULL ELSE MAX(d.expires_at) END, 'disclosed', \
-         st.study_date, st.patient_ref \
+         st.study_date, st.patient_ref, (SELECT MIN(ml.patient_id) FROM patient_link ml \
+         WHERE ml.record = sl.record AND ml.institution = d.to_institution) \
          FROM patient p JOIN study st ON st.patient_ref = p.id \
          JOIN patient_link sl ON sl.institution = p.institution AND sl.issuer = p.issuer \
          AND sl.patient_id = p.patient_id \
@@ -42,7 +45,7 @@ fn disclosed_rows_insert(filter: &str) -> String {
          AND d.revoked_at IS NULL \
          WHERE {filter} AND EXISTS (SELECT 1 FROM patient_link tl WHERE tl.record = sl.record \
          AND tl.institution = d.to_institution) \
-         GROUP BY st.id, st.study_date, st.patient_ref, d.to_institution"
+         GROUP BY st.id, st.study_date, st.patient_ref, sl.record, d.to_institution"
     )
 }
 

@@ -193,6 +193,22 @@ impl Scope {
         )
     }
 
+    /// `presented_id` without a preferred ID, for a page row `page` (with
+    /// its study id `k_study`): as the caller's access row of the study
+    /// holds it — one probe of a row the search has just walked instead of
+    /// two link lookups. Only without break-glass grants: a grant opens
+    /// linked patients that nothing disclosed, which have no such row.
+    fn presented_id_on_access_row(&self, q: &mut Sql, page: &str) -> String {
+        let (t1, t2) = (
+            q.bind_text(&self.institution),
+            q.bind_text(&self.institution),
+        );
+        format!(
+            "(CASE WHEN {page}.institution <> {t1} THEN (SELECT pa.presented_patient_id \
+             FROM study_access pa WHERE pa.study_ref = {page}.k_study AND pa.institution = {t2}) END)"
+        )
+    }
+
     /// The Patient ID the caller sees for patient row alias `p`.
     fn presented_patient_id(&self, q: &mut Sql) -> String {
         let shown = self.presented_id(q, "p", None);
@@ -1410,7 +1426,11 @@ fn rows_sql(
             (Attr::PatientId, Matcher::Single(v)) => Some(v.as_str()),
             _ => None,
         });
-        format!(", {}", scope.presented_id(q, "page", preferred))
+        let shown = match preferred {
+            None if !scope.under_break_glass() => scope.presented_id_on_access_row(q, "page"),
+            _ => scope.presented_id(q, "page", preferred),
+        };
+        format!(", {shown}")
     } else {
         String::new()
     };
