@@ -87,12 +87,10 @@ impl ChainKey {
     /// key while the hub ran, which the next keyed event would otherwise
     /// seal as genuine.
     fn rewritten_unkeyed(&self, last_seq: i64, last_hash: &str) -> bool {
-        use std::sync::atomic::Ordering;
         if is_keyed(last_hash) {
-            self.seen_keyed.store(true, Ordering::Relaxed);
             return false;
         }
-        if !self.seen_keyed.swap(true, Ordering::Relaxed) {
+        if !self.seen_keyed.load(std::sync::atomic::Ordering::Relaxed) {
             if last_seq > 0 {
                 tracing::info!(
                     from = last_seq + 1,
@@ -102,6 +100,14 @@ impl ChainKey {
             return false;
         }
         true
+    }
+
+    /// An append with this key committed: the chain is keyed from here on.
+    /// (Not before the commit: an append that failed and is tried again
+    /// must not find its own unkeyed end "rewritten".)
+    fn committed(&self) {
+        self.seen_keyed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -377,6 +383,9 @@ pub async fn append(
             .await?;
     }
     tx.commit().await?;
+    if let Some(k) = key {
+        k.committed();
+    }
     Ok(written)
 }
 
@@ -424,6 +433,9 @@ pub fn append_sqlite(
         }
     }
     tx.commit()?;
+    if let Some(k) = key {
+        k.committed();
+    }
     Ok(written)
 }
 
@@ -549,10 +561,13 @@ mod tests {
             secret: Arc::from(&b"0123456789abcdef0123456789abcdef"[..]),
             seen_keyed: Arc::default(),
         };
-        // The first append keys an unkeyed chain (or an empty one).
+        // The first append keys an unkeyed chain (or an empty one), also
+        // when it is tried again after a failure.
         assert!(!key.rewritten_unkeyed(7, "ab12"));
+        assert!(!key.rewritten_unkeyed(7, "ab12"));
+        key.committed();
         assert!(!key.rewritten_unkeyed(8, "hmac-sha256:ab12"));
-        // Later, an unkeyed end can only be a rewrite.
+        // After a keyed append committed, an unkeyed end can only be a rewrite.
         assert!(key.rewritten_unkeyed(5, "cd34"));
         // A process that starts on a keyed chain.
         let fresh = ChainKey {
@@ -560,6 +575,7 @@ mod tests {
             ..key.clone()
         };
         assert!(!fresh.rewritten_unkeyed(9, "hmac-sha256:ef56"));
+        fresh.committed();
         assert!(fresh.rewritten_unkeyed(9, "ef56"));
     }
 }
