@@ -18,6 +18,29 @@ fn config_file(dir: &std::path::Path) -> std::path::PathBuf {
     p
 }
 
+/// `tsunagu ARGS --config CFG`, with the audit chain key file given through
+/// the environment if `chain_key`: (exit success, stdout then stderr).
+fn tsunagu(
+    cfg: &std::path::Path,
+    chain_key: Option<&std::path::Path>,
+    args: &[&dyn AsRef<std::ffi::OsStr>],
+) -> (bool, String) {
+    let mut c = Command::new(BIN);
+    c.args(args).arg("--config").arg(cfg);
+    if let Some(k) = chain_key {
+        c.env("TSUNAGU_AUDIT__CHAIN_KEY_FILE", k);
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 #[test]
 fn import_stores_reports_and_rejects() {
     let Some(data) = common::testdata_dir() else {
@@ -25,17 +48,12 @@ fn import_stores_reports_and_rejects() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config_file(tmp.path());
-    // `import --quiet --institution INST PATH`: (exit success, stdout).
+    // `import --quiet --institution INST PATH`.
     let run = |inst: &str, path: &std::path::Path| {
-        let out = Command::new(BIN)
-            .args(["import", "--quiet", "--institution", inst, "--config"])
-            .arg(&cfg)
-            .arg(path)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
+        tsunagu(
+            &cfg,
+            None,
+            &[&"import", &"--quiet", &"--institution", &inst, &path],
         )
     };
     let files = data.join("files");
@@ -68,17 +86,7 @@ fn import_stores_reports_and_rejects() {
     assert!(!ok, "unknown institution");
 
     // Every store was audited, on an intact chain; tampering is found.
-    let verify = || {
-        let out = Command::new(BIN)
-            .args(["audit", "verify", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
+    let verify = || tsunagu(&cfg, None, &[&"audit", &"verify"]);
     let (ok, text) = verify();
     assert!(ok && text.contains("intact: 85 events"), "{text}");
     let db = rusqlite::Connection::open(tmp.path().join("index.sqlite")).unwrap();
@@ -311,38 +319,15 @@ fn a_keyed_audit_chain_cannot_be_chained_again_without_its_key() {
         batch("first", &["ct16_rle.dcm"]),
         batch("second", &["ct16_explicit_le.dcm", "ct16_implicit_le.dcm"]),
     );
-    // `tsunagu ARGS --config CFG`, with the chain key given through the
-    // environment or not: (exit success, stdout and stderr).
-    let tsunagu = |key: Option<&std::path::Path>, args: &[&std::ffi::OsStr]| {
-        let mut c = Command::new(BIN);
-        c.args(args).arg("--config").arg(&cfg);
-        if let Some(k) = key {
-            c.env("TSUNAGU_AUDIT__CHAIN_KEY_FILE", k);
-        }
-        let out = c.output().unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    };
     let import = |key, dir: &std::path::Path| {
         let (ok, text) = tsunagu(
+            &cfg,
             key,
-            &[
-                "import".as_ref(),
-                "--quiet".as_ref(),
-                "--institution".as_ref(),
-                "HOSP1".as_ref(),
-                dir.as_os_str(),
-            ],
+            &[&"import", &"--quiet", &"--institution", &"HOSP1", &dir],
         );
         assert!(ok, "{text}");
     };
-    let verify = |key| tsunagu(key, &["audit".as_ref(), "verify".as_ref()]);
+    let verify = |key| tsunagu(&cfg, key, &[&"audit", &"verify"]);
 
     // A trail begun without a key, then keyed from the first event written
     // with it.
@@ -361,18 +346,10 @@ fn a_keyed_audit_chain_cannot_be_chained_again_without_its_key() {
         (None, "needs the chain's key"),
         (Some(other.as_path()), "does not check"),
     ] {
-        let (ok, text) = tsunagu(
-            k,
-            &[
-                "import".as_ref(),
-                "--institution".as_ref(),
-                "HOSP1".as_ref(),
-                second.as_os_str(),
-            ],
-        );
+        let (ok, text) = tsunagu(&cfg, k, &[&"import", &"--institution", &"HOSP1", &second]);
         assert!(!ok && text.contains(why), "{text}");
     }
-    let (ok, text) = tsunagu(Some(&short), &["config".as_ref(), "check".as_ref()]);
+    let (ok, text) = tsunagu(&cfg, Some(&short), &[&"config", &"check"]);
     assert!(
         !ok && text.contains("audit.chain_key_file") && text.contains("at least 32"),
         "{text}"

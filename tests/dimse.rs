@@ -214,14 +214,7 @@ async fn unknown_calling_and_wrong_called_ae_are_rejected() {
     // And with DCMTK, which must report the same.
     if let Some(echoscu) = common::dcmtk("echoscu") {
         let out = std::process::Command::new(echoscu)
-            .args([
-                "-aet",
-                "STRANGER",
-                "-aec",
-                "TSUNAGU",
-                "127.0.0.1",
-                &hub.port().to_string(),
-            ])
+            .args(common::hub_peer("STRANGER", hub.port()))
             .output()
             .unwrap();
         assert!(!out.status.success());

@@ -102,17 +102,8 @@ async fn kill_9_mid_stream_loses_no_acknowledged_object() {
 
     let mut client = Command::new(storescu)
         .env("TCP_NODELAY", "1")
-        .args([
-            "-v",
-            "-R",
-            "-xe",
-            "-aet",
-            "HOSP1",
-            "-aec",
-            "TSUNAGU",
-            "127.0.0.1",
-            &tap.port.to_string(),
-        ])
+        .args(["-v", "-R", "-xe"])
+        .args(common::hub_peer("HOSP1", tap.port))
         .args(&files)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

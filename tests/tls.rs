@@ -127,19 +127,12 @@ fn dcmtk_as(
             "network-ca.pem",
         ]);
     }
-    cmd.args([
-        "-aet",
-        calling,
-        "-aec",
-        "TSUNAGU",
-        "127.0.0.1",
-        &port.to_string(),
-    ])
-    .args(files)
-    .output()
-    .unwrap()
-    .status
-    .success()
+    cmd.args(common::hub_peer(calling, port))
+        .args(files)
+        .output()
+        .unwrap()
+        .status
+        .success()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -216,8 +209,8 @@ async fn dicom_tls_binds_senders_to_their_certificates() {
     for calling in ["HOSP1", "HOSP2"] {
         let anonymous = Command::new(&echoscu)
             .current_dir(p)
-            .args(["+tla", "+cf", "network-ca.pem", "-aet", calling])
-            .args(["-aec", "TSUNAGU", "127.0.0.1", &tls_port.to_string()])
+            .args(["+tla", "+cf", "network-ca.pem"])
+            .args(common::hub_peer(calling, tls_port))
             .output()
             .unwrap();
         assert!(
@@ -330,19 +323,11 @@ async fn tls_configuration_is_checked_and_client_certificates_are_optional() {
     };
     let hub = tsunagu::hub::Hub::open(config).await.unwrap();
     let running = hub.start().await.unwrap();
-    let port = running.dicom_tls_addr.unwrap().port().to_string();
+    let port = running.dicom_tls_addr.unwrap().port();
     let anonymous = Command::new(&echoscu)
         .current_dir(p)
-        .args([
-            "+tla",
-            "+cf",
-            "network-ca.pem",
-            "-aet",
-            "HOSP2",
-            "-aec",
-            "TSUNAGU",
-        ])
-        .args(["127.0.0.1", &port])
+        .args(["+tla", "+cf", "network-ca.pem"])
+        .args(common::hub_peer("HOSP2", port))
         .output()
         .unwrap();
     running.shutdown.cancel();

@@ -411,14 +411,7 @@ impl TestHub {
             return true;
         };
         Command::new(echoscu)
-            .args([
-                "-aet",
-                calling,
-                "-aec",
-                "TSUNAGU",
-                "127.0.0.1",
-                &self.port().to_string(),
-            ])
+            .args(hub_peer(calling, self.port()))
             .output()
             .unwrap()
             .status
@@ -452,6 +445,18 @@ pub fn storescu_flag(ts: &str) -> Option<&'static str> {
     })
 }
 
+/// The arguments that make a DCMTK tool call the hub on `port` as `calling`.
+pub fn hub_peer(calling: &str, port: u16) -> [String; 6] {
+    [
+        "-aet".into(),
+        calling.into(),
+        "-aec".into(),
+        "TSUNAGU".into(),
+        "127.0.0.1".into(),
+        port.to_string(),
+    ]
+}
+
 /// DCMTK storescu sending `files` as `calling` to the hub on `port`, one
 /// association, with `options` (a transfer syntax flag, `-v`); `None` (a
 /// skip) where DCMTK is missing.
@@ -465,14 +470,7 @@ pub fn storescu_command(
     c.env("TCP_NODELAY", "1")
         .arg("-R")
         .args(options)
-        .args([
-            "-aet",
-            calling,
-            "-aec",
-            "TSUNAGU",
-            "127.0.0.1",
-            &port.to_string(),
-        ])
+        .args(hub_peer(calling, port))
         .args(files);
     Some(c)
 }
