@@ -63,22 +63,18 @@ impl Imaging {
     }
 
     /// A place for one job, taken before its input is read so that waiting
-    /// jobs hold no pixels; `Busy` after `PERMIT_WAIT`.
+    /// jobs hold no pixels; `Busy` after `PERMIT_WAIT` (counted as a limit
+    /// reached, whichever request waited).
     pub async fn permit(&self) -> Result<Permit, ImagingError> {
         match tokio::time::timeout(PERMIT_WAIT, self.permits.clone().acquire_owned()).await {
             Ok(Ok(p)) => Ok(Permit(p)),
             Ok(Err(_)) => Err(ImagingError::Closed),
-            Err(_) => Err(ImagingError::Busy),
+            Err(_) => {
+                metrics::counter!(crate::telemetry::LIMIT_REACHED, "limit" => "imaging")
+                    .increment(1);
+                Err(ImagingError::Busy)
+            }
         }
-    }
-
-    /// Run `job` on the pool, waiting for a permit first.
-    pub async fn run<T: Send + 'static>(
-        &self,
-        job: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, ImagingError> {
-        let permit = self.permit().await?;
-        self.run_with(permit, job).await
     }
 
     /// Run `job` on the pool in the place `permit` holds. The codecs inside
@@ -119,9 +115,13 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_job_is_an_error_and_the_pool_goes_on() {
         let imaging = Imaging::new(1);
-        let failed = imaging.run(|| -> u32 { panic!("bad stream") }).await;
+        let place = imaging.permit().await.unwrap();
+        let failed = imaging
+            .run_with(place, || -> u32 { panic!("bad stream") })
+            .await;
         assert!(matches!(failed, Err(ImagingError::Panicked(m)) if m == "bad stream"));
-        assert_eq!(imaging.run(|| 7).await.unwrap(), 7);
+        let place = imaging.permit().await.unwrap();
+        assert_eq!(imaging.run_with(place, || 7).await.unwrap(), 7);
         // The failed job gave its permit back.
         assert_eq!(imaging.permits.available_permits(), JOBS_PER_THREAD);
     }

@@ -82,7 +82,7 @@ pub struct Source {
     /// header — or the whole object when `frame` is empty.
     pub head: Bytes,
     /// The frame's bytes: the native frame, or its fragments. Empty: decode
-    /// frame `whole_frame` from `head`, the whole object.
+    /// frame `number` from `head`, the whole object.
     pub frame: Vec<Bytes>,
     pub encapsulated: bool,
     /// The 1-based frame asked for: of the whole object when `frame` is
@@ -90,6 +90,20 @@ pub struct Source {
     pub number: u32,
     /// A whole Deflated object's data set may inflate to at most this.
     pub inflate_limit: u64,
+}
+
+impl Source {
+    /// Frame `number` read by byte range: the object's `head` up to its
+    /// pixel data, and the frame's own bytes.
+    pub fn of_frame(head: Bytes, frame: Vec<Bytes>, encapsulated: bool, number: u32) -> Self {
+        Self {
+            head,
+            frame,
+            encapsulated,
+            number,
+            inflate_limit: 0,
+        }
+    }
 }
 
 /// The largest decoded frame made here (3 samples × its allocated bytes):

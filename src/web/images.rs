@@ -22,7 +22,6 @@ use crate::audit::Action;
 use crate::auth::Role;
 use crate::dicom::dataset::PixelLayout;
 use crate::hub::Hub;
-use crate::imaging::ImagingError;
 use crate::imaging::render::{self, Format, Region, RenderError, Source, Spec, Window};
 use crate::index::search::StoredInstance;
 
@@ -227,13 +226,7 @@ async fn picture(
     }
     // The place is taken before anything is read: waiting requests hold no
     // pixels.
-    let permit = hub.imaging.permit().await.map_err(|e| match e {
-        ImagingError::Busy => {
-            metrics::counter!(crate::telemetry::LIMIT_REACHED, "limit" => "imaging").increment(1);
-            WebError::Busy(e.to_string())
-        }
-        other => WebError::Internal(other.to_string()),
-    })?;
+    let permit = hub.imaging.permit().await?;
     let object = hub.store.reader(&inst.object_key).await?;
     let source = if layout.frames.is_empty() {
         // Frames not addressable by byte range (Deflated, bit-packed): the
@@ -262,20 +255,18 @@ async fn picture(
             )));
         };
         let head_end = layout.header_end().unwrap_or(0);
-        Source {
-            head: object.read_range(0..head_end).await?,
-            frame: object.read_ranges(ranges).await?,
-            encapsulated: layout.encapsulated,
-            number: frame,
-            inflate_limit: 0,
-        }
+        Source::of_frame(
+            object.read_range(0..head_end).await?,
+            object.read_ranges(ranges).await?,
+            layout.encapsulated,
+            frame,
+        )
     };
     let media_type = spec.format.media_type();
     let bytes = hub
         .imaging
         .run_with(permit, move || render::render(source, &spec))
-        .await
-        .map_err(|e| WebError::Internal(e.to_string()))?
+        .await?
         .map_err(|e| match e {
             RenderError::NotRenderable(m) => WebError::NotAcceptable(m),
             RenderError::BadRequest(m) => WebError::BadRequest(m),

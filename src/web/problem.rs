@@ -72,6 +72,15 @@ impl From<IndexError> for WebError {
     }
 }
 
+impl From<crate::imaging::ImagingError> for WebError {
+    fn from(e: crate::imaging::ImagingError) -> Self {
+        match e {
+            crate::imaging::ImagingError::Busy => Self::Busy(e.to_string()),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
 impl From<StoreError> for WebError {
     fn from(e: StoreError) -> Self {
         Self::Unavailable(format!("the object store failed: {e}"))

@@ -792,16 +792,15 @@ pub async fn frames(
                             // The imaging place first, as for pictures:
                             // frames waiting for it hold no bytes.
                             let place = imaging.permit().await.map_err(std::io::Error::other)?;
-                            let source = crate::imaging::render::Source {
+                            let source = crate::imaging::render::Source::of_frame(
                                 head,
-                                frame: object
+                                object
                                     .read_ranges(&ranges)
                                     .await
                                     .map_err(std::io::Error::other)?,
                                 encapsulated,
-                                number: n,
-                                inflate_limit: 0,
-                            };
+                                n,
+                            );
                             let pixels = imaging
                                 .run_with(place, move || {
                                     crate::imaging::render::native_frame(source)
