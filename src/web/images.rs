@@ -295,117 +295,150 @@ pub(super) async fn wado_uri_picture(
     png: bool,
     params: &[(String, String)],
 ) -> Result<Response, WebError> {
-    let get = |name: &str| super::wado::wado_uri_param(params, name);
-    for unsupported in [
-        "anonymize",
-        "presentationUID",
-        "presentationSeriesUID",
-        "transferSyntax",
-        "annotation",
-    ] {
-        if let Some(v) = get(unsupported) {
-            return Err(WebError::bad_request(format!(
-                "{unsupported}={v:?} is not supported for pictures"
-            )));
+    let asked = UriPicture::parse(params, png)?;
+    let inst = visible_instance(hub, caller, study, series, object).await?;
+    let frame = asked.frame;
+    let spec = asked.spec_for(&inst);
+    picture(hub, inst, frame, spec).await
+}
+
+/// What a WADO-URI picture request asks, checked before its instance is
+/// looked up.
+struct UriPicture {
+    frame: u32,
+    /// Without its region, which needs the frame's size.
+    spec: Spec,
+    /// `region`: xmin, ymin, xmax, ymax as fractions of the frame.
+    fractions: Option<[f64; 4]>,
+}
+
+impl UriPicture {
+    fn parse(params: &[(String, String)], png: bool) -> Result<Self, WebError> {
+        let get = |name: &str| super::wado::wado_uri_param(params, name);
+        for unsupported in [
+            "anonymize",
+            "presentationUID",
+            "presentationSeriesUID",
+            "transferSyntax",
+            "annotation",
+        ] {
+            if let Some(v) = get(unsupported) {
+                return Err(WebError::bad_request(format!(
+                    "{unsupported}={v:?} is not supported for pictures"
+                )));
+            }
+        }
+        let positive = |name: &str| -> Result<Option<u32>, WebError> {
+            get(name)
+                .map(|v| {
+                    v.trim()
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|n| (1..=MAX_VIEWPORT).contains(n))
+                        .ok_or_else(|| {
+                            WebError::bad_request(format!(
+                                "{name}={v:?}: a number 1-{MAX_VIEWPORT}"
+                            ))
+                        })
+                })
+                .transpose()
+        };
+        let frame = match get("frameNumber") {
+            Some(v) => v
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| WebError::bad_request(format!("frameNumber={v:?}: 1, 2, ...")))?,
+            None => 1,
+        };
+        let (rows, columns) = (positive("rows")?, positive("columns")?);
+        let quality = match get("imageQuality") {
+            Some(v) => v
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|q| (1..=100).contains(q))
+                .ok_or_else(|| WebError::bad_request(format!("imageQuality={v:?}: 1-100")))?,
+            None => DEFAULT_QUALITY,
+        };
+        let window = match (get("windowCenter"), get("windowWidth")) {
+            (None, None) => None,
+            (Some(c), Some(w)) => Some(parse_window(&format!("{c},{w},linear"))?),
+            _ => {
+                return Err(WebError::bad_request(
+                    "windowCenter and windowWidth come together",
+                ));
+            }
+        };
+        let fractions = get("region")
+            .map(|v| {
+                let f: Vec<f64> = v
+                    .split(',')
+                    .filter_map(|x| x.trim().parse::<f64>().ok())
+                    .collect();
+                match f[..] {
+                    [x0, y0, x1, y1]
+                        if (0.0..=1.0).contains(&x0)
+                            && (0.0..=1.0).contains(&y0)
+                            && (0.0..=1.0).contains(&x1)
+                            && (0.0..=1.0).contains(&y1)
+                            && x0 < x1
+                            && y0 < y1 =>
+                    {
+                        Ok([x0, y0, x1, y1])
+                    }
+                    _ => Err(WebError::bad_request(format!(
+                        "region={v:?}: xmin,ymin,xmax,ymax as fractions 0.0-1.0 of the frame"
+                    ))),
+                }
+            })
+            .transpose()?;
+        let viewport = match (columns, rows) {
+            (None, None) => None,
+            (c, r) => Some((c.unwrap_or(MAX_VIEWPORT), r.unwrap_or(MAX_VIEWPORT))),
+        };
+        let spec = Spec {
+            format: if png {
+                Format::Png
+            } else {
+                Format::Jpeg { quality }
+            },
+            viewport,
+            region: None,
+            window,
+            // Only one of rows and columns: the other follows the aspect ratio,
+            // and the picture is not blown up to the limit.
+            shrink_only: columns.is_none() || rows.is_none(),
+        };
+        Ok(Self {
+            frame,
+            spec,
+            fractions,
+        })
+    }
+
+    /// The spec for `inst`: the region in its frame's pixels.
+    fn spec_for(self, inst: &StoredInstance) -> Spec {
+        // The region in the frame's pixels (at least one each way).
+        let region = self.fractions.map(|[x0, y0, x1, y1]| {
+            let (w, h) = (
+                inst.columns.unwrap_or(0).max(0) as f64,
+                inst.rows.unwrap_or(0).max(0) as f64,
+            );
+            let (x, y) = ((x0 * w).floor() as u32, (y0 * h).floor() as u32);
+            Region {
+                x,
+                y,
+                width: Some(((x1 * w).ceil() as u32).saturating_sub(x).max(1)),
+                height: Some(((y1 * h).ceil() as u32).saturating_sub(y).max(1)),
+            }
+        });
+        Spec {
+            region,
+            ..self.spec
         }
     }
-    let positive = |name: &str| -> Result<Option<u32>, WebError> {
-        get(name)
-            .map(|v| {
-                v.trim()
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (1..=MAX_VIEWPORT).contains(n))
-                    .ok_or_else(|| {
-                        WebError::bad_request(format!("{name}={v:?}: a number 1-{MAX_VIEWPORT}"))
-                    })
-            })
-            .transpose()
-    };
-    let frame = match get("frameNumber") {
-        Some(v) => v
-            .trim()
-            .parse::<u32>()
-            .ok()
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| WebError::bad_request(format!("frameNumber={v:?}: 1, 2, ...")))?,
-        None => 1,
-    };
-    let (rows, columns) = (positive("rows")?, positive("columns")?);
-    let quality = match get("imageQuality") {
-        Some(v) => v
-            .trim()
-            .parse::<u8>()
-            .ok()
-            .filter(|q| (1..=100).contains(q))
-            .ok_or_else(|| WebError::bad_request(format!("imageQuality={v:?}: 1-100")))?,
-        None => DEFAULT_QUALITY,
-    };
-    let window = match (get("windowCenter"), get("windowWidth")) {
-        (None, None) => None,
-        (Some(c), Some(w)) => Some(parse_window(&format!("{c},{w},linear"))?),
-        _ => {
-            return Err(WebError::bad_request(
-                "windowCenter and windowWidth come together",
-            ));
-        }
-    };
-    let fractions = get("region")
-        .map(|v| {
-            let f: Vec<f64> = v
-                .split(',')
-                .filter_map(|x| x.trim().parse::<f64>().ok())
-                .collect();
-            match f[..] {
-                [x0, y0, x1, y1]
-                    if (0.0..=1.0).contains(&x0)
-                        && (0.0..=1.0).contains(&y0)
-                        && (0.0..=1.0).contains(&x1)
-                        && (0.0..=1.0).contains(&y1)
-                        && x0 < x1
-                        && y0 < y1 =>
-                {
-                    Ok([x0, y0, x1, y1])
-                }
-                _ => Err(WebError::bad_request(format!(
-                    "region={v:?}: xmin,ymin,xmax,ymax as fractions 0.0-1.0 of the frame"
-                ))),
-            }
-        })
-        .transpose()?;
-    let inst = visible_instance(hub, caller, study, series, object).await?;
-    // The region in the frame's pixels (at least one each way).
-    let region = fractions.map(|[x0, y0, x1, y1]| {
-        let (w, h) = (
-            inst.columns.unwrap_or(0).max(0) as f64,
-            inst.rows.unwrap_or(0).max(0) as f64,
-        );
-        let (x, y) = ((x0 * w).floor() as u32, (y0 * h).floor() as u32);
-        Region {
-            x,
-            y,
-            width: Some(((x1 * w).ceil() as u32).saturating_sub(x).max(1)),
-            height: Some(((y1 * h).ceil() as u32).saturating_sub(y).max(1)),
-        }
-    });
-    let viewport = match (columns, rows) {
-        (None, None) => None,
-        (c, r) => Some((c.unwrap_or(MAX_VIEWPORT), r.unwrap_or(MAX_VIEWPORT))),
-    };
-    let spec = Spec {
-        format: if png {
-            Format::Png
-        } else {
-            Format::Jpeg { quality }
-        },
-        viewport,
-        region,
-        window,
-        // Only one of rows and columns: the other follows the aspect ratio,
-        // and the picture is not blown up to the limit.
-        shrink_only: columns.is_none() || rows.is_none(),
-    };
-    picture(hub, inst, frame, spec).await
 }
 
 /// `frames/{n}` of a rendered or thumbnail path: exactly one frame.
