@@ -295,6 +295,38 @@ async fn malformed_data_sets_get_their_status() {
     })
     .unwrap();
     assert_eq!(store_raw(hub.port(), CT, &sop, &no_study).await, 0xA900);
+    // The data set's SOP Class differs from the command's (MR data under CT).
+    let (_, mr) = ct_dataset(|o| {
+        o.put(DataElement::new(
+            tags::SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.4"),
+        ));
+    })
+    .unwrap();
+    assert_eq!(store_raw(hub.port(), CT, &sop, &mr).await, 0xA900);
+    // Missing SOP Instance UID, missing Series Instance UID.
+    for tag in [tags::SOP_INSTANCE_UID, tags::SERIES_INSTANCE_UID] {
+        let (_, missing) = ct_dataset(|o| {
+            o.remove_element(tag);
+        })
+        .unwrap();
+        assert_eq!(
+            store_raw(hub.port(), CT, &sop, &missing).await,
+            0xA900,
+            "{tag}"
+        );
+    }
+    // A UID that is not a valid UID (it would name an unsafe key).
+    let (_, bad_series) = ct_dataset(|o| {
+        o.put(DataElement::new(
+            tags::SERIES_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from("../../x"),
+        ));
+    })
+    .unwrap();
+    assert_eq!(store_raw(hub.port(), CT, &sop, &bad_series).await, 0xA900);
 
     assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
     assert!(spool_is_empty(&hub));

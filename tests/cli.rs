@@ -193,6 +193,54 @@ fn config_check_masks_secrets_and_applies_env_overrides() {
     }
 }
 
+/// The example the README starts the server with, named by TSUNAGU_CONFIG
+/// alone; TSUNAGU_TEST_* never read as keys; every secret masked; a value
+/// of the wrong type refused by its key.
+#[test]
+fn the_example_loads_through_tsunagu_config() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/three-hospitals.toml");
+    let check = |envs: &[(&str, &str)]| {
+        let mut c = Command::new(BIN);
+        c.args(["config", "check"]).env("TSUNAGU_CONFIG", example);
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let out = check(&[
+        ("TSUNAGU_TEST_ANYTHING", "not a key"),
+        (
+            "TSUNAGU_AUTH__HS256_SECRET",
+            "a-long-enough-secret-for-hs256-0123456789",
+        ),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for inst in ["HOSP1", "HOSP2", "HOSP3"] {
+        assert!(
+            text.contains(&format!("ae_titles = [\"{inst}\"]")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("issuer_of_patient_id = \"{inst}\"")),
+            "{text}"
+        );
+    }
+    assert!(
+        !text.contains("a-long-enough-secret") && !text.contains("demo-secret"),
+        "{text}"
+    );
+    assert!(text.contains("hs256_secret = \"********\""), "{text}");
+    let bad = check(&[("TSUNAGU_SERVER__HTTP_PORT", "eighty")]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.to_lowercase().contains("http_port"), "{err}");
+}
+
 #[test]
 fn serve_runs_on_the_embedded_default_and_warns_without_institutions() {
     let tmp = tempfile::tempdir().unwrap();

@@ -193,6 +193,14 @@ fn first_part(body: &[u8]) -> Vec<u8> {
     rest[..end].to_vec()
 }
 
+/// The (offset, length) a bulk data path names.
+fn bulk_range(path: &str) -> (usize, usize) {
+    let mut parts = path.rsplit('/');
+    let length = parts.next().unwrap().parse().unwrap();
+    let offset = parts.next().unwrap().parse().unwrap();
+    (offset, length)
+}
+
 async fn network_scenario(backend: Backend) {
     let Some(hub) = TestHub::start(backend).await else {
         return;
@@ -220,6 +228,30 @@ async fn network_scenario(backend: Backend) {
     };
     let dicom = "multipart/related; type=\"application/dicom\"; transfer-syntax=*";
     let json_ = "application/dicom+json";
+    // The Pixel Data of `s` by the BulkDataURI its metadata gives `inst`.
+    let pixel_data_path = async |inst: &str, s: &Study| {
+        let (st, body) = get(&hub, inst, &format!("{}/metadata", instance_path(s)), json_).await;
+        assert_eq!(st, 200, "{inst} metadata");
+        let meta: Value = serde_json::from_slice(&body).unwrap();
+        let uri = meta[0]["7FE00010"]["BulkDataURI"]
+            .as_str()
+            .unwrap_or_else(|| panic!("pixel data by reference: {meta}"))
+            .to_string();
+        uri[uri.find("/dicom-web/").unwrap()..].to_string()
+    };
+    // A hidden object is answered exactly as one that does not exist.
+    let absent_alike = async |inst: &str, path: &str, hidden: &Study| {
+        let (st, body) = get(&hub, inst, path, "*/*").await;
+        assert_eq!(st, 404, "{inst} {path}");
+        let unknown = path.replace(&hidden.study, "2.25.999");
+        let (st, absent) = get(&hub, inst, &unknown, "*/*").await;
+        assert_eq!(st, 404, "{inst} {unknown}");
+        assert_eq!(
+            String::from_utf8_lossy(&body),
+            String::from_utf8_lossy(&absent),
+            "{inst} {path}: hidden and absent answer alike"
+        );
+    };
 
     // 1. Before any link nobody sees another's data.
     for (inst, own) in [("HOSP1", &s1), ("HOSP2", &s2), ("HOSP3", &s3)] {
@@ -488,6 +520,15 @@ async fn network_scenario(backend: Backend) {
         assert_eq!(st, 200, "{path}");
         image::load_from_memory(&body).expect("a picture");
     }
+    // Its bulk data, by the URI its metadata gives hospital 3: the pixels
+    // as stored.
+    let bulk_s2 = pixel_data_path("HOSP3", &s2).await;
+    let (st, bytes) = get(&hub, "HOSP3", &bulk_s2, "application/octet-stream").await;
+    assert_eq!(st, 200, "{bulk_s2}");
+    let (offset, length) = bulk_range(&bulk_s2);
+    let (_, stored) = hub.stored("HOSP2", &s2.sop).await.unwrap();
+    assert!(length > 0);
+    assert!(bytes == stored[offset..offset + length], "{bulk_s2}");
 
     // 5. Hospital 2 likewise finds hospital 3's images under its own ID.
     let (found, _) = qido(&hub, "HOSP2", "studies?PatientID=A-H2").await;
@@ -506,6 +547,35 @@ async fn network_scenario(backend: Backend) {
     );
 
     // 6. Hospital 1's images stay invisible to both, everywhere.
+    let bulk_s1 = pixel_data_path("HOSP1", &s1).await;
+    assert_eq!(
+        get(&hub, "HOSP1", &bulk_s1, "application/octet-stream")
+            .await
+            .0,
+        200
+    );
+    let hidden_paths = |s: &Study, bulk: &str| {
+        [
+            study_path(s),
+            format!("{}/metadata", study_path(s)),
+            format!("{}/series/{}/metadata", study_path(s), s.series),
+            format!("{}/metadata", instance_path(s)),
+            format!("{}/frames/1", instance_path(s)),
+            bulk.to_string(),
+            format!("{}/thumbnail", study_path(s)),
+            format!("{}/series/{}/thumbnail", study_path(s), s.series),
+            format!("{}/rendered", instance_path(s)),
+            format!("{}/frames/1/rendered", instance_path(s)),
+            format!(
+                "/wado?requestType=WADO&studyUID={}&seriesUID={}&objectUID={}",
+                s.study, s.series, s.sop
+            ),
+            format!(
+                "/wado?requestType=WADO&studyUID={}&seriesUID={}&objectUID={}&contentType=image/jpeg",
+                s.study, s.series, s.sop
+            ),
+        ]
+    };
     for inst in ["HOSP2", "HOSP3"] {
         let (all, _) = qido(&hub, inst, "studies").await;
         assert!(!studies_of(&all).contains(&s1.study), "{inst}");
@@ -525,21 +595,10 @@ async fn network_scenario(backend: Backend) {
                 .0
                 .is_empty()
         );
-        for path in [
-            study_path(&s1),
-            format!("{}/metadata", study_path(&s1)),
-            format!("{}/frames/1", instance_path(&s1)),
-            format!("{}/bulk/0/10", instance_path(&s1)),
-            format!("{}/thumbnail", study_path(&s1)),
-            format!("{}/rendered", instance_path(&s1)),
-            format!(
-                "/wado?requestType=WADO&studyUID={}&seriesUID={}&objectUID={}",
-                s1.study, s1.series, s1.sop
-            ),
-        ] {
-            let (st, body) = get(&hub, inst, &path, "*/*").await;
-            assert_eq!(st, 404, "{inst} {path}");
+        for path in hidden_paths(&s1, &bulk_s1) {
+            let (_, body) = get(&hub, inst, &path, "*/*").await;
             assert!(!String::from_utf8_lossy(&body).contains("A-H1"));
+            absent_alike(inst, &path, &s1).await;
         }
     }
 
@@ -552,9 +611,10 @@ async fn network_scenario(backend: Backend) {
         studies_of(&qido(&hub, "HOSP3", "studies?PatientID=A-H3").await.0),
         vec![s3.study.clone()]
     );
-    assert_eq!(get(&hub, "HOSP3", &study_path(&s2), dicom).await.0, 404);
-    let thumbnail = format!("{}/thumbnail", study_path(&s2));
-    assert_eq!(get(&hub, "HOSP3", &thumbnail, "image/jpeg").await.0, 404);
+    // Everything of it, bulk data by the URI given before included.
+    for path in hidden_paths(&s2, &bulk_s2) {
+        absent_alike("HOSP3", &path, &s2).await;
+    }
     // Another institution cannot revoke (or see) it.
     let (st, _) = admin_delete(&hub, "HOSP3", &format!("/disclosures/{d23_id}")).await;
     assert_eq!(st, 404);
@@ -815,6 +875,18 @@ async fn network_scenario(backend: Backend) {
     let (_, given) = admin_get(&hub, "HOSP3", "/disclosures?direction=given").await;
     assert_eq!(given[0]["status"], "revoked");
     assert_eq!(admin_get(&hub, "HOSP3", "/patients/A-H3").await.0, 404);
+    hub.hub.audit.flush().await;
+    let (_, trail) = admin_get(&hub, "HOSP3", "/audit?user=user-of-HOSP3&limit=1000").await;
+    assert!(
+        trail
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "unlink"
+                && e["outcome"] == "success"
+                && e["institution"] == "HOSP3"),
+        "{trail}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1549,6 +1621,26 @@ async fn keyed_trail(backend: Backend) {
     tsunagu::audit::chain::check_key(&hub.hub.index, Some(&key))
         .await
         .unwrap();
+    // Below the chain, the database itself refuses to change or remove what
+    // was appended (triggers on both engines).
+    let pool = hub.hub.index.pool();
+    let objects: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_object")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(objects > 0, "the link's event names its patient");
+    for sql in [
+        "UPDATE audit_event SET user_name = 'nobody'",
+        "DELETE FROM audit_event",
+        "UPDATE audit_object SET patient_id = 'nobody'",
+        "DELETE FROM audit_object",
+    ] {
+        let refused = sqlx::query(sql).execute(pool).await;
+        assert!(
+            refused.is_err_and(|e| e.to_string().contains("append-only")),
+            "{sql}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

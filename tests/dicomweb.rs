@@ -711,6 +711,95 @@ async fn qido_matching_edges(backend: Backend) {
     );
 }
 
+/// One institution, one Patient ID under two issuers (and under none, so
+/// under the institution's own): three patients, never merged.
+async fn one_patient_id_under_two_issuers(backend: Backend) {
+    use dicom_core::{DataElement, VR};
+    use dicom_dictionary_std::tags;
+    let Some(hub) = TestHub::start(backend).await else {
+        return;
+    };
+    let Some(ct) = testfile(CT) else { return };
+    let mut files = Vec::new();
+    for (n, issuer, name) in [
+        (1, Some("ISS-A"), "Alpha^Ann"),
+        (2, Some("ISS-B"), "Beta^Bob"),
+        (3, None, "Gamma^Gus"),
+    ] {
+        let mut obj = dicom_object::open_file(&ct).unwrap().into_inner();
+        for (tag, part) in [
+            (tags::STUDY_INSTANCE_UID, 1),
+            (tags::SERIES_INSTANCE_UID, 2),
+            (tags::SOP_INSTANCE_UID, 3),
+        ] {
+            let uid = format!("2.25.77120{n}0{part}");
+            obj.put(DataElement::new(tag, VR::UI, uid.as_str()));
+        }
+        obj.put(DataElement::new(tags::PATIENT_ID, VR::LO, "SAME-ID"));
+        obj.put(DataElement::new(tags::PATIENT_NAME, VR::PN, name));
+        if let Some(i) = issuer {
+            obj.put(DataElement::new(tags::ISSUER_OF_PATIENT_ID, VR::LO, i));
+        } else {
+            obj.remove_element(tags::ISSUER_OF_PATIENT_ID);
+        }
+        let path = hub.dir.path().join(format!("issuer-{n}.dcm"));
+        obj.with_meta(
+            dicom_object::meta::FileMetaTableBuilder::new().transfer_syntax("1.2.840.10008.1.2.1"),
+        )
+        .unwrap()
+        .write_to_file(&path)
+        .unwrap();
+        files.push(path);
+    }
+    hub.import("HOSP1", files).await;
+    let (_, all, _) = qido(&hub, "studies?PatientID=SAME-ID&includefield=00100021").await;
+    let mut seen: Vec<(String, String)> = all
+        .iter()
+        .map(|s| {
+            (
+                s["00100021"]["Value"][0].as_str().unwrap_or("").to_string(),
+                s["00100010"]["Value"][0]["Alphabetic"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("HOSP1".to_string(), "Gamma^Gus".to_string()),
+            ("ISS-A".into(), "Alpha^Ann".into()),
+            ("ISS-B".into(), "Beta^Bob".into()),
+        ],
+        "{all:?}"
+    );
+    for (issuer, name) in [
+        ("ISS-A", "Alpha^Ann"),
+        ("ISS-B", "Beta^Bob"),
+        ("HOSP1", "Gamma^Gus"),
+    ] {
+        let (_, one, _) = qido(
+            &hub,
+            &format!("studies?PatientID=SAME-ID&IssuerOfPatientID={issuer}"),
+        )
+        .await;
+        assert_eq!(one.len(), 1, "{issuer}: {one:?}");
+        assert_eq!(one[0]["00100010"]["Value"][0]["Alphabetic"], name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_patient_id_under_two_issuers_on_sqlite() {
+    one_patient_id_under_two_issuers(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_patient_id_under_two_issuers_on_postgres() {
+    one_patient_id_under_two_issuers(Backend::Postgres).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn qido_matching_edges_on_sqlite() {
     qido_matching_edges(Backend::Local).await;

@@ -1,7 +1,7 @@
 //! Verification and Storage SCP against real peers: DCMTK and pynetdicom.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::common::{self, Backend, TestHub};
 
@@ -309,7 +309,33 @@ async fn sixty_four_concurrent_associations_all_succeed() {
             sha(common::dataset_bytes(&std::fs::read(p).unwrap()))
         );
     }
-    assert!(hub.echo("HOSP2"));
+    // And 64 held open at the same time: each is established before any
+    // sends or ends (a server taking them one after another could not).
+    let Some(python) = common::python_with("pynetdicom") else {
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/hold.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .args([
+            "127.0.0.1",
+            &hub.port().to_string(),
+            "HOSP2",
+            "TSUNAGU",
+            "64",
+        ])
+        .arg(&uncompressed[0])
+        .output()
+        .unwrap();
+    let held: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(held["established"], 64, "{held}");
+    assert_eq!(held["statuses"], serde_json::json!(vec![0; 64]), "{held}");
+    // The slots come free as the server closes each released association.
+    assert!((0..50).any(|_| hub.echo("HOSP2") || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        false
+    }));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -504,6 +530,66 @@ fn store_at_once(hub: &TestHub, files: &[PathBuf], round: usize) {
 }
 
 /// Whether no superseded copy is listed for deletion.
+/// The duplicate policy on the S3 backend, whose identical resend is its
+/// own path (the spool is dropped without an upload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicates_follow_the_documented_policy_on_s3() {
+    let Some(hub) = TestHub::start(Backend::S3).await else {
+        return;
+    };
+    let Some(dir) = common::testdata_dir() else {
+        return;
+    };
+    let file = dir.join("files/ct16_explicit_le.dcm");
+    let sop = common::sop_instance_uid(&file);
+    let listed = async || {
+        use futures::TryStreamExt;
+        let mut keys: Vec<String> = hub
+            .hub
+            .store
+            .list_instances()
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        keys.sort();
+        keys
+    };
+    for _ in 0..2 {
+        let (ok, log) = common::storescu(hub.port(), "HOSP1", "-xe", std::slice::from_ref(&file));
+        assert!(ok && log.contains("Success"), "{log}");
+    }
+    let (first_key, _) = hub.stored("HOSP1", &sop).await.unwrap();
+    assert_eq!(listed().await.len(), 1, "an identical resend adds no copy");
+    let (ok, log) = common::storescu(hub.port(), "HOSP2", "-xe", std::slice::from_ref(&file));
+    assert!(ok && log.contains("Success"), "{log}");
+    assert_eq!(listed().await.len(), 2, "another institution's is its own");
+
+    let changed = hub.dir.path().join("changed.dcm");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let marker = b"CT 16-bit with transfer syntax variants";
+    let at = bytes
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("study description present");
+    bytes[at..at + 2].copy_from_slice(b"XX");
+    std::fs::write(&changed, &bytes).unwrap();
+    let (ok, log) = common::storescu(hub.port(), "HOSP1", "-xe", std::slice::from_ref(&changed));
+    assert!(ok && log.contains("Success"), "{log}");
+    let (new_key, stored) = hub.stored("HOSP1", &sop).await.unwrap();
+    assert_ne!(new_key, first_key);
+    assert_eq!(
+        sha(common::dataset_bytes(&stored)),
+        sha(common::dataset_bytes(&bytes))
+    );
+    let keys = listed().await;
+    assert_eq!(keys.len(), 2, "the replaced copy is deleted: {keys:?}");
+    assert!(!keys.iter().any(|k| k.ends_with(&first_key)), "{keys:?}");
+    assert!(hub.hub.store.get_bytes(&first_key).await.is_err());
+    assert!(nothing_listed(&hub).await);
+    assert!(hub.echo("HOSP1"));
+}
+
 async fn nothing_listed(hub: &TestHub) -> bool {
     let all = "9999-12-31T23:59:59.999Z";
     hub.hub.index.superseded(all).await.unwrap().is_empty()

@@ -191,6 +191,18 @@ async fn kill_9_mid_stream_loses_no_acknowledged_object() {
         "rows {rows}, objects {}",
         objects.len()
     );
+    // No index row without its whole object.
+    for row in index.fingerprint().await.unwrap() {
+        let key = row
+            .split('|')
+            .find_map(|c| c.strip_prefix("i.object_key="))
+            .unwrap();
+        let file = tmp.path().join("store").join(key);
+        assert!(
+            objects.contains(&file),
+            "index row without its object: {key}"
+        );
+    }
     assert!(
         common::spool_files(&tmp.path().join("store/.spool")).is_empty(),
         "spool swept at restart"

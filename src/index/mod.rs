@@ -591,23 +591,70 @@ impl Index {
     /// A canonical dump of the index content (no surrogate ids, no receive
     /// times), ordered, for comparing an index with its rebuild.
     pub async fn fingerprint(&self) -> Result<Vec<String>, IndexError> {
-        let rows = sqlx::query(
-            "SELECT p.institution, p.issuer, p.patient_id, COALESCE(p.name_alphabetic,''), \
-             COALESCE(p.name_ideographic,''), COALESCE(p.name_phonetic,''), st.study_uid, \
-             COALESCE(st.description,''), se.series_uid, COALESCE(se.modality,''), i.sop_uid, \
-             i.sop_class_uid, i.transfer_syntax, i.object_key, i.sha256, i.dataset_json, \
-             COALESCE(i.pixel_layout,'') \
+        // Everything an instance's rows say but its receipt time (reindex
+        // takes the file's), each as text.
+        const COLUMNS: &[&str] = &[
+            "p.institution",
+            "p.issuer",
+            "p.patient_id",
+            "p.name_alphabetic",
+            "p.name_ideographic",
+            "p.name_phonetic",
+            "p.birth_date",
+            "p.sex",
+            "p.other_patient_ids",
+            "st.study_uid",
+            "st.study_date",
+            "st.study_time",
+            "st.accession_number",
+            "st.study_id",
+            "st.description",
+            "st.referring_alphabetic",
+            "st.referring_ideographic",
+            "st.referring_phonetic",
+            "se.series_uid",
+            "se.modality",
+            "se.series_number",
+            "se.description",
+            "se.series_date",
+            "se.series_time",
+            "se.pps_start_date",
+            "se.pps_start_time",
+            "se.body_part",
+            "se.request_attributes",
+            "i.sop_uid",
+            "i.sop_class_uid",
+            "i.instance_number",
+            "i.transfer_syntax",
+            "i.object_key",
+            "i.size",
+            "i.sha256",
+            "i.number_of_frames",
+            "i.rows",
+            "i.columns",
+            "i.bits_allocated",
+            "i.sender_ae",
+            "i.dataset_json",
+            "i.pixel_layout",
+        ];
+        let select = COLUMNS
+            .iter()
+            .map(|c| format!("COALESCE(CAST({c} AS TEXT), '')"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {select} \
              FROM instance i JOIN series se ON se.id = i.series_ref JOIN study st ON st.id = se.study_ref \
              JOIN patient p ON p.id = st.patient_ref \
-             ORDER BY i.institution, i.sop_uid",
-        )
+             ORDER BY i.institution, i.sop_uid"
+        )))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .iter()
             .map(|r| {
-                (0..17)
-                    .map(|k| r.get::<String, _>(k))
+                (0..COLUMNS.len())
+                    .map(|k| format!("{}={}", COLUMNS[k], r.get::<String, _>(k)))
                     .collect::<Vec<_>>()
                     .join("|")
             })

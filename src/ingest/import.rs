@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::AsyncReadExt;
-use tokio::sync::Semaphore;
 
 use super::{Ingest, IngestError, Outcome};
 use crate::access::Institution;
@@ -128,43 +127,110 @@ pub async fn import_files(
     } else {
         ProgressBar::hidden()
     };
-    let sem = Arc::new(Semaphore::new(PARALLEL_FILES));
+    let mut tally = Tally {
+        report: ImportReport::default(),
+        bar,
+        done: 0,
+        count: files.len(),
+        running: std::collections::HashMap::new(),
+    };
     let mut tasks = tokio::task::JoinSet::new();
-    let count = files.len();
     for file in files {
-        let permit = sem.clone().acquire_owned().await.expect("semaphore open");
-        let (ingest, inst) = (ingest.clone(), inst.clone());
-        tasks.spawn(async move {
-            let r = import_one(&ingest, &inst, &file).await;
-            drop(permit);
-            (file, r)
-        });
-    }
-    let mut report = ImportReport::default();
-    let mut done = 0usize;
-    while let Some(joined) = tasks.join_next().await {
-        let Ok((file, r)) = joined else { continue };
-        done += 1;
-        match r {
-            Ok((outcome, size)) => {
-                report.bytes += size;
-                bar.inc(size);
-                match outcome {
-                    Outcome::Stored => report.stored += 1,
-                    Outcome::AlreadyPresent => report.already_present += 1,
-                    Outcome::Replaced => report.replaced += 1,
-                }
-            }
-            Err(e) => {
-                if let Ok(m) = std::fs::metadata(&file) {
-                    bar.inc(m.len());
-                }
-                report.rejected.push((file, e.to_string()));
-            }
+        // Results are taken in as files finish, so the bar moves with them.
+        while tasks.len() >= PARALLEL_FILES {
+            let joined = tasks.join_next_with_id().await.expect("tasks running");
+            tally.take(joined);
         }
-        bar.set_message(format!("{done}/{count} files"));
+        let (ingest, inst) = (ingest.clone(), inst.clone());
+        let path = file.clone();
+        let id = tasks
+            .spawn(async move { import_one(&ingest, &inst, &path).await })
+            .id();
+        tally.running.insert(id, file);
     }
+    while let Some(joined) = tasks.join_next_with_id().await {
+        tally.take(joined);
+    }
+    let Tally {
+        mut report, bar, ..
+    } = tally;
     bar.finish_and_clear();
     report.rejected.sort();
     report
+}
+
+/// The report and the bar, as each file's task ends.
+struct Tally {
+    report: ImportReport,
+    bar: ProgressBar,
+    done: usize,
+    count: usize,
+    /// The file of each running task (a task that panics names none).
+    running: std::collections::HashMap<tokio::task::Id, PathBuf>,
+}
+
+type Joined =
+    Result<(tokio::task::Id, Result<(Outcome, u64), IngestError>), tokio::task::JoinError>;
+
+impl Tally {
+    fn take(&mut self, joined: Joined) {
+        let (id, r) = match joined {
+            Ok((id, r)) => (id, r.map_err(|e| e.to_string())),
+            // Never dropped unreported: a file whose import panicked is
+            // rejected, so the exit status says something went wrong.
+            Err(e) => (e.id(), Err(format!("internal error: {e}"))),
+        };
+        let file = self.running.remove(&id).unwrap_or_default();
+        self.done += 1;
+        match r {
+            Ok((outcome, size)) => {
+                self.report.bytes += size;
+                self.bar.inc(size);
+                match outcome {
+                    Outcome::Stored => self.report.stored += 1,
+                    Outcome::AlreadyPresent => self.report.already_present += 1,
+                    Outcome::Replaced => self.report.replaced += 1,
+                }
+            }
+            Err(reason) => {
+                if let Ok(m) = std::fs::metadata(&file) {
+                    self.bar.inc(m.len());
+                }
+                self.report.rejected.push((file, reason));
+            }
+        }
+        self.bar
+            .set_message(format!("{}/{} files", self.done, self.count));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file whose task panicked is reported as rejected, by its name.
+    #[tokio::test]
+    async fn a_panicked_import_is_rejected() {
+        let mut tally = Tally {
+            report: ImportReport::default(),
+            bar: ProgressBar::hidden(),
+            done: 0,
+            count: 1,
+            running: std::collections::HashMap::new(),
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        let id = tasks
+            .spawn(async { panic!("decoder bug") as Result<(Outcome, u64), IngestError> })
+            .id();
+        tally.running.insert(id, PathBuf::from("a.dcm"));
+        tally.take(tasks.join_next_with_id().await.unwrap());
+        assert_eq!(tally.report.stored, 0);
+        assert_eq!(tally.report.rejected.len(), 1);
+        assert_eq!(tally.report.rejected[0].0, PathBuf::from("a.dcm"));
+        assert!(
+            tally.report.rejected[0].1.contains("panic"),
+            "{:?}",
+            tally.report.rejected
+        );
+    }
 }
