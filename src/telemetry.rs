@@ -7,6 +7,8 @@ use tracing_subscriber::EnvFilter;
 pub const ASSOCIATIONS_TOTAL: &str = "tsunagu_dimse_associations_total";
 pub const ASSOCIATIONS_ACTIVE: &str = "tsunagu_dimse_associations_active";
 pub const ASSOCIATIONS_REJECTED: &str = "tsunagu_dimse_associations_rejected_total";
+/// Established associations that ended other than by an orderly release.
+pub const ASSOCIATIONS_FAILED: &str = "tsunagu_dimse_associations_failed_total";
 pub const INSTANCES_STORED: &str = "tsunagu_instances_stored_total";
 pub const BYTES_STORED: &str = "tsunagu_bytes_stored_total";
 pub const INSTANCES_DUPLICATE: &str = "tsunagu_instances_duplicate_total";
@@ -59,6 +61,10 @@ fn install() -> PrometheusHandle {
     metrics::describe_counter!(
         ASSOCIATIONS_REJECTED,
         "DICOM associations rejected, by reason"
+    );
+    metrics::describe_counter!(
+        ASSOCIATIONS_FAILED,
+        "DICOM associations aborted (by us or the peer) or cut off, by reason"
     );
     metrics::describe_counter!(INSTANCES_STORED, "instances stored (new or replacing)");
     metrics::describe_counter!(BYTES_STORED, "bytes of objects stored");

@@ -165,6 +165,23 @@ async fn assert_aborted(s: &mut tokio::net::TcpStream) {
     );
 }
 
+/// The value of one sample (`name{labels}`) of the hub's metrics, 0 if absent.
+async fn sample(hub: &TestHub, series: &str) -> f64 {
+    metrics(hub)
+        .await
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+const FAILED: &str = "tsunagu_dimse_associations_failed_total";
+
 fn spool_is_empty(hub: &TestHub) -> bool {
     common::spool_files(&hub.dir.path().join("store/.spool")).is_empty()
 }
@@ -189,6 +206,8 @@ async fn oversized_pdu_is_aborted() {
     let Some(hub) = TestHub::start(Backend::Local).await else {
         return;
     };
+    let too_large = format!("{FAILED}{{reason=\"pdu_too_large\"}}");
+    let before = sample(&hub, &too_large).await;
     let mut a = associate(hub.port()).await;
     // A P-DATA-TF header announcing 2 GiB, far over our maximum PDU length.
     let s = a.inner_stream();
@@ -197,6 +216,7 @@ async fn oversized_pdu_is_aborted() {
         .unwrap();
     s.write_all(&[0u8; 64]).await.unwrap();
     assert_aborted(s).await;
+    assert!(sample(&hub, &too_large).await > before, "counted");
     assert!(hub.echo("HOSP1"));
 }
 
@@ -214,6 +234,9 @@ async fn association_aborted_mid_object_stores_nothing() {
         .windows(4)
         .position(|w| w == [0xE0, 0x7F, 0x10, 0x00])
         .expect("a CT has pixel data");
+    let peer_abort = format!("{FAILED}{{reason=\"peer_abort\"}}");
+    let cut_off = "tsunagu_store_failures_total{reason=\"cut_off\"}";
+    let (aborts, cuts) = (sample(&hub, &peer_abort).await, sample(&hub, cut_off).await);
     for cut in [ds.len() / 2, pixel_data] {
         let mut a = associate(hub.port()).await;
         a.send(&pdata(PDataValueType::Command, true, store_rq(CT, &sop)))
@@ -235,6 +258,8 @@ async fn association_aborted_mid_object_stores_nothing() {
             "spool file left behind (cut at {cut})"
         );
     }
+    assert!(sample(&hub, &peer_abort).await >= aborts + 2.0);
+    assert!(sample(&hub, cut_off).await >= cuts + 2.0);
     // A release in the middle of an object is answered with an abort: an
     // orderly release would tell the sender all went well.
     let mut a = associate(hub.port()).await;
@@ -262,6 +287,8 @@ async fn association_aborted_mid_object_stores_nothing() {
     }
     assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
     assert!(!hub.dir.path().join("store/instances").exists());
+    let released = format!("{FAILED}{{reason=\"release_mid_object\"}}");
+    assert!(sample(&hub, &released).await >= 1.0);
     assert!(hub.echo("HOSP1"));
 }
 
@@ -438,8 +465,11 @@ async fn malformed_pdu_is_aborted() {
     pdu.extend_from_slice(&1000u32.to_be_bytes());
     pdu.extend_from_slice(&[1, 0x03]);
     pdu.extend_from_slice(&[0u8; 14]);
+    let malformed = format!("{FAILED}{{reason=\"malformed_pdu\"}}");
+    let before = sample(&hub, &malformed).await;
     s.write_all(&pdu).await.unwrap();
     assert_aborted(s).await;
+    assert!(sample(&hub, &malformed).await > before, "counted");
     assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
     assert!(hub.echo("HOSP1"));
 }

@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use super::command::{Command, CommandField};
 use super::gate;
-use super::pdata::{self, Incoming, Pdv};
+use super::pdata::{self, Incoming, Pdv, ReceiveError};
 use super::status;
 use crate::access::{Institution, Institutions};
 use crate::dicom::part10::FileMeta;
@@ -243,6 +243,7 @@ where
                     for pdv in values {
                         if let Err(why) = self.on_pdv(pdv).await {
                             tracing::warn!(reason = why, "protocol error; aborting association");
+                            self.failed("protocol_error");
                             self.abort(AbortRQServiceProviderReason::UnexpectedPdu)
                                 .await;
                             return;
@@ -253,6 +254,13 @@ where
                 Ok(Incoming::Other(p)) => p,
                 Err(e) => {
                     tracing::warn!(error = %e, "association ended by a receive error; aborting");
+                    self.failed(match e {
+                        ReceiveError::TooLarge { .. } => "pdu_too_large",
+                        ReceiveError::Malformed(_) | ReceiveError::Ul(_) => "malformed_pdu",
+                        ReceiveError::Closed => "connection_closed",
+                        ReceiveError::Timeout(_) => "timeout",
+                        ReceiveError::Io(_) => "connection_error",
+                    });
                     self.abort(AbortRQServiceProviderReason::ReasonNotSpecified)
                         .await;
                     return;
@@ -266,6 +274,7 @@ where
                         tracing::warn!(
                             "release requested in the middle of an object; the object is discarded and the association aborted"
                         );
+                        self.failed("release_mid_object");
                         self.abort(AbortRQServiceProviderReason::UnexpectedPdu)
                             .await;
                         return;
@@ -285,15 +294,26 @@ where
                 }
                 Pdu::AbortRQ { source } => {
                     tracing::info!(?source, "association aborted by peer");
+                    self.failed("peer_abort");
                     return;
                 }
                 other => {
                     tracing::warn!(pdu = ?std::mem::discriminant(&other), "unexpected PDU; aborting");
+                    self.failed("unexpected_pdu");
                     self.abort(AbortRQServiceProviderReason::UnexpectedPdu)
                         .await;
                     return;
                 }
             }
+        }
+    }
+
+    /// Count an association ending other than by an orderly release, and
+    /// the object it cut off, if one was arriving (it is discarded).
+    fn failed(&self, reason: &'static str) {
+        metrics::counter!(telemetry::ASSOCIATIONS_FAILED, "reason" => reason).increment(1);
+        if self.pending.is_some() {
+            metrics::counter!(telemetry::STORE_FAILURES, "reason" => "cut_off").increment(1);
         }
     }
 
