@@ -16,17 +16,19 @@ use crate::common::{self, Backend, TestHub};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tsunagu");
 
-/// A config file for the server binary in `dir`, on fixed free ports.
-fn write_config(dir: &Path, dicom_port: u16, http_port: u16) -> PathBuf {
-    let mut c = Config::default();
+/// A config file for the server binary in `dir` on `backend`, on fixed free ports.
+async fn write_config(
+    backend: Backend,
+    dir: &Path,
+    dicom_port: u16,
+    http_port: u16,
+) -> Option<PathBuf> {
+    let mut c = common::config_for(backend, dir).await?;
     c.server.dicom_port = dicom_port;
     c.server.http_port = http_port;
-    c.storage.url = format!("file://{}", dir.join("store").display());
-    c.index.url = format!("sqlite://{}", dir.join("index.sqlite").display());
-    c.institutions = common::three_hospitals();
     let path = dir.join("tsunagu.toml");
     std::fs::write(&path, toml::to_string(&c).unwrap()).unwrap();
-    path
+    Some(path)
 }
 
 fn spawn_server(config: &Path) -> Child {
@@ -80,8 +82,7 @@ fn sha(b: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(b))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_mid_stream_loses_no_acknowledged_object() {
+async fn kill_9_mid_stream_loses_no_acknowledged_object(backend: Backend) {
     let Some(dir) = common::testdata_dir() else {
         return;
     };
@@ -95,7 +96,9 @@ async fn kill_9_mid_stream_loses_no_acknowledged_object() {
         300,
     );
     let (dicom_port, http_port) = (common::free_port(), common::free_port());
-    let config = write_config(tmp.path(), dicom_port, http_port);
+    let Some(config) = write_config(backend, tmp.path(), dicom_port, http_port).await else {
+        return;
+    };
     let mut server = spawn_server(&config);
     wait_listening(dicom_port);
     let tap = common::wiretap::WireTap::start(([127, 0, 0, 1], dicom_port).into()).await;
@@ -162,24 +165,29 @@ async fn kill_9_mid_stream_loses_no_acknowledged_object() {
     }
     // Nothing half-written is visible: every object parses in full and
     // matches the digest in its key; every index row has its object.
-    let objects: Vec<PathBuf> = walkdir::WalkDir::new(tmp.path().join("store/instances"))
-        .into_iter()
-        .flatten()
-        .filter(|e| e.file_type().is_file())
-        .map(|e| e.into_path())
-        .collect();
-    for p in &objects {
-        let name = p.file_name().unwrap().to_string_lossy().to_string();
+    let keys: Vec<String> = {
+        use futures::TryStreamExt;
+        store
+            .list_instances()
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    for key in &keys {
         assert!(
-            !name.contains('#') && name.ends_with(".dcm"),
-            "staging file visible: {name}"
+            !key.contains('#') && key.ends_with(".dcm"),
+            "staging object visible: {key}"
         );
-        tsunagu::dicom::dataset::parse_file(p).unwrap_or_else(|e| panic!("{name} is damaged: {e}"));
-        let bytes = std::fs::read(p).unwrap();
-        let digest = &name[name.len() - 20..name.len() - 4];
+        let bytes = store.get_bytes(key).await.unwrap();
+        let copy = tmp.path().join("check.dcm");
+        std::fs::write(&copy, &bytes).unwrap();
+        tsunagu::dicom::dataset::parse_file(&copy)
+            .unwrap_or_else(|e| panic!("{key} is damaged: {e}"));
+        let digest = &key[key.len() - 20..key.len() - 4];
         assert!(
             sha(common::dataset_bytes(&bytes)).starts_with(digest),
-            "{name}"
+            "{key}"
         );
     }
     // Start-up checked what the crash left unconfirmed (whole: the OS kept
@@ -187,9 +195,9 @@ async fn kill_9_mid_stream_loses_no_acknowledged_object() {
     assert!(index.unconfirmed().await.unwrap().is_empty());
     let rows = index.count_instances().await.unwrap() as usize;
     assert!(
-        rows >= acked.len() && rows <= objects.len(),
+        rows >= acked.len() && rows <= keys.len(),
         "rows {rows}, objects {}",
-        objects.len()
+        keys.len()
     );
     // No index row without its whole object.
     for row in index.fingerprint().await.unwrap() {
@@ -197,18 +205,36 @@ async fn kill_9_mid_stream_loses_no_acknowledged_object() {
             .split('|')
             .find_map(|c| c.strip_prefix("i.object_key="))
             .unwrap();
-        let file = tmp.path().join("store").join(key);
         assert!(
-            objects.contains(&file),
+            keys.iter().any(|k| k == key),
             "index row without its object: {key}"
         );
     }
+    let spool = match backend {
+        Backend::S3 => tmp.path().join("spool"),
+        _ => tmp.path().join("store/.spool"),
+    };
     assert!(
-        common::spool_files(&tmp.path().join("store/.spool")).is_empty(),
+        common::spool_files(&spool).is_empty(),
         "spool swept at restart"
     );
     server.kill().unwrap();
     let _ = server.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_mid_stream_loses_no_acknowledged_object_on_sqlite() {
+    kill_9_mid_stream_loses_no_acknowledged_object(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_mid_stream_loses_no_acknowledged_object_on_postgres() {
+    kill_9_mid_stream_loses_no_acknowledged_object(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_mid_stream_loses_no_acknowledged_object_on_s3() {
+    kill_9_mid_stream_loses_no_acknowledged_object(Backend::S3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
