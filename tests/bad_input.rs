@@ -182,8 +182,17 @@ async fn sample(hub: &TestHub, series: &str) -> f64 {
 
 const FAILED: &str = "tsunagu_dimse_associations_failed_total";
 
+/// No spool file: the local store's spool, or the S3 backend's.
 fn spool_is_empty(hub: &TestHub) -> bool {
-    common::spool_files(&hub.dir.path().join("store/.spool")).is_empty()
+    ["store/.spool", "spool"]
+        .iter()
+        .all(|d| common::spool_files(&hub.dir.path().join(d)).is_empty())
+}
+
+/// Nothing in the object store.
+async fn store_is_empty(hub: &TestHub) -> bool {
+    use futures::StreamExt;
+    hub.hub.store.list_instances().next().await.is_none()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -221,8 +230,17 @@ async fn oversized_pdu_is_aborted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn association_aborted_mid_object_stores_nothing() {
-    let Some(hub) = TestHub::start(Backend::Local).await else {
+async fn association_aborted_mid_object_stores_nothing_on_local() {
+    association_aborted_mid_object_stores_nothing(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn association_aborted_mid_object_stores_nothing_on_s3() {
+    association_aborted_mid_object_stores_nothing(Backend::S3).await;
+}
+
+async fn association_aborted_mid_object_stores_nothing(backend: Backend) {
+    let Some(hub) = TestHub::start(backend).await else {
         return;
     };
     let Some((sop, ds)) = ct_dataset(|_| {}) else {
@@ -286,7 +304,7 @@ async fn association_aborted_mid_object_stores_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
-    assert!(!hub.dir.path().join("store/instances").exists());
+    assert!(store_is_empty(&hub).await);
     let released = format!("{FAILED}{{reason=\"release_mid_object\"}}");
     assert!(sample(&hub, &released).await >= 1.0);
     assert!(hub.echo("HOSP1"));
@@ -396,32 +414,49 @@ async fn unwritable_store_is_out_of_resources() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn failing_index_is_out_of_resources_and_leaves_no_row() {
-    let Some(hub) = TestHub::start(Backend::Local).await else {
+async fn failing_index_is_out_of_resources_and_leaves_no_row_on_sqlite() {
+    failing_index_is_out_of_resources_and_leaves_no_row(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_index_is_out_of_resources_and_leaves_no_row_on_postgres() {
+    failing_index_is_out_of_resources_and_leaves_no_row(Backend::Postgres).await;
+}
+
+async fn failing_index_is_out_of_resources_and_leaves_no_row(backend: Backend) {
+    let Some(hub) = TestHub::start(backend).await else {
         return;
     };
     let Some((sop, ds)) = ct_dataset(|_| {}) else {
         return;
     };
-    let url = format!("sqlite://{}", hub.dir.path().join("index.sqlite").display());
-    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
-        .await
-        .unwrap();
+    let pool = hub.hub.index.pool();
     // Lookups work, but every index write fails after the object is stored.
-    sqlx::query("CREATE TRIGGER fail_writes BEFORE INSERT ON instance BEGIN SELECT RAISE(ABORT, 'index failure'); END")
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    let (fail, unfail): (&[&str], &str) = match backend {
+        Backend::Postgres => (
+            &[
+                "CREATE FUNCTION fail_writes() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'index failure'; END $$",
+                "CREATE TRIGGER fail_writes BEFORE INSERT ON instance FOR EACH ROW EXECUTE FUNCTION fail_writes()",
+            ],
+            "DROP TRIGGER fail_writes ON instance",
+        ),
+        _ => (
+            &[
+                "CREATE TRIGGER fail_writes BEFORE INSERT ON instance BEGIN SELECT RAISE(ABORT, 'index failure'); END",
+            ],
+            "DROP TRIGGER fail_writes",
+        ),
+    };
+    for sql in fail {
+        sqlx::query(*sql).execute(pool).await.unwrap();
+    }
     assert_eq!(store_raw(hub.port(), CT, &sop, &ds).await, 0xA700);
     assert!(hub.echo("HOSP1"));
     // The transaction rolled back: no row points at anything (the object is
     // an orphan, which reindex or a resend adopts).
     assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
     assert_eq!(hub.hub.index.fingerprint().await.unwrap().len(), 0);
-    sqlx::query("DROP TRIGGER fail_writes")
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    sqlx::query(unfail).execute(pool).await.unwrap();
     // The orphaned object is adopted by the retry (same bytes, same key).
     assert_eq!(store_raw(hub.port(), CT, &sop, &ds).await, 0x0000);
     assert!(hub.stored("HOSP1", &sop).await.is_some());
