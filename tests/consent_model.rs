@@ -360,7 +360,39 @@ async fn check(hub: &TestHub, m: &Model, studies: &BTreeMap<Patient, Study>) {
                 "image/jpeg",
             )
             .await;
-            if !m.visible(viewer, p) {
+            // Every other way to it agrees; hidden, each answers exactly as
+            // for a study that does not exist.
+            let s = &studies[&p];
+            let instance = format!(
+                "/dicom-web/studies/{uid}/series/{}/instances/{}",
+                s.series, s.sop
+            );
+            let visible = m.visible(viewer, p);
+            for path in [
+                format!("/dicom-web/studies/{uid}"),
+                format!("/dicom-web/studies/{uid}/series/{}/metadata", s.series),
+                format!("{instance}/metadata"),
+                format!("{instance}/frames/1"),
+                format!("{instance}/rendered"),
+                format!(
+                    "/wado?requestType=WADO&studyUID={uid}&seriesUID={}&objectUID={}",
+                    s.series, s.sop
+                ),
+            ] {
+                let (status, answer) = get(hub, &inst, &path, "*/*").await;
+                if visible {
+                    assert_eq!(status, 200, "{inst} {path}");
+                    continue;
+                }
+                let unknown = path.replace(&uid, "2.25.999");
+                let (absent_status, absent) = get(hub, &inst, &unknown, "*/*").await;
+                assert_eq!(status, 404, "{inst} {path}; {m:?}");
+                assert_eq!(absent_status, 404, "{inst} {unknown}");
+                assert_eq!(answer, absent, "{inst} {path}: hidden and absent alike");
+            }
+            let (series, _) = qido(hub, &inst, &format!("studies/{uid}/series")).await;
+            assert_eq!(series.len(), usize::from(visible), "{inst} {uid} series");
+            if !visible {
                 assert_eq!(st, 404, "{inst} sees {p:?}; {m:?}");
                 assert_eq!(thumb, 404, "{inst} sees {p:?}'s thumbnail; {m:?}");
                 assert!(!String::from_utf8_lossy(&body).contains(&pid(p)));
