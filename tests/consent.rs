@@ -1061,8 +1061,17 @@ async fn api_routes_refuse(backend: Backend) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn break_glass_is_off_unless_configured_time_boxed_and_audited() {
-    let Some(off) = TestHub::start(Backend::Local).await else {
+async fn break_glass_is_off_unless_configured_time_boxed_and_audited_on_sqlite() {
+    break_glass_is_off_unless_configured_time_boxed_and_audited(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn break_glass_is_off_unless_configured_time_boxed_and_audited_on_postgres() {
+    break_glass_is_off_unless_configured_time_boxed_and_audited(Backend::Postgres).await;
+}
+
+async fn break_glass_is_off_unless_configured_time_boxed_and_audited(backend: Backend) {
+    let Some(off) = TestHub::start(backend).await else {
         return;
     };
     let body =
@@ -1079,9 +1088,9 @@ async fn break_glass_is_off_unless_configured_time_boxed_and_audited() {
     assert_eq!(st, 403);
     drop(off);
 
-    let Some(hub) = TestHub::start_with(Backend::Local, |c| {
+    let Some(hub) = TestHub::start_with(backend, |c| {
+        // The grant's length is the default's (4 hours).
         c.access.break_glass = true;
-        c.access.break_glass_hours = 4;
     })
     .await
     else {
@@ -1161,10 +1170,17 @@ async fn break_glass_is_off_unless_configured_time_boxed_and_audited() {
         get(&hub, "HOSP2", &path, "application/dicom+json").await.0,
         404
     );
-    // Time-boxed.
+    // Time-boxed: open a minute before the fourth hour ends, closed after.
     hub.hub
         .clock
-        .advance(chrono::Duration::hours(4) + chrono::Duration::seconds(1));
+        .advance(chrono::Duration::hours(4) - chrono::Duration::minutes(1));
+    assert_eq!(
+        get(&hub, "HOSP3", &path, "application/dicom+json").await.0,
+        200
+    );
+    hub.hub
+        .clock
+        .advance(chrono::Duration::minutes(1) + chrono::Duration::seconds(1));
     assert_eq!(
         get(&hub, "HOSP3", &path, "application/dicom+json").await.0,
         404
@@ -1425,8 +1441,17 @@ async fn audit_messages_reach_a_syslog_collector_over_tls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_institution_may_retrieve_others_objects_as_stored() {
-    let Some(hub) = TestHub::start_with(Backend::Local, |c| {
+async fn an_institution_may_retrieve_others_objects_as_stored_on_sqlite() {
+    an_institution_may_retrieve_others_objects_as_stored(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_institution_may_retrieve_others_objects_as_stored_on_postgres() {
+    an_institution_may_retrieve_others_objects_as_stored(Backend::Postgres).await;
+}
+
+async fn an_institution_may_retrieve_others_objects_as_stored(backend: Backend) {
+    let Some(hub) = TestHub::start_with(backend, |c| {
         c.institutions[1].coerce_patient_ids = false;
     })
     .await
@@ -1477,8 +1502,17 @@ async fn an_institution_may_retrieve_others_objects_as_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn patient_ids_in_paths_are_percent_encoded() {
-    let Some(hub) = TestHub::start(Backend::Local).await else {
+async fn patient_ids_in_paths_are_percent_encoded_on_sqlite() {
+    patient_ids_in_paths_are_percent_encoded(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn patient_ids_in_paths_are_percent_encoded_on_postgres() {
+    patient_ids_in_paths_are_percent_encoded(Backend::Postgres).await;
+}
+
+async fn patient_ids_in_paths_are_percent_encoded(backend: Backend) {
+    let Some(hub) = TestHub::start(backend).await else {
         return;
     };
     let id = "H2 A/7%";

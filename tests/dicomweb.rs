@@ -65,8 +65,17 @@ fn routes() -> Vec<(reqwest::Method, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_route_refuses_missing_and_bad_tokens() {
-    let Some(hub) = TestHub::start(Backend::Local).await else {
+async fn every_route_refuses_missing_and_bad_tokens_on_sqlite() {
+    every_route_refuses_missing_and_bad_tokens(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_route_refuses_missing_and_bad_tokens_on_postgres() {
+    every_route_refuses_missing_and_bad_tokens(Backend::Postgres).await;
+}
+
+async fn every_route_refuses_missing_and_bad_tokens(backend: Backend) {
+    let Some(hub) = TestHub::start(backend).await else {
         return;
     };
     let Some(ct) = testfile(CT) else { return };
@@ -231,13 +240,25 @@ async fn get_as(hub: &TestHub, inst: &str, path: &str, accept: &str) -> (StatusC
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn another_institutions_objects_are_absent() {
-    let Some(hub) = TestHub::start(Backend::Local).await else {
+async fn another_institutions_objects_are_absent_on_sqlite() {
+    another_institutions_objects_are_absent(Backend::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_institutions_objects_are_absent_on_postgres() {
+    another_institutions_objects_are_absent(Backend::Postgres).await;
+}
+
+async fn another_institutions_objects_are_absent(backend: Backend) {
+    let Some(hub) = TestHub::start(backend).await else {
         return;
     };
     let Some(ct) = testfile(CT) else { return };
-    hub.import("HOSP1", vec![ct]).await;
+    hub.import("HOSP1", vec![ct.clone()]).await;
     let i = format!("/studies/{CT_STUDY}/series/{CT_SERIES}/instances/{CT_SOP}");
+    // The Pixel Data's bulk data path, as the owner's metadata names it.
+    let uri = pixel_data_uri(&hub, &hub.token("HOSP1", Role::Clinician), &ct).await;
+    let bulk = uri[uri.find("/studies/").unwrap()..].to_string();
     let json = "application/dicom+json";
     let dicom = "multipart/related; type=\"application/dicom\"";
     let octet = "multipart/related; type=\"application/octet-stream\"";
@@ -247,6 +268,7 @@ async fn another_institutions_objects_are_absent() {
         (format!("/studies/{CT_STUDY}/metadata"), json),
         (format!("/studies/{CT_STUDY}"), dicom),
         (format!("{i}/frames/1"), octet),
+        (bulk.clone(), "application/octet-stream"),
     ] {
         let (s, _) = get_as(&hub, "HOSP1", &path, accept).await;
         assert_eq!(s, 200, "{path}");
@@ -289,7 +311,7 @@ async fn another_institutions_objects_are_absent() {
         (i.clone(), dicom),
         (format!("{i}/metadata"), json),
         (format!("{i}/frames/1"), octet),
-        (format!("{i}/bulk/0/10"), octet),
+        (bulk.clone(), "application/octet-stream"),
     ] {
         let (s, body) = get_as(&hub, "HOSP2", &path, accept).await;
         assert_eq!(s, 404, "{path}");
