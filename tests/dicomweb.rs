@@ -193,6 +193,50 @@ async fn every_route_refuses_missing_and_bad_tokens(backend: Backend) {
         fails.contains("tsunagu_http_auth_failures_total"),
         "auth failures are counted"
     );
+    // And audited: every refused token (110114, identity unverified), every
+    // refused role (110113, the caller known).
+    hub.hub.audit.flush().await;
+    // The events naming no institution, and those of HOSP1's users.
+    let mut trail = Vec::new();
+    for institution in ["", "HOSP1"] {
+        trail.extend(
+            tsunagu::audit::trail::query(
+                hub.hub.index.pool(),
+                &tsunagu::audit::trail::Filter {
+                    institution: institution.into(),
+                    limit: 100_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let of = |action: tsunagu::audit::Action| {
+        trail
+            .iter()
+            .filter(|e| e.sequenced.event.action == action)
+            .collect::<Vec<_>>()
+    };
+    let refused_tokens = of(tsunagu::audit::Action::Authenticate);
+    assert!(
+        refused_tokens.len() >= routes().len() * bad.len(),
+        "{} of {} token refusals audited",
+        refused_tokens.len(),
+        routes().len() * bad.len()
+    );
+    // (The token of an institution outside the network is one, unattributed.)
+    let refused_roles = of(tsunagu::audit::Action::Authorize);
+    assert!(
+        refused_roles
+            .iter()
+            .all(|e| e.sequenced.event.outcome == tsunagu::audit::Outcome::Denied)
+    );
+    let of_hosp1 = refused_roles
+        .iter()
+        .filter(|e| e.sequenced.event.institution == "HOSP1")
+        .count();
+    assert!(of_hosp1 >= 2 * (routes().len() - 3), "{of_hosp1}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
