@@ -286,10 +286,16 @@ async fn network_scenario(backend: Backend) {
 
     // 3. Hospital 3 joins with hospital 2's ID from the referral letter.
     // Unknown IDs, undisclosed records and unknown institutions all look absent.
+    let mut refusals = Vec::new();
     for join in [("HOSP2", "NO-SUCH"), ("HOSP1", "A-H1"), ("NOWHERE", "A-H2")] {
         let (st, body) = link(&hub, "HOSP3", "A-H3", Some(join)).await;
         assert_eq!(st, 404, "{body}");
+        refusals.push(body);
     }
+    assert!(
+        refusals.iter().all(|b| *b == refusals[0]),
+        "a refused join says nothing of why: {refusals:?}"
+    );
     // Hospital 1 was never disclosed A-H2: its join fails the same way.
     let (st, _) = link(&hub, "HOSP1", "A-H1", Some(("HOSP2", "A-H2"))).await;
     assert_eq!(st, 404);
@@ -307,6 +313,28 @@ async fn network_scenario(backend: Backend) {
     )
     .await;
     assert_eq!(st, 201, "{d32}");
+    // Each side's view of its record: its link, what it disclosed, and what
+    // was disclosed to it under the other's ID; nothing of hospital 1.
+    for (inst, own, other, other_id) in [
+        ("HOSP2", "A-H2", "HOSP3", "A-H3"),
+        ("HOSP3", "A-H3", "HOSP2", "A-H2"),
+    ] {
+        let (st, view) = admin_get(&hub, inst, &format!("/patients/{own}")).await;
+        assert_eq!(st, 200, "{view}");
+        assert_eq!(view["link"]["institution"], inst, "{view}");
+        assert_eq!(view["link"]["patient_id"], own, "{view}");
+        assert_eq!(view["link"]["issuer_of_patient_id"], inst, "{view}");
+        let to = view["disclosed_to"].as_array().unwrap();
+        assert_eq!(to.len(), 1, "{view}");
+        assert_eq!(to[0]["to_institution"], other, "{view}");
+        assert_eq!(to[0]["status"], "active", "{view}");
+        let by = view["disclosed_by"].as_array().unwrap();
+        assert_eq!(by.len(), 1, "{view}");
+        assert_eq!(by[0]["from_institution"], other, "{view}");
+        assert_eq!(by[0]["patient_id"], other_id, "{view}");
+        assert!(!view.to_string().contains("A-H1"), "{view}");
+    }
+    assert_eq!(admin_get(&hub, "HOSP1", "/patients/A-H1").await.0, 404);
 
     // 4. Hospital 3 finds hospital 2's images by its own patient ID, shown
     // under that ID, with hospital 2's ID among the other IDs.
