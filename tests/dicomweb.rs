@@ -968,6 +968,30 @@ async fn stow_rs_outcomes() {
     let (_, stored) = hub.stored("HOSP2", CT_SOP).await.unwrap();
     assert_eq!(common::dataset_bytes(&stored), common::dataset_bytes(&ct));
     assert_eq!(count().await, 1);
+    // Audited as a store by the token's user, naming the object.
+    hub.hub.audit.flush().await;
+    let trail = tsunagu::audit::trail::query(
+        hub.hub.index.pool(),
+        &tsunagu::audit::trail::Filter {
+            institution: "HOSP2".into(),
+            limit: 1000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let stored_by_stow = trail.iter().find(|e| {
+        let e = &e.sequenced.event;
+        e.action == tsunagu::audit::Action::Store
+            && e.outcome == tsunagu::audit::Outcome::Success
+            && e.institution == "HOSP2"
+            && e.role == "modality"
+    });
+    let e = &stored_by_stow
+        .expect("a STOW-RS store event")
+        .sequenced
+        .event;
+    assert!(e.objects.iter().any(|o| o.study_uid == CT_STUDY), "{e:?}");
 
     // One good part and one unreadable: 202, the bad one failed with C000.
     let (s, body) = stow(
