@@ -239,6 +239,21 @@ fn the_example_loads_through_tsunagu_config() {
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.to_lowercase().contains("http_port"), "{err}");
+    // The institutions are replaced as a whole list, never entry by entry.
+    let replaced = check(&[(
+        "TSUNAGU_INSTITUTION",
+        r#"[{code = "HOSP9", name = "Nine", issuer_of_patient_id = "HOSP9", ae_titles = ["HOSP9"]}]"#,
+    )]);
+    let text = String::from_utf8_lossy(&replaced.stdout);
+    assert!(replaced.status.success(), "{text}");
+    assert!(
+        text.contains("code = \"HOSP9\"") && !text.contains("HOSP1"),
+        "{text}"
+    );
+    let one = check(&[("TSUNAGU_INSTITUTION__0__NAME", "x")]);
+    assert!(!one.status.success());
+    let err = String::from_utf8_lossy(&one.stderr);
+    assert!(err.contains("INSTITUTION"), "{err}");
 }
 
 #[test]
