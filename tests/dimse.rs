@@ -530,6 +530,64 @@ fn store_at_once(hub: &TestHub, files: &[PathBuf], round: usize) {
 }
 
 /// Whether no superseded copy is listed for deletion.
+/// Every Storage SOP class of the dictionary is accepted and stored (the
+/// corpus has one file for a few dozen): a small object under each class's
+/// UID, proposed by pynetdicom in its own presentation context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_storage_sop_class_is_stored() {
+    use dicom_core::{DataElement, VR};
+    use dicom_dictionary_std::tags;
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let Some(dir) = common::testdata_dir() else {
+        return;
+    };
+    let Some(python) = common::python_with("pynetdicom") else {
+        return;
+    };
+    let template = dicom_object::open_file(dir.join("files/sr_basic_text.dcm")).unwrap();
+    let classes = tsunagu::dicom::storage_classes::STORAGE_SOP_CLASSES;
+    let files: Vec<PathBuf> = classes
+        .iter()
+        .enumerate()
+        .map(|(n, (class, _))| {
+            let mut obj = template.clone();
+            let sop = format!("2.25.5150{n}");
+            obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, *class));
+            obj.put(DataElement::new(
+                tags::SOP_INSTANCE_UID,
+                VR::UI,
+                sop.as_str(),
+            ));
+            obj.meta_mut().media_storage_sop_class_uid = class.to_string();
+            obj.meta_mut().media_storage_sop_instance_uid = sop;
+            obj.meta_mut().update_information_group_length();
+            let path = hub.dir.path().join(format!("class-{n}.dcm"));
+            obj.write_to_file(&path).unwrap();
+            path
+        })
+        .collect();
+    let port = hub.port();
+    let results = tokio::task::spawn_blocking(move || {
+        files
+            .chunks(100)
+            .flat_map(|chunk| common::pynetdicom_push(&python, port, "HOSP1", chunk))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(results.len(), classes.len());
+    for r in &results {
+        assert_eq!(r.accepted, Some(true), "{:?} not accepted", r.file);
+        assert_eq!(r.status, Some(0), "{:?}", r.file);
+    }
+    assert_eq!(
+        hub.hub.index.count_instances().await.unwrap(),
+        classes.len() as i64
+    );
+}
+
 /// The duplicate policy on the S3 backend, whose identical resend is its
 /// own path (the spool is dropped without an upload).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
