@@ -167,20 +167,28 @@ async fn assert_aborted(s: &mut tokio::net::TcpStream) {
 
 /// The value of one sample (`name{labels}`) of the hub's metrics, 0 if absent.
 async fn sample(hub: &TestHub, series: &str) -> f64 {
-    metrics(hub)
-        .await
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+    common::metric(&metrics(hub).await, series)
+}
+
+/// Wait until `series` reads `want` (the server counts as it acts, a moment
+/// after the peer saw the answer); what it read last.
+async fn settles(hub: &TestHub, series: &str, want: f64) -> f64 {
+    let mut got = sample(hub, series).await;
+    for _ in 0..100 {
+        if got == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        got = sample(hub, series).await;
+    }
+    got
 }
 
 const FAILED: &str = "tsunagu_dimse_associations_failed_total";
+
+/// Held by the tests that assert exact counts of failed associations: the
+/// metrics are the process's, and those tests' counters no other test moves.
+static FAILURE_COUNTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// No spool file: the local store's spool, or the S3 backend's.
 fn spool_is_empty(hub: &TestHub) -> bool {
@@ -215,6 +223,7 @@ async fn oversized_pdu_is_aborted() {
     let Some(hub) = TestHub::start(Backend::Local).await else {
         return;
     };
+    let _counts = FAILURE_COUNTS.lock().await;
     let too_large = format!("{FAILED}{{reason=\"pdu_too_large\"}}");
     let before = sample(&hub, &too_large).await;
     let mut a = associate(hub.port()).await;
@@ -225,7 +234,7 @@ async fn oversized_pdu_is_aborted() {
         .unwrap();
     s.write_all(&[0u8; 64]).await.unwrap();
     assert_aborted(s).await;
-    assert!(sample(&hub, &too_large).await > before, "counted");
+    assert_eq!(settles(&hub, &too_large, before + 1.0).await, before + 1.0);
     assert!(hub.echo("HOSP1"));
 }
 
@@ -252,9 +261,15 @@ async fn association_aborted_mid_object_stores_nothing(backend: Backend) {
         .windows(4)
         .position(|w| w == [0xE0, 0x7F, 0x10, 0x00])
         .expect("a CT has pixel data");
+    let _counts = FAILURE_COUNTS.lock().await;
     let peer_abort = format!("{FAILED}{{reason=\"peer_abort\"}}");
+    let released = format!("{FAILED}{{reason=\"release_mid_object\"}}");
     let cut_off = "tsunagu_store_failures_total{reason=\"cut_off\"}";
-    let (aborts, cuts) = (sample(&hub, &peer_abort).await, sample(&hub, cut_off).await);
+    let (aborts, releases, cuts) = (
+        sample(&hub, &peer_abort).await,
+        sample(&hub, &released).await,
+        sample(&hub, cut_off).await,
+    );
     for cut in [ds.len() / 2, pixel_data] {
         let mut a = associate(hub.port()).await;
         a.send(&pdata(PDataValueType::Command, true, store_rq(CT, &sop)))
@@ -276,8 +291,8 @@ async fn association_aborted_mid_object_stores_nothing(backend: Backend) {
             "spool file left behind (cut at {cut})"
         );
     }
-    assert!(sample(&hub, &peer_abort).await >= aborts + 2.0);
-    assert!(sample(&hub, cut_off).await >= cuts + 2.0);
+    assert_eq!(settles(&hub, &peer_abort, aborts + 2.0).await, aborts + 2.0);
+    assert_eq!(settles(&hub, cut_off, cuts + 2.0).await, cuts + 2.0);
     // A release in the middle of an object is answered with an abort: an
     // orderly release would tell the sender all went well.
     let mut a = associate(hub.port()).await;
@@ -305,8 +320,11 @@ async fn association_aborted_mid_object_stores_nothing(backend: Backend) {
     }
     assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
     assert!(store_is_empty(&hub).await);
-    let released = format!("{FAILED}{{reason=\"release_mid_object\"}}");
-    assert!(sample(&hub, &released).await >= 1.0);
+    assert_eq!(
+        settles(&hub, &released, releases + 1.0).await,
+        releases + 1.0
+    );
+    assert_eq!(settles(&hub, cut_off, cuts + 3.0).await, cuts + 3.0);
     assert!(hub.echo("HOSP1"));
 }
 
@@ -500,11 +518,12 @@ async fn malformed_pdu_is_aborted() {
     pdu.extend_from_slice(&1000u32.to_be_bytes());
     pdu.extend_from_slice(&[1, 0x03]);
     pdu.extend_from_slice(&[0u8; 14]);
+    let _counts = FAILURE_COUNTS.lock().await;
     let malformed = format!("{FAILED}{{reason=\"malformed_pdu\"}}");
     let before = sample(&hub, &malformed).await;
     s.write_all(&pdu).await.unwrap();
     assert_aborted(s).await;
-    assert!(sample(&hub, &malformed).await > before, "counted");
+    assert_eq!(settles(&hub, &malformed, before + 1.0).await, before + 1.0);
     assert_eq!(hub.hub.index.count_instances().await.unwrap(), 0);
     assert!(hub.echo("HOSP1"));
 }

@@ -529,10 +529,11 @@ fn store_at_once(hub: &TestHub, files: &[PathBuf], round: usize) {
     }
 }
 
-/// Whether no superseded copy is listed for deletion.
 /// Every Storage SOP class of the dictionary is accepted and stored (the
 /// corpus has one file for a few dozen): a small object under each class's
-/// UID, proposed by pynetdicom in its own presentation context.
+/// UID, proposed by pynetdicom in its own presentation context. The list is
+/// generated from dicom-rs's dictionary; pynetdicom's own registry of
+/// Storage classes (current ones only) checks that it misses none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_storage_sop_class_is_stored() {
     use dicom_core::{DataElement, VR};
@@ -548,6 +549,18 @@ async fn every_storage_sop_class_is_stored() {
     };
     let template = dicom_object::open_file(dir.join("files/sr_basic_text.dcm")).unwrap();
     let classes = tsunagu::dicom::storage_classes::STORAGE_SOP_CLASSES;
+    let registry = common::run_ok(std::process::Command::new(&python).args([
+        "-c",
+        "from pynetdicom.sop_class import _STORAGE_CLASSES as c; print('\\n'.join(c.values()))",
+    ]));
+    let registry = String::from_utf8(registry).unwrap();
+    assert!(registry.lines().count() > 100, "{registry}");
+    for uid in registry.lines() {
+        assert!(
+            classes.iter().any(|(c, _)| c == &uid),
+            "pynetdicom's Storage class {uid} is not accepted"
+        );
+    }
     let files: Vec<PathBuf> = classes
         .iter()
         .enumerate()
@@ -648,6 +661,7 @@ async fn duplicates_follow_the_documented_policy_on_s3() {
     assert!(hub.echo("HOSP1"));
 }
 
+/// Whether no superseded copy is listed for deletion.
 async fn nothing_listed(hub: &TestHub) -> bool {
     let all = "9999-12-31T23:59:59.999Z";
     hub.hub.index.superseded(all).await.unwrap().is_empty()

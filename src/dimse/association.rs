@@ -197,7 +197,28 @@ struct Session<S> {
 }
 
 /// Why an association is aborted (A-ABORT, source service-provider).
-type ProtocolError = &'static str;
+#[derive(Debug, Clone, Copy)]
+enum ProtocolError {
+    /// The peer broke the protocol.
+    Violation(&'static str),
+    /// A response could not be sent: the peer is gone.
+    Send,
+}
+
+impl From<&'static str> for ProtocolError {
+    fn from(why: &'static str) -> Self {
+        ProtocolError::Violation(why)
+    }
+}
+
+impl ProtocolError {
+    fn reason(self) -> &'static str {
+        match self {
+            ProtocolError::Violation(why) => why,
+            ProtocolError::Send => "cannot send response",
+        }
+    }
+}
 
 async fn run<S>(
     ctx: Arc<DimseContext>,
@@ -241,9 +262,15 @@ where
             let pdu = match incoming {
                 Ok(Incoming::Data(values)) => {
                     for pdv in values {
-                        if let Err(why) = self.on_pdv(pdv).await {
-                            tracing::warn!(reason = why, "protocol error; aborting association");
-                            self.failed("protocol_error");
+                        if let Err(e) = self.on_pdv(pdv).await {
+                            tracing::warn!(
+                                reason = e.reason(),
+                                "protocol error; aborting association"
+                            );
+                            self.failed(match e {
+                                ProtocolError::Violation(_) => "protocol_error",
+                                ProtocolError::Send => "connection_error",
+                            });
                             self.abort(AbortRQServiceProviderReason::UnexpectedPdu)
                                 .await;
                             return;
@@ -256,7 +283,10 @@ where
                     tracing::warn!(error = %e, "association ended by a receive error; aborting");
                     self.failed(match e {
                         ReceiveError::TooLarge { .. } => "pdu_too_large",
-                        ReceiveError::Malformed(_) | ReceiveError::Ul(_) => "malformed_pdu",
+                        ReceiveError::Malformed(_) => "malformed_pdu",
+                        // Another PDU than P-DATA-TF that dicom-ul could not
+                        // read (malformed, cut off or a transport error).
+                        ReceiveError::Ul(_) => "unreadable_pdu",
                         ReceiveError::Closed => "connection_closed",
                         ReceiveError::Timeout(_) => "timeout",
                         ReceiveError::Io(_) => "connection_error",
@@ -312,7 +342,12 @@ where
     /// the object it cut off, if one was arriving (it is discarded).
     fn failed(&self, reason: &'static str) {
         metrics::counter!(telemetry::ASSOCIATIONS_FAILED, "reason" => reason).increment(1);
-        if self.pending.is_some() {
+        // Only an object being received: a refused one was counted already.
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| matches!(p.sink, Sink::Spool(_)))
+        {
             metrics::counter!(telemetry::STORE_FAILURES, "reason" => "cut_off").increment(1);
         }
     }
@@ -353,7 +388,7 @@ where
                 }],
             })
             .await
-            .map_err(|_| "cannot send response")
+            .map_err(|_| ProtocolError::Send)
     }
 
     async fn on_pdv(&mut self, pdv: Pdv) -> Result<(), ProtocolError> {
@@ -369,14 +404,14 @@ where
             return self.on_data(pdv).await;
         }
         if self.pending.is_some() {
-            return Err("command while a data set is still arriving");
+            return Err("command while a data set is still arriving".into());
         }
         if *self.command_context.get_or_insert(pdv.context_id) != pdv.context_id {
-            return Err("command fragments on different presentation contexts");
+            return Err("command fragments on different presentation contexts".into());
         }
         self.command_buf.extend_from_slice(&pdv.data);
         if self.command_buf.len() > 64 * 1024 {
-            return Err("command set larger than 64 KiB");
+            return Err("command set larger than 64 KiB".into());
         }
         if !pdv.last {
             return Ok(());
@@ -389,10 +424,10 @@ where
 
     async fn on_data(&mut self, pdv: Pdv) -> Result<(), ProtocolError> {
         let Some(p) = self.pending.as_mut() else {
-            return Err("data set without a command");
+            return Err("data set without a command".into());
         };
         if p.context_id != pdv.context_id {
-            return Err("data set on another presentation context");
+            return Err("data set on another presentation context".into());
         }
         if let Sink::Spool(spool) = &mut p.sink
             && let Err(e) = spool.write(pdv.data).await
@@ -430,7 +465,7 @@ where
             CommandField::CEchoRq => {
                 // PS3.7 9.3.5: a C-ECHO-RQ carries no data set.
                 if command.has_data_set {
-                    return Err("C-ECHO-RQ with a data set");
+                    return Err("C-ECHO-RQ with a data set".into());
                 }
                 metrics::counter!(telemetry::ECHOS).increment(1);
                 // Verification is a SOP class of its own: a C-ECHO on a
@@ -445,7 +480,7 @@ where
             }
             CommandField::CStoreRq => {
                 if !command.has_data_set {
-                    return Err("C-STORE-RQ without a data set");
+                    return Err("C-STORE-RQ without a data set".into());
                 }
                 self.store_sink(pc, &command).await
             }

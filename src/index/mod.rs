@@ -589,10 +589,13 @@ impl Index {
     }
 
     /// A canonical dump of the index content (no surrogate ids, no receive
-    /// times), ordered, for comparing an index with its rebuild.
+    /// times), ordered, one `column=value|…` line per instance, for comparing
+    /// an index with its rebuild.
     pub async fn fingerprint(&self) -> Result<Vec<String>, IndexError> {
-        // Everything an instance's rows say but its receipt time (reindex
-        // takes the file's), each as text.
+        // What an instance's rows say, each as text, but what a rebuild may
+        // rightly tell otherwise: the receipt time (reindex takes the file's),
+        // the study's content version (a clock for ETags, counting writes),
+        // and the bookkeeping of objects to delete or to confirm.
         const COLUMNS: &[&str] = &[
             "p.institution",
             "p.issuer",
@@ -600,6 +603,9 @@ impl Index {
             "p.name_alphabetic",
             "p.name_ideographic",
             "p.name_phonetic",
+            "p.name_alphabetic_key",
+            "p.name_ideographic_key",
+            "p.name_phonetic_key",
             "p.birth_date",
             "p.sex",
             "p.other_patient_ids",
@@ -612,9 +618,15 @@ impl Index {
             "st.referring_alphabetic",
             "st.referring_ideographic",
             "st.referring_phonetic",
+            "st.referring_alphabetic_key",
+            "st.referring_ideographic_key",
+            "st.referring_phonetic_key",
+            "st.num_series",
+            "st.num_instances",
             "se.series_uid",
             "se.modality",
             "se.series_number",
+            "se.num_instances",
             "se.description",
             "se.series_date",
             "se.series_time",

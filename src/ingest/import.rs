@@ -1,11 +1,13 @@
 //! `tsunagu import`: Part-10 files and directory trees through the same
 //! ingest path as C-STORE, in parallel, with a progress bar and a summary.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::AsyncReadExt;
+use tokio::task::JoinSet;
 
 use super::{Ingest, IngestError, Outcome};
 use crate::access::Institution;
@@ -127,14 +129,8 @@ pub async fn import_files(
     } else {
         ProgressBar::hidden()
     };
-    let mut tally = Tally {
-        report: ImportReport::default(),
-        bar,
-        done: 0,
-        count: files.len(),
-        running: std::collections::HashMap::new(),
-    };
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tally = Tally::new(bar, files.len());
+    let mut tasks: JoinSet<Result<(Outcome, u64), IngestError>> = JoinSet::new();
     for file in files {
         // Results are taken in as files finish, so the bar moves with them.
         while tasks.len() >= PARALLEL_FILES {
@@ -166,13 +162,23 @@ struct Tally {
     done: usize,
     count: usize,
     /// The file of each running task (a task that panics names none).
-    running: std::collections::HashMap<tokio::task::Id, PathBuf>,
+    running: HashMap<tokio::task::Id, PathBuf>,
 }
 
 type Joined =
     Result<(tokio::task::Id, Result<(Outcome, u64), IngestError>), tokio::task::JoinError>;
 
 impl Tally {
+    fn new(bar: ProgressBar, count: usize) -> Self {
+        Self {
+            report: ImportReport::default(),
+            bar,
+            done: 0,
+            count,
+            running: HashMap::new(),
+        }
+    }
+
     fn take(&mut self, joined: Joined) {
         let (id, r) = match joined {
             Ok((id, r)) => (id, r.map_err(|e| e.to_string())),
@@ -180,7 +186,10 @@ impl Tally {
             // rejected, so the exit status says something went wrong.
             Err(e) => (e.id(), Err(format!("internal error: {e}"))),
         };
-        let file = self.running.remove(&id).unwrap_or_default();
+        let file = self
+            .running
+            .remove(&id)
+            .expect("every task's file is noted");
         self.done += 1;
         match r {
             Ok((outcome, size)) => {
@@ -211,17 +220,9 @@ mod tests {
     /// A file whose task panicked is reported as rejected, by its name.
     #[tokio::test]
     async fn a_panicked_import_is_rejected() {
-        let mut tally = Tally {
-            report: ImportReport::default(),
-            bar: ProgressBar::hidden(),
-            done: 0,
-            count: 1,
-            running: std::collections::HashMap::new(),
-        };
-        let mut tasks = tokio::task::JoinSet::new();
-        let id = tasks
-            .spawn(async { panic!("decoder bug") as Result<(Outcome, u64), IngestError> })
-            .id();
+        let mut tally = Tally::new(ProgressBar::hidden(), 1);
+        let mut tasks: JoinSet<Result<(Outcome, u64), IngestError>> = JoinSet::new();
+        let id = tasks.spawn(async { panic!("decoder bug") }).id();
         tally.running.insert(id, PathBuf::from("a.dcm"));
         tally.take(tasks.join_next_with_id().await.unwrap());
         assert_eq!(tally.report.stored, 0);

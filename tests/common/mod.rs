@@ -562,3 +562,17 @@ pub async fn get_as_clinician(
         .await
         .unwrap()
 }
+
+/// The value of one series (`name` or `name{labels}`) in Prometheus text;
+/// 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}

@@ -8,6 +8,7 @@ Prints one JSON line: {"established": k, "statuses": [...]}.
 """
 import json
 import sys
+import time
 
 from pydicom import dcmread
 from pynetdicom import AE
@@ -17,16 +18,21 @@ host, port, calling, called, n, file = sys.argv[1:]
 meta = dcmread(file, stop_before_pixels=True).file_meta
 ae = AE(ae_title=calling)
 ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-ae.maximum_associations = int(n) + 1
 ae.requested_contexts = [
     build_context(str(meta.MediaStorageSOPClassUID), [str(meta.TransferSyntaxUID)])
 ]
 held = []
-for _ in range(int(n)):
+# Associations of an earlier sender may still be closing on the server and
+# hold its slots a moment: a transient refusal is tried again, for a while.
+deadline = time.monotonic() + 20
+while len(held) < int(n):
     a = ae.associate(host, int(port), ae_title=called)
-    if not a.is_established:
+    if a.is_established:
+        held.append(a)
+    elif a.is_rejected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    else:
         break
-    held.append(a)
 statuses = []
 for a in held:
     s = a.send_c_store(file)
