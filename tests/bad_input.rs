@@ -238,15 +238,10 @@ async fn oversized_pdu_is_aborted() {
     assert!(hub.echo("HOSP1"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn association_aborted_mid_object_stores_nothing_on_local() {
-    association_aborted_mid_object_stores_nothing(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn association_aborted_mid_object_stores_nothing_on_s3() {
-    association_aborted_mid_object_stores_nothing(Backend::S3).await;
-}
+crate::on_backends!(association_aborted_mid_object_stores_nothing:
+    association_aborted_mid_object_stores_nothing_on_local => Backend::Local,
+    association_aborted_mid_object_stores_nothing_on_s3 => Backend::S3,
+);
 
 async fn association_aborted_mid_object_stores_nothing(backend: Backend) {
     let Some(hub) = TestHub::start(backend).await else {
@@ -431,15 +426,10 @@ async fn unwritable_store_is_out_of_resources() {
     assert_eq!(store_raw(hub.port(), CT, &sop, &ds).await, 0x0000);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn failing_index_is_out_of_resources_and_leaves_no_row_on_sqlite() {
-    failing_index_is_out_of_resources_and_leaves_no_row(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn failing_index_is_out_of_resources_and_leaves_no_row_on_postgres() {
-    failing_index_is_out_of_resources_and_leaves_no_row(Backend::Postgres).await;
-}
+crate::on_backends!(failing_index_is_out_of_resources_and_leaves_no_row:
+    failing_index_is_out_of_resources_and_leaves_no_row_on_sqlite => Backend::Local,
+    failing_index_is_out_of_resources_and_leaves_no_row_on_postgres => Backend::Postgres,
+);
 
 async fn failing_index_is_out_of_resources_and_leaves_no_row(backend: Backend) {
     let Some(hub) = TestHub::start(backend).await else {

@@ -917,15 +917,10 @@ async fn network_scenario(backend: Backend) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn network_scenario_on_sqlite() {
-    network_scenario(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn network_scenario_on_postgres() {
-    network_scenario(Backend::Postgres).await;
-}
+crate::on_backends!(network_scenario:
+    network_scenario_on_sqlite => Backend::Local,
+    network_scenario_on_postgres => Backend::Postgres,
+);
 
 /// Every admin route with a valid body, and the roles it admits.
 fn api_routes() -> Vec<(reqwest::Method, &'static str, Option<Value>, Vec<Role>)> {
@@ -969,15 +964,10 @@ fn api_routes() -> Vec<(reqwest::Method, &'static str, Option<Value>, Vec<Role>)
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn api_routes_refuse_bad_tokens_and_wrong_roles() {
-    api_routes_refuse(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn api_routes_refuse_bad_tokens_and_wrong_roles_on_postgres() {
-    api_routes_refuse(Backend::Postgres).await;
-}
+crate::on_backends!(api_routes_refuse:
+    api_routes_refuse_bad_tokens_and_wrong_roles => Backend::Local,
+    api_routes_refuse_bad_tokens_and_wrong_roles_on_postgres => Backend::Postgres,
+);
 
 async fn api_routes_refuse(backend: Backend) {
     let Some(hub) = TestHub::start_with(backend, |c| c.access.break_glass = true).await else {
@@ -1088,15 +1078,10 @@ async fn api_routes_refuse(backend: Backend) {
     assert_eq!(unattributed, api_routes().len() * 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn break_glass_is_off_unless_configured_time_boxed_and_audited_on_sqlite() {
-    break_glass_is_off_unless_configured_time_boxed_and_audited(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn break_glass_is_off_unless_configured_time_boxed_and_audited_on_postgres() {
-    break_glass_is_off_unless_configured_time_boxed_and_audited(Backend::Postgres).await;
-}
+crate::on_backends!(break_glass_is_off_unless_configured_time_boxed_and_audited:
+    break_glass_is_off_unless_configured_time_boxed_and_audited_on_sqlite => Backend::Local,
+    break_glass_is_off_unless_configured_time_boxed_and_audited_on_postgres => Backend::Postgres,
+);
 
 async fn break_glass_is_off_unless_configured_time_boxed_and_audited(backend: Backend) {
     let Some(off) = TestHub::start(backend).await else {
@@ -1468,15 +1453,10 @@ async fn audit_messages_reach_a_syslog_collector_over_tls() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_institution_may_retrieve_others_objects_as_stored_on_sqlite() {
-    an_institution_may_retrieve_others_objects_as_stored(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_institution_may_retrieve_others_objects_as_stored_on_postgres() {
-    an_institution_may_retrieve_others_objects_as_stored(Backend::Postgres).await;
-}
+crate::on_backends!(an_institution_may_retrieve_others_objects_as_stored:
+    an_institution_may_retrieve_others_objects_as_stored_on_sqlite => Backend::Local,
+    an_institution_may_retrieve_others_objects_as_stored_on_postgres => Backend::Postgres,
+);
 
 async fn an_institution_may_retrieve_others_objects_as_stored(backend: Backend) {
     let Some(hub) = TestHub::start_with(backend, |c| {
@@ -1529,15 +1509,10 @@ async fn an_institution_may_retrieve_others_objects_as_stored(backend: Backend) 
     assert_eq!(patient_id(&part10(&first_part(&body))), "B-H3");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn patient_ids_in_paths_are_percent_encoded_on_sqlite() {
-    patient_ids_in_paths_are_percent_encoded(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn patient_ids_in_paths_are_percent_encoded_on_postgres() {
-    patient_ids_in_paths_are_percent_encoded(Backend::Postgres).await;
-}
+crate::on_backends!(patient_ids_in_paths_are_percent_encoded:
+    patient_ids_in_paths_are_percent_encoded_on_sqlite => Backend::Local,
+    patient_ids_in_paths_are_percent_encoded_on_postgres => Backend::Postgres,
+);
 
 async fn patient_ids_in_paths_are_percent_encoded(backend: Backend) {
     let Some(hub) = TestHub::start(backend).await else {
@@ -1705,12 +1680,7 @@ async fn keyed_trail(backend: Backend) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn keyed_trail_on_sqlite() {
-    keyed_trail(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn keyed_trail_on_postgres() {
-    keyed_trail(Backend::Postgres).await;
-}
+crate::on_backends!(keyed_trail:
+    keyed_trail_on_sqlite => Backend::Local,
+    keyed_trail_on_postgres => Backend::Postgres,
+);

@@ -64,15 +64,10 @@ fn routes() -> Vec<(reqwest::Method, String)> {
     v
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_route_refuses_missing_and_bad_tokens_on_sqlite() {
-    every_route_refuses_missing_and_bad_tokens(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_route_refuses_missing_and_bad_tokens_on_postgres() {
-    every_route_refuses_missing_and_bad_tokens(Backend::Postgres).await;
-}
+crate::on_backends!(every_route_refuses_missing_and_bad_tokens:
+    every_route_refuses_missing_and_bad_tokens_on_sqlite => Backend::Local,
+    every_route_refuses_missing_and_bad_tokens_on_postgres => Backend::Postgres,
+);
 
 async fn every_route_refuses_missing_and_bad_tokens(backend: Backend) {
     let Some(hub) = TestHub::start(backend).await else {
@@ -286,15 +281,10 @@ async fn get_as(hub: &TestHub, inst: &str, path: &str, accept: &str) -> (StatusC
     (r.status(), r.bytes().await.unwrap().to_vec())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn another_institutions_objects_are_absent_on_sqlite() {
-    another_institutions_objects_are_absent(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn another_institutions_objects_are_absent_on_postgres() {
-    another_institutions_objects_are_absent(Backend::Postgres).await;
-}
+crate::on_backends!(another_institutions_objects_are_absent:
+    another_institutions_objects_are_absent_on_sqlite => Backend::Local,
+    another_institutions_objects_are_absent_on_postgres => Backend::Postgres,
+);
 
 async fn another_institutions_objects_are_absent(backend: Backend) {
     let Some(hub) = TestHub::start(backend).await else {
@@ -606,15 +596,10 @@ async fn warning_count_cap(backend: Backend) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn warning_count_caps_on_sqlite() {
-    warning_count_cap(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn warning_count_caps_on_postgres() {
-    warning_count_cap(Backend::Postgres).await;
-}
+crate::on_backends!(warning_count_cap:
+    warning_count_caps_on_sqlite => Backend::Local,
+    warning_count_caps_on_postgres => Backend::Postgres,
+);
 
 /// A CT of the corpus made into patient `id` named `name` with other
 /// patient IDs `others` ((ID, issuer)), in study and series of its own.
@@ -859,35 +844,20 @@ async fn one_patient_id_under_two_issuers(backend: Backend) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_patient_id_under_two_issuers_on_sqlite() {
-    one_patient_id_under_two_issuers(Backend::Local).await;
-}
+crate::on_backends!(one_patient_id_under_two_issuers:
+    one_patient_id_under_two_issuers_on_sqlite => Backend::Local,
+    one_patient_id_under_two_issuers_on_postgres => Backend::Postgres,
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_patient_id_under_two_issuers_on_postgres() {
-    one_patient_id_under_two_issuers(Backend::Postgres).await;
-}
+crate::on_backends!(qido_matching_edges:
+    qido_matching_edges_on_sqlite => Backend::Local,
+    qido_matching_edges_on_postgres => Backend::Postgres,
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn qido_matching_edges_on_sqlite() {
-    qido_matching_edges(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn qido_matching_edges_on_postgres() {
-    qido_matching_edges(Backend::Postgres).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn qido_matching_on_sqlite() {
-    qido_matching(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn qido_matching_on_postgres() {
-    qido_matching(Backend::Postgres).await;
-}
+crate::on_backends!(qido_matching:
+    qido_matching_on_sqlite => Backend::Local,
+    qido_matching_on_postgres => Backend::Postgres,
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn empty_search_answer_is_configurable() {
@@ -1862,15 +1832,10 @@ async fn plans_use_indexes(backend: Backend) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn search_plans_use_indexes_on_sqlite() {
-    plans_use_indexes(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn search_plans_use_indexes_on_postgres() {
-    plans_use_indexes(Backend::Postgres).await;
-}
+crate::on_backends!(plans_use_indexes:
+    search_plans_use_indexes_on_sqlite => Backend::Local,
+    search_plans_use_indexes_on_postgres => Backend::Postgres,
+);
 
 /// Instances of one study in three series, made from a small corpus object:
 /// (series UID, series number, instance number) per instance, in the order
@@ -2096,15 +2061,10 @@ async fn metadata_order_and_validator(backend: Backend) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn metadata_order_and_validator_on_sqlite() {
-    metadata_order_and_validator(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn metadata_order_and_validator_on_postgres() {
-    metadata_order_and_validator(Backend::Postgres).await;
-}
+crate::on_backends!(metadata_order_and_validator:
+    metadata_order_and_validator_on_sqlite => Backend::Local,
+    metadata_order_and_validator_on_postgres => Backend::Postgres,
+);
 
 /// A study retrieve lists its instances first and opens each when the
 /// answer reaches it: one replaced meanwhile (its old copy deleted) is sent

@@ -47,20 +47,11 @@ async fn dicomweb_client_against(backend: Backend) {
     assert!(checks > 100, "only {checks} checks ran:\n{stdout}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dicomweb_client_on_local_store_and_sqlite() {
-    dicomweb_client_against(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dicomweb_client_on_postgres() {
-    dicomweb_client_against(Backend::Postgres).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dicomweb_client_on_s3() {
-    dicomweb_client_against(Backend::S3).await;
-}
+crate::on_backends!(dicomweb_client_against:
+    dicomweb_client_on_local_store_and_sqlite => Backend::Local,
+    dicomweb_client_on_postgres => Backend::Postgres,
+    dicomweb_client_on_s3 => Backend::S3,
+);
 
 /// Checks allowed to stay below PASS, with why. Everything else must pass.
 const NOT_YET: &[(&str, &str)] = &[];

@@ -140,20 +140,11 @@ async fn assert_japanese_indexed(hub: &TestHub) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn corpus_is_stored_byte_exact_local_sqlite() {
-    corpus_round_trip(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn corpus_is_stored_byte_exact_s3() {
-    corpus_round_trip(Backend::S3).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn corpus_is_stored_byte_exact_postgres() {
-    corpus_round_trip(Backend::Postgres).await;
-}
+crate::on_backends!(corpus_round_trip:
+    corpus_is_stored_byte_exact_local_sqlite => Backend::Local,
+    corpus_is_stored_byte_exact_s3 => Backend::S3,
+    corpus_is_stored_byte_exact_postgres => Backend::Postgres,
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn echo_with_dcmtk_and_pynetdicom() {
@@ -365,23 +356,7 @@ async fn duplicates_follow_the_documented_policy() {
 
     // Different bytes, same UIDs, same institution: the new copy replaces the
     // old one, which is deleted only after the new one is durable and indexed.
-    let changed = hub.dir.path().join("changed.dcm");
-    let mut bytes = std::fs::read(&file).unwrap();
-    let marker = b"CT 16-bit with transfer syntax variants";
-    let at = bytes
-        .windows(marker.len())
-        .position(|w| w == marker)
-        .expect("study description present");
-    bytes[at..at + 2].copy_from_slice(b"XX");
-    std::fs::write(&changed, &bytes).unwrap();
-    let (ok, log) = common::storescu(hub.port(), "HOSP1", "-xe", std::slice::from_ref(&changed));
-    assert!(ok && log.contains("Success"), "{log}");
-    let (new_key, stored) = hub.stored("HOSP1", &sop).await.unwrap();
-    assert_ne!(new_key, first_key);
-    assert_eq!(
-        sha(common::dataset_bytes(&stored)),
-        sha(common::dataset_bytes(&bytes))
-    );
+    let new_key = store_changed_copy(&hub, &file, &first_key).await;
     assert_eq!(settled_count(&hub, 2).await, 2, "superseded copy removed");
     assert!(hub.hub.store.get_bytes(&first_key).await.is_err());
     assert!(nothing_listed(&hub).await, "no superseded copy listed");
@@ -419,18 +394,13 @@ async fn duplicates_follow_the_documented_policy() {
     assert_eq!(count_objects(&hub), 2);
 }
 
-/// Two versions of one instance stored at once: whichever commits last is
-/// current, and the copy it superseded is deleted, even when both looked up
-/// the same predecessor before either was written.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_versions_leave_one_copy_on_sqlite() {
-    concurrent_versions_leave_one_copy(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_versions_leave_one_copy_on_postgres() {
-    concurrent_versions_leave_one_copy(Backend::Postgres).await;
-}
+// Two versions of one instance stored at once: whichever commits last is
+// current, and the copy it superseded is deleted, even when both looked up
+// the same predecessor before either was written.
+crate::on_backends!(concurrent_versions_leave_one_copy:
+    concurrent_versions_leave_one_copy_on_sqlite => Backend::Local,
+    concurrent_versions_leave_one_copy_on_postgres => Backend::Postgres,
+);
 
 async fn concurrent_versions_leave_one_copy(backend: Backend) {
     let Some(hub) = TestHub::start(backend).await else {
@@ -636,8 +606,21 @@ async fn duplicates_follow_the_documented_policy_on_s3() {
     assert!(ok && log.contains("Success"), "{log}");
     assert_eq!(listed().await.len(), 2, "another institution's is its own");
 
+    store_changed_copy(&hub, &file, &first_key).await;
+    let keys = listed().await;
+    assert_eq!(keys.len(), 2, "the replaced copy is deleted: {keys:?}");
+    assert!(!keys.iter().any(|k| k.ends_with(&first_key)), "{keys:?}");
+    assert!(hub.hub.store.get_bytes(&first_key).await.is_err());
+    assert!(nothing_listed(&hub).await);
+    assert!(hub.echo("HOSP1"));
+}
+
+/// Send `file` again as HOSP1's with one byte of its Study Description
+/// changed: a new version of the instance, which must replace the copy at
+/// `old_key`. Its key.
+async fn store_changed_copy(hub: &TestHub, file: &Path, old_key: &str) -> String {
     let changed = hub.dir.path().join("changed.dcm");
-    let mut bytes = std::fs::read(&file).unwrap();
+    let mut bytes = std::fs::read(file).unwrap();
     let marker = b"CT 16-bit with transfer syntax variants";
     let at = bytes
         .windows(marker.len())
@@ -647,18 +630,16 @@ async fn duplicates_follow_the_documented_policy_on_s3() {
     std::fs::write(&changed, &bytes).unwrap();
     let (ok, log) = common::storescu(hub.port(), "HOSP1", "-xe", std::slice::from_ref(&changed));
     assert!(ok && log.contains("Success"), "{log}");
-    let (new_key, stored) = hub.stored("HOSP1", &sop).await.unwrap();
-    assert_ne!(new_key, first_key);
+    let (new_key, stored) = hub
+        .stored("HOSP1", &common::sop_instance_uid(file))
+        .await
+        .unwrap();
+    assert_ne!(new_key, old_key);
     assert_eq!(
         sha(common::dataset_bytes(&stored)),
         sha(common::dataset_bytes(&bytes))
     );
-    let keys = listed().await;
-    assert_eq!(keys.len(), 2, "the replaced copy is deleted: {keys:?}");
-    assert!(!keys.iter().any(|k| k.ends_with(&first_key)), "{keys:?}");
-    assert!(hub.hub.store.get_bytes(&first_key).await.is_err());
-    assert!(nothing_listed(&hub).await);
-    assert!(hub.echo("HOSP1"));
+    new_key
 }
 
 /// Whether no superseded copy is listed for deletion.

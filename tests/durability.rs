@@ -227,20 +227,11 @@ async fn kill_9_mid_stream_loses_no_acknowledged_object(backend: Backend) {
     let _ = server.wait();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_mid_stream_loses_no_acknowledged_object_on_sqlite() {
-    kill_9_mid_stream_loses_no_acknowledged_object(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_mid_stream_loses_no_acknowledged_object_on_postgres() {
-    kill_9_mid_stream_loses_no_acknowledged_object(Backend::Postgres).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_mid_stream_loses_no_acknowledged_object_on_s3() {
-    kill_9_mid_stream_loses_no_acknowledged_object(Backend::S3).await;
-}
+crate::on_backends!(kill_9_mid_stream_loses_no_acknowledged_object:
+    kill_9_mid_stream_loses_no_acknowledged_object_on_sqlite => Backend::Local,
+    kill_9_mid_stream_loses_no_acknowledged_object_on_postgres => Backend::Postgres,
+    kill_9_mid_stream_loses_no_acknowledged_object_on_s3 => Backend::S3,
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reindex_after_deleting_the_index_gives_the_same_content() {
@@ -514,15 +505,10 @@ async fn unconfirmed_objects_are_checked(backend: Backend) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn unconfirmed_objects_are_checked_on_sqlite() {
-    unconfirmed_objects_are_checked(Backend::Local).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn unconfirmed_objects_are_checked_on_postgres() {
-    unconfirmed_objects_are_checked(Backend::Postgres).await;
-}
+crate::on_backends!(unconfirmed_objects_are_checked:
+    unconfirmed_objects_are_checked_on_sqlite => Backend::Local,
+    unconfirmed_objects_are_checked_on_postgres => Backend::Postgres,
+);
 
 /// Every file below `dir`.
 fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

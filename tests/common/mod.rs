@@ -576,3 +576,17 @@ pub fn metric(text: &str, series: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// One test per backend, each running `scenario(backend)`:
+/// `on_backends!(scenario: scenario_on_sqlite => Backend::Local, …);`
+#[macro_export]
+macro_rules! on_backends {
+    ($scenario:ident: $($test:ident => $backend:expr),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $test() {
+                $scenario($backend).await;
+            }
+        )+
+    };
+}
