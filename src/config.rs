@@ -64,6 +64,10 @@ pub struct ServerConfig {
     pub bind: IpAddr,
     /// Most associations served at once; further ones are rejected (transient).
     pub max_associations: usize,
+    /// Most associations served at once from one peer address, so that one
+    /// sender pushing on many associations cannot take every slot from the
+    /// others; further ones are rejected (transient). Off when absent.
+    pub max_associations_per_peer: Option<usize>,
     /// Largest P-DATA PDU we accept (and announce), in bytes.
     pub max_pdu_length: u32,
     /// Seconds an association may stay silent before it is aborted.
@@ -112,6 +116,7 @@ impl Default for ServerConfig {
             http_port: 8080,
             bind: IpAddr::from([127, 0, 0, 1]),
             max_associations: 64,
+            max_associations_per_peer: None,
             max_pdu_length: 131_072,
             association_timeout_secs: 60,
             tls: None,
@@ -374,6 +379,14 @@ impl Config {
         check_ae("server.ae_title", &self.server.ae_title)?;
         if self.server.max_associations == 0 {
             return Err(invalid("server.max_associations", "must be at least 1"));
+        }
+        if let Some(n) = self.server.max_associations_per_peer
+            && !(1..=self.server.max_associations).contains(&n)
+        {
+            return Err(invalid(
+                "server.max_associations_per_peer",
+                "must be between 1 and server.max_associations",
+            ));
         }
         if self.server.association_timeout_secs == 0 {
             // It is also a STOW-RS upload's idle timeout: 0 fails them all.
@@ -640,6 +653,18 @@ mod tests {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains("institution[0].networks"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_per_peer_limit_lies_within_the_whole() {
+        let mut c = Config::default();
+        for bad in [0, c.server.max_associations + 1] {
+            c.server.max_associations_per_peer = Some(bad);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("server.max_associations_per_peer"), "{e}");
+        }
+        c.server.max_associations_per_peer = Some(c.server.max_associations);
+        c.validate().unwrap();
     }
 
     #[test]

@@ -188,23 +188,17 @@ impl Hub {
             timeout: Duration::from_secs(s.association_timeout_secs),
         });
         // One limit for both listeners.
-        let slots = Arc::new(tokio::sync::Semaphore::new(s.max_associations));
+        let slots = dimse::Slots::new(s.max_associations, s.max_associations_per_peer);
         if let Some((listener, material)) = dicom_tls {
             tasks.spawn(dimse::serve(
                 listener,
                 ctx.clone(),
-                (slots.clone(), s.max_associations),
+                slots.clone(),
                 Some(material),
                 shutdown.clone(),
             ));
         }
-        tasks.spawn(dimse::serve(
-            dicom,
-            ctx,
-            (slots, s.max_associations),
-            None,
-            shutdown.clone(),
-        ));
+        tasks.spawn(dimse::serve(dicom, ctx, slots, None, shutdown.clone()));
 
         // Superseded copies whose deletion was cut off (a stop, a crash, a
         // failing store): swept now and then, beside the stores.

@@ -700,6 +700,55 @@ async fn association_limit_rejects_transiently() {
     assert!(accepted);
 }
 
+/// One sender address may hold only its share of the slots; another
+/// address (another hospital's modality) still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_peer_cannot_take_every_slot() {
+    let Some(hub) = TestHub::start_with(Backend::Local, |c| {
+        c.server.max_associations = 4;
+        c.server.max_associations_per_peer = Some(1);
+    })
+    .await
+    else {
+        return;
+    };
+    let Some(python) = common::python_with("pynetdicom") else {
+        return;
+    };
+    let first = dicom_ul::ClientAssociationOptions::new()
+        .calling_ae_title("HOSP1")
+        .called_ae_title("TSUNAGU")
+        .with_abstract_syntax("1.2.840.10008.1.1")
+        .establish_async(("127.0.0.1", hub.port()))
+        .await
+        .expect("first association");
+    assert_eq!(
+        rejection(hub.port(), "HOSP1", "TSUNAGU").await,
+        "Transient ServiceProviderPresentation(LocalLimitExceeded)"
+    );
+    // From 127.0.0.2: established, and an echo answered.
+    let script = "import sys\n\
+        from pynetdicom import AE\n\
+        ae = AE(ae_title='HOSP2')\n\
+        ae.add_requested_context('1.2.840.10008.1.1')\n\
+        a = ae.associate('127.0.0.1', int(sys.argv[1]), ae_title='TSUNAGU', bind_address=('127.0.0.2', 0))\n\
+        assert a.is_established, 'refused'\n\
+        print(int(a.send_c_echo().Status))\n\
+        a.release()\n";
+    let out = common::run_ok(
+        std::process::Command::new(python)
+            .args(["-c", script])
+            .arg(hub.port().to_string()),
+    );
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "0");
+    first.release().await.unwrap();
+    let metrics = hub.hub.metrics.render();
+    assert!(
+        metrics.contains("tsunagu_dimse_associations_rejected_total{reason=\"peer_limit\"}"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unreachable_s3_is_out_of_resources() {
     // An S3 endpoint where nothing listens: every upload fails, quickly.

@@ -137,11 +137,7 @@ impl AccessControl for SenderGate {
             refuse(Some(&inst), "called AE title not recognized");
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
-        // An IPv4 peer may arrive as an IPv4-mapped IPv6 address.
-        let peer = match self.peer {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(self.peer, std::net::IpAddr::V4),
-            v4 => v4,
-        };
+        let peer = super::slots::canonical(self.peer);
         if !inst.networks.is_empty() && !inst.networks.iter().any(|n| n.contains(&peer)) {
             refuse(
                 Some(&inst),

@@ -7,6 +7,7 @@ pub mod association;
 pub mod command;
 mod gate;
 mod pdata;
+pub mod slots;
 pub mod status;
 pub mod tls;
 
@@ -22,6 +23,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use association::DimseContext;
+pub use slots::Slots;
 
 use crate::telemetry;
 
@@ -31,31 +33,31 @@ use crate::telemetry;
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<DimseContext>,
-    (slots, max_associations): (Arc<Semaphore>, usize),
+    slots: Arc<Slots>,
     tls: Option<Arc<tls::TlsMaterial>>,
     shutdown: CancellationToken,
 ) {
     // Rejections in progress (each answers and waits briefly for the peer
     // to close): bounded, so a flood of connections cannot hold every file
     // descriptor; beyond it a connection is simply closed.
-    let rejecting = Arc::new(Semaphore::new(max_associations));
+    let rejecting = Arc::new(Semaphore::new(slots.max()));
     loop {
         let Some((socket, peer)) = crate::listen::next_connection(&listener, &shutdown).await
         else {
             return;
         };
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
+        match slots.take(peer.ip()) {
+            Ok(slot) => {
                 let (ctx, tls) = (ctx.clone(), tls.clone());
                 tokio::spawn(async move {
                     association::serve(ctx, socket, peer, tls).await;
-                    drop(permit);
+                    drop(slot);
                 });
             }
-            Err(_) => {
-                metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => "limit")
+            Err(full) => {
+                metrics::counter!(telemetry::ASSOCIATIONS_REJECTED, "reason" => full.reason())
                     .increment(1);
-                tracing::warn!(%peer, max_associations, "association limit reached; rejecting (transient)");
+                tracing::warn!(%peer, limit = ?full, "association limit reached; rejecting (transient)");
                 // Over TLS an A-ASSOCIATE-RJ would need a handshake first:
                 // the connection is closed.
                 if tls.is_some() {
