@@ -700,6 +700,62 @@ async fn association_limit_rejects_transiently() {
     assert!(accepted);
 }
 
+/// Nagle is off on the server's side of an association: without it every
+/// C-STORE response waits for the sender's delayed ACK (~40 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn associations_are_served_with_nagle_off() {
+    let Some(hub) = TestHub::start(Backend::Local).await else {
+        return;
+    };
+    let mut client = dicom_ul::ClientAssociationOptions::new()
+        .calling_ae_title("HOSP1")
+        .called_ae_title("TSUNAGU")
+        .with_abstract_syntax("1.2.840.10008.1.1")
+        .establish_async(("127.0.0.1", hub.port()))
+        .await
+        .expect("association");
+    let ours = client.inner_stream().local_addr().unwrap().port();
+    // The hub runs in this process: its socket is the one whose peer is us.
+    let server_side = socket_with_peer_port(ours).expect("the server's socket");
+    let mut on: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `on`, a c_int.
+    let r = unsafe {
+        libc::getsockopt(
+            server_side,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&raw mut on).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0);
+    assert_eq!(on, 1, "TCP_NODELAY on the accepted socket");
+    client.release().await.unwrap();
+}
+
+/// A descriptor of this process: the IPv4 TCP socket whose peer's port is `port`.
+fn socket_with_peer_port(port: u16) -> Option<libc::c_int> {
+    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<libc::c_int>() else {
+            continue;
+        };
+        // SAFETY: a zeroed sockaddr_in is a valid value; getpeername writes
+        // at most `len` bytes into it (a descriptor that is not a socket, or
+        // closed meanwhile, only fails).
+        let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let r = unsafe { libc::getpeername(fd, (&raw mut addr).cast(), &mut len) };
+        if r == 0
+            && libc::c_int::from(addr.sin_family) == libc::AF_INET
+            && u16::from_be(addr.sin_port) == port
+        {
+            return Some(fd);
+        }
+    }
+    None
+}
+
 /// One sender address may hold only its share of the slots; another
 /// address (another hospital's modality) still gets in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
