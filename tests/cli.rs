@@ -289,6 +289,71 @@ fn serve_runs_on_the_embedded_default_and_warns_without_institutions() {
     assert!(tmp.path().join("tsunagu-data/index.sqlite").exists());
 }
 
+/// Each association's log lines carry its span: calling AE, institution
+/// and peer (here as JSON lines, `TSUNAGU_LOG_FORMAT=json`).
+#[test]
+fn association_logs_name_the_caller_its_institution_and_peer() {
+    let Some(echoscu) = common::dcmtk("echoscu") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config_file(tmp.path());
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("TSUNAGU_SERVER__DICOM_PORT", "0")
+        .env("TSUNAGU_SERVER__HTTP_PORT", "0")
+        .env("TSUNAGU_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let next = |want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(v) = rx.recv_timeout(Duration::from_millis(200))
+                && v["fields"]["message"] == want
+            {
+                return Some(v);
+            }
+        }
+        None
+    };
+    let serving = next("tsunagu serving").expect("serving");
+    let port: u16 = serving["fields"]["dicom"]
+        .as_str()
+        .and_then(|a| a.rsplit(':').next()?.parse().ok())
+        .expect("the DICOM address");
+    let echo = Command::new(echoscu)
+        .args(common::hub_peer("HOSP2", port))
+        .output()
+        .unwrap();
+    assert!(echo.status.success(), "{echo:?}");
+    let released = next("association released");
+    child.kill().unwrap();
+    let _ = child.wait();
+    let released = released.expect("the association's release logged");
+    let span = &released["span"];
+    assert_eq!(span["name"], "association", "{released}");
+    assert_eq!(span["calling_ae"], "HOSP2", "{released}");
+    assert_eq!(span["institution"], "HOSP2", "{released}");
+    assert!(
+        span["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{released}"
+    );
+}
+
 #[test]
 fn token_is_minted_for_a_configured_institution() {
     let tmp = tempfile::tempdir().unwrap();
