@@ -56,6 +56,8 @@ pub struct Hub {
     pub clock: Arc<crate::clock::Clock>,
     /// Decoding and encoding pictures (rendered and thumbnail resources).
     pub imaging: crate::imaging::Imaging,
+    /// Pictures made before (rendered frames, thumbnails).
+    pub pictures: crate::imaging::cache::Pictures,
     /// STOW-RS requests being stored (`dicomweb.stow_max_concurrent`).
     pub stow_slots: Arc<tokio::sync::Semaphore>,
     /// The HTTP port actually bound (known once `start` ran).
@@ -96,6 +98,7 @@ impl Hub {
             clock,
             http_port: std::sync::OnceLock::new(),
             imaging: crate::imaging::Imaging::for_this_machine(),
+            pictures: Default::default(),
             stow_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.dicomweb.stow_max_concurrent,
             )),

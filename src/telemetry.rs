@@ -22,6 +22,8 @@ pub const AUDIT_LOST: &str = "tsunagu_audit_events_lost_total";
 pub const AUDIT_SYSLOG_FAILURES: &str = "tsunagu_audit_syslog_failures_total";
 /// The audit chain's recorded end found not at its last event.
 pub const AUDIT_TAMPERING: &str = "tsunagu_audit_chain_end_moved_total";
+/// Pictures asked of the pictures cache, by outcome (hit, miss).
+pub const PICTURE_CACHE: &str = "tsunagu_picture_cache_total";
 /// Requests refused because a limit of ours was reached, by limit.
 pub const LIMIT_REACHED: &str = "tsunagu_limit_reached_total";
 
@@ -82,6 +84,10 @@ fn install() -> PrometheusHandle {
         "time from last data byte to durable and indexed"
     );
     metrics::describe_counter!(ECHOS, "C-ECHO requests answered");
+    metrics::describe_counter!(
+        PICTURE_CACHE,
+        "rendered pictures and thumbnails looked up in the pictures cache, by outcome"
+    );
     metrics::describe_counter!(
         AUTH_FAILURES,
         "HTTP requests refused for their token, by reason"

@@ -4,6 +4,7 @@
 //! job: the pool's width bounds the CPU it takes from DICOM and DICOMweb
 //! traffic, the permits bound the memory of jobs waiting for it.
 
+pub mod cache;
 pub mod render;
 
 use std::panic::AssertUnwindSafe;

@@ -22,6 +22,7 @@ use crate::audit::Action;
 use crate::auth::Role;
 use crate::dicom::dataset::PixelLayout;
 use crate::hub::Hub;
+use crate::imaging::cache::Pictures;
 use crate::imaging::render::{self, Format, Region, RenderError, Source, Spec, Window};
 use crate::index::search::StoredInstance;
 
@@ -224,6 +225,11 @@ async fn picture(
             render::MAX_DECODED_FRAME >> 20
         )));
     }
+    let media_type = spec.format.media_type();
+    let cached = Pictures::key(&inst.object_key, frame, &spec);
+    if let Some(bytes) = hub.pictures.get(&cached) {
+        return Ok(picture_response(bytes, media_type));
+    }
     // The place is taken before anything is read: waiting requests hold no
     // pixels.
     let permit = hub.imaging.permit().await?;
@@ -262,7 +268,6 @@ async fn picture(
             frame,
         )
     };
-    let media_type = spec.format.media_type();
     let bytes = hub
         .imaging
         .run_with(permit, move || render::render(source, &spec))
@@ -272,14 +277,20 @@ async fn picture(
             RenderError::BadRequest(m) => WebError::BadRequest(m),
             other => WebError::Internal(other.to_string()),
         })?;
-    let mut resp = (StatusCode::OK, Bytes::from(bytes)).into_response();
+    let bytes = Bytes::from(bytes);
+    hub.pictures.insert(cached, bytes.clone());
+    Ok(picture_response(bytes, media_type))
+}
+
+fn picture_response(bytes: Bytes, media_type: &'static str) -> Response {
+    let mut resp = (StatusCode::OK, bytes).into_response();
     let headers = resp.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(media_type));
     headers.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("private, no-cache"),
     );
-    Ok(resp)
+    resp
 }
 
 /// WADO-URI (PS3.18 §9) with `contentType=image/jpeg` or `image/png`: one

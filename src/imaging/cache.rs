@@ -1,0 +1,103 @@
+//! Pictures made before, kept in memory: a study list shows the same
+//! thumbnails on every visit, and a viewer asks for the same rendered frame
+//! again. A picture is keyed by its object key (which holds the object's
+//! digest: a replaced instance has another key, so nothing stale is served),
+//! the frame and how it was made. Pictures carry no patient identifiers, so
+//! one made for one caller may be shown to any other who may see the
+//! instance; who may is decided before the cache is asked.
+
+use bytes::Bytes;
+use quick_cache::Weighter;
+use quick_cache::sync::Cache;
+
+use super::render::Spec;
+use crate::telemetry;
+
+/// Bytes of pictures kept at most.
+const CAPACITY: u64 = 64 << 20;
+/// About how many (thumbnails are a few KiB, rendered frames ~100 KiB).
+const ESTIMATED_ITEMS: usize = 4096;
+
+#[derive(Clone)]
+struct ByLength;
+
+impl Weighter<String, Bytes> for ByLength {
+    fn weight(&self, key: &String, picture: &Bytes) -> u64 {
+        (key.len() + picture.len()) as u64
+    }
+}
+
+/// The pictures cache.
+pub struct Pictures(Cache<String, Bytes, ByLength>);
+
+impl Default for Pictures {
+    fn default() -> Self {
+        Self(Cache::with_weighter(ESTIMATED_ITEMS, CAPACITY, ByLength))
+    }
+}
+
+impl Pictures {
+    /// Where frame `frame` of the object at `object_key`, made as `spec`
+    /// says, is kept.
+    pub fn key(object_key: &str, frame: u32, spec: &Spec) -> String {
+        format!("{object_key}#{frame}#{spec:?}")
+    }
+
+    pub fn get(&self, key: &str) -> Option<Bytes> {
+        let found = self.0.get(key);
+        let outcome = if found.is_some() { "hit" } else { "miss" };
+        metrics::counter!(telemetry::PICTURE_CACHE, "outcome" => outcome).increment(1);
+        found
+    }
+
+    pub fn insert(&self, key: String, picture: Bytes) {
+        self.0.insert(key, picture);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imaging::render::Format;
+
+    fn spec(viewport: (u32, u32)) -> Spec {
+        Spec {
+            format: Format::Jpeg { quality: 90 },
+            viewport: Some(viewport),
+            region: None,
+            window: None,
+            shrink_only: true,
+        }
+    }
+
+    #[test]
+    fn another_object_frame_or_spec_is_another_picture() {
+        let pictures = Pictures::default();
+        let key = Pictures::key("instances/H/1/2/3.0123456789abcdef.dcm", 1, &spec((64, 64)));
+        pictures.insert(key.clone(), Bytes::from_static(b"jpeg"));
+        assert_eq!(pictures.get(&key).as_deref(), Some(&b"jpeg"[..]));
+        for other in [
+            Pictures::key("instances/H/1/2/3.fedcba9876543210.dcm", 1, &spec((64, 64))),
+            Pictures::key("instances/H/1/2/3.0123456789abcdef.dcm", 2, &spec((64, 64))),
+            Pictures::key(
+                "instances/H/1/2/3.0123456789abcdef.dcm",
+                1,
+                &spec((128, 128)),
+            ),
+        ] {
+            assert_ne!(other, key);
+            assert!(pictures.get(&other).is_none());
+        }
+    }
+
+    #[test]
+    fn it_holds_a_bounded_number_of_bytes() {
+        let pictures = Pictures::default();
+        let big = Bytes::from(vec![0u8; 1 << 20]);
+        for n in 0..200 {
+            pictures.insert(format!("k{n}"), big.clone());
+        }
+        assert!(pictures.0.weight() <= CAPACITY, "{}", pictures.0.weight());
+        assert!(pictures.0.len() < 200);
+    }
+}
