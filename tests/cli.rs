@@ -298,17 +298,19 @@ fn association_logs_name_the_caller_its_institution_and_peer() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config_file(tmp.path());
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .env("TSUNAGU_SERVER__DICOM_PORT", "0")
-        .env("TSUNAGU_SERVER__HTTP_PORT", "0")
-        .env("TSUNAGU_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("TSUNAGU_SERVER__DICOM_PORT", "0")
+            .env("TSUNAGU_SERVER__HTTP_PORT", "0")
+            .env("TSUNAGU_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -338,10 +340,8 @@ fn association_logs_name_the_caller_its_institution_and_peer() {
         .output()
         .unwrap();
     assert!(echo.status.success(), "{echo:?}");
-    let released = next("association released");
-    child.kill().unwrap();
-    let _ = child.wait();
-    let released = released.expect("the association's release logged");
+    let released = next("association released").expect("the association's release logged");
+    drop(child);
     let span = &released["span"];
     assert_eq!(span["name"], "association", "{released}");
     assert_eq!(span["calling_ae"], "HOSP2", "{released}");
@@ -352,6 +352,16 @@ fn association_logs_name_the_caller_its_institution_and_peer() {
             .is_some_and(|p| p.starts_with("127.0.0.1:")),
         "{released}"
     );
+}
+
+/// A server process stopped when the test ends, also when it fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]

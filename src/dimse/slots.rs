@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -62,7 +62,7 @@ impl Slots {
         let counted = match self.per_peer {
             None => None,
             Some(limit) => {
-                let mut peers = self.peers.lock().expect("peer slots lock");
+                let mut peers = self.counts();
                 let running = peers.entry(peer).or_insert(0);
                 if *running >= limit {
                     return Err(Full::Peer);
@@ -85,8 +85,14 @@ impl Slots {
         }
     }
 
+    /// The counts; nothing panics while holding them, and a count is still
+    /// right if something ever did (the accept loop and Drop must not panic).
+    fn counts(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn give_back(&self, peer: IpAddr) {
-        let mut peers = self.peers.lock().expect("peer slots lock");
+        let mut peers = self.counts();
         if let Some(running) = peers.get_mut(&peer) {
             *running -= 1;
             if *running == 0 {

@@ -277,6 +277,9 @@ async fn picture(
             RenderError::BadRequest(m) => WebError::BadRequest(m),
             other => WebError::Internal(other.to_string()),
         })?;
+    let mut bytes = bytes;
+    // The cache weighs the length: it should hold no more than that.
+    bytes.shrink_to_fit();
     let bytes = Bytes::from(bytes);
     hub.pictures.insert(cached, bytes.clone());
     Ok(picture_response(bytes, media_type))
