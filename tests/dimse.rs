@@ -171,6 +171,20 @@ async fn echo_with_dcmtk_and_pynetdicom() {
 }
 
 /// A-ASSOCIATE-RJ with the exact result, source and reason of PS3.8 §9.3.4.
+/// An association of HOSP1 to the hub on `port` for Verification, which
+/// must be accepted.
+async fn verification_association(
+    port: u16,
+) -> dicom_ul::association::client::AsyncClientAssociation<tokio::net::TcpStream> {
+    dicom_ul::ClientAssociationOptions::new()
+        .calling_ae_title("HOSP1")
+        .called_ae_title("TSUNAGU")
+        .with_abstract_syntax("1.2.840.10008.1.1")
+        .establish_async(("127.0.0.1", port))
+        .await
+        .expect("an association")
+}
+
 async fn rejection(port: u16, calling: &str, called: &str) -> String {
     let r = dicom_ul::ClientAssociationOptions::new()
         .calling_ae_title(calling)
@@ -676,13 +690,7 @@ async fn association_limit_rejects_transiently() {
     else {
         return;
     };
-    let first = dicom_ul::ClientAssociationOptions::new()
-        .calling_ae_title("HOSP1")
-        .called_ae_title("TSUNAGU")
-        .with_abstract_syntax("1.2.840.10008.1.1")
-        .establish_async(("127.0.0.1", hub.port()))
-        .await
-        .expect("first association");
+    let first = verification_association(hub.port()).await;
     assert_eq!(
         rejection(hub.port(), "HOSP1", "TSUNAGU").await,
         "Transient ServiceProviderPresentation(LocalLimitExceeded)"
@@ -708,13 +716,7 @@ async fn associations_are_served_with_nagle_off() {
     let Some(hub) = TestHub::start(Backend::Local).await else {
         return;
     };
-    let mut client = dicom_ul::ClientAssociationOptions::new()
-        .calling_ae_title("HOSP1")
-        .called_ae_title("TSUNAGU")
-        .with_abstract_syntax("1.2.840.10008.1.1")
-        .establish_async(("127.0.0.1", hub.port()))
-        .await
-        .expect("association");
+    let mut client = verification_association(hub.port()).await;
     let ours = client.inner_stream().local_addr().unwrap().port();
     // The hub runs in this process: its socket is the one whose peer is us.
     let server_side = socket_with_peer_port(ours).expect("the server's socket");
@@ -777,13 +779,7 @@ async fn one_peer_cannot_take_every_slot() {
         common::skip("127.0.0.2 is not a local address here (Linux's loopback has all of 127/8)");
         return;
     }
-    let first = dicom_ul::ClientAssociationOptions::new()
-        .calling_ae_title("HOSP1")
-        .called_ae_title("TSUNAGU")
-        .with_abstract_syntax("1.2.840.10008.1.1")
-        .establish_async(("127.0.0.1", hub.port()))
-        .await
-        .expect("first association");
+    let first = verification_association(hub.port()).await;
     assert_eq!(
         rejection(hub.port(), "HOSP1", "TSUNAGU").await,
         "Transient ServiceProviderPresentation(LocalLimitExceeded)"
