@@ -7,7 +7,7 @@
 //! instance; who may is decided before the cache is asked.
 
 use bytes::Bytes;
-use quick_cache::sync::{Cache, DefaultLifecycle};
+use quick_cache::sync::{Cache, DefaultLifecycle, PlaceholderGuard};
 use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
 
 use super::render::Spec;
@@ -32,8 +32,29 @@ impl Weighter<String, Bytes> for ByLength {
     }
 }
 
+type PictureCache = Cache<String, Bytes, ByLength>;
+
 /// The pictures cache.
-pub struct Pictures(Cache<String, Bytes, ByLength>);
+pub struct Pictures(PictureCache);
+
+/// A picture to make, which requests for the same one are waiting for.
+pub struct Making<'a>(
+    PlaceholderGuard<
+        'a,
+        String,
+        Bytes,
+        ByLength,
+        DefaultHashBuilder,
+        DefaultLifecycle<String, Bytes>,
+    >,
+);
+
+impl Making<'_> {
+    /// Keep the picture made (and hand it to the waiting requests).
+    pub fn keep(self, picture: Bytes) {
+        let _ = self.0.insert(picture);
+    }
+}
 
 impl Default for Pictures {
     fn default() -> Self {
@@ -60,8 +81,16 @@ impl Pictures {
     }
 
     pub fn get(&self, key: &str) -> Option<Bytes> {
-        let found = self.0.get(key);
-        let outcome = if found.is_some() { "hit" } else { "miss" };
+        self.0.get(key)
+    }
+
+    /// The picture kept at `key`, or the duty to make it: while one request
+    /// makes a picture, others asking for the same one wait for it instead of
+    /// each making it (a study list after a restart asks for every thumbnail
+    /// at once). If the maker gives up, the next waiter makes it.
+    pub async fn get_or_make(&self, key: &str) -> Result<Bytes, Making<'_>> {
+        let found = self.0.get_value_or_guard_async(key).await.map_err(Making);
+        let outcome = if found.is_ok() { "hit" } else { "miss" };
         metrics::counter!(telemetry::PICTURE_CACHE, "outcome" => outcome).increment(1);
         found
     }
@@ -113,6 +142,30 @@ mod tests {
             assert_ne!(other, key);
             assert!(pictures.get(&other).is_none());
         }
+    }
+
+    #[tokio::test]
+    async fn a_picture_being_made_is_waited_for() {
+        let pictures = std::sync::Arc::new(Pictures::default());
+        let making = match pictures.get_or_make("p").await {
+            Err(making) => making,
+            Ok(_) => panic!("nothing is kept yet"),
+        };
+        // On this one-thread runtime the waiter runs from its signal on to
+        // its wait before this task runs again.
+        let (asking, asked) = tokio::sync::oneshot::channel();
+        let waiter = {
+            let pictures = pictures.clone();
+            tokio::spawn(async move {
+                let _ = asking.send(());
+                pictures.get_or_make("p").await.ok()
+            })
+        };
+        asked.await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "the second request waits");
+        making.keep(Bytes::from_static(b"png"));
+        assert_eq!(waiter.await.unwrap().as_deref(), Some(&b"png"[..]));
     }
 
     #[test]

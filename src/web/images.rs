@@ -226,10 +226,14 @@ async fn picture(
         )));
     }
     let media_type = spec.format.media_type();
-    let cached = Pictures::key(&inst.object_key, frame, &spec);
-    if let Some(bytes) = hub.pictures.get(&cached) {
-        return Ok(picture_response(bytes, media_type));
-    }
+    let making = match hub
+        .pictures
+        .get_or_make(&Pictures::key(&inst.object_key, frame, &spec))
+        .await
+    {
+        Ok(kept) => return Ok(picture_response(kept, media_type)),
+        Err(making) => making,
+    };
     // The place is taken before anything is read: waiting requests hold no
     // pixels.
     let permit = hub.imaging.permit().await?;
@@ -281,7 +285,7 @@ async fn picture(
     // The cache weighs the length: it should hold no more than that.
     bytes.shrink_to_fit();
     let bytes = Bytes::from(bytes);
-    hub.pictures.insert(cached, bytes.clone());
+    making.keep(bytes.clone());
     Ok(picture_response(bytes, media_type))
 }
 
