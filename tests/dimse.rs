@@ -355,27 +355,7 @@ async fn duplicates_follow_the_documented_policy() {
     };
     let file = dir.join("files/ct16_explicit_le.dcm");
     let sop = common::sop_instance_uid(&file);
-
-    // Identical resend: success, one copy.
-    for _ in 0..2 {
-        let (ok, log) = common::storescu(hub.port(), "HOSP1", "-xe", std::slice::from_ref(&file));
-        assert!(ok && log.contains("Success"), "{log}");
-    }
-    let (first_key, _) = hub.stored("HOSP1", &sop).await.unwrap();
-    assert_eq!(count_objects(&hub), 1);
-
-    // Same SOP Instance UID from another institution: both kept, each its own.
-    let (ok, log) = common::storescu(hub.port(), "HOSP2", "-xe", std::slice::from_ref(&file));
-    assert!(ok && log.contains("Success"), "{log}");
-    assert!(hub.stored("HOSP2", &sop).await.is_some());
-    assert_eq!(count_objects(&hub), 2);
-
-    // Different bytes, same UIDs, same institution: the new copy replaces the
-    // old one, which is deleted only after the new one is durable and indexed.
-    let new_key = store_changed_copy(&hub, &file, &first_key).await;
-    assert_eq!(settled_count(&hub, 2).await, 2, "superseded copy removed");
-    assert!(hub.hub.store.get_bytes(&first_key).await.is_err());
-    assert!(nothing_listed(&hub).await, "no superseded copy listed");
+    let (first_key, new_key) = resends_follow_the_policy(&hub, &file).await;
 
     // A deletion a stop cut off: the copy is still listed, and the next
     // start deletes it, unless a row names it again.
@@ -394,7 +374,7 @@ async fn duplicates_follow_the_documented_policy() {
         .await
         .unwrap();
     }
-    assert_eq!(count_objects(&hub), 3);
+    assert_eq!(count_objects(&hub).await, 3);
     let sweep = || {
         hub.hub
             .ingest
@@ -407,7 +387,7 @@ async fn duplicates_follow_the_documented_policy() {
         "named: kept"
     );
     assert!(nothing_listed(&hub).await, "no superseded copy listed");
-    assert_eq!(count_objects(&hub), 2);
+    assert_eq!(count_objects(&hub).await, 2);
 }
 
 // Two versions of one instance stored at once: whichever commits last is
@@ -597,38 +577,44 @@ async fn duplicates_follow_the_documented_policy_on_s3() {
     let Some(dir) = common::testdata_dir() else {
         return;
     };
-    let file = dir.join("files/ct16_explicit_le.dcm");
-    let sop = common::sop_instance_uid(&file);
-    let listed = async || {
-        use futures::TryStreamExt;
-        let mut keys: Vec<String> = hub
-            .hub
-            .store
-            .list_instances()
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
-            .await
-            .unwrap();
-        keys.sort();
-        keys
-    };
+    resends_follow_the_policy(&hub, &dir.join("files/ct16_explicit_le.dcm")).await;
+    assert!(hub.echo("HOSP1"));
+}
+
+/// The duplicate policy, on any store: an identical resend adds no copy,
+/// another institution's is its own, a changed resend replaces the copy and
+/// the old one goes. The first and the replacing copy's keys.
+async fn resends_follow_the_policy(hub: &TestHub, file: &PathBuf) -> (String, String) {
+    let sop = common::sop_instance_uid(file);
     for _ in 0..2 {
-        let (ok, log) = common::storescu(hub.port(), "HOSP1", "-xe", std::slice::from_ref(&file));
+        let (ok, log) = common::storescu(hub.port(), "HOSP1", "-xe", std::slice::from_ref(file));
         assert!(ok && log.contains("Success"), "{log}");
     }
     let (first_key, _) = hub.stored("HOSP1", &sop).await.unwrap();
-    assert_eq!(listed().await.len(), 1, "an identical resend adds no copy");
-    let (ok, log) = common::storescu(hub.port(), "HOSP2", "-xe", std::slice::from_ref(&file));
-    assert!(ok && log.contains("Success"), "{log}");
-    assert_eq!(listed().await.len(), 2, "another institution's is its own");
+    assert_eq!(
+        count_objects(hub).await,
+        1,
+        "an identical resend adds no copy"
+    );
 
-    store_changed_copy(&hub, &file, &first_key).await;
-    let keys = listed().await;
-    assert_eq!(keys.len(), 2, "the replaced copy is deleted: {keys:?}");
-    assert!(!keys.iter().any(|k| k.ends_with(&first_key)), "{keys:?}");
+    // Same SOP Instance UID from another institution: both kept, each its own.
+    let (ok, log) = common::storescu(hub.port(), "HOSP2", "-xe", std::slice::from_ref(file));
+    assert!(ok && log.contains("Success"), "{log}");
+    assert!(hub.stored("HOSP2", &sop).await.is_some());
+    assert_eq!(
+        count_objects(hub).await,
+        2,
+        "another institution's is its own"
+    );
+
+    // Different bytes, same UIDs, same institution: the new copy replaces the
+    // old one, which is deleted only after the new one is durable and indexed.
+    let new_key = store_changed_copy(hub, file, &first_key).await;
+    assert_eq!(settled_count(hub, 2).await, 2, "superseded copy removed");
+    assert!(!stored_keys(hub).await.contains(&first_key));
     assert!(hub.hub.store.get_bytes(&first_key).await.is_err());
-    assert!(nothing_listed(&hub).await);
-    assert!(hub.echo("HOSP1"));
+    assert!(nothing_listed(hub).await, "no superseded copy listed");
+    (first_key, new_key)
 }
 
 /// Send `file` again as HOSP1's with one byte of its Study Description
@@ -668,20 +654,28 @@ async fn nothing_listed(hub: &TestHub) -> bool {
 /// background) are gone: waits up to ten seconds for `want`.
 async fn settled_count(hub: &TestHub, want: usize) -> usize {
     for _ in 0..100 {
-        if count_objects(hub) == want {
+        if count_objects(hub).await == want {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    count_objects(hub)
+    count_objects(hub).await
 }
 
-fn count_objects(hub: &TestHub) -> usize {
-    walkdir::WalkDir::new(hub.dir.path().join("store/instances"))
-        .into_iter()
-        .flatten()
-        .filter(|e| e.file_type().is_file())
-        .count()
+async fn count_objects(hub: &TestHub) -> usize {
+    stored_keys(hub).await.len()
+}
+
+/// The keys of every object in the hub's store, whichever the backend.
+async fn stored_keys(hub: &TestHub) -> Vec<String> {
+    use futures::TryStreamExt;
+    hub.hub
+        .store
+        .list_instances()
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
