@@ -190,7 +190,7 @@ impl Hub {
             max_pdu_length: s.max_pdu_length,
             timeout: Duration::from_secs(s.association_timeout_secs),
         });
-        // One limit for both listeners.
+        // Both limits (all associations, per peer) shared by both listeners.
         let slots = dimse::Slots::new(s.max_associations, s.max_associations_per_peer);
         if let Some((listener, material)) = dicom_tls {
             tasks.spawn(dimse::serve(

@@ -1,11 +1,11 @@
 //! What the DICOM and HTTPS accept loops share: taking the next connection
-//! (retrying a failed accept, TCP_NODELAY set), and counting connections in
-//! a phase (a TLS handshake) per peer address, so that one address holding
-//! many half-open connections cannot take every place from the others.
+//! (retrying a failed accept, TCP_NODELAY set), and counting connections per
+//! peer address (in a TLS handshake; DICOM associations), so that one
+//! address holding many connections cannot take every place from the others.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -54,9 +54,11 @@ impl PerPeer {
         })
     }
 
-    /// A place for `ip`, or `None` when it holds `max` already.
+    /// A place for `ip` (an IPv4-mapped address counted as its IPv4
+    /// address), or `None` when it holds `max` already.
     pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<PeerPlace> {
-        let mut counts = self.counts.lock().expect("peer counts");
+        let ip = canonical(ip);
+        let mut counts = self.counts();
         let n = counts.entry(ip).or_default();
         if *n >= self.max {
             return None;
@@ -64,11 +66,31 @@ impl PerPeer {
         *n += 1;
         Some(PeerPlace(self.clone(), ip))
     }
+
+    /// The counts. Nothing panics while holding them, and a count stays
+    /// right if something ever did: the accept loops and Drop must not panic.
+    fn counts(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Places `ip` holds now.
+    #[cfg(test)]
+    pub fn held(&self, ip: IpAddr) -> usize {
+        self.counts().get(&canonical(ip)).copied().unwrap_or(0)
+    }
+}
+
+/// An IPv4 peer may arrive as an IPv4-mapped IPv6 address: one peer, one key.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 impl Drop for PeerPlace {
     fn drop(&mut self) {
-        let mut counts = self.0.counts.lock().expect("peer counts");
+        let mut counts = self.0.counts();
         if let Some(n) = counts.get_mut(&self.1) {
             *n -= 1;
             if *n == 0 {

@@ -20,7 +20,9 @@ pub const AUTH_FAILURES: &str = "tsunagu_http_auth_failures_total";
 pub const HTTP_REQUESTS: &str = "tsunagu_http_requests_total";
 pub const AUDIT_LOST: &str = "tsunagu_audit_events_lost_total";
 pub const AUDIT_SYSLOG_FAILURES: &str = "tsunagu_audit_syslog_failures_total";
-/// The audit chain's recorded end found not at its last event.
+/// The audit trail found altered: its recorded end not at its last event,
+/// a keyed chain found ending unkeyed, or a node without the chain key
+/// appending to a keyed chain.
 pub const AUDIT_TAMPERING: &str = "tsunagu_audit_chain_end_moved_total";
 /// Pictures asked of the pictures cache, by outcome (hit, miss).
 pub const PICTURE_CACHE: &str = "tsunagu_picture_cache_total";

@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use super::command::{Command, CommandField};
 use super::gate;
-use super::pdata::{self, Incoming, Pdv, ReceiveError};
+use super::pdata::{self, Incoming, Pdv};
 use super::status;
 use crate::access::{Institution, Institutions};
 use crate::dicom::part10::FileMeta;
@@ -212,10 +212,19 @@ impl From<&'static str> for ProtocolError {
 }
 
 impl ProtocolError {
-    fn reason(self) -> &'static str {
+    /// What went wrong, for the log.
+    fn why(self) -> &'static str {
         match self {
             ProtocolError::Violation(why) => why,
             ProtocolError::Send => "cannot send response",
+        }
+    }
+
+    /// The `reason` label of the failed-associations metric.
+    fn label(self) -> &'static str {
+        match self {
+            ProtocolError::Violation(_) => "protocol_error",
+            ProtocolError::Send => "connection_error",
         }
     }
 }
@@ -264,13 +273,10 @@ where
                     for pdv in values {
                         if let Err(e) = self.on_pdv(pdv).await {
                             tracing::warn!(
-                                reason = e.reason(),
+                                reason = e.why(),
                                 "protocol error; aborting association"
                             );
-                            self.failed(match e {
-                                ProtocolError::Violation(_) => "protocol_error",
-                                ProtocolError::Send => "connection_error",
-                            });
+                            self.failed(e.label());
                             self.abort(AbortRQServiceProviderReason::UnexpectedPdu)
                                 .await;
                             return;
@@ -281,16 +287,7 @@ where
                 Ok(Incoming::Other(p)) => p,
                 Err(e) => {
                     tracing::warn!(error = %e, "association ended by a receive error; aborting");
-                    self.failed(match e {
-                        ReceiveError::TooLarge { .. } => "pdu_too_large",
-                        ReceiveError::Malformed(_) => "malformed_pdu",
-                        // Another PDU than P-DATA-TF that dicom-ul could not
-                        // read (malformed, cut off or a transport error).
-                        ReceiveError::Ul(_) => "unreadable_pdu",
-                        ReceiveError::Closed => "connection_closed",
-                        ReceiveError::Timeout(_) => "timeout",
-                        ReceiveError::Io(_) => "connection_error",
-                    });
+                    self.failed(e.label());
                     self.abort(AbortRQServiceProviderReason::ReasonNotSpecified)
                         .await;
                     return;

@@ -137,7 +137,7 @@ impl AccessControl for SenderGate {
             refuse(Some(&inst), "called AE title not recognized");
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
-        let peer = super::slots::canonical(self.peer);
+        let peer = crate::listen::canonical(self.peer);
         if !inst.networks.is_empty() && !inst.networks.iter().any(|n| n.contains(&peer)) {
             refuse(
                 Some(&inst),

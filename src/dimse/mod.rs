@@ -7,7 +7,7 @@ pub mod association;
 pub mod command;
 mod gate;
 mod pdata;
-pub mod slots;
+mod slots;
 pub mod status;
 pub mod tls;
 

@@ -53,6 +53,22 @@ pub enum ReceiveError {
     Ul(#[from] dicom_ul::association::Error),
 }
 
+impl ReceiveError {
+    /// The `reason` label of the failed-associations metric.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ReceiveError::TooLarge { .. } => "pdu_too_large",
+            ReceiveError::Malformed(_) => "malformed_pdu",
+            // Another PDU than P-DATA-TF that dicom-ul could not read
+            // (malformed, cut off or a transport error).
+            ReceiveError::Ul(_) => "unreadable_pdu",
+            ReceiveError::Closed => "connection_closed",
+            ReceiveError::Timeout(_) => "timeout",
+            ReceiveError::Io(_) => "connection_error",
+        }
+    }
+}
+
 /// Read the next PDU. `max_pdu_length` is the maximum we announced (the
 /// PDU's length field, header excluded, as PS3.8 §9.3.1 counts it).
 /// `timeout` bounds the whole PDU, as dicom-ul's own receive does: a peer

@@ -3,25 +3,24 @@
 //! one sender opening many associations cannot take every slot from the
 //! other hospitals' modalities.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::listen::{PeerPlace, PerPeer};
 
 /// The slots both listeners (plain and TLS) take from.
 pub struct Slots {
     all: Arc<Semaphore>,
     max: usize,
-    per_peer: Option<usize>,
-    /// Associations running per peer address (only with a per-peer limit).
-    peers: Mutex<HashMap<IpAddr, usize>>,
+    per_peer: Option<Arc<PerPeer>>,
 }
 
 /// One association's place; given back when dropped.
 pub struct Slot {
     _all: OwnedSemaphorePermit,
-    peer: Option<(Arc<Slots>, IpAddr)>,
+    _peer: Option<PeerPlace>,
 }
 
 /// Which limit refused an association.
@@ -46,8 +45,7 @@ impl Slots {
         Arc::new(Self {
             all: Arc::new(Semaphore::new(max)),
             max,
-            per_peer,
-            peers: Mutex::new(HashMap::new()),
+            per_peer: per_peer.map(PerPeer::new),
         })
     }
 
@@ -56,65 +54,22 @@ impl Slots {
         self.max
     }
 
-    /// A slot for an association from `peer`, if both limits allow one.
-    pub fn take(self: &Arc<Self>, peer: IpAddr) -> Result<Slot, Full> {
-        let peer = canonical(peer);
-        let counted = match self.per_peer {
+    /// A slot for an association from `peer`, if both limits allow one (a
+    /// refusal for the whole gives the peer's place back as it drops).
+    pub fn take(&self, peer: IpAddr) -> Result<Slot, Full> {
+        let place = match &self.per_peer {
+            Some(per_peer) => Some(per_peer.enter(peer).ok_or(Full::Peer)?),
             None => None,
-            Some(limit) => {
-                let mut peers = self.counts();
-                let running = peers.entry(peer).or_insert(0);
-                if *running >= limit {
-                    return Err(Full::Peer);
-                }
-                *running += 1;
-                Some((self.clone(), peer))
-            }
         };
-        match self.all.clone().try_acquire_owned() {
-            Ok(all) => Ok(Slot {
-                _all: all,
-                peer: counted,
-            }),
-            Err(_) => {
-                if counted.is_some() {
-                    self.give_back(peer);
-                }
-                Err(Full::All)
-            }
-        }
-    }
-
-    /// The counts; nothing panics while holding them, and a count is still
-    /// right if something ever did (the accept loop and Drop must not panic).
-    fn counts(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
-        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn give_back(&self, peer: IpAddr) {
-        let mut peers = self.counts();
-        if let Some(running) = peers.get_mut(&peer) {
-            *running -= 1;
-            if *running == 0 {
-                peers.remove(&peer);
-            }
-        }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if let Some((slots, peer)) = self.peer.take() {
-            slots.give_back(peer);
-        }
-    }
-}
-
-/// An IPv4 peer may arrive as an IPv4-mapped IPv6 address: one peer, one key.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
+        let all = self
+            .all
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Full::All)?;
+        Ok(Slot {
+            _all: all,
+            _peer: place,
+        })
     }
 }
 
@@ -141,7 +96,7 @@ mod tests {
         // The refusal for the whole did not keep b's count up.
         let _b2 = slots.take(b).unwrap();
         assert_eq!(slots.take(a).err(), Some(Full::All));
-        assert_eq!(slots.peers.lock().unwrap()[&a], 1);
+        assert_eq!(slots.per_peer.as_ref().unwrap().held(a), 1);
     }
 
     #[test]
@@ -151,6 +106,6 @@ mod tests {
         let _first = slots.take(a).unwrap();
         let _second = slots.take(a).unwrap();
         assert_eq!(slots.take(a).err(), Some(Full::All));
-        assert!(slots.peers.lock().unwrap().is_empty());
+        assert!(slots.per_peer.is_none());
     }
 }

@@ -80,7 +80,10 @@ impl Pictures {
         format!("{object_key}#{frame}#{spec:?}")
     }
 
-    pub fn get(&self, key: &str) -> Option<Bytes> {
+    /// A kept picture, uncounted and without waiting (for tests; requests
+    /// go through `get_or_make`).
+    #[cfg(test)]
+    fn get(&self, key: &str) -> Option<Bytes> {
         self.0.get(key)
     }
 
@@ -95,7 +98,8 @@ impl Pictures {
         found
     }
 
-    pub fn insert(&self, key: String, picture: Bytes) {
+    #[cfg(test)]
+    fn insert(&self, key: String, picture: Bytes) {
         self.0.insert(key, picture);
     }
 

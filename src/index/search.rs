@@ -1427,7 +1427,8 @@ fn rows_sql(
             _ => None,
         });
         let shown = match preferred {
-            None if !scope.under_break_glass() => scope.presented_id_on_access_row(q, "page"),
+            // Only a walk of the access rows has them to read from.
+            None if scope.walks_access() => scope.presented_id_on_access_row(q, "page"),
             _ => scope.presented_id(q, "page", preferred),
         };
         format!(", {shown}")

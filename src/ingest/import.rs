@@ -1,7 +1,6 @@
 //! `tsunagu import`: Part-10 files and directory trees through the same
 //! ingest path as C-STORE, in parallel, with a progress bar and a summary.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -112,11 +111,15 @@ pub async fn import_files(
     files: Vec<PathBuf>,
     show_progress: bool,
 ) -> ImportReport {
-    let total_bytes: u64 = files
-        .iter()
-        .filter_map(|f| std::fs::metadata(f).ok())
-        .map(|m| m.len())
-        .sum();
+    // Each file's size, for the bar (also when its import fails).
+    let files: Vec<(PathBuf, u64)> = files
+        .into_iter()
+        .map(|f| {
+            let size = std::fs::metadata(&f).map_or(0, |m| m.len());
+            (f, size)
+        })
+        .collect();
+    let total_bytes = files.iter().map(|(_, size)| size).sum();
     let bar = if show_progress {
         let b = ProgressBar::new(total_bytes);
         b.set_style(
@@ -129,23 +132,25 @@ pub async fn import_files(
     } else {
         ProgressBar::hidden()
     };
-    let mut tally = Tally::new(bar, files.len());
-    let mut tasks: JoinSet<Result<(Outcome, u64), IngestError>> = JoinSet::new();
-    for file in files {
+    let mut tally = Tally {
+        report: ImportReport::default(),
+        bar,
+        count: files.len(),
+    };
+    let mut tasks = JoinSet::new();
+    for (file, size) in files {
         // Results are taken in as files finish, so the bar moves with them.
         while tasks.len() >= PARALLEL_FILES {
-            let joined = tasks.join_next_with_id().await.expect("tasks running");
-            tally.take(joined);
+            tally.take(joined(tasks.join_next().await));
         }
         let (ingest, inst) = (ingest.clone(), inst.clone());
-        let path = file.clone();
-        let id = tasks
-            .spawn(async move { import_one(&ingest, &inst, &path).await })
-            .id();
-        tally.running.insert(id, file);
+        tasks.spawn(async move {
+            let result = caught(import_one(&ingest, &inst, &file)).await;
+            (file, size, result)
+        });
     }
-    while let Some(joined) = tasks.join_next_with_id().await {
-        tally.take(joined);
+    while let Some(done) = tasks.join_next().await {
+        tally.take(joined(Some(done)));
     }
     let Tally {
         mut report, bar, ..
@@ -155,61 +160,54 @@ pub async fn import_files(
     report
 }
 
+/// A file's import, and what it came to.
+type Imported = (PathBuf, u64, Result<(Outcome, u64), String>);
+
+/// A task's result: the tasks catch their panics and are never cancelled.
+fn joined(done: Option<Result<Imported, tokio::task::JoinError>>) -> Imported {
+    done.expect("tasks running")
+        .expect("import tasks catch their panics and are not cancelled")
+}
+
+/// `import`'s result, a panic in it included: never dropped unreported, a
+/// file whose import panicked is rejected, so the exit status says so.
+async fn caught(
+    import: impl Future<Output = Result<(Outcome, u64), IngestError>>,
+) -> Result<(Outcome, u64), String> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(import).catch_unwind().await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(panic) => Err(format!(
+            "internal error: panicked: {}",
+            crate::imaging::panic_message(&panic)
+        )),
+    }
+}
+
 /// The report and the bar, as each file's task ends.
 struct Tally {
     report: ImportReport,
     bar: ProgressBar,
-    done: usize,
     count: usize,
-    /// The file of each running task (a task that panics names none).
-    running: HashMap<tokio::task::Id, PathBuf>,
 }
 
-type Joined =
-    Result<(tokio::task::Id, Result<(Outcome, u64), IngestError>), tokio::task::JoinError>;
-
 impl Tally {
-    fn new(bar: ProgressBar, count: usize) -> Self {
-        Self {
-            report: ImportReport::default(),
-            bar,
-            done: 0,
-            count,
-            running: HashMap::new(),
-        }
-    }
-
-    fn take(&mut self, joined: Joined) {
-        let (id, r) = match joined {
-            Ok((id, r)) => (id, r.map_err(|e| e.to_string())),
-            // Never dropped unreported: a file whose import panicked is
-            // rejected, so the exit status says something went wrong.
-            Err(e) => (e.id(), Err(format!("internal error: {e}"))),
-        };
-        let file = self
-            .running
-            .remove(&id)
-            .expect("every task's file is noted");
-        self.done += 1;
-        match r {
-            Ok((outcome, size)) => {
-                self.report.bytes += size;
-                self.bar.inc(size);
+    fn take(&mut self, (file, size, result): Imported) {
+        self.bar.inc(size);
+        match result {
+            Ok((outcome, stored_size)) => {
+                self.report.bytes += stored_size;
                 match outcome {
                     Outcome::Stored => self.report.stored += 1,
                     Outcome::AlreadyPresent => self.report.already_present += 1,
                     Outcome::Replaced => self.report.replaced += 1,
                 }
             }
-            Err(reason) => {
-                if let Ok(m) = std::fs::metadata(&file) {
-                    self.bar.inc(m.len());
-                }
-                self.report.rejected.push((file, reason));
-            }
+            Err(reason) => self.report.rejected.push((file, reason)),
         }
-        self.bar
-            .set_message(format!("{}/{} files", self.done, self.count));
+        let r = &self.report;
+        let done = r.stored + r.already_present + r.replaced + r.rejected.len() as u64;
+        self.bar.set_message(format!("{done}/{} files", self.count));
     }
 }
 
@@ -220,11 +218,13 @@ mod tests {
     /// A file whose task panicked is reported as rejected, by its name.
     #[tokio::test]
     async fn a_panicked_import_is_rejected() {
-        let mut tally = Tally::new(ProgressBar::hidden(), 1);
-        let mut tasks: JoinSet<Result<(Outcome, u64), IngestError>> = JoinSet::new();
-        let id = tasks.spawn(async { panic!("decoder bug") }).id();
-        tally.running.insert(id, PathBuf::from("a.dcm"));
-        tally.take(tasks.join_next_with_id().await.unwrap());
+        let mut tally = Tally {
+            report: ImportReport::default(),
+            bar: ProgressBar::hidden(),
+            count: 1,
+        };
+        let result = caught(async { panic!("decoder bug") }).await;
+        tally.take((PathBuf::from("a.dcm"), 0, result));
         assert_eq!(tally.report.stored, 0);
         assert_eq!(tally.report.rejected.len(), 1);
         assert_eq!(tally.report.rejected[0].0, PathBuf::from("a.dcm"));

@@ -274,17 +274,20 @@ async fn picture(
     };
     let bytes = hub
         .imaging
-        .run_with(permit, move || render::render(source, &spec))
+        .run_with(permit, move || {
+            // The cache weighs the length: the picture holds no more than
+            // that (trimmed on the pool, a copy of up to some MiB).
+            render::render(source, &spec).map(|mut picture| {
+                picture.shrink_to_fit();
+                Bytes::from(picture)
+            })
+        })
         .await?
         .map_err(|e| match e {
             RenderError::NotRenderable(m) => WebError::NotAcceptable(m),
             RenderError::BadRequest(m) => WebError::BadRequest(m),
             other => WebError::Internal(other.to_string()),
         })?;
-    let mut bytes = bytes;
-    // The cache weighs the length: it should hold no more than that.
-    bytes.shrink_to_fit();
-    let bytes = Bytes::from(bytes);
     making.keep(bytes.clone());
     Ok(picture_response(bytes, media_type))
 }
