@@ -28,12 +28,18 @@ const KEYED: &str = "hmac-sha256:";
 /// strength needs no more).
 const MIN_KEY_BYTES: usize = 32;
 
-/// The secret that keys the chain, read once from `[audit] chain_key_file`,
-/// and whether this process has seen the chain keyed (its clones share it).
+/// The secret that keys the chain, read once from `[audit] chain_key_file`.
 #[derive(Clone)]
 pub struct ChainKey {
     secret: Arc<[u8]>,
-    seen_keyed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What the appender chains with: the key, if any, and whether this
+/// appender has committed keyed events (so that a chain found ending
+/// unkeyed afterwards was rewritten).
+pub struct Chainer {
+    key: Option<ChainKey>,
+    seen_keyed: bool,
 }
 
 impl std::fmt::Debug for ChainKey {
@@ -75,10 +81,20 @@ impl ChainKey {
                 );
             }
         }
-        Ok(Some(Self {
-            secret: key.into(),
-            seen_keyed: Arc::default(),
-        }))
+        Ok(Some(Self { secret: key.into() }))
+    }
+}
+
+impl Chainer {
+    pub fn new(key: Option<ChainKey>) -> Self {
+        Self {
+            key,
+            seen_keyed: false,
+        }
+    }
+
+    fn key(&self) -> Option<&ChainKey> {
+        self.key.as_ref()
     }
 
     /// Called with the chain's last event before an append: whether the
@@ -90,7 +106,7 @@ impl ChainKey {
         if is_keyed(last_hash) {
             return false;
         }
-        if !self.seen_keyed.load(std::sync::atomic::Ordering::Relaxed) {
+        if !self.seen_keyed {
             if last_seq > 0 {
                 tracing::info!(
                     from = last_seq + 1,
@@ -105,9 +121,10 @@ impl ChainKey {
     /// An append with this key committed: the chain is keyed from here on.
     /// (Not before the commit: an append that failed and is tried again
     /// must not find its own unkeyed end "rewritten".)
-    fn committed(&self) {
-        self.seen_keyed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+    fn committed(&mut self) {
+        if self.key.is_some() {
+            self.seen_keyed = true;
+        }
     }
 }
 
@@ -145,11 +162,11 @@ pub async fn check_key(index: &Index, key: Option<&ChainKey>) -> Result<(), Chai
     }
 }
 
-/// A security alert if `key` finds the chain rewritten without it
-/// (`ChainKey::rewritten_unkeyed`), or an error logged if a node without a
+/// A security alert if the chainer's key finds the chain rewritten without
+/// it (`Chainer::rewritten_unkeyed`), or an error logged if a node without a
 /// key appends to a keyed chain.
-fn keying_alert(key: Option<&ChainKey>, last_seq: i64, last_hash: &str) -> Option<Event> {
-    let Some(key) = key else {
+fn keying_alert(chainer: &Chainer, last_seq: i64, last_hash: &str) -> Option<Event> {
+    if chainer.key().is_none() {
         if is_keyed(last_hash) {
             tracing::error!(
                 last_event = last_seq,
@@ -159,8 +176,8 @@ fn keying_alert(key: Option<&ChainKey>, last_seq: i64, last_hash: &str) -> Optio
             metrics::counter!(crate::telemetry::AUDIT_TAMPERING).increment(1);
         }
         return None;
-    };
-    if !key.rewritten_unkeyed(last_seq, last_hash) {
+    }
+    if !chainer.rewritten_unkeyed(last_seq, last_hash) {
         return None;
     }
     tracing::error!(
@@ -276,35 +293,29 @@ fn end_moved(head_seq: i64, head_hash: String, last_seq: i64, last_hash: &str) -
     })))
 }
 
-/// `events`, after the `alerts` there are.
-fn with_alerts(alerts: [Option<Event>; 2], events: &[Event]) -> std::borrow::Cow<'_, [Event]> {
-    if alerts.iter().all(Option::is_none) {
-        return std::borrow::Cow::Borrowed(events);
-    }
-    std::borrow::Cow::Owned(
-        alerts
-            .into_iter()
-            .flatten()
-            .chain(events.iter().cloned())
-            .collect(),
-    )
-}
-
-/// Sequence and chain `events` after the chain's end (`seq`, `hash`).
-fn chained(
-    mut seq: i64,
-    mut prev: String,
+/// `events` sequenced and chained after the chain's last event (`seq`,
+/// `prev`), behind the alerts the recorded end (`head`) and the key call for.
+fn chain_after(
+    head: (i64, String),
+    (mut seq, mut prev): (i64, String),
     events: &[Event],
-    key: Option<&ChainKey>,
+    chainer: &Chainer,
 ) -> Vec<Sequenced> {
-    events
-        .iter()
-        .map(|e| {
+    let alerts = [
+        end_moved(head.0, head.1, seq, &prev),
+        keying_alert(chainer, seq, &prev),
+    ];
+    let key = chainer.key();
+    alerts
+        .into_iter()
+        .flatten()
+        .chain(events.iter().cloned())
+        .map(|event| {
             seq += 1;
-            let h = hash(&prev, seq, e, key);
+            let h = hash(&prev, seq, &event, key);
             Sequenced {
                 seq,
-                event: e.clone(),
+                event,
                 prev_hash: std::mem::replace(&mut prev, h.clone()),
                 hash: h,
             }
@@ -346,7 +357,7 @@ fn event_columns(s: &Sequenced) -> [String; 10] {
 pub async fn append(
     index: &Index,
     events: &[Event],
-    key: Option<&ChainKey>,
+    chainer: &mut Chainer,
 ) -> Result<Vec<Sequenced>, IndexError> {
     let mut tx = index.begin_records(crate::index::RecordLock::Audit).await?;
     let (seq, prev): (i64, String) = match sqlx::query(LAST).fetch_optional(&mut *tx).await? {
@@ -354,11 +365,7 @@ pub async fn append(
         None => (0, GENESIS.to_string()),
     };
     let head = sqlx::query(HEAD).fetch_one(&mut *tx).await?;
-    let alerts = [
-        end_moved(head.get(0), head.get(1), seq, &prev),
-        keying_alert(key, seq, &prev),
-    ];
-    let written = chained(seq, prev, &with_alerts(alerts, events), key);
+    let written = chain_after((head.get(0), head.get(1)), (seq, prev), events, chainer);
     for s in &written {
         let mut q = sqlx::query(INSERT_EVENT).bind(s.seq);
         for v in event_columns(s) {
@@ -383,9 +390,7 @@ pub async fn append(
             .await?;
     }
     tx.commit().await?;
-    if let Some(k) = key {
-        k.committed();
-    }
+    chainer.committed();
     Ok(written)
 }
 
@@ -395,7 +400,7 @@ pub async fn append(
 pub fn append_sqlite(
     conn: &mut rusqlite::Connection,
     events: &[Event],
-    key: Option<&ChainKey>,
+    chainer: &mut Chainer,
 ) -> Result<Vec<Sequenced>, IndexError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let last = tx.query_row(LAST, [], |r| Ok((r.get(0)?, r.get(1)?)));
@@ -404,13 +409,8 @@ pub fn append_sqlite(
         Err(rusqlite::Error::QueryReturnedNoRows) => (0, GENESIS.to_string()),
         Err(e) => return Err(e.into()),
     };
-    let (head_seq, head_hash): (i64, String) =
-        tx.query_row(HEAD, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let alerts = [
-        end_moved(head_seq, head_hash, seq, &prev),
-        keying_alert(key, seq, &prev),
-    ];
-    let written = chained(seq, prev, &with_alerts(alerts, events), key);
+    let head = tx.query_row(HEAD, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let written = chain_after(head, (seq, prev), events, chainer);
     {
         let mut ev = tx.prepare_cached(INSERT_EVENT)?;
         let mut ob = tx.prepare_cached(INSERT_OBJECT)?;
@@ -433,9 +433,7 @@ pub fn append_sqlite(
         }
     }
     tx.commit()?;
-    if let Some(k) = key {
-        k.committed();
-    }
+    chainer.committed();
     Ok(written)
 }
 
@@ -559,21 +557,18 @@ mod tests {
     fn a_chain_seen_keyed_that_ends_unkeyed_was_rewritten() {
         let key = ChainKey {
             secret: Arc::from(&b"0123456789abcdef0123456789abcdef"[..]),
-            seen_keyed: Arc::default(),
         };
+        let mut chainer = Chainer::new(Some(key.clone()));
         // The first append keys an unkeyed chain (or an empty one), also
         // when it is tried again after a failure.
-        assert!(!key.rewritten_unkeyed(7, "ab12"));
-        assert!(!key.rewritten_unkeyed(7, "ab12"));
-        key.committed();
-        assert!(!key.rewritten_unkeyed(8, "hmac-sha256:ab12"));
+        assert!(!chainer.rewritten_unkeyed(7, "ab12"));
+        assert!(!chainer.rewritten_unkeyed(7, "ab12"));
+        chainer.committed();
+        assert!(!chainer.rewritten_unkeyed(8, "hmac-sha256:ab12"));
         // After a keyed append committed, an unkeyed end can only be a rewrite.
-        assert!(key.rewritten_unkeyed(5, "cd34"));
+        assert!(chainer.rewritten_unkeyed(5, "cd34"));
         // A process that starts on a keyed chain.
-        let fresh = ChainKey {
-            seen_keyed: Arc::default(),
-            ..key.clone()
-        };
+        let mut fresh = Chainer::new(Some(key));
         assert!(!fresh.rewritten_unkeyed(9, "hmac-sha256:ef56"));
         fresh.committed();
         assert!(fresh.rewritten_unkeyed(9, "ef56"));

@@ -331,11 +331,11 @@ fn write_batch(
     target: &mut Target,
     batch: &mut Vec<Event>,
     syslog: Option<&syslog::Forwarder>,
-    key: Option<&chain::ChainKey>,
+    chainer: &mut chain::Chainer,
 ) {
     let mut append = |events: &[Event]| match target {
-        Target::Sqlite(conn) => chain::append_sqlite(conn, events, key),
-        Target::Pool(index, rt) => rt.block_on(chain::append(index, events, key)),
+        Target::Sqlite(conn) => chain::append_sqlite(conn, events, chainer),
+        Target::Pool(index, rt) => rt.block_on(chain::append(index, events, chainer)),
     };
     let mut delay = Duration::from_millis(50);
     let mut failures = 0;
@@ -393,6 +393,7 @@ fn append_loop(
     syslog: Option<syslog::Forwarder>,
     key: Option<chain::ChainKey>,
 ) {
+    let mut chainer = chain::Chainer::new(key);
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     let mut batch: Vec<Event> = Vec::new();
     let take = |m: Message, batch: &mut Vec<Event>, waiting: &mut Vec<_>| match m {
@@ -423,7 +424,7 @@ fn append_loop(
             quiet_ticks = 0;
             while !batch.is_empty() {
                 let rest = batch.split_off(batch.len().min(MAX_BATCH));
-                write_batch(&mut target, &mut batch, syslog.as_ref(), key.as_ref());
+                write_batch(&mut target, &mut batch, syslog.as_ref(), &mut chainer);
                 batch = rest;
             }
             for done in waiting.drain(..) {
