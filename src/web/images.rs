@@ -225,6 +225,28 @@ async fn picture(
             render::MAX_DECODED_FRAME >> 20
         )));
     }
+    // What to read, refused here if it cannot be: before the picture is
+    // looked up, so that requests waiting for one being made never wait for
+    // a refusal. `None`: frames not addressable by byte range (Deflated,
+    // bit-packed), so the whole object, if it is small enough to hold.
+    let frame_ranges = if layout.frames.is_empty() {
+        let pixels = frame_size.saturating_mul(frames);
+        if inst.size > MAX_WHOLE_OBJECT || pixels > MAX_WHOLE_OBJECT {
+            return Err(WebError::NotAcceptable(format!(
+                "frames of this {} object cannot be read one at a time, and it is too large \
+                 to decode whole for a picture",
+                inst.transfer_syntax
+            )));
+        }
+        None
+    } else {
+        Some(layout.frames.get(frame as usize - 1).ok_or_else(|| {
+            WebError::bad_request(format!(
+                "frame {frame} cannot be found in the stored pixel data ({} addressable)",
+                layout.frames.len()
+            ))
+        })?)
+    };
     let media_type = spec.format.media_type();
     let making = match hub
         .pictures
@@ -238,39 +260,23 @@ async fn picture(
     // pixels.
     let permit = hub.imaging.permit().await?;
     let object = hub.store.reader(&inst.object_key).await?;
-    let source = if layout.frames.is_empty() {
-        // Frames not addressable by byte range (Deflated, bit-packed): the
-        // whole object, if it is small enough to hold.
-        let pixels = frame_size.saturating_mul(frames);
-        if inst.size > MAX_WHOLE_OBJECT || pixels > MAX_WHOLE_OBJECT {
-            return Err(WebError::NotAcceptable(format!(
-                "frames of this {} object cannot be read one at a time, and it is too large \
-                 to decode whole for a picture",
-                inst.transfer_syntax
-            )));
-        }
-        Source {
+    let source = match frame_ranges {
+        None => Source {
             head: object.read_range(0..inst.size).await?,
             frame: Vec::new(),
             encapsulated: layout.encapsulated,
             number: frame,
             // The pixels plus room for the rest of the data set.
-            inflate_limit: pixels + (16 << 20),
-        }
-    } else {
-        let Some(ranges) = layout.frames.get(frame as usize - 1) else {
-            return Err(WebError::bad_request(format!(
-                "frame {frame} cannot be found in the stored pixel data ({} addressable)",
-                layout.frames.len()
-            )));
-        };
-        let head_end = layout.header_end().unwrap_or(0);
-        Source::of_frame(
-            object.read_range(0..head_end).await?,
+            inflate_limit: frame_size.saturating_mul(frames) + (16 << 20),
+        },
+        Some(ranges) => Source::of_frame(
+            object
+                .read_range(0..layout.header_end().unwrap_or(0))
+                .await?,
             object.read_ranges(ranges).await?,
             layout.encapsulated,
             frame,
-        )
+        ),
     };
     let bytes = hub
         .imaging
