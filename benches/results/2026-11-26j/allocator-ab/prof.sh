@@ -21,6 +21,6 @@ T
 RUST_LOG=warn $B serve --config /tmp/feas/tsu.toml > /tmp/feas/tsu.log 2>&1 & T=$!
 for i in $(seq 50); do curl -sf http://127.0.0.1:8089/readyz >/dev/null && break; sleep 0.2; done
 if [ -n "$PERF" ]; then perf record -F 2000 -g -p $T -o /tmp/feas/perf-$1.data 2>/dev/null & P=$!; sleep 0.3; fi
-python3 /tmp/feas/measure.py $T 11114 TSUNAGU $1
+python3 "$(dirname "$0")/../../2026-11-26i/ingest-feasibility/measure.py" $T 11114 TSUNAGU $1
 [ -n "$PERF" ] && { kill -INT $P; wait $P; }
 kill $T; wait $T 2>/dev/null
